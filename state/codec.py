@@ -1,0 +1,52 @@
+"""The one place where contexts and configurations become bytes for L2 and documents for L3.
+
+Every tier goes through a ``Codec``; encryption of sensitive values at rest slots in by
+transforming documents in ``to_document`` / ``from_document``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from state.errors import ContextCorruption
+from state.limits import canonical_json
+from state.models import RunContext
+
+
+def checksum(payload: bytes) -> str:
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+class Codec:
+    """JSON only: no pickle anywhere, so nothing stored can execute code when read."""
+
+    def to_document(self, ctx: RunContext) -> dict[str, Any]:
+        return ctx.model_dump(mode="json")
+
+    def from_document(self, document: dict[str, Any], *, key: str = "?") -> RunContext:
+        try:
+            return RunContext.model_validate(document)
+        except ValidationError as exc:
+            raise ContextCorruption(key, f"document does not describe a RunContext ({exc.error_count()} errors)") from exc
+
+    def dump_context(self, ctx: RunContext) -> bytes:
+        return self.dump_document(self.to_document(ctx))
+
+    def load_context(self, payload: bytes, *, key: str = "?") -> RunContext:
+        return self.from_document(self.load_document(payload, key=key), key=key)
+
+    def dump_document(self, document: Any) -> bytes:
+        return canonical_json(document).encode()
+
+    def load_document(self, payload: bytes, *, key: str = "?") -> Any:
+        try:
+            return json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ContextCorruption(key, f"not JSON ({exc})") from exc
+
+
+DEFAULT_CODEC = Codec()

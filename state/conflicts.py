@@ -1,0 +1,100 @@
+"""Conflict resolution when merging a child into its parent, or two concurrent versions of a context.
+
+Pure functions over plain mappings: deterministic, no clocks read, no I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from state.errors import InvalidValue, MergeConflict
+from state.models import ConflictResolutionStrategy, VariableConflict
+
+Strategy = ConflictResolutionStrategy
+_MISSING = object()
+
+
+@dataclass
+class MergeResult:
+    """The merged variables and the conflicts that were resolved on the way."""
+
+    values: dict[str, Any]
+    conflicts: list[VariableConflict] = field(default_factory=list)
+
+
+def deep_merge(current: Any, incoming: Any) -> Any:
+    """MERGE_OBJECTS: mappings merge key by key, recursively; elsewhere the incoming value wins."""
+    if isinstance(current, Mapping) and isinstance(incoming, Mapping):
+        merged = {key: copy.deepcopy(value) for key, value in current.items()}
+        for key, value in incoming.items():
+            merged[key] = deep_merge(current[key], value) if key in current else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(incoming)
+
+
+def _strategy(name: str, default: Strategy, per_variable: Mapping[str, Strategy | str]) -> Strategy:
+    try:
+        return Strategy(per_variable.get(name, default))
+    except ValueError as exc:
+        raise InvalidValue(f"merge strategy for {name!r}: {exc}") from exc
+
+
+def resolve_variable_conflicts(
+    current: Mapping[str, Any],
+    incoming: Mapping[str, Any],
+    *,
+    default: Strategy | str = Strategy.CHILD_WINS,
+    per_variable: Mapping[str, Strategy | str] | None = None,
+    base: Mapping[str, Any] | None = None,
+    current_written_at: Mapping[str, float] | None = None,
+    incoming_written_at: Mapping[str, float] | None = None,
+) -> MergeResult:
+    """Apply ``incoming`` changes onto ``current`` and resolve where both disagree.
+
+    ``current`` is the parent (or the version committed meanwhile); ``incoming`` holds only
+    the variables the child (or the refused writer) changed. With ``base`` (the version the
+    writer started from), a variable that ``current`` still holds at its base value is not a
+    conflict: only the writer changed it. Without ``base``, every differing value is a conflict.
+    LAST_WRITER_WINS compares the write times; a tie, or a missing time, goes to ``incoming``.
+    """
+    default = Strategy(default)
+    per_variable = per_variable or {}
+    current_times = current_written_at or {}
+    incoming_times = incoming_written_at or {}
+    merged = {name: copy.deepcopy(value) for name, value in current.items()}
+    conflicts: list[VariableConflict] = []
+    failed: list[str] = []
+
+    for name in sorted(incoming):
+        theirs = incoming[name]
+        ours = current.get(name, _MISSING)
+        if ours is _MISSING or ours == theirs:
+            merged[name] = copy.deepcopy(theirs)
+            continue
+        if base is not None and base.get(name, _MISSING) == ours:
+            merged[name] = copy.deepcopy(theirs)  # only the incoming side changed it
+            continue
+        strategy = _strategy(name, default, per_variable)
+        if strategy is Strategy.FAIL:
+            failed.append(name)
+            continue
+        if strategy is Strategy.PARENT_WINS:
+            resolved = ours
+        elif strategy is Strategy.CHILD_WINS:
+            resolved = theirs
+        elif strategy is Strategy.MERGE_OBJECTS:
+            resolved = deep_merge(ours, theirs)
+        else:  # LAST_WRITER_WINS
+            ours_at, theirs_at = current_times.get(name), incoming_times.get(name)
+            resolved = ours if ours_at is not None and theirs_at is not None and ours_at > theirs_at else theirs
+        merged[name] = copy.deepcopy(resolved)
+        conflicts.append(
+            VariableConflict(
+                name=name, current_value=ours, incoming_value=theirs, resolved_value=resolved, strategy=strategy
+            )
+        )
+    if failed:
+        raise MergeConflict(failed)
+    return MergeResult(values=merged, conflicts=conflicts)

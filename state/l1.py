@@ -1,0 +1,86 @@
+"""L1: the per-process LRU (cachetools) for contexts and configurations. No I/O, thread-safe."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import LRUCache, TTLCache
+
+from state.models import RunContext, StateCacheConfig
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """A cached routine definition or configuration document with its L3 version."""
+
+    key: str
+    version: int
+    data: Any
+
+
+class LocalCache:
+    """Two LRUs behind one lock: the worker's listener thread evicts while tasks read.
+
+    Entries are shared objects: treat what ``get_context`` returns as read-only and copy it
+    before changing it (the tiered store's ``edit`` does).
+    """
+
+    def __init__(self, config: StateCacheConfig | None = None) -> None:
+        config = config or StateCacheConfig()
+        self._contexts: LRUCache[str, RunContext] = LRUCache(maxsize=config.l1_contexts)
+        # Configurations carry no version a reader could ask for, so a lost invalidation is
+        # bounded by a TTL instead.
+        self._configs: TTLCache[str, ConfigEntry] = TTLCache(maxsize=config.l1_configs, ttl=config.l1_config_ttl_s)
+        self._lock = threading.Lock()
+
+    def get_context(self, context_id: str, at_least: int = 0) -> RunContext | None:
+        """The cached context if it is at least version ``at_least``; an older one is a miss."""
+        with self._lock:
+            ctx = self._contexts.get(context_id)
+        if ctx is None or ctx.version < at_least:
+            return None
+        return ctx
+
+    def put_context(self, ctx: RunContext) -> None:
+        """Cache a context unless a newer version is already cached."""
+        with self._lock:
+            cached = self._contexts.get(ctx.context_id)
+            if cached is None or cached.version <= ctx.version:
+                self._contexts[ctx.context_id] = ctx
+
+    def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool:
+        """Drop a context; with ``up_to_version``, only if the cached one is not newer than that."""
+        with self._lock:
+            cached = self._contexts.get(context_id)
+            if cached is None or (up_to_version is not None and cached.version > up_to_version):
+                return False
+            del self._contexts[context_id]
+            return True
+
+    def context_version(self, context_id: str) -> int | None:
+        with self._lock:
+            cached = self._contexts.get(context_id)
+        return None if cached is None else cached.version
+
+    def get_config(self, key: str) -> ConfigEntry | None:
+        with self._lock:
+            return self._configs.get(key)
+
+    def put_config(self, entry: ConfigEntry) -> None:
+        with self._lock:
+            self._configs[entry.key] = entry
+
+    def evict_config(self, key: str) -> bool:
+        with self._lock:
+            return self._configs.pop(key, None) is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._contexts.clear()
+            self._configs.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._contexts) + len(self._configs)

@@ -1,0 +1,210 @@
+"""L3: PostgreSQL, the authoritative record (SQLAlchemy 2 Core over psycopg 3).
+
+Every write runs in one transaction marked ``runctx.origin = 'runctx'`` (so change-event
+listeners can tell runctx's writes from plain SQL), with optimistic locking on versions and
+retries with backoff for transient failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from typing import Any, Callable, Iterator, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from state.codec import DEFAULT_CODEC, Codec
+from state.errors import CommunicationFailure, TransactionFailed, VersionConflict
+from state.l1 import ConfigEntry
+from state.models import RunContext
+from state.schema import configurations, context_snapshots, routines
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# SQLSTATEs worth another try: serialization failure, deadlock, lock timeout.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    return isinstance(exc, (OperationalError, InterfaceError)) and (
+        exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) in (None, "08000", "08001", "08006", "57P01")
+    )
+
+
+class PostgresTier:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        codec: Codec = DEFAULT_CODEC,
+        retry_attempts: int = 4,
+        retry_base_delay_s: float = 0.05,
+    ) -> None:
+        self.engine = engine
+        self.codec = codec
+        self.retry_attempts = retry_attempts
+        self.retry_base_delay_s = retry_base_delay_s
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "PostgresTier":
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        return cls(engine, **kwargs)
+
+    # ---- transactions --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One L3 transaction, marked as runctx's own."""
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT set_config('runctx.origin', 'runctx', true)"))
+            yield conn
+
+    def run(self, operation: str, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction, retrying transient failures with exponential backoff."""
+        for attempt in range(1, self.retry_attempts + 1):
+            try:
+                with self.transaction() as conn:
+                    return work(conn)
+            except DBAPIError as exc:
+                retryable = _is_transient(exc) or _is_connection_error(exc)
+                if not retryable:
+                    raise
+                if attempt == self.retry_attempts:
+                    if _is_connection_error(exc):
+                        raise CommunicationFailure("L3 (PostgreSQL)", exc) from exc
+                    raise TransactionFailed(operation, attempt, exc) from exc
+                delay = self.retry_base_delay_s * (2 ** (attempt - 1)) * (1 + random.random())
+                log.warning("L3 %s failed (attempt %d), retrying in %.2fs: %s", operation, attempt, delay, exc.orig)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def read(self, work: Callable[[Connection], T]) -> T:
+        try:
+            with self.engine.connect() as conn:
+                return work(conn)
+        except DBAPIError as exc:
+            if _is_connection_error(exc):
+                raise CommunicationFailure("L3 (PostgreSQL)", exc) from exc
+            raise
+
+    # ---- contexts ------------------------------------------------------------------------
+
+    def get_context(self, context_id: str) -> RunContext | None:
+        row = self.read(
+            lambda conn: conn.execute(
+                select(context_snapshots.c.document).where(context_snapshots.c.context_id == context_id)
+            ).first()
+        )
+        return None if row is None else self.codec.from_document(row.document, key=f"L3 context {context_id}")
+
+    def context_version(self, context_id: str) -> int | None:
+        return self.read(
+            lambda conn: conn.execute(
+                select(context_snapshots.c.version).where(context_snapshots.c.context_id == context_id)
+            ).scalar()
+        )
+
+    def save_context(self, conn: Connection, ctx: RunContext, *, expected_version: int | None = None) -> bool:
+        """Write a snapshot inside the caller's transaction.
+
+        With ``expected_version`` it is a compare-and-set (0: the context must not exist yet) and a
+        stale write raises VersionConflict. Without it, the write happens only if it is newer than
+        what L3 holds (the write-behind rule); returns whether it was written.
+        """
+        values = {
+            "context_id": ctx.context_id,
+            "run_id": ctx.run_id,
+            "parent_id": ctx.parent_id,
+            "version": ctx.version,
+            "document": self.codec.to_document(ctx),
+        }
+        table = context_snapshots
+        if expected_version is None:
+            statement = insert(table).values(**values)
+            statement = statement.on_conflict_do_update(
+                index_elements=[table.c.context_id],
+                set_={"version": statement.excluded.version, "document": statement.excluded.document, "updated_at": text("now()")},
+                where=table.c.version < statement.excluded.version,
+            )
+            # RETURNING, not rowcount: SQLAlchemy reports no rowcount for INSERT.
+            return conn.execute(statement.returning(table.c.version)).first() is not None
+        if expected_version == 0:
+            statement = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.version)
+            written = conn.execute(statement).first() is not None
+        else:
+            written = (
+                conn.execute(
+                    table.update()
+                    .where(table.c.context_id == ctx.context_id, table.c.version == expected_version)
+                    .values(version=ctx.version, document=values["document"], updated_at=text("now()"))
+                ).rowcount
+                == 1
+            )
+        if not written:
+            actual = conn.execute(select(table.c.version).where(table.c.context_id == ctx.context_id)).scalar()
+            raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", expected_version, actual)
+        return True
+
+    # ---- routine definitions and configurations ---------------------------------------------
+
+    def get_config(self, kind: str, name: str) -> ConfigEntry | None:
+        table = configurations
+        row = self.read(
+            lambda conn: conn.execute(
+                select(table.c.version, table.c.data).where(table.c.kind == kind, table.c.name == name)
+            ).first()
+        )
+        return None if row is None else ConfigEntry(key=f"config:{kind}:{name}", version=row.version, data=row.data)
+
+    def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
+        """Create or replace a configuration; returns its new version. CAS when ``expected_version`` is given."""
+        table = configurations
+
+        def work(conn: Connection) -> int:
+            current = conn.execute(
+                select(table.c.version).where(table.c.kind == kind, table.c.name == name).with_for_update()
+            ).scalar()
+            if expected_version is not None and (current or 0) != expected_version:
+                raise VersionConflict("L3", f"configurations/{kind}/{name}", expected_version, current)
+            new_version = (current or 0) + 1
+            statement = insert(table).values(kind=kind, name=name, version=new_version, data=data)
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[table.c.kind, table.c.name],
+                    set_={"version": new_version, "data": statement.excluded.data, "updated_at": text("now()")},
+                )
+            )
+            return new_version
+
+        return self.run(f"put config {kind}/{name}", work)
+
+    def get_routine(self, name: str, version: int | None = None) -> ConfigEntry | None:
+        """A routine definition: the given version, or the newest."""
+        query = select(routines.c.version, routines.c.definition).where(routines.c.name == name)
+        query = query.where(routines.c.version == version) if version is not None else query
+        row = self.read(lambda conn: conn.execute(query.order_by(routines.c.version.desc()).limit(1)).first())
+        return None if row is None else ConfigEntry(key=f"routine:{name}", version=row.version, data=row.definition)
+
+    def put_routine(self, name: str, definition: Any) -> int:
+        """Store a new version of a routine definition; returns the version."""
+
+        def work(conn: Connection) -> int:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"routine:{name}"})
+            latest = conn.execute(select(routines.c.version).where(routines.c.name == name).order_by(routines.c.version.desc()).limit(1)).scalar()
+            version = (latest or 0) + 1
+            conn.execute(insert(routines).values(name=name, version=version, definition=definition))
+            return version
+
+        return self.run(f"put routine {name}", work)
+
+    def ping(self) -> bool:
+        return self.read(lambda conn: conn.execute(text("SELECT 1")).scalar() == 1)

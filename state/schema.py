@@ -1,0 +1,93 @@
+"""The L3 tables (SQLAlchemy Core). Alembic migrations in ``state/migrations`` create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+CHANGE_CHANNEL = "runctx_changes"
+
+routines = Table(
+    "routines",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("definition", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+configurations = Table(
+    "configurations",
+    metadata,
+    Column("kind", String(50), primary_key=True),  # bot, team, ...
+    Column("name", String(200), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("data", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(100), primary_key=True),
+    Column("routine_name", String(200), nullable=False),
+    Column("routine_version", Integer),
+    Column("root_context_id", String(300), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("error", Text),
+    Column("meta", JSONB, nullable=False, server_default="{}"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+# The latest snapshot of every context, with the version it holds (optimistic locking).
+context_snapshots = Table(
+    "context_snapshots",
+    metadata,
+    Column("context_id", String(300), primary_key=True),
+    Column("run_id", String(100), nullable=False, index=True),
+    Column("parent_id", String(300)),
+    Column("version", BigInteger, nullable=False),
+    Column("document", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+blackboard_entries = Table(
+    "blackboard_entries",
+    metadata,
+    Column("scope", String(200), primary_key=True),  # swarm or team
+    Column("key", String(200), primary_key=True),
+    Column("value", JSONB),
+    Column("sensitivity", String(20), nullable=False),
+    Column("run_id", String(100), nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+exports = Table(
+    "exports",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("run_id", String(100), nullable=False, index=True),
+    Column("variable", String(200), nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("scope", String(200), nullable=False),
+    Column("value", JSONB),
+    Column("sensitivity", String(20), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("run_id", "key", "scope", name="uq_exports_run_key_scope"),
+)

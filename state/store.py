@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from sqlalchemy import Connection
+
 from state.change_events import ChangeEvent
 from state.errors import ContextCorruption, NotFound, VersionConflict
 from state.l1 import ConfigEntry, LocalCache
@@ -35,6 +37,12 @@ class StoreStats:
     l3_writes: int = 0
     conflicts: int = 0
     corruptions_healed: int = 0
+
+
+@dataclass(frozen=True)
+class Commit:
+    context: RunContext
+    flush_scheduled: bool  # this commit made the context pending for L3: a flush must be scheduled
 
 
 class TieredStore:
@@ -117,26 +125,38 @@ class TieredStore:
 
     # ---- writing contexts -------------------------------------------------------------------
 
-    def create_context(self, init: RunContextInit | RunContext) -> RunContext:
-        """Create a context at version 1, durably: L3 first (refusing an existing id), then L2 and L1."""
+    def create_context(
+        self, init: RunContextInit | RunContext, *, also: Callable[[Connection], None] | None = None
+    ) -> RunContext:
+        """Create a context at version 1, durably: L3 first (refusing an existing id), then L2 and L1.
+
+        ``also`` runs in the same L3 transaction (e.g. inserting the run the context belongs to).
+        """
         ctx = RunContext.from_init(init) if isinstance(init, RunContextInit) else init
         if ctx.version != 0:
             raise ValueError(f"context {ctx.context_id} was already committed (version {ctx.version})")
         ctx.version = 1
-        self.l3.run(f"create context {ctx.context_id}", lambda conn: self.l3.save_context(conn, ctx, expected_version=0))
+
+        def work(conn: Connection) -> None:
+            self.l3.save_context(conn, ctx, expected_version=0)
+            if also is not None:
+                also(conn)
+
+        self.l3.run(f"create context {ctx.context_id}", work)
         self.stats.l3_writes += 1
         self.l2.fill_context(ctx)
         self.l1.put_context(ctx)
         return ctx
 
-    def commit(self, ctx: RunContext, *, expected_version: int) -> RunContext:
+    def commit(self, ctx: RunContext, *, expected_version: int) -> Commit:
         """Commit a changed context as version ``expected_version + 1`` (compare-and-set on L2).
 
         The store takes ownership of ``ctx``: do not change it afterwards. Raises VersionConflict
         when someone else committed first; the caller merges and retries.
         """
         ctx.version = expected_version + 1
-        if not self._commit_l2(ctx, expected_version):
+        status = self._commit_l2(ctx, expected_version)
+        if not status:
             # The L2 entry expired: refill it from L3, the version the caller started from must be there.
             base = self.l3.get_context(ctx.context_id)
             if base is None or base.version != expected_version:
@@ -145,13 +165,14 @@ class TieredStore:
                     "L2", self.l2.context_key(ctx.context_id), expected_version, base.version if base else None
                 )
             self.l2.fill_context(base)
-            if not self._commit_l2(ctx, expected_version):
+            status = self._commit_l2(ctx, expected_version)
+            if not status:
                 raise VersionConflict("L2", self.l2.context_key(ctx.context_id), expected_version, None)
         self.stats.l2_commits += 1
         self.l1.put_context(ctx)
-        return ctx
+        return Commit(context=ctx, flush_scheduled=status == 2)
 
-    def _commit_l2(self, ctx: RunContext, expected_version: int) -> bool:
+    def _commit_l2(self, ctx: RunContext, expected_version: int) -> int:
         try:
             return self.l2.commit_context(
                 ctx,
@@ -169,7 +190,7 @@ class TieredStore:
     def edit(self, context_id: str, *, at_least: int = 0) -> Iterator[RunContext]:
         """A private copy to change; committed as one compare-and-set when the block ends without error."""
         base = self.get_context(context_id, at_least=at_least)
-        working = base.model_copy(deep=True)
+        working = base.working_copy()
         yield working
         self.commit(working, expected_version=base.version)
 
@@ -215,8 +236,10 @@ class TieredStore:
                 return  # runctx wrote L3 from L2: L2 is already as new as this
             self.evict_context(event.ident, up_to_version=event.version)
         else:
-            self.l2.evict_config(event.key)
-            self.l1.evict_config(event.key)
+            keys = [event.key] if event.kind == "config" else [event.key, f"{event.key}@{event.version}"]
+            for key in keys:
+                self.l2.evict_config(key)
+                self.l1.evict_config(key)
 
     # ---- routine definitions and configurations ------------------------------------------------
 
@@ -251,14 +274,10 @@ class TieredStore:
         return version
 
     def get_routine(self, name: str, version: int | None = None) -> ConfigEntry:
-        """A routine definition; the newest is cached, an older version is read from L3."""
-        entry = self._cached_config(f"routine:{name}", lambda: self.l3.get_routine(name))
-        if version is None or entry.version == version:
-            return entry
-        older = self.l3.get_routine(name, version)
-        if older is None:
-            raise NotFound(f"routine {name!r} version {version} does not exist")
-        return older
+        """A routine definition: the newest (cached as ``routine:<name>``) or one version (``routine:<name>@<v>``)."""
+        if version is None:
+            return self._cached_config(f"routine:{name}", lambda: self.l3.get_routine(name))
+        return self._cached_config(f"routine:{name}@{version}", lambda: self.l3.get_routine(name, version))
 
     def put_routine(self, name: str, definition: Any) -> int:
         version = self.l3.put_routine(name, definition)

@@ -1,7 +1,7 @@
 """Alembic environment: runs the migrations against the URL runctx passes in."""
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from state.schema import metadata
 
@@ -19,6 +19,8 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=metadata)
         with context.begin_transaction():
+            # Workers starting together all migrate: one at a time, the others then find it done.
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('runctx-migrations'))"))
             context.run_migrations()
     engine.dispose()
 

@@ -32,7 +32,7 @@ BEGIN
   END IF;
   PERFORM pg_notify('runctx_changes', json_build_object(
     'table', TG_TABLE_NAME, 'op', TG_OP, 'key', change_key, 'version', rec.version,
-    'origin', coalesce(current_setting('runctx.origin', true), ''))::text);
+    'origin', coalesce(current_setting('runctx.origin', true), ''), 'txid', txid_current())::text);
   RETURN NULL;
 END $$ LANGUAGE plpgsql;
 """

@@ -1,0 +1,121 @@
+"""`runctx check`: a real round trip of a sample context through all three tiers, timed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import psycopg
+
+from runctx.servers import Servers
+from state.change_events import ChangeListener, libpq_url
+from state.l1 import LocalCache
+from state.models import DataSensitivity, RunContextInit
+from state.settings import Settings
+from state.store import TieredStore
+
+T = TypeVar("T")
+
+
+@dataclass
+class CheckStep:
+    name: str
+    tier: str
+    detail: str
+    seconds: float
+
+
+def _timed(work: Callable[[], T]) -> tuple[T, float]:
+    started = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - started
+
+
+def run_check(servers: Servers, settings: Settings) -> list[CheckStep]:
+    """Create, read (from each tier), change, flush and invalidate one sample context, then remove it."""
+    prefix = f"{settings.key_prefix}:check:{uuid.uuid4().hex[:8]}"
+    config = settings.cache_config()
+    store = TieredStore.connect(servers.redis_url, servers.database_url, config=config, prefix=prefix)
+    steps: list[CheckStep] = []
+
+    def record(name: str, tier: str, detail: str, seconds: float) -> None:
+        steps.append(CheckStep(name, tier, detail, seconds))
+
+    run_id = f"check-{uuid.uuid4().hex[:12]}"
+    try:
+        _, seconds = _timed(store.l2.ping)
+        record("ping", "L2", "Redis answers", seconds)
+        _, seconds = _timed(store.l3.ping)
+        record("ping", "L3", "PostgreSQL answers", seconds)
+
+        init = RunContextInit(
+            run_id=run_id,
+            routine_id="runctx-check",
+            variables={"greeting": "hello", "visits": 0, "api_token": "not-a-real-secret"},
+            sensitivity_map={"api_token": DataSensitivity.SECRET},
+        )
+        ctx, seconds = _timed(lambda: store.create_context(init))
+        record("create", "L3+L2+L1", f"context {ctx.context_id} version {ctx.version}", seconds)
+
+        (_, tier), seconds = _timed(lambda: store.read_context(ctx.context_id))
+        record("read", tier, "hit in this process's LRU", seconds)
+
+        fresh = TieredStore(LocalCache(config), store.l2, store.l3, config=config)
+        (_, tier), seconds = _timed(lambda: fresh.read_context(ctx.context_id))
+        record("read", tier, "another process's view: L1 miss, Redis hit, L1 filled", seconds)
+
+        store.l2.evict_context(ctx.context_id)
+        cold = TieredStore(LocalCache(config), store.l2, store.l3, config=config)
+        (_, tier), seconds = _timed(lambda: cold.read_context(ctx.context_id))
+        record("read", tier, "L1 and L2 miss, PostgreSQL hit, L2 and L1 filled", seconds)
+
+        def change() -> int:
+            with store.edit(ctx.context_id) as working:
+                working.set_variable("visits", working.get("visits") + 1)
+            return store.get_context(ctx.context_id).version
+
+        version, seconds = _timed(change)
+        record("commit", "L2", f"compare-and-set to version {version}, L3 write scheduled", seconds)
+
+        written, seconds = _timed(lambda: store.flush(ctx.context_id))
+        stored = store.l3.get_context(ctx.context_id)
+        if not written or stored is None or stored.version != version or stored.get("visits") != 1:
+            raise RuntimeError("write-behind did not bring the change to PostgreSQL")
+        record("flush", "L3", f"write-behind wrote version {version} in one transaction", seconds)
+
+        seconds = _invalidation_round_trip(servers, store, ctx.context_id)
+        record("invalidate", "L3->L2", "plain SQL UPDATE -> NOTIFY -> Redis entry evicted", seconds)
+    finally:
+        _remove_sample(servers, store, run_id)
+        store.close()
+    return steps
+
+
+def _invalidation_round_trip(servers: Servers, store: TieredStore, context_id: str) -> float:
+    listener = ChangeListener(servers.database_url, store.handle_change).start()
+    try:
+        started = time.perf_counter()
+        with psycopg.connect(libpq_url(servers.database_url), autocommit=True) as conn:
+            conn.execute(
+                "UPDATE context_snapshots SET document = jsonb_set(document, '{variables,visits}', '2') "
+                "WHERE context_id = %s",
+                (context_id,),
+            )
+        deadline = time.monotonic() + 5
+        while store.l2.get_context(context_id) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the change event did not evict the Redis entry within 5 s")
+            time.sleep(0.001)
+        return time.perf_counter() - started
+    finally:
+        listener.stop()
+
+
+def _remove_sample(servers: Servers, store: TieredStore, run_id: str) -> None:
+    with psycopg.connect(libpq_url(servers.database_url), autocommit=True) as conn:
+        conn.execute("DELETE FROM context_snapshots WHERE run_id = %s", (run_id,))
+    keys = list(store.l2.client.scan_iter(match=f"{store.l2.prefix}:*"))
+    if keys:
+        store.l2.client.delete(*keys)

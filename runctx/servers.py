@@ -1,0 +1,80 @@
+"""Which Redis and PostgreSQL runctx talks to: the configured ones, or the embedded stack."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from state.migrate import upgrade
+from state.settings import Settings, get_settings
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis_url: str
+    database_url: str
+    broker_url: str
+    embedded: bool
+    start_s: float = 0.0  # how long finding or starting them took
+
+    def environment(self) -> dict[str, str]:
+        """RUNCTX_* variables that point another process (a worker) at these servers."""
+        return {
+            "RUNCTX_REDIS_URL": self.redis_url,
+            "RUNCTX_DATABASE_URL": self.database_url,
+            "RUNCTX_BROKER_URL": self.broker_url,
+        }
+
+
+def celery_broker_url(redis_url: str) -> str:
+    """kombu spells a Redis Unix socket ``redis+socket://``; redis-py spells it ``unix://``."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url[len("unix://") :]
+    return redis_url
+
+
+_embedded = None  # the EmbeddedStack this process started, kept for the life of the process
+
+
+def resolve(settings: Settings | None = None, *, migrate: bool = True) -> Servers:
+    """The servers to use; starts (or joins) the embedded stack when no URL is configured.
+
+    The embedded stack stays up while this process lives and stops when the last process
+    using it exits, however it exits.
+    """
+    global _embedded
+    settings = settings or get_settings()
+    started = time.perf_counter()
+    redis_url, database_url = settings.redis_url, settings.database_url
+    embedded = not (redis_url and database_url)
+    if embedded:
+        from runctx.embedded import EmbeddedStack
+
+        if _embedded is None:
+            _embedded = EmbeddedStack(settings.data_dir).start()
+        redis_url = redis_url or _embedded.redis_url
+        database_url = database_url or _embedded.database_url
+    assert redis_url and database_url
+    if migrate:
+        upgrade(database_url)
+    return Servers(
+        redis_url=redis_url,
+        database_url=database_url,
+        broker_url=settings.broker_url or celery_broker_url(redis_url),
+        embedded=embedded,
+        start_s=time.perf_counter() - started,
+    )
+
+
+@contextlib.contextmanager
+def embedded_released() -> Iterator[None]:
+    """Release this process's hold on the embedded stack at the end of the block."""
+    global _embedded
+    try:
+        yield
+    finally:
+        if _embedded is not None:
+            _embedded.stop()
+            _embedded = None

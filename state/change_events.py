@@ -84,7 +84,7 @@ class ChangeListener:
     def start(self, wait_s: float = 10.0) -> "ChangeListener":
         self._thread = threading.Thread(target=self._run, name="runctx-change-listener", daemon=True)
         self._thread.start()
-        if not self._ready.wait(wait_s):
+        if wait_s > 0 and not self._ready.wait(wait_s):
             log.warning("change listener not connected after %.1fs; it keeps trying", wait_s)
         return self
 

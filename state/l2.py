@@ -222,6 +222,10 @@ class RedisTier:
         ids = self._call(lambda: self.client.zrangebyscore(self._due_key, "-inf", now, start=0, num=limit))
         return [raw.decode() for raw in ids]
 
+    def due_time(self, context_id: str) -> float | None:
+        """When a context's pending L3 write is due, or None if it has none."""
+        return self._call(lambda: self.client.zscore(self._due_key, context_id))
+
     def pending_flushes(self) -> int:
         return int(self._call(lambda: self.client.zcard(self._due_key)))
 

@@ -1,0 +1,51 @@
+"""Celery's settings for runctx workers and submitters; servers and names come from RUNCTX_* settings."""
+
+from kombu import Exchange, Queue
+
+from runctx.servers import resolve
+from state.settings import get_settings
+
+_settings = get_settings()
+_servers = resolve(_settings)  # the configured servers, or the embedded stack (started or joined)
+
+STEP_QUEUE = f"{_settings.key_prefix}.steps"
+PERSIST_QUEUE = f"{_settings.key_prefix}.persist"
+
+broker_url = _servers.broker_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    # Redis broker only: a message held by a worker whose main process died comes back after this
+    # long. A step still running then is delivered again; its second run cannot apply twice.
+    "visibility_timeout": _settings.visibility_timeout_s,
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
+}
+
+# JSON only: a message never carries code, and never a context value either (ids and versions).
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+# Crash safety: acknowledge after the step committed; a lost child requeues its step at once.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_ignore_result = True
+
+# Flower and `celery events`: every step shows under a readable (shadow) name.
+worker_send_task_events = True
+task_send_sent_event = True
+
+task_queues = (
+    Queue(STEP_QUEUE, Exchange(STEP_QUEUE, type="direct"), routing_key=STEP_QUEUE),
+    Queue(PERSIST_QUEUE, Exchange(PERSIST_QUEUE, type="direct"), routing_key=PERSIST_QUEUE),
+)
+task_default_queue = STEP_QUEUE
+task_routes = {
+    "runctx.step": {"queue": STEP_QUEUE, "routing_key": STEP_QUEUE},
+    "runctx.write_behind": {"queue": PERSIST_QUEUE, "routing_key": PERSIST_QUEUE},
+    "runctx.finalize": {"queue": PERSIST_QUEUE, "routing_key": PERSIST_QUEUE},
+}
+imports = ("tasks.celery_tasks",)
+worker_hijack_root_logger = False

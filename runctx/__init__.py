@@ -1,0 +1,1 @@
+"""runctx: distributed task workers on Celery with a three-tier RunContext store."""

@@ -1,0 +1,111 @@
+"""The Python API: submit a routine, wait for its outcome, read its final context.
+
+    from runctx.api import Client
+    client = Client()
+    run_id = client.submit("examples/onboarding.yaml", variables={"greeting": "hi"})
+    result = client.wait(run_id)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from state.errors import NotFound
+from state.models import RunContext
+from tasks.engine import FINAL_STATUSES
+from tasks.routine import Routine, load_routine
+
+
+class RunTimeout(TimeoutError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # running | succeeded | failed
+    error: str | None
+    variables: dict[str, Any]  # confidential and secret values masked
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    l3_writes: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "error": self.error,
+            "variables": self.variables,
+            "steps": self.steps,
+            "l3_writes": self.l3_writes,
+        }
+
+
+class Client:
+    """Submits runs through the Celery app configured by ``celeryconfig`` (RUNCTX_* settings)."""
+
+    def __init__(self) -> None:
+        import workers  # noqa: F401  - configures the Celery app the dispatcher sends through
+        from workers.process_state import runtime
+
+        self.runtime = runtime()
+        self.engine = self.runtime.engine
+        self.store = self.runtime.store
+
+    def load(self, routine: Routine | Path | str) -> Routine:
+        if isinstance(routine, Routine):
+            return routine
+        return load_routine(Path(routine), resolve_stored=self._stored_definition)
+
+    def _stored_definition(self, name: str) -> Any:
+        try:
+            return self.store.get_routine(name).data
+        except NotFound:
+            return None
+
+    def submit(self, routine: Routine | Path | str, *, variables: dict[str, Any] | None = None, run_id: str | None = None) -> str:
+        return self.engine.submit(self.load(routine), variables=variables, run_id=run_id)
+
+    def status(self, run_id: str) -> RunResult:
+        row = self.engine.run_status(run_id)
+        if row is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        context = self.context(run_id)
+        if row["status"] in FINAL_STATUSES:
+            meta = row["meta"] or {}
+            steps, l3_writes = meta.get("steps", []), meta.get("l3_writes", 0)
+        else:
+            summary = self.engine.records.summary(run_id)
+            steps, l3_writes = summary["steps"], summary["l3_writes"]
+        return RunResult(
+            run_id=run_id,
+            status=row["status"],
+            error=row["error"],
+            variables=context.masked_variables(),
+            steps=sorted(steps, key=lambda step: step["id"]),
+            l3_writes=l3_writes,
+        )
+
+    def wait(self, run_id: str, timeout: float | None = None) -> RunResult:
+        """Block until the run has finished (it goes on without us; waiting again is fine)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            row = self.engine.run_status(run_id)
+            if row is None:
+                raise NotFound(f"run {run_id!r} does not exist")
+            if row["status"] in FINAL_STATUSES:
+                return self.status(run_id)
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise RunTimeout(f"run {run_id} still {row['status']} after {timeout} s")
+            self.engine.records.wait_done(run_id, min(1.0, left))
+
+    def context(self, run_id: str) -> RunContext:
+        """The run's root context: the newest version (this process's L1 copy may be older)."""
+        self.store.l1.evict_context(run_id)
+        return self.store.get_context(run_id)
+
+    def run(self, routine: Routine | Path | str, *, variables: dict[str, Any] | None = None, timeout: float | None = None) -> RunResult:
+        return self.wait(self.submit(routine, variables=variables), timeout)

@@ -1,0 +1,138 @@
+"""Step actions: the built-ins and user callables (``package.module:function``).
+
+An action gets a read view of the context and the step's args and returns the changes it
+makes: a list of Change, a mapping of name -> value (each a `set`), or None.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from functools import lru_cache
+from typing import Any, Callable, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from state.errors import RunctxError
+from tasks.changes import Change, ContextView
+
+Action = Callable[[ContextView, dict[str, Any]], "list[Change] | Mapping[str, Any] | None"]
+
+
+class StepFailed(RunctxError):
+    """A step's action failed (or was the `fail` action): the run fails, the step is not retried."""
+
+    code = "STEP_FAILED"
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SetArgs(_Args):
+    name: str
+    value: Any = None
+
+
+class IncrementArgs(_Args):
+    name: str
+    by: int | float = 1
+
+
+class AppendArgs(_Args):
+    name: str
+    value: Any = None
+
+
+class CopyArgs(_Args):
+    source: str = Field(alias="from")
+    to: str
+
+
+class SleepArgs(_Args):
+    seconds: float = Field(ge=0, le=3600)
+
+
+class FailArgs(_Args):
+    message: str = "the routine asked to fail"
+
+
+def _set(view: ContextView, args: SetArgs) -> list[Change]:
+    return [Change.set(args.name, args.value)]
+
+
+def _increment(view: ContextView, args: IncrementArgs) -> list[Change]:
+    return [Change.increment(args.name, args.by)]
+
+
+def _append(view: ContextView, args: AppendArgs) -> list[Change]:
+    return [Change.append(args.name, args.value)]
+
+
+def _copy(view: ContextView, args: CopyArgs) -> list[Change]:
+    if args.source not in view:
+        raise StepFailed(f"copy: variable {args.source!r} does not exist")
+    return [Change.set(args.to, view.get(args.source))]
+
+
+def _sleep(view: ContextView, args: SleepArgs) -> list[Change]:
+    time.sleep(args.seconds)
+    return []
+
+
+def _fail(view: ContextView, args: FailArgs) -> list[Change]:
+    raise StepFailed(args.message)
+
+
+BUILTINS: dict[str, tuple[type[_Args], Callable[[ContextView, Any], list[Change]]]] = {
+    "set": (SetArgs, _set),
+    "increment": (IncrementArgs, _increment),
+    "append": (AppendArgs, _append),
+    "copy": (CopyArgs, _copy),
+    "sleep": (SleepArgs, _sleep),
+    "fail": (FailArgs, _fail),
+}
+
+
+def check_action(action: str, args: dict[str, Any]) -> None:
+    """Raise ValueError naming the problem if a built-in's args are wrong or a reference is malformed."""
+    if action in BUILTINS:
+        model, _ = BUILTINS[action]
+        try:
+            model.model_validate(args)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "args"
+            raise ValueError(f"action {action!r}: args.{where}: {first['msg']}") from None
+    elif ":" not in action:
+        raise ValueError(
+            f"unknown action {action!r}: use a built-in ({', '.join(sorted(BUILTINS))}) or package.module:function"
+        )
+
+
+@lru_cache(maxsize=256)
+def _import(reference: str) -> Action:
+    module_name, _, attribute = reference.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise StepFailed(f"action {reference!r} cannot be imported: {exc}") from exc
+    if not callable(target):
+        raise StepFailed(f"action {reference!r} is not callable")
+    return target
+
+
+def run_action(action: str, view: ContextView, args: dict[str, Any]) -> list[Change]:
+    """Run an action and return its changes as a list of Change."""
+    if action in BUILTINS:
+        model, function = BUILTINS[action]
+        return function(view, model.model_validate(args))
+    result = _import(action)(view, dict(args))
+    if result is None:
+        return []
+    if isinstance(result, Mapping):
+        return [Change.set(name, value) for name, value in result.items()]
+    changes = list(result)
+    if not all(isinstance(change, Change) for change in changes):
+        raise StepFailed(f"action {action!r} must return a list of Change, a mapping or None")
+    return changes

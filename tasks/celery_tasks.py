@@ -1,0 +1,91 @@
+"""The Celery tasks: a step, the debounced write-behind, and the transactional persist of a finished run.
+
+Each is thin: it hands its message to the process's RunEngine. Infrastructure failures (a tier
+unreachable, an L3 transaction that kept failing) are retried by Celery with backoff; failures
+of the routine itself fail the run instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import shared_task
+
+from state.errors import CommunicationFailure, TransactionFailed
+from state.settings import get_settings
+from tasks.messages import FinalizeMessage, StepMessage
+
+RETRYABLE = (CommunicationFailure, TransactionFailed)
+_settings = get_settings()
+
+
+def _runtime():
+    from workers.process_state import runtime
+
+    return runtime()
+
+
+@shared_task(
+    name="runctx.step",
+    bind=True,
+    autoretry_for=RETRYABLE,
+    retry_backoff=0.5,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=_settings.step_max_attempts,
+)
+def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "") -> None:
+    message = StepMessage(run_id, routine, routine_version, node, versions, step_id)
+    _runtime().engine.execute_step(message, task_id=self.request.id, worker=self.request.hostname or "?")
+
+
+@shared_task(
+    name="runctx.write_behind",
+    bind=True,
+    autoretry_for=RETRYABLE,
+    retry_backoff=0.2,
+    retry_backoff_max=10,
+    retry_jitter=True,
+    max_retries=20,
+)
+def write_behind(self: Any, context_id: str) -> str:
+    """Flush a context to L3 once its debounce window has passed (idempotent: only newer versions are written)."""
+    runtime = _runtime()
+    due = runtime.store.l2.due_time(context_id)
+    if due is None:
+        return "clean"
+    delay = due - time.time()
+    if delay > 0.005:  # more changes came in and moved the deadline (never past the cap)
+        write_behind.apply_async(args=[context_id], countdown=delay)
+        return "rescheduled"
+    return "written" if runtime.engine.flush(context_id) else "unchanged"
+
+
+@shared_task(
+    name="runctx.finalize",
+    bind=True,
+    autoretry_for=RETRYABLE,
+    retry_backoff=0.5,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=50,
+)
+def finalize(self: Any, run_id: str, routine: str, routine_version: int, versions: dict[str, int], status: str, error: str | None = None) -> bool:
+    return _runtime().engine.finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error))
+
+
+class CeleryDispatcher:
+    """Sends the engine's next pieces of work as Celery tasks, named for Flower by their step."""
+
+    def __init__(self, debounce_s: float) -> None:
+        self.debounce_s = debounce_s
+
+    def step(self, message: StepMessage) -> None:
+        step.apply_async(kwargs=message.as_kwargs(), shadow=f"{message.routine}: {message.step_id}")
+
+    def finalize(self, message: FinalizeMessage) -> None:
+        finalize.apply_async(kwargs=message.as_kwargs(), shadow=f"{message.routine}: finalize ({message.status})")
+
+    def flush(self, context_id: str) -> None:
+        write_behind.apply_async(args=[context_id], countdown=self.debounce_s)

@@ -1,0 +1,43 @@
+"""What travels through the broker: ids and versions only, never a context value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    run_id: str
+    routine: str
+    routine_version: int
+    node: int
+    # The version each context must at least have for this step: read-after-write across workers.
+    versions: dict[str, int] = field(default_factory=dict)
+    step_id: str = ""
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinalizeMessage:
+    run_id: str
+    routine: str
+    routine_version: int
+    versions: dict[str, int]
+    status: str  # succeeded | failed
+    error: str | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Dispatcher(Protocol):
+    """Sends the next pieces of work; the Celery implementation lives in tasks.celery_tasks."""
+
+    def step(self, message: StepMessage) -> None: ...
+
+    def finalize(self, message: FinalizeMessage) -> None: ...
+
+    def flush(self, context_id: str) -> None: ...

@@ -1,0 +1,162 @@
+"""The broadcast control channel: a Redis pub/sub channel that every worker process subscribes to.
+
+Celery's remote control reaches only a worker's main process, so each prefork child runs its
+own subscription (started from ``worker_process_init``). Messages are JSON:
+
+- ``{"type": "context", "id", "version"}``: a context was committed at ``version``; drop older L1 copies.
+- ``{"type": "config", "keys": [...], "identity"}``: routine definitions or configurations changed in L3.
+- ``{"type": "clear"}``: drop the whole L1.
+- ``{"type": "probe", "id", "key", "load"}``: report what this process serves for ``key`` (diagnostics).
+
+Pub/sub is at most once: a process that (re)subscribes clears its L1, and versions, not messages,
+decide what is fresh. An invalidation only makes a stale entry go away sooner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+from state.change_events import ChangeEvent
+from state.errors import NotFound
+from state.limits import canonical_json
+from state.store import TieredStore
+
+log = logging.getLogger(__name__)
+
+TRACE_PREFIX = "config:runctx-trace:"  # changes to these configurations record when each process drops them
+REPLY_TTL_S = 60
+
+
+def process_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ControlChannel:
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+        self.client: redis.Redis = store.l2.client
+        self.prefix = store.l2.prefix
+        self.channel = store.l2.control_channel
+        self.identity = process_identity()
+        self.subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    def publish(self, message: dict[str, Any]) -> int:
+        return int(self.client.publish(self.channel, json.dumps(message)))
+
+    def relay_change(self, event: ChangeEvent) -> None:
+        """Turn an L3 change event into an L2 eviction and a broadcast; one process relays each event."""
+        if event.kind == "context" and event.origin == "runctx":
+            return  # runctx's own write-behind: its commit already broadcast the version
+        if not self.client.set(f"{self.prefix}:ev:{event.identity}", 1, nx=True, px=60_000):
+            return  # another process (every worker listens to L3) relays this one
+        self.store.handle_change(event)
+        if event.kind == "context":
+            self.publish({"type": "context", "id": event.ident, "version": event.version or 0})
+        else:
+            keys = [event.key] if event.kind == "config" else [event.key, f"{event.key}@{event.version}"]
+            self.publish(
+                {"type": "config", "keys": keys, "identity": event.identity, "trace": event.key.startswith(TRACE_PREFIX)}
+            )
+
+    # ---- receiving ------------------------------------------------------------------------------
+
+    def start(self) -> "ControlChannel":
+        self._thread = threading.Thread(target=self._run, name="runctx-control", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Anything published while we were not subscribed is lost: start clean.
+                        self.store.l1.clear()
+                        self.subscribed.set()
+                        backoff = 0.1
+                    elif message["type"] == "message":
+                        self.handle(json.loads(message["data"]))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self.subscribed.clear()
+                self.store.l1.clear()
+                log.warning("control channel lost (%s); resubscribing in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                log.exception("control channel message failed")
+            finally:
+                pubsub.close()
+
+    def handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        l1 = self.store.l1
+        if kind == "context":
+            l1.evict_context(message["id"], up_to_version=int(message["version"]) - 1)
+        elif kind == "config":
+            dropped = [key for key in message.get("keys", []) if l1.evict_config(key)]
+            if message.get("trace"):
+                self.client.hset(f"{self.prefix}:trace:{message['identity']}", self.identity, repr(time.time()))
+                self.client.expire(f"{self.prefix}:trace:{message['identity']}", REPLY_TTL_S)
+            log.debug("dropped %s", dropped)
+        elif kind == "clear":
+            l1.clear()
+        elif kind == "probe":
+            self._answer_probe(message)
+
+    def _answer_probe(self, message: dict[str, Any]) -> None:
+        key = message["key"]
+        entry = self.store.l1.get_config(key)
+        if entry is None and message.get("load"):
+            try:
+                entry = self._load(key)
+            except NotFound:
+                entry = None
+        answer = {"version": None, "digest": None}
+        if entry is not None:
+            answer = {"version": entry.version, "digest": hashlib.sha256(canonical_json(entry.data).encode()).hexdigest()[:16]}
+        reply = f"{self.prefix}:probe:{message['id']}"
+        self.client.hset(reply, self.identity, json.dumps(answer))
+        self.client.expire(reply, REPLY_TTL_S)
+
+    def _load(self, key: str):
+        kind, _, rest = key.partition(":")
+        if kind == "routine":
+            name, _, version = rest.partition("@")
+            return self.store.get_routine(name, int(version) if version else None)
+        config_kind, _, name = rest.partition(":")
+        return self.store.get_config(config_kind, name)
+
+
+def probe(client: redis.Redis, prefix: str, key: str, *, load: bool = False, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Ask every subscribed process what it serves for ``key``; returns identity -> {version, digest}."""
+    probe_id = os.urandom(6).hex()
+    receivers = client.publish(f"{prefix}:control", json.dumps({"type": "probe", "id": probe_id, "key": key, "load": load}))
+    reply = f"{prefix}:probe:{probe_id}"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and client.hlen(reply) < receivers:
+        time.sleep(0.01)
+    return {field.decode(): json.loads(value) for field, value in client.hgetall(reply).items()}

@@ -54,6 +54,11 @@ class Client:
         self.engine = self.runtime.engine
         self.store = self.runtime.store
 
+    def workers_alive(self, timeout_s: float = 1.0) -> bool:
+        from workers import app
+
+        return bool(app.control.ping(timeout=timeout_s))
+
     def load(self, routine: Routine | Path | str) -> Routine:
         if isinstance(routine, Routine):
             return routine
@@ -84,7 +89,7 @@ class Client:
             status=row["status"],
             error=row["error"],
             variables=context.masked_variables(),
-            steps=sorted(steps, key=lambda step: step["id"]),
+            steps=steps,
             l3_writes=l3_writes,
         )
 

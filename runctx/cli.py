@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from runctx.servers import embedded_released, resolve
 from state.settings import get_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="runctx: routines on Celery workers with a three-tier RunContext store.")
+if TYPE_CHECKING:
+    from runctx.api import RunResult
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="runctx: routines on Celery workers with a three-tier RunContext store.")
 
 
 def _fail(message: str) -> None:
@@ -51,6 +61,105 @@ def check(as_json: bool = typer.Option(False, "--json", help="Print one JSON obj
     for step in steps:
         typer.echo(f"  {step.name:<11} {step.tier:<9} {step.seconds * 1000:9.3f} ms  {step.detail}")
     typer.echo("ok: all three tiers answered and agree")
+
+
+def _parse_vars(pairs: list[str]) -> dict[str, Any]:
+    """NAME=VALUE pairs; a VALUE that is valid JSON is taken as JSON, anything else as a string."""
+    variables: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            _fail(f"--var {pair!r}: expected NAME=VALUE")
+        try:
+            variables[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            variables[name] = raw
+    return variables
+
+
+def _print_result(result: "RunResult", as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.as_json()))
+    else:
+        typer.echo(f"run {result.run_id}: {result.status}")
+        for step in result.steps:
+            typer.echo(
+                f"  {step['id']:<30} {step['status']:<10} {step['worker']:<28} "
+                f"attempts={step['attempts']} {step['duration_s'] * 1000:.1f} ms"
+            )
+        typer.echo("variables:")
+        for name, value in sorted(result.variables.items()):
+            typer.echo(f"  {name} = {json.dumps(value)}")
+        typer.echo(f"L3 writes: {result.l3_writes}")
+    if result.status != "succeeded":
+        _fail(f"run {result.run_id} {result.status}: {result.error}")
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="A routine file (YAML or JSON)."),
+    var: list[str] = typer.Option([], "--var", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Start N local worker processes for this run."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting after this many seconds."),
+) -> None:
+    """Submit a routine, wait for it, and print its outcome (exit 0 only if it succeeded)."""
+    from runctx.api import Client, RunTimeout
+    from runctx.local_workers import LocalWorkers, WorkersDidNotStart
+    from tasks.routine import InvalidRoutine
+
+    settings = get_settings()
+    variables = _parse_vars(var)
+    with embedded_released():
+        try:
+            servers = resolve(settings)
+            client = Client()
+            routine = client.load(file)
+            with LocalWorkers(workers, servers, settings) if workers else contextlib.nullcontext():
+                if not workers and not client.workers_alive():
+                    typer.echo("runctx: no worker answers; start some (celery -A workers worker) or pass --workers N", err=True)
+                result = client.wait(client.submit(routine, variables=variables), timeout)
+        except (InvalidRoutine, WorkersDidNotStart, RunTimeout) as exc:
+            _fail(str(exc))
+    _print_result(result, as_json)
+
+
+@app.command()
+def submit(
+    file: Path = typer.Argument(..., help="A routine file (YAML or JSON)."),
+    var: list[str] = typer.Option([], "--var", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
+) -> None:
+    """Submit a routine to the running workers and print its run id without waiting."""
+    from runctx.api import Client
+    from tasks.routine import InvalidRoutine
+
+    variables = _parse_vars(var)
+    with embedded_released():
+        try:
+            resolve(get_settings())
+            run_id = Client().submit(Path(file), variables=variables)
+        except InvalidRoutine as exc:
+            _fail(str(exc))
+    typer.echo(run_id)
+
+
+@app.command()
+def wait(
+    run_id: str,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    timeout: float | None = typer.Option(None, "--timeout"),
+) -> None:
+    """Wait for a run submitted earlier (by any process) and print its outcome."""
+    from runctx.api import Client, RunTimeout
+    from state.errors import NotFound
+
+    with embedded_released():
+        try:
+            resolve(get_settings())
+            result = Client().wait(run_id, timeout)
+        except (NotFound, RunTimeout) as exc:
+            _fail(str(exc))
+    _print_result(result, as_json)
 
 
 @app.command()

@@ -7,6 +7,7 @@ copied into the run's row in L3 and given a TTL.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class RunRecords:
         return StepStart(attempt=int(attempt), run_failed=failed is not None)
 
     def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
-        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6)}
+        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": time.time()}
         self.client.hset(self._key(run_id, "steps"), step_id, json.dumps(record))
 
     def mark_failed(self, run_id: str, error: str) -> bool:
@@ -60,6 +61,7 @@ class RunRecords:
             step_id = raw_id.decode()
             record = json.loads(raw)
             out.append({"id": step_id, **record, "attempts": int(attempts.get(raw_id, 1))})
+        out.sort(key=lambda step: step["finished_at"])
         return {"steps": out, "l3_writes": int(l3_writes or 0)}
 
     def announce_done(self, run_id: str) -> None:

@@ -121,3 +121,57 @@ def make_store(servers: Servers, database_url: str, key_prefix: str, cache_confi
     yield make
     for store in made:
         store.close()
+
+
+# ---- real worker nodes ----------------------------------------------------------------------------
+
+BROKERS = ["redis"] + (["amqp"] if os.environ.get("RUNCTX_TEST_AMQP_URL") else [])
+
+
+def _broker_url(servers: Servers, broker: str) -> str:
+    from runctx.servers import celery_broker_url
+
+    if broker == "amqp":
+        return os.environ["RUNCTX_TEST_AMQP_URL"]
+    return celery_broker_url(servers.redis_url)
+
+
+@pytest.fixture
+def make_cluster(servers: Servers, template_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A factory of worker clusters, each with its own database, key prefix and queues."""
+    from tests.cluster import Cluster, new_prefix
+
+    made: list[tuple[Cluster, str]] = []
+
+    def make(broker: str = "redis", **extra_env: str) -> Cluster:
+        dbname = f"runctx_e_{uuid.uuid4().hex[:12]}"
+        _admin_execute(servers.database_url, f'CREATE DATABASE "{dbname}" TEMPLATE "{template_database}"')
+        cluster = Cluster(
+            redis_url=servers.redis_url,
+            database_url=database_url_for(servers.database_url, dbname),
+            broker_url=_broker_url(servers, broker),
+            prefix=new_prefix(),
+            work_dir=tmp_path_factory.mktemp("cluster"),
+            extra_env={key.upper(): str(value) for key, value in extra_env.items()},
+        )
+        made.append((cluster, dbname))
+        return cluster
+
+    yield make
+    for cluster, dbname in made:
+        cluster.stop()
+        _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        client = redis.Redis.from_url(servers.redis_url)
+        keys = list(client.scan_iter(match=f"{cluster.prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        if cluster.broker_url.startswith("amqp"):
+            from kombu import Connection
+
+            with Connection(cluster.broker_url) as conn:
+                for queue in (f"{cluster.prefix}.steps", f"{cluster.prefix}.persist"):
+                    try:
+                        conn.default_channel.queue_delete(queue)
+                    except Exception:
+                        pass

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
 
     # Celery
     visibility_timeout_s: int = Field(
-        default=1800, ge=10, description="Redis broker: when an unacknowledged step is delivered again"
+        default=600, ge=5, description="Redis broker: when an unacknowledged step is delivered again"
     )
     step_max_attempts: int = Field(default=5, ge=1)
 

@@ -22,6 +22,7 @@ from state.l1 import ConfigEntry, LocalCache
 from state.l2 import RedisTier
 from state.l3 import PostgresTier
 from state.models import RunContext, RunContextInit, StateCacheConfig
+from state.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,21 @@ class TieredStore:
                 redis_url, prefix=prefix, context_ttl_s=config.l2_context_ttl_s, config_ttl_s=config.l2_config_ttl_s
             ),
             PostgresTier.from_url(database_url),
+            config=config,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis_url: str, database_url: str) -> "TieredStore":
+        """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries)."""
+        config = settings.cache_config()
+        return cls(
+            LocalCache(config),
+            RedisTier.from_url(
+                redis_url, prefix=settings.key_prefix, context_ttl_s=config.l2_context_ttl_s, config_ttl_s=config.l2_config_ttl_s
+            ),
+            PostgresTier.from_url(
+                database_url, retry_attempts=settings.l3_retry_attempts, retry_base_delay_s=settings.l3_retry_base_delay_s
+            ),
             config=config,
         )
 

@@ -75,6 +75,15 @@ def finalize(self: Any, run_id: str, routine: str, routine_version: int, version
     return _runtime().engine.finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error))
 
 
+@shared_task(name="runctx.noop_chain", bind=True)
+def noop_chain(self: Any, remaining: int, done_key: str) -> None:
+    """Benchmark baseline: a no-op that dispatches the next one, the way a step dispatches its successor."""
+    if remaining > 1:
+        noop_chain.apply_async(args=[remaining - 1, done_key])
+    else:
+        _runtime().store.l2.client.rpush(done_key, "1")
+
+
 class CeleryDispatcher:
     """Sends the engine's next pieces of work as Celery tasks, named for Flower by their step."""
 

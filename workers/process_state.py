@@ -36,9 +36,7 @@ class ProcessRuntime:
         servers = resolve(settings, migrate=False)
         self.pid = os.getpid()
         self.database_url = servers.database_url
-        self.store = TieredStore.connect(
-            servers.redis_url, servers.database_url, config=settings.cache_config(), prefix=settings.key_prefix
-        )
+        self.store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
         self.records = RunRecords(self.store.l2.client, settings.key_prefix)
         self.engine = RunEngine(
             self.store, self.records, CeleryDispatcher(settings.write_behind_debounce_s), max_attempts=settings.step_max_attempts

@@ -1,0 +1,141 @@
+"""Execution benchmark, measured in one run on real worker processes:
+
+1. steps per second of a 1000-step routine, against the same Celery setup running 1000 no-op
+   tasks that dispatch each other the same way (worker to worker), as a ratio;
+2. L3 writes per changed step;
+3. time from an L3 commit (plain SQL) to the last worker process dropping the stale entry (p50, p99).
+
+    python benchmarks/execution.py [--steps 1000] [--nodes 2] [--concurrency 1] [--invalidations 200]
+
+Uses RUNCTX_REDIS_URL / RUNCTX_DATABASE_URL / RUNCTX_BROKER_URL when set, else the embedded
+stack; works under its own key prefix, so it leaves a developer's data alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import yaml
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def write_routine(directory: Path, steps: int) -> Path:
+    routine = {
+        "name": f"bench-sequence-{steps}",
+        "variables": {"counter": 0},
+        "steps": [{"id": f"s{i}", "action": "increment", "args": {"name": "counter"}} for i in range(steps)],
+    }
+    path = directory / "sequence.yaml"
+    path.write_text(yaml.safe_dump(routine))
+    return path
+
+
+def bench_noop(steps: int) -> float:
+    from runctx.api import Client
+    from tasks.celery_tasks import noop_chain
+
+    client = Client().store.l2.client
+    done_key = f"{os.environ['RUNCTX_KEY_PREFIX']}:bench:noop:{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    noop_chain.apply_async(args=[steps, done_key])
+    if client.blpop([done_key], timeout=600) is None:
+        raise RuntimeError("no-op chain did not finish")
+    return steps / (time.perf_counter() - started)
+
+
+def bench_routine(path: Path, steps: int) -> tuple[float, int, float]:
+    from runctx.api import Client
+
+    client = Client()
+    routine = client.load(path)
+    client.engine.register(routine)  # stored before timing, as a deployed routine would be
+    started = time.perf_counter()
+    result = client.run(routine, timeout=600)
+    elapsed = time.perf_counter() - started
+    if result.status != "succeeded" or result.variables["counter"] != steps:
+        raise RuntimeError(f"benchmark run did not succeed: {result.status} {result.error}")
+    return steps / elapsed, result.l3_writes, elapsed
+
+
+def bench_invalidation(rounds: int) -> list[float]:
+    from runctx.api import Client
+    from state.change_events import libpq_url
+    from workers.control import TRACE_PREFIX, probe
+
+    client = Client()
+    store = client.store
+    prefix = os.environ["RUNCTX_KEY_PREFIX"]
+    kind, name = TRACE_PREFIX.split(":")[1], "bench"
+    store.put_config(kind, name, {"round": 0})
+    latencies = []
+    with psycopg.connect(libpq_url(client.runtime.database_url)) as conn:
+        for round_ in range(1, rounds + 1):
+            answers = probe(store.l2.client, prefix, f"config:{kind}:{name}", load=True)  # every process caches it
+            with conn.transaction():
+                txid = conn.execute("SELECT txid_current()").fetchone()[0]
+                version = conn.execute(
+                    "UPDATE configurations SET data = %s WHERE kind = %s AND name = %s RETURNING version",
+                    (psycopg.types.json.Jsonb({"round": round_}), kind, name),
+                ).fetchone()[0]
+                committed_at = time.time()  # the COMMIT is sent when this block ends
+            identity = f"{txid}:UPDATE:config:{kind}:{name}:{version}"
+            trace_key = f"{prefix}:trace:{identity}"
+            deadline = time.monotonic() + 5
+            while store.l2.client.hlen(trace_key) < len(answers) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            drops = [float(value) for value in store.l2.client.hvals(trace_key)]
+            if len(drops) < len(answers):
+                raise RuntimeError(f"only {len(drops)} of {len(answers)} processes dropped the entry within 5 s")
+            latencies.append(max(drops) - committed_at)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="runctx execution benchmark")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--invalidations", type=int, default=200)
+    args = parser.parse_args()
+
+    os.environ.setdefault("RUNCTX_KEY_PREFIX", f"bench{uuid.uuid4().hex[:6]}")
+    from runctx.local_workers import LocalWorkers
+    from runctx.servers import embedded_released, resolve
+    from state.settings import get_settings
+
+    settings = get_settings()
+    with embedded_released(), tempfile.TemporaryDirectory() as tmp:
+        servers = resolve(settings)
+        with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+            bench_noop(50)  # warm up connections and imports in every process
+            noop_rate = bench_noop(args.steps)
+            routine_rate, l3_writes, elapsed = bench_routine(write_routine(Path(tmp), args.steps), args.steps)
+            latencies = bench_invalidation(args.invalidations)
+
+    where = "embedded stack" if servers.embedded else "configured servers"
+    print(f"runctx execution benchmark on {where}: {args.nodes} worker node(s) x {args.concurrency} process(es)")
+    print(f"  no-op Celery tasks, worker to worker:  {noop_rate:8.1f} tasks/s ({args.steps} tasks)")
+    print(f"  {args.steps}-step routine:                {routine_rate:8.1f} steps/s ({elapsed:.2f} s, incl. finalize)")
+    print(f"  ratio routine / no-op:                 {routine_rate / noop_rate:8.2f}")
+    print(f"  L3 writes: {l3_writes} for {args.steps} changed steps = {l3_writes / args.steps:.4f} per changed step")
+    ms = [latency * 1000 for latency in latencies]
+    print(
+        f"  L3 commit -> last worker process dropped the stale entry ({len(ms)} commits): "
+        f"p50 {percentile(ms, 0.5):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms, max {max(ms):.2f} ms, "
+        f"mean {statistics.fmean(ms):.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

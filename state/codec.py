@@ -22,7 +22,7 @@ def checksum(payload: bytes) -> str:
 
 
 class Codec:
-    """JSON only: no pickle anywhere, so nothing stored can execute code when read."""
+    """JSON only, so nothing stored can execute code when it is read."""
 
     def to_document(self, ctx: RunContext) -> dict[str, Any]:
         return ctx.model_dump(mode="json")

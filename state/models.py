@@ -1,7 +1,7 @@
 """The state model of the design document: RunContext and the types around it.
 
 Pure data and rules; nothing here does I/O. Values are plain JSON (dicts, lists, strings,
-numbers, booleans, null) so that every tier can hold them without pickle.
+numbers, booleans, null), the one format every tier holds.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from state.errors import (
     TransactionFailed,
     VersionConflict,
 )
-from state.models import ExportDeclaration, ExportDestination, RunContext, RunContextInit
+from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
 from state.schema import blackboard_entries, exports, runs
 from state.store import TieredStore
 from tasks.actions import StepFailed, run_action
@@ -82,11 +82,13 @@ class RunEngine:
         dispatcher: Dispatcher,
         *,
         max_attempts: int = 5,
+        limits: ResourceLimits | None = None,
     ) -> None:
         self.store = store
         self.records = records
         self.dispatcher = dispatcher
         self.max_attempts = max_attempts
+        self.limits = limits or ResourceLimits()
         self.plans = PlanCache(store)
 
     # ---- submitting ---------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class RunEngine:
             variables=values,
             sensitivity_map={name: spec.sensitivity for name, spec in specs.items()},
             exports=[ExportDeclaration(**spec.model_dump()) for spec in plan.routine.exports],
-            limits=self.store_limits,
+            limits=self.limits,
         )
         if unknown:
             log.info("run %s: variables given that the routine does not declare: %s", run_id, sorted(unknown))
@@ -138,8 +140,6 @@ class RunEngine:
         versions = {"": root.version}
         self._dispatch(plan, run_id, routine.name, version, plan.start, versions, {"": root})
         return run_id
-
-    store_limits = None  # set by the runtime from settings; None means the model's defaults
 
     # ---- executing a step ---------------------------------------------------------------------
 

@@ -39,9 +39,12 @@ class ProcessRuntime:
         self.store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
         self.records = RunRecords(self.store.l2.client, settings.key_prefix)
         self.engine = RunEngine(
-            self.store, self.records, CeleryDispatcher(settings.write_behind_debounce_s), max_attempts=settings.step_max_attempts
+            self.store,
+            self.records,
+            CeleryDispatcher(settings.write_behind_debounce_s),
+            max_attempts=settings.step_max_attempts,
+            limits=settings.resource_limits(),
         )
-        self.engine.store_limits = settings.resource_limits()
         self.control = ControlChannel(self.store)
         self.listener: ChangeListener | None = None
         self._stop = threading.Event()

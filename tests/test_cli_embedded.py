@@ -1,0 +1,88 @@
+"""The commands a new user runs first, on the embedded stack whatever the environment says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _runctx(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNCTX_")}
+    env["RUNCTX_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "runctx.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _processes_using(data_dir: Path) -> list[str]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            environ = process.info["environ"] or {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(data_dir) in cmdline or environ.get("RUNCTX_DATA_DIR") == str(data_dir):
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{process.pid} {cmdline}")
+    return found
+
+
+def _assert_nothing_left(data_dir: Path) -> None:
+    deadline = time.monotonic() + 10
+    while _processes_using(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_using(data_dir) == []
+
+
+@pytest.fixture
+def data_dir():
+    path = Path(tempfile.mkdtemp(prefix="rctx-cli-"))  # short: it holds Unix sockets
+    yield path
+    _assert_nothing_left(path)
+
+
+@pytest.mark.embedded
+def test_check_round_trips_through_all_three_tiers(data_dir: Path) -> None:
+    done = _runctx(data_dir, "check", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is True and report["servers"] == "embedded"
+    reads = [step["tier"] for step in report["steps"] if step["step"] == "read"]
+    assert reads == ["L1", "L2", "L3"]
+    assert {step["step"] for step in report["steps"]} >= {"create", "commit", "flush", "invalidate"}
+    _assert_nothing_left(data_dir)
+
+    human = _runctx(data_dir, "check")  # a second run reuses the data directory
+    assert human.returncode == 0 and "ok: all three tiers answered" in human.stdout
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_run_with_local_workers_on_the_embedded_stack(data_dir: Path) -> None:
+    done = _runctx(data_dir, "run", "examples/sequence.yaml", "--workers", "2", "--json", "--var", "total=10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "succeeded"
+    assert result["variables"] == {"total": 13, "total_copy": 13, "status": "done"}
+    assert [step["id"] for step in result["steps"]] == ["start", "add-1", "add-2", "keep", "done"]
+    _assert_nothing_left(data_dir)
+
+
+@pytest.mark.embedded
+def test_failed_run_exits_non_zero_with_a_reason(data_dir: Path, tmp_path: Path) -> None:
+    routine = tmp_path / "fails.yaml"
+    routine.write_text("name: fails\nsteps:\n  - {id: boom, action: fail, args: {message: out of coffee}}\n")
+    done = _runctx(data_dir, "run", str(routine), "--workers", "1")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].endswith("failed: step 'boom': out of coffee")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from state.errors import CommunicationFailure, TransactionFailed
 from state.settings import get_settings
@@ -26,7 +26,16 @@ def _runtime():
     return runtime()
 
 
+class StepTask(Task):
+    """A step task that failed for good (retries used up, or a bug) fails its run instead of leaving it running."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        message = StepMessage(**kwargs)
+        _runtime().engine.fail_run(message, f"step {message.step_id!r} could not run: {type(exc).__name__}: {exc}")
+
+
 @shared_task(
+    base=StepTask,
     name="runctx.step",
     bind=True,
     autoretry_for=RETRYABLE,

@@ -51,6 +51,14 @@ class Outcome:
     flush_scheduled: bool = False
 
 
+def redact(text: str, ctx: RunContext) -> str:
+    """Hide the values of confidential and secret variables wherever they appear in a text."""
+    for name, value in {**ctx.intermediate, **ctx.variables}.items():
+        if ctx.sensitivity_of(name).masked and isinstance(value, (str, int, float)) and len(str(value)) >= 3:
+            text = text.replace(str(value), "***")
+    return text
+
+
 class _AlreadyFinal(Exception):
     """Rolls back a finalize transaction that found the run finished already."""
 
@@ -186,7 +194,12 @@ class RunEngine:
         if node.step_id in base.applied_steps:
             return Outcome(base, applied=False)
         assert node.action is not None and node.concurrency is not None
-        changes = run_action(node.action, ContextView(base), node.args)
+        try:
+            changes = run_action(node.action, ContextView(base), node.args)
+        except STEP_ERRORS:
+            raise
+        except Exception as exc:  # a user action's own error fails the run; its text may quote values
+            raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
         concurrency = node.concurrency
 
         def mutate(working: RunContext) -> None:
@@ -304,6 +317,10 @@ class RunEngine:
 
     def _fail(self, message: StepMessage, node: Node, worker: str, error: str) -> None:
         log.warning("run %s failed at %s on %s: %s", message.run_id, node.step_id, worker, error)
+        self.fail_run(message, error)
+
+    def fail_run(self, message: StepMessage, error: str) -> None:
+        """Fail the run of ``message`` (once: the first failure finalizes it)."""
         if self.records.mark_failed(message.run_id, error):
             self.dispatcher.finalize(
                 FinalizeMessage(

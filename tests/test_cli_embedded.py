@@ -16,9 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _runctx(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _runctx(data_dir: Path, *args: str, timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RUNCTX_")}
     env["RUNCTX_DATA_DIR"] = str(data_dir)
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "runctx.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
@@ -86,3 +87,32 @@ def test_failed_run_exits_non_zero_with_a_reason(data_dir: Path, tmp_path: Path)
     done = _runctx(data_dir, "run", str(routine), "--workers", "1")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].endswith("failed: step 'boom': out of coffee")
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_user_actions_run_and_their_errors_fail_the_run_without_leaking_secrets(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "myactions.py").write_text(
+        "from tasks.changes import Change\n"
+        "def greet(view, args):\n"
+        "    return [Change.set('message', 'hello ' + view.get('user')), Change.increment('calls')]\n"
+        "def explode(view, args):\n"
+        "    raise ValueError('cannot use token ' + view.get('api_token'))\n"
+    )
+    routine = tmp_path / "user.yaml"
+    routine.write_text(
+        "name: user-actions\n"
+        "variables: {user: bob, api_token: {value: tok-SECRET-4242, sensitivity: secret}}\n"
+        "steps:\n"
+        "  - {id: greet, action: 'myactions:greet'}\n"
+        "  - {id: explode, action: 'myactions:explode'}\n"
+    )
+    done = _runctx(data_dir, "run", str(routine), "--workers", "1", "--json", PYTHONPATH=str(tmp_path))
+    assert done.returncode == 1
+    result = json.loads(done.stdout)
+    assert result["status"] == "failed"
+    assert result["variables"]["message"] == "hello bob" and result["variables"]["calls"] == 1
+    assert "ValueError: cannot use token ***" in result["error"]
+    assert "tok-SECRET-4242" not in done.stdout + done.stderr
+    logs = "".join(path.read_text() for path in (data_dir / "logs").glob("worker-*.log"))
+    assert "ValueError: cannot use token ***" in logs and "tok-SECRET-4242" not in logs

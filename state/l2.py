@@ -11,6 +11,7 @@ Because the pending set lives in Redis, any worker can finish a flush that anoth
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -123,7 +124,9 @@ class RedisTier:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisTier":
-        return cls(redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30), **kwargs)
+        # Named connections: CLIENT LIST shows which process holds which (runctx-<pid>).
+        client = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30, client_name=f"runctx-{os.getpid()}")
+        return cls(client, **kwargs)
 
     def context_key(self, context_id: str) -> str:
         return f"{self.prefix}:ctx:{context_id}"

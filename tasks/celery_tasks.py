@@ -16,8 +16,15 @@ from state.errors import CommunicationFailure, TransactionFailed
 from state.settings import get_settings
 from tasks.messages import FinalizeMessage, StepMessage
 
-RETRYABLE = (CommunicationFailure, TransactionFailed)
 _settings = get_settings()
+
+# Infrastructure failures are retried by Celery with exponential backoff and jitter.
+RETRY_OPTIONS: dict[str, Any] = {
+    "autoretry_for": (CommunicationFailure, TransactionFailed),
+    "retry_backoff": 0.5,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+}
 
 
 def _runtime():
@@ -38,11 +45,8 @@ class StepTask(Task):
     base=StepTask,
     name="runctx.step",
     bind=True,
-    autoretry_for=RETRYABLE,
-    retry_backoff=0.5,
-    retry_backoff_max=30,
-    retry_jitter=True,
     max_retries=_settings.step_max_attempts,
+    **RETRY_OPTIONS,
 )
 def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "") -> None:
     message = StepMessage(run_id, routine, routine_version, node, versions, step_id)
@@ -52,11 +56,8 @@ def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, 
 @shared_task(
     name="runctx.write_behind",
     bind=True,
-    autoretry_for=RETRYABLE,
-    retry_backoff=0.2,
-    retry_backoff_max=10,
-    retry_jitter=True,
     max_retries=20,
+    **RETRY_OPTIONS,
 )
 def write_behind(self: Any, context_id: str) -> str:
     """Flush a context to L3 once its debounce window has passed (idempotent: only newer versions are written)."""
@@ -74,11 +75,8 @@ def write_behind(self: Any, context_id: str) -> str:
 @shared_task(
     name="runctx.finalize",
     bind=True,
-    autoretry_for=RETRYABLE,
-    retry_backoff=0.5,
-    retry_backoff_max=30,
-    retry_jitter=True,
     max_retries=50,
+    **RETRY_OPTIONS,
 )
 def finalize(self: Any, run_id: str, routine: str, routine_version: int, versions: dict[str, int], status: str, error: str | None = None) -> bool:
     return _runtime().engine.finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error))

@@ -41,12 +41,12 @@ def process_identity() -> str:
 
 
 class ControlChannel:
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, *, identity: str | None = None) -> None:
         self.store = store
         self.client: redis.Redis = store.l2.client
         self.prefix = store.l2.prefix
         self.channel = store.l2.control_channel
-        self.identity = process_identity()
+        self.identity = identity or process_identity()
         self.subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -1,0 +1,226 @@
+"""A secret value is used by a run but never leaves the state store: not in a broker message,
+not in a worker log line (at DEBUG), not in `runctx run --json` output.
+
+Everything the Redis server executes during the run is captured with MONITOR. Only the L2
+context entries (``{prefix}:ctx:...``) may hold the value (encryption at rest comes later).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+# ---- MONITOR -----------------------------------------------------------------------------------
+
+_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "a": b"\a", "b": b"\b", '"': b'"', "\\": b"\\"}
+_TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+
+
+def _unrepr(quoted: bytes) -> bytes:
+    """Undo Redis' sdscatrepr quoting of one MONITOR argument."""
+    out = bytearray()
+    i = 0
+    while i < len(quoted):
+        char = quoted[i : i + 1]
+        if char == b"\\":
+            nxt = quoted[i + 1 : i + 2].decode()
+            if nxt == "x":
+                out += bytes([int(quoted[i + 2 : i + 4], 16)])
+                i += 4
+                continue
+            out += _ESCAPES.get(nxt, nxt.encode())
+            i += 2
+            continue
+        out += char
+        i += 1
+    return bytes(out)
+
+
+class RedisMonitor:
+    """A raw MONITOR connection read by a thread: every command the server runs, as argument lists."""
+
+    def __init__(self, redis_url: str) -> None:
+        url = urlparse(redis_url)
+        if url.scheme == "unix":
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(unquote(url.path))
+        else:
+            self.sock = socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), timeout=10)
+        if url.password:
+            user = unquote(url.username) if url.username else None
+            self._command(*(["AUTH", user, unquote(url.password)] if user else ["AUTH", unquote(url.password)]))
+        self._command("MONITOR")
+        self.sock.settimeout(0.2)
+        self.commands: list[list[bytes]] = []
+        self._buffer = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
+        self._thread.start()
+
+    def _command(self, *args: str) -> None:
+        self.sock.sendall(f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            reply += self.sock.recv(1)
+        assert reply.startswith(b"+OK"), reply
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\r\n")
+            for line in lines:
+                if line.startswith(b"+"):
+                    # +<time> [<db> <client>] "CMD" "arg" ...
+                    _, _, rest = line.partition(b"] ")
+                    self.commands.append([_unrepr(token) for token in _TOKEN.findall(rest)])
+
+    def stop(self) -> list[list[bytes]]:
+        time.sleep(0.5)  # let the last commands of the run arrive
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+        return self.commands
+
+
+def _keys_of(command: list[bytes]) -> list[bytes]:
+    """The keys (or channel) a command works on, as far as this test needs to know."""
+    name = command[0].upper()
+    if name in (b"EVAL", b"EVALSHA", b"EVALSHA_RO", b"EVAL_RO", b"FCALL"):
+        count = int(command[2])
+        return command[3 : 3 + count]
+    return command[1:2]
+
+
+def _decoded_forms(value: bytes) -> list[bytes]:
+    """A value as stored plus, for a kombu envelope (JSON with a base64 body), its decoded body."""
+    forms = [value]
+    try:
+        envelope = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return forms
+    if isinstance(envelope, dict) and isinstance(envelope.get("body"), str):
+        body = envelope["body"]
+        encoding = (envelope.get("properties") or {}).get("body_encoding")
+        forms.append(base64.b64decode(body) if encoding == "base64" else body.encode())
+    return forms
+
+
+# ---- the test ------------------------------------------------------------------------------------
+
+BROKER_WRITES = (b"LPUSH", b"RPUSH", b"PUBLISH", b"SPUBLISH", b"XADD")
+
+
+@pytest.mark.slow
+def test_secret_reaches_l3_but_no_broker_message_log_line_or_output(make_cluster, tmp_path: Path) -> None:
+    # Two secrets: one declared in the routine file, one given with --var (so it is in no definition).
+    inline_secret = f"inline-secret-{uuid.uuid4().hex}"
+    var_secret = f"var-secret-{uuid.uuid4().hex}"
+    routine = tmp_path / "secret.yaml"
+    routine.write_text(
+        f"""
+name: secret-e2e
+variables:
+  api_token: {{value: "{inline_secret}", sensitivity: secret}}
+  password: {{value: "placeholder", sensitivity: secret}}
+  user: alice
+steps:
+  - {{id: use-token, action: copy, args: {{from: api_token, to: token_copy}}}}
+  - {{id: use-password, action: copy, args: {{from: password, to: password_copy}}}}
+  - id: fan-out
+    parallel:
+      - [{{id: a1, action: append, args: {{name: log, value: a}}}}]
+      - [{{id: b1, action: append, args: {{name: log, value: b}}}}]
+  - {{id: greet, action: set, args: {{name: message, value: "hello alice"}}}}
+"""
+    )
+    cluster = make_cluster("redis")
+    cluster.start_node("n1", concurrency=2, loglevel="DEBUG")
+    cluster.start_node("n2", concurrency=2, loglevel="DEBUG")
+    cluster.wait_ready()
+
+    monitor = RedisMonitor(cluster.redis_url)
+    try:
+        done = cluster.runctx("run", str(routine), "--json", "--timeout", "60", "--var", f"password={var_secret}", timeout_s=90)
+    finally:
+        commands = monitor.stop()
+    time.sleep(1.0)  # write-behind and finalize log lines
+    cluster.stop()  # flush and close the logs
+
+    # The value was really used: L3's final context holds it, in the variables the steps wrote too.
+    store = cluster.store()
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["status"] == "succeeded", (done.stdout, done.stderr)
+        final = store.l3.get_context(result["run_id"])
+        assert final.variables["api_token"] == inline_secret
+        assert final.variables["password"] == var_secret
+        assert final.variables["token_copy"] == inline_secret
+        assert final.variables["password_copy"] == var_secret
+    finally:
+        store.close()
+
+    ctx_prefix = f"{cluster.prefix}:ctx:".encode()
+    steps_queue = f"{cluster.prefix}.steps".encode()
+
+    # The capture is real: it saw this run's step messages, and the secrets in its L2 context entry.
+    step_messages = [c for c in commands if c[0].upper() in (b"LPUSH", b"RPUSH") and c[1] == steps_queue]
+    assert step_messages, "MONITOR saw no step message of this run"
+    assert any(result["run_id"].encode() in form for c in step_messages for form in _decoded_forms(c[-1]))
+    assert any(
+        any(key.startswith(ctx_prefix) for key in _keys_of(c)) and any(inline_secret.encode() in arg for arg in c)
+        for c in commands
+    ), "MONITOR never saw the secret going into L2: the capture proves nothing"
+
+    # Every problem is collected first, so that one failure shows all the places the secret went.
+    problems: list[str] = []
+    for secret in (inline_secret, var_secret):
+        needle = secret.encode()
+        for command in commands:
+            name = command[0].upper()
+            if name not in BROKER_WRITES and not (name == b"HSET" and command[1].endswith(b"unacked")):
+                continue  # (HSET ...unacked: kombu's copy of a message a worker holds)
+            if any(key.startswith(ctx_prefix) for key in _keys_of(command)):
+                continue
+            if any(needle in form for arg in command[2:] for form in _decoded_forms(arg)):
+                problems.append(f"broker message holds {secret}: {repr(command)[:300]}")
+
+    # The secret given with --var is in no Redis command at all but the context's own L2 entry.
+    # (The inline one is also in the routine definition cached under {prefix}:cfg:routine:..., the
+    # file's own text stored as the routine: that is where the user wrote it.)
+    for command in commands:
+        if any(key.startswith(ctx_prefix) for key in _keys_of(command)):
+            continue
+        if any(var_secret.encode() in form for arg in command[1:] for form in _decoded_forms(arg)):
+            problems.append(f"Redis command outside the L2 context entry holds {var_secret}: {repr(command)[:300]}")
+
+    # Not in any worker log line (at DEBUG), nor in what `runctx run` printed.
+    logs = cluster.logs()
+    assert "DEBUG" in logs
+    for secret in (inline_secret, var_secret):
+        problems += [f"worker log line holds {secret}: {line[:300]}" for line in logs.splitlines() if secret in line]
+        if secret in done.stdout or secret in done.stderr:
+            problems.append(f"`runctx run --json` printed {secret}: {done.stdout.strip()[:600]} {done.stderr[:300]}")
+    shown = result["variables"]
+    for name in ("api_token", "password", "token_copy", "password_copy"):
+        if shown.get(name) != "***":
+            problems.append(f"output shows {name} = {shown.get(name)!r}, not '***'")
+    assert shown["user"] == "alice" and shown["message"] == "hello alice" and sorted(shown["log"]) == ["a", "b"]
+    assert not problems, "\n".join(problems)

@@ -99,12 +99,18 @@ class PostgresTier:
     # ---- contexts ------------------------------------------------------------------------
 
     def get_context(self, context_id: str) -> RunContext | None:
+        """The stored snapshot, at the row's version (a plain-SQL edit raises that, not the document's)."""
+        table = context_snapshots
         row = self.read(
             lambda conn: conn.execute(
-                select(context_snapshots.c.document).where(context_snapshots.c.context_id == context_id)
+                select(table.c.version, table.c.document).where(table.c.context_id == context_id)
             ).first()
         )
-        return None if row is None else self.codec.from_document(row.document, key=f"L3 context {context_id}")
+        if row is None:
+            return None
+        ctx = self.codec.from_document(row.document, key=f"L3 context {context_id}")
+        ctx.version = row.version
+        return ctx
 
     def context_version(self, context_id: str) -> int | None:
         return self.read(

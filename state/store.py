@@ -250,12 +250,45 @@ class TieredStore:
         if event.kind == "context":
             if event.origin == "runctx":
                 return  # runctx wrote L3 from L2: L2 is already as new as this
-            self.evict_context(event.ident, up_to_version=event.version)
+            self._reconcile_sql_change(event.ident, event.version or 0)
         else:
             keys = [event.key] if event.kind == "config" else [event.key, f"{event.key}@{event.version}"]
             for key in keys:
                 self.l2.evict_config(key)
                 self.l1.evict_config(key)
+
+    def _reconcile_sql_change(self, context_id: str, l3_version: int) -> None:
+        """A context changed in L3 outside runctx, now at ``l3_version``.
+
+        A clean L2 copy that is not newer is evicted, so the next read takes the edit. A dirty one
+        holds step changes that were acknowledged but not yet written to L3: they are kept, moved
+        to a version above the edit's so that the write-behind replaces it (the run's progress
+        wins over a concurrent manual edit; nothing acknowledged is lost).
+        """
+        for _ in range(10):
+            try:
+                stored = self.l2.get_context(context_id)
+            except ContextCorruption:
+                self.l2.drop_corrupt(context_id)
+                break
+            if stored is None or stored.version > l3_version:
+                break
+            if not stored.dirty:
+                self.l2.evict_context(context_id, up_to_version=l3_version)
+                break
+            kept = stored.context.working_copy()
+            kept.version = l3_version + 1
+            try:
+                if not self._commit_l2(kept, stored.version):
+                    continue  # expired meanwhile: look again
+                log.warning(
+                    "context %s was changed in L3 (version %d) while it had unwritten changes; these are kept as version %d",
+                    context_id, l3_version, kept.version,
+                )
+                break
+            except VersionConflict:
+                continue  # a step committed meanwhile: look again
+        self.l1.evict_context(context_id, up_to_version=l3_version)
 
     # ---- routine definitions and configurations ------------------------------------------------
 

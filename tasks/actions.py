@@ -72,7 +72,8 @@ def _append(view: ContextView, args: AppendArgs) -> list[Change]:
 def _copy(view: ContextView, args: CopyArgs) -> list[Change]:
     if args.source not in view:
         raise StepFailed(f"copy: variable {args.source!r} does not exist")
-    return [Change.set(args.to, view.get(args.source))]
+    # A copy is as sensitive as its source: a copied secret stays masked.
+    return [Change.set(args.to, view.get(args.source), sensitivity=view.sensitivity_of(args.source))]
 
 
 def _sleep(view: ContextView, args: SleepArgs) -> list[Change]:
@@ -102,7 +103,8 @@ def check_action(action: str, args: dict[str, Any]) -> None:
             model.model_validate(args)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "args"
+            # Drop the type names pydantic adds for a union (args.by.int -> args.by).
+            where = ".".join(str(part) for part in first["loc"] if part not in ("int", "float", "str")) or "args"
             raise ValueError(f"action {action!r}: args.{where}: {first['msg']}") from None
     elif ":" not in action:
         raise ValueError(

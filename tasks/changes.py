@@ -62,6 +62,9 @@ class ContextView:
     def __contains__(self, name: str) -> bool:
         return name in self._ctx.variables or name in self._ctx.intermediate
 
+    def sensitivity_of(self, name: str) -> DataSensitivity:
+        return self._ctx.sensitivity_of(name)
+
     def names(self) -> list[str]:
         return sorted(self._ctx.variables)
 

@@ -55,9 +55,17 @@ class ParallelStep(_Strict):
     parallel: list[Annotated[list["Step"], Field(min_length=1)]] = Field(min_length=1)
 
 
+def _routine_kind(raw: Any) -> str:
+    return "reference" if isinstance(raw, str) else "inline"
+
+
 class SubRoutineStep(_Strict):
     id: str = Field(pattern=STEP_ID)
-    routine: Union[str, "Routine"]  # a file or stored name, replaced by its definition when loaded
+    # A file or stored name (replaced by its definition when loaded), or the definition inline.
+    routine: Annotated[
+        Union[Annotated[str, Tag("reference")], Annotated["Routine", Tag("inline")]],
+        Discriminator(_routine_kind),
+    ]
     inherit: list[str] = Field(default_factory=list)
     merge: MergeSpec = Field(default_factory=MergeSpec)
 
@@ -148,7 +156,7 @@ def _location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("ActionStep", "ParallelStep", "SubRoutineStep", "str", "Routine") or "[" in str(part):
+        elif part in ("ActionStep", "ParallelStep", "SubRoutineStep", "reference", "inline") or "[" in str(part):
             continue  # union branch names that pydantic puts in the path
         else:
             out += f".{part}" if out else str(part)
@@ -175,8 +183,13 @@ def read_routine_file(path: Path) -> Any:
         raise InvalidRoutine(f"{path}: cannot read ({exc.strerror})") from None
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise InvalidRoutine(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRoutine(f"{path}: not valid JSON: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidRoutine(f"{path}: not valid YAML{where}: {problem}") from None
 
 
 def load_routine(path: Path | str, resolve_stored=None, _seen: tuple[Path, ...] = ()) -> Routine:

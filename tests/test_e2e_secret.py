@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest

@@ -313,3 +313,25 @@ def test_sensitivity_survives_the_round_trip(store: TieredStore, make_store) -> 
     other = make_store()
     other.l2.evict_context(ctx.context_id)
     assert other.get_context(ctx.context_id).sensitivity_of("token") is DataSensitivity.SECRET
+
+
+def test_a_plain_sql_edit_never_drops_acknowledged_changes_waiting_for_l3(store: TieredStore, database_url: str) -> None:
+    ctx = new_context(store, greeting="hello")
+    with store.edit(ctx.context_id) as working:  # committed to L2 (acknowledged), not yet in L3
+        working.set_variable("greeting", "from-a-step")
+    assert store.l3.context_version(ctx.context_id) == 1
+    listener = ChangeListener(database_url, store.handle_change).start()
+    try:
+        _plain_sql(  # an edit that takes version 2 in L3, the version the step's change holds in L2
+            database_url,
+            "UPDATE context_snapshots SET document = jsonb_set(document, '{variables,note}', '\"manual\"') "
+            "WHERE context_id = %s",
+            ctx.context_id,
+        )
+        assert wait_for(lambda: store.l2.get_context(ctx.context_id).version == 3, timeout=2)
+    finally:
+        listener.stop()
+    assert store.l2.get_context(ctx.context_id).dirty
+    store.flush(ctx.context_id)
+    final = store.l3.get_context(ctx.context_id)
+    assert (final.version, final.get("greeting")) == (3, "from-a-step")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from runctx.servers import embedded_released, resolve
+from state.errors import RunctxError
 from state.settings import get_settings
 
 if TYPE_CHECKING:
@@ -106,7 +107,6 @@ def run(
     """Submit a routine, wait for it, and print its outcome (exit 0 only if it succeeded)."""
     from runctx.api import Client, RunTimeout
     from runctx.local_workers import LocalWorkers, WorkersDidNotStart
-    from tasks.routine import InvalidRoutine
 
     settings = get_settings()
     variables = _parse_vars(var)
@@ -116,10 +116,11 @@ def run(
             client = Client()
             routine = client.load(file)
             with LocalWorkers(workers, servers, settings) if workers else contextlib.nullcontext():
+                run_id = client.submit(routine, variables=variables)
                 if not workers and not client.workers_alive():
-                    typer.echo("runctx: no worker answers; start some (celery -A workers worker) or pass --workers N", err=True)
-                result = client.wait(client.submit(routine, variables=variables), timeout)
-        except (InvalidRoutine, WorkersDidNotStart, RunTimeout) as exc:
+                    typer.echo(f"runctx: run {run_id} waits for a worker: start some (celery -A workers worker) or pass --workers N", err=True)
+                result = client.wait(run_id, timeout)
+        except (RunctxError, WorkersDidNotStart, RunTimeout) as exc:
             _fail(str(exc))
     _print_result(result, as_json)
 
@@ -131,14 +132,13 @@ def submit(
 ) -> None:
     """Submit a routine to the running workers and print its run id without waiting."""
     from runctx.api import Client
-    from tasks.routine import InvalidRoutine
 
     variables = _parse_vars(var)
     with embedded_released():
         try:
             resolve(get_settings())
             run_id = Client().submit(Path(file), variables=variables)
-        except InvalidRoutine as exc:
+        except RunctxError as exc:
             _fail(str(exc))
     typer.echo(run_id)
 
@@ -151,13 +151,12 @@ def wait(
 ) -> None:
     """Wait for a run submitted earlier (by any process) and print its outcome."""
     from runctx.api import Client, RunTimeout
-    from state.errors import NotFound
 
     with embedded_released():
         try:
             resolve(get_settings())
             result = Client().wait(run_id, timeout)
-        except (NotFound, RunTimeout) as exc:
+        except (RunctxError, RunTimeout) as exc:
             _fail(str(exc))
     _print_result(result, as_json)
 

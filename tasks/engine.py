@@ -113,24 +113,31 @@ class RunEngine:
         return self.store.put_routine(routine.name, definition)
 
     def submit(self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None) -> str:
-        """Create the run and its root context in one L3 transaction, then dispatch its first steps."""
-        version = self.register(routine)
-        plan = self.plans.get(routine.name, version)
+        """Create the run and its root context in one L3 transaction, then dispatch its first steps.
+
+        The context is built (and every value checked against the limits) before anything is
+        stored, so a refused variable leaves no trace.
+        """
         run_id = run_id or uuid.uuid4().hex
-        specs = plan.routine.initial_variables()
+        specs = routine.initial_variables()
         values = {name: spec.value for name, spec in specs.items()}
         unknown = set(variables or {}) - set(values)
         values.update(variables or {})
-        init = RunContextInit(
-            run_id=run_id,
-            routine_id=f"{routine.name}@{version}",
-            variables=values,
-            sensitivity_map={name: spec.sensitivity for name, spec in specs.items()},
-            exports=[ExportDeclaration(**spec.model_dump()) for spec in plan.routine.exports],
-            limits=self.limits,
+        root = RunContext.from_init(
+            RunContextInit(
+                run_id=run_id,
+                routine_id=routine.name,
+                variables=values,
+                sensitivity_map={name: spec.sensitivity for name, spec in specs.items()},
+                exports=[ExportDeclaration(**spec.model_dump()) for spec in routine.exports],
+                limits=self.limits,
+            )
         )
         if unknown:
             log.info("run %s: variables given that the routine does not declare: %s", run_id, sorted(unknown))
+        version = self.register(routine)
+        root.routine_id = f"{routine.name}@{version}"
+        plan = self.plans.get(routine.name, version)
 
         def insert_run(conn: Connection) -> None:
             conn.execute(
@@ -143,7 +150,7 @@ class RunEngine:
                 )
             )
 
-        root = self.store.create_context(init, also=insert_run)
+        root = self.store.create_context(root, also=insert_run)
         self.records.count_l3_write(run_id)
         versions = {"": root.version}
         self._dispatch(plan, run_id, routine.name, version, plan.start, versions, {"": root})

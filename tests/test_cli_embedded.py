@@ -116,3 +116,12 @@ def test_user_actions_run_and_their_errors_fail_the_run_without_leaking_secrets(
     assert "tok-SECRET-4242" not in done.stdout + done.stderr
     logs = "".join(path.read_text() for path in (data_dir / "logs").glob("worker-*.log"))
     assert "ValueError: cannot use token ***" in logs and "tok-SECRET-4242" not in logs
+
+
+@pytest.mark.embedded
+def test_a_variable_over_its_limit_is_refused_naming_the_variable_and_the_limit(data_dir: Path, tmp_path: Path) -> None:
+    routine = tmp_path / "small.yaml"
+    routine.write_text("name: small\nvariables: {a: 1}\nsteps: [{id: s, action: set, args: {name: b, value: 1}}]\n")
+    done = _runctx(data_dir, "run", str(routine), "--var", 'a="a value longer than ten bytes"', RUNCTX_MAX_VALUE_BYTES="10")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "runctx: variable 'a': max_value_bytes is 10, got 31"

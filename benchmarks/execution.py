@@ -101,6 +101,18 @@ def bench_invalidation(rounds: int) -> list[float]:
     return latencies
 
 
+def _remove_keys(redis_url: str, prefix: str) -> None:
+    """Drop the benchmark's Redis keys (runs stay in L3, as any run does)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for pattern in (f"{prefix}:*", f"_kombu.binding*.{prefix}.*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="runctx execution benchmark")
     parser.add_argument("--steps", type=int, default=1000)
@@ -122,6 +134,7 @@ def main() -> None:
             noop_rate = bench_noop(args.steps)
             routine_rate, l3_writes, elapsed = bench_routine(write_routine(Path(tmp), args.steps), args.steps)
             latencies = bench_invalidation(args.invalidations)
+        _remove_keys(servers.redis_url, settings.key_prefix)
 
     where = "embedded stack" if servers.embedded else "configured servers"
     print(f"runctx execution benchmark on {where}: {args.nodes} worker node(s) x {args.concurrency} process(es)")

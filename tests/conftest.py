@@ -163,6 +163,7 @@ def make_cluster(servers: Servers, template_database: str, tmp_path_factory: pyt
         _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         client = redis.Redis.from_url(servers.redis_url)
         keys = list(client.scan_iter(match=f"{cluster.prefix}*", count=1000))
+        keys += list(client.scan_iter(match=f"_kombu.binding*.{cluster.prefix}*", count=1000))  # its exchanges
         if keys:
             client.delete(*keys)
         client.close()

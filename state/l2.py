@@ -27,8 +27,8 @@ from state.models import RunContext
 T = TypeVar("T")
 
 # Compare-and-set of a context, scheduling of its write-behind and the invalidation broadcast, in one
-# atomic step. Returns {status, version}: status 2 = committed and newly pending for L3, 1 = committed,
-# 0 = stale write (version holds the current one), -1 = entry missing though a version was expected.
+# atomic step. Returns {status, version}: 1 = committed, 0 = stale write (version holds the current
+# one), -1 = entry missing though a version was expected.
 _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 local expected = tonumber(ARGV[1])
@@ -40,12 +40,10 @@ end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'c', ARGV[4], 'd', ARGV[3])
 redis.call('PERSIST', KEYS[1])
 local now = tonumber(ARGV[5])
-local status = 1
 local first = redis.call('HGET', KEYS[3], ARGV[8])
 if first == false then
   redis.call('HSET', KEYS[3], ARGV[8], ARGV[5])
   first = now
-  status = 2
 else
   first = tonumber(first)
 end
@@ -53,7 +51,7 @@ redis.call('ZADD', KEYS[2], math.min(now + tonumber(ARGV[6]), first + tonumber(A
 if ARGV[9] ~= '' then
   redis.call('PUBLISH', ARGV[9], cjson.encode({type = 'context', id = ARGV[8], version = tonumber(ARGV[2])}))
 end
-return {status, tonumber(ARGV[2])}
+return {1, tonumber(ARGV[2])}
 """
 
 # Fill from L3: never replaces a newer (or dirty) entry. Returns 1 if written.
@@ -73,6 +71,16 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('HDEL', KEYS[3], ARGV[3])
 if cur ~= false then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
+"""
+
+# Claim the flushes that are due: each is pushed ARGV[2] seconds ahead, so one process dispatches
+# it; if that process dies before the flush, it comes due again when the lease runs out.
+_CLAIM_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+end
+return ids
 """
 
 # Evict a context entry unless it is newer than ARGV[1] (-1: unconditionally).
@@ -121,6 +129,7 @@ class RedisTier:
         self._fill = client.register_script(_FILL)
         self._mark_flushed = client.register_script(_MARK_FLUSHED)
         self._evict = client.register_script(_EVICT)
+        self._claim_due = client.register_script(_CLAIM_DUE)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisTier":
@@ -162,11 +171,10 @@ class RedisTier:
 
     def commit_context(
         self, ctx: RunContext, *, expected_version: int, now: float, debounce_s: float, max_delay_s: float
-    ) -> int:
+    ) -> bool:
         """CAS ``ctx`` (already carrying its new version) over ``expected_version``; schedule its L3 write.
 
-        Returns 2 when this commit made the context pending for L3 (schedule a flush), 1 when it
-        already was, and 0 when the entry is missing (expired) though a version was expected: the
+        Returns False when the entry is missing (expired) though a version was expected: the
         caller refills it from L3 and tries again. Raises VersionConflict on a stale write.
         """
         payload = self.codec.dump_context(ctx)
@@ -182,7 +190,7 @@ class RedisTier:
         )
         if status == 0:
             raise VersionConflict("L2", key, expected_version, int(actual))
-        return max(status, 0)
+        return status == 1
 
     def fill_context(self, ctx: RunContext) -> bool:
         """Store a clean copy read from L3, unless L2 already holds that version or a newer one."""
@@ -221,13 +229,14 @@ class RedisTier:
     def drop_corrupt(self, context_id: str) -> None:
         self.evict_context(context_id)
 
-    def due_for_flush(self, now: float, limit: int = 100) -> list[str]:
-        ids = self._call(lambda: self.client.zrangebyscore(self._due_key, "-inf", now, start=0, num=limit))
-        return [raw.decode() for raw in ids]
-
     def due_time(self, context_id: str) -> float | None:
         """When a context's pending L3 write is due, or None if it has none."""
         return self._call(lambda: self.client.zscore(self._due_key, context_id))
+
+    def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]:
+        """The contexts whose L3 write is due, claimed for ``lease_s`` by the caller."""
+        ids = self._call(lambda: self._claim_due(keys=[self._due_key], args=[now, lease_s, limit]))
+        return [raw.decode() for raw in ids]
 
     def pending_flushes(self) -> int:
         return int(self._call(lambda: self.client.zcard(self._due_key)))

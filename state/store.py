@@ -40,12 +40,6 @@ class StoreStats:
     corruptions_healed: int = 0
 
 
-@dataclass(frozen=True)
-class Commit:
-    context: RunContext
-    flush_scheduled: bool  # this commit made the context pending for L3: a flush must be scheduled
-
-
 class TieredStore:
     def __init__(
         self,
@@ -164,15 +158,14 @@ class TieredStore:
         self.l1.put_context(ctx)
         return ctx
 
-    def commit(self, ctx: RunContext, *, expected_version: int) -> Commit:
+    def commit(self, ctx: RunContext, *, expected_version: int) -> RunContext:
         """Commit a changed context as version ``expected_version + 1`` (compare-and-set on L2).
 
         The store takes ownership of ``ctx``: do not change it afterwards. Raises VersionConflict
         when someone else committed first; the caller merges and retries.
         """
         ctx.version = expected_version + 1
-        status = self._commit_l2(ctx, expected_version)
-        if not status:
+        if not self._commit_l2(ctx, expected_version):
             # The L2 entry expired: refill it from L3, the version the caller started from must be there.
             base = self.l3.get_context(ctx.context_id)
             if base is None or base.version != expected_version:
@@ -181,14 +174,13 @@ class TieredStore:
                     "L2", self.l2.context_key(ctx.context_id), expected_version, base.version if base else None
                 )
             self.l2.fill_context(base)
-            status = self._commit_l2(ctx, expected_version)
-            if not status:
+            if not self._commit_l2(ctx, expected_version):
                 raise VersionConflict("L2", self.l2.context_key(ctx.context_id), expected_version, None)
         self.stats.l2_commits += 1
         self.l1.put_context(ctx)
-        return Commit(context=ctx, flush_scheduled=status == 2)
+        return ctx
 
-    def _commit_l2(self, ctx: RunContext, expected_version: int) -> int:
+    def _commit_l2(self, ctx: RunContext, expected_version: int) -> bool:
         try:
             return self.l2.commit_context(
                 ctx,
@@ -230,14 +222,6 @@ class TieredStore:
         if written:
             self.stats.l3_writes += 1
         return written
-
-    def flush_due(self, *, limit: int = 100, everything: bool = False) -> list[str]:
-        """Flush the contexts whose debounce window has passed (or all pending ones); returns their ids."""
-        now = float("inf") if everything else self.clock()
-        ids = self.l2.due_for_flush(now, limit)
-        for context_id in ids:
-            self.flush(context_id)
-        return ids
 
     # ---- invalidation -----------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ of the routine itself fail the run instead.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task, shared_task
@@ -60,16 +59,8 @@ def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, 
     **RETRY_OPTIONS,
 )
 def write_behind(self: Any, context_id: str) -> str:
-    """Flush a context to L3 once its debounce window has passed (idempotent: only newer versions are written)."""
-    runtime = _runtime()
-    due = runtime.store.l2.due_time(context_id)
-    if due is None:
-        return "clean"
-    delay = due - time.time()
-    if delay > 0.005:  # more changes came in and moved the deadline (never past the cap)
-        write_behind.apply_async(args=[context_id], countdown=delay)
-        return "rescheduled"
-    return "written" if runtime.engine.flush(context_id) else "unchanged"
+    """Write a context's newest L2 version to L3 in one transaction (idempotent: only a newer version is written)."""
+    return "written" if _runtime().engine.flush(context_id) else "unchanged"
 
 
 @shared_task(
@@ -94,9 +85,6 @@ def noop_chain(self: Any, remaining: int, done_key: str) -> None:
 class CeleryDispatcher:
     """Sends the engine's next pieces of work as Celery tasks, named for Flower by their step."""
 
-    def __init__(self, debounce_s: float) -> None:
-        self.debounce_s = debounce_s
-
     def step(self, message: StepMessage) -> None:
         step.apply_async(kwargs=message.as_kwargs(), shadow=f"{message.routine}: {message.step_id}")
 
@@ -104,4 +92,6 @@ class CeleryDispatcher:
         finalize.apply_async(kwargs=message.as_kwargs(), shadow=f"{message.routine}: finalize ({message.status})")
 
     def flush(self, context_id: str) -> None:
-        write_behind.apply_async(args=[context_id], countdown=self.debounce_s)
+        # Sent when due, not with a countdown: a worker holding ETA tasks raises its prefetch and
+        # would reserve steps that an idle worker could run.
+        write_behind.apply_async(args=[context_id], shadow=f"write-behind: {context_id}")

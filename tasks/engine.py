@@ -48,7 +48,6 @@ FINAL_STATUSES = ("succeeded", "failed")
 class Outcome:
     context: RunContext
     applied: bool  # False: the step had been applied already (a duplicate delivery)
-    flush_scheduled: bool = False
 
 
 def redact(text: str, ctx: RunContext) -> str:
@@ -180,8 +179,6 @@ class RunEngine:
             )
             self._fail(message, node, worker, f"step {node.step_id!r}: {exc}")
             return None
-        if outcome.flush_scheduled:
-            self.dispatcher.flush(outcome.context.context_id)
         if outcome.applied:
             self.records.finish_step(
                 message.run_id, node.step_id, status="succeeded", worker=worker, duration_s=time.perf_counter() - started
@@ -240,8 +237,7 @@ class RunEngine:
             mutate(working)
             working.applied_steps.append(step_id)
             try:
-                commit = self.store.commit(working, expected_version=latest.version)
-                return Outcome(commit.context, applied=True, flush_scheduled=commit.flush_scheduled)
+                return Outcome(self.store.commit(working, expected_version=latest.version), applied=True)
             except VersionConflict as conflict:
                 latest = self.store.get_context(ctx_id, at_least=max(conflict.actual or 0, latest.version + 1))
                 if step_id in latest.applied_steps:

@@ -24,8 +24,8 @@ from workers.control import ControlChannel
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_S = 0.5
-SWEEP_GRACE_S = 1.0  # a flush this overdue lost the task that should have done it
+FLUSH_POLL_S = 0.1  # how often each process looks for write-behinds whose debounce window has passed
+FLUSH_LEASE_S = 5.0  # a claimed flush whose task never ran comes due again after this
 
 
 class ProcessRuntime:
@@ -41,23 +41,23 @@ class ProcessRuntime:
         self.engine = RunEngine(
             self.store,
             self.records,
-            CeleryDispatcher(settings.write_behind_debounce_s),
+            CeleryDispatcher(),
             max_attempts=settings.step_max_attempts,
             limits=settings.resource_limits(),
         )
         self.control = ControlChannel(self.store)
         self.listener: ChangeListener | None = None
         self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
 
     def start_background(self) -> None:
-        """Subscribe to the control channel, listen to L3 change events, sweep overdue flushes."""
+        """Subscribe to the control channel, listen to L3 change events, dispatch due write-behinds."""
         self.control.start()
         self.listener = ChangeListener(
             self.database_url, self.control.relay_change, on_connected=self.store.l1.clear
         ).start(wait_s=0)
-        self._sweeper = threading.Thread(target=self._sweep, name="runctx-flush-sweeper", daemon=True)
-        self._sweeper.start()
+        self._flusher = threading.Thread(target=self._dispatch_due_flushes, name="runctx-write-behind", daemon=True)
+        self._flusher.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -65,13 +65,17 @@ class ProcessRuntime:
         if self.listener is not None:
             self.listener.stop()
 
-    def _sweep(self) -> None:
-        while not self._stop.wait(SWEEP_INTERVAL_S):
+    def _dispatch_due_flushes(self) -> None:
+        """The debounce of the write-behind: whichever process claims a due context sends its task.
+
+        The pending set is in Redis, so a flush scheduled by a process that died is sent by another.
+        """
+        while not self._stop.wait(FLUSH_POLL_S):
             try:
-                for context_id in self.store.l2.due_for_flush(time.time() - SWEEP_GRACE_S, limit=50):
-                    self.engine.flush(context_id)
+                for context_id in self.store.l2.claim_due(time.time(), lease_s=FLUSH_LEASE_S, limit=50):
+                    self.engine.dispatcher.flush(context_id)
             except Exception:
-                log.exception("flush sweep failed; trying again")
+                log.exception("dispatching due write-behinds failed; trying again")
 
 
 _runtime: ProcessRuntime | None = None

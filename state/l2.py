@@ -64,9 +64,14 @@ return 1
 """
 
 # After an L3 write of version ARGV[1]: if nothing newer was committed meanwhile, the entry is clean.
+# Otherwise the newer changes wait for a write of their own, their window starting now (ARGV[4]).
 _MARK_FLUSHED = """
 local cur = redis.call('HGET', KEYS[1], 'v')
-if cur ~= false and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+if cur ~= false and tonumber(cur) > tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[3])
+  return 0
+end
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('HDEL', KEYS[3], ARGV[3])
 if cur ~= false then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
@@ -204,13 +209,13 @@ class RedisTier:
             )
         )
 
-    def mark_flushed(self, context_id: str, version: int) -> bool:
-        """Unschedule the L3 write and start the TTL, unless a newer version came meanwhile."""
+    def mark_flushed(self, context_id: str, version: int, *, now: float, debounce_s: float) -> bool:
+        """Unschedule the L3 write and start the TTL; if a newer version came meanwhile, schedule it anew."""
         return bool(
             self._call(
                 lambda: self._mark_flushed(
                     keys=[self.context_key(context_id), self._due_key, self._first_key],
-                    args=[version, self.context_ttl_s, context_id],
+                    args=[version, self.context_ttl_s, context_id, now, debounce_s],
                 )
             )
         )

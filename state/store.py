@@ -214,14 +214,18 @@ class TieredStore:
             self.stats.corruptions_healed += 1
             return False
         if stored is None:
-            self.l2.mark_flushed(context_id, 0)  # nothing left to write
+            self.mark_flushed(context_id, 0)  # nothing left to write
             return False
         ctx = stored.context
         written = self.l3.run(f"flush context {context_id}", lambda conn: self.l3.save_context(conn, ctx))
-        self.l2.mark_flushed(context_id, ctx.version)
+        self.mark_flushed(context_id, ctx.version)
         if written:
             self.stats.l3_writes += 1
         return written
+
+    def mark_flushed(self, context_id: str, version: int) -> None:
+        """Record that L3 holds ``version`` (written by a flush or by a finalize)."""
+        self.l2.mark_flushed(context_id, version, now=self.clock(), debounce_s=self.config.write_behind_debounce_s)
 
     # ---- invalidation -----------------------------------------------------------------------
 

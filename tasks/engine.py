@@ -360,7 +360,7 @@ class RunEngine:
             return False
         self.records.count_l3_write(message.run_id)
         for ctx in contexts:
-            self.store.l2.mark_flushed(ctx.context_id, ctx.version)
+            self.store.mark_flushed(ctx.context_id, ctx.version)
         self.records.announce_done(message.run_id)
         return True
 

@@ -337,3 +337,17 @@ def test_a_plain_sql_edit_never_drops_acknowledged_changes_waiting_for_l3(store:
     store.flush(ctx.context_id)
     final = store.l3.get_context(ctx.context_id)
     assert (final.version, final.get("greeting")) == (3, "from-a-step")
+
+
+def test_changes_after_a_flushed_version_get_a_window_of_their_own(store: TieredStore) -> None:
+    ctx = new_context(store)
+    for n in (2, 3):
+        with store.edit(ctx.context_id) as working:
+            working.set_variable("n", n)
+    time.sleep(store.config.write_behind_max_delay_s + 0.05)  # the first change is long past its cap
+    store.mark_flushed(ctx.context_id, 2)  # as if a flush wrote version 2 while version 3 came in
+    now = time.time()
+    due = store.l2.due_time(ctx.context_id)
+    assert due is not None and now < due <= now + store.config.write_behind_debounce_s + 0.01
+    store.mark_flushed(ctx.context_id, 3)
+    assert store.l2.due_time(ctx.context_id) is None and store.l2.pending_flushes() == 0

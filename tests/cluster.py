@@ -73,6 +73,12 @@ class Cluster:
         self.nodes[short] = process
         return process
 
+    def start_nodes(self, *shorts: str, concurrency: int = 2, loglevel: str = "INFO") -> None:
+        """Start worker nodes and wait until every one of them (and each pool process) is ready."""
+        for short in shorts:
+            self.start_node(short, concurrency=concurrency, loglevel=loglevel)
+        self.wait_ready(*shorts)
+
     def wait_ready(self, *shorts: str, timeout_s: float = 60.0) -> None:
         """Every named node has logged 'ready' and each of its pool processes is subscribed."""
         deadline = time.monotonic() + timeout_s

@@ -15,9 +15,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.mark.parametrize("broker", BROKERS)
 def test_example_routine_runs_end_to_end_over_two_nodes(make_cluster, broker: str) -> None:
     cluster = make_cluster(broker)
-    cluster.start_node("n1", concurrency=1)
-    cluster.start_node("n2", concurrency=1)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=1)
     result = cluster.run(EXAMPLES / "onboarding.yaml")
     assert result["status"] == "succeeded", result
     assert result["variables"] == {

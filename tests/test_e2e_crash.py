@@ -134,9 +134,7 @@ def test_node_killed_mid_run_the_run_completes_as_without_a_kill(make_cluster, t
     routine, expected = sequence_routine("crash-mid-run", kinds)
     path = write(tmp_path / "mid-run.json", routine)
     cluster = make_cluster(broker, **CRASH_ENV)
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     client = redis.Redis.from_url(cluster.redis_url)
     app = control_app(cluster)
     store = cluster.store()
@@ -193,9 +191,7 @@ def test_all_nodes_killed_before_the_l3_flush_a_new_node_finishes_it(make_cluste
     cluster = make_cluster(
         broker, **CRASH_ENV, RUNCTX_WRITE_BEHIND_DEBOUNCE_S="5", RUNCTX_WRITE_BEHIND_MAX_DELAY_S="8"
     )
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     client = redis.Redis.from_url(cluster.redis_url)
     store = cluster.store()
     try:
@@ -247,9 +243,7 @@ def test_pool_child_killed_during_a_sleep_step_reruns_it_once(make_cluster, tmp_
     routine, expected = sequence_routine("crash-child", ["inc", "app", 2.0, "inc", "app"])
     path = write(tmp_path / "child.json", routine)
     cluster = make_cluster(broker, **CRASH_ENV)
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     client = redis.Redis.from_url(cluster.redis_url)
     app = control_app(cluster)
     store = cluster.store()

@@ -52,9 +52,7 @@ def _execute(database_url: str, sql: str, params: tuple[Any, ...]) -> int:
 @pytest.mark.slow
 def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> None:
     cluster = make_cluster("redis")
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     pool_pids = {pid for short in ("n1", "n2") for pid in cluster.pool_pids(short)}
     assert len(pool_pids) == PROCESSES
 
@@ -112,9 +110,7 @@ def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> 
 def test_every_process_drops_a_traced_configuration_within_a_second(make_cluster) -> None:
     """Configurations of kind TRACE_PREFIX record when each process dropped them: the exact latency."""
     cluster = make_cluster("redis")
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     kind, name = TRACE_PREFIX.split(":")[1], "latency"
     key = f"{TRACE_PREFIX}{name}"
     store = cluster.store()
@@ -156,9 +152,7 @@ def _finished_run_changed_by_sql(make_cluster, tmp_path: Path):
         "  - {id: s2, action: set, args: {name: y, value: before}}\n"
     )
     cluster = make_cluster("redis")
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     result = cluster.run(routine)
     assert result["status"] == "succeeded", result
     run_id = result["run_id"]

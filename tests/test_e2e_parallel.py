@@ -37,9 +37,7 @@ def _write_routine(path: Path) -> list[str]:
 def test_twenty_branches_of_fifty_increments_count_exactly_1000(make_cluster, tmp_path: Path, broker: str) -> None:
     step_ids = _write_routine(tmp_path / "parallel.json")
     cluster = make_cluster(broker)
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
 
     result = cluster.run(tmp_path / "parallel.json", timeout_s=180)
 

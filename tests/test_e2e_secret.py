@@ -151,9 +151,7 @@ steps:
 """
     )
     cluster = make_cluster("redis")
-    cluster.start_node("n1", concurrency=2, loglevel="DEBUG")
-    cluster.start_node("n2", concurrency=2, loglevel="DEBUG")
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2, loglevel="DEBUG")
 
     monitor = RedisMonitor(cluster.redis_url)
     try:

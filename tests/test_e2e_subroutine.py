@@ -88,9 +88,7 @@ def _run(cluster, path: Path) -> tuple[subprocess.CompletedProcess[str], dict[st
 @pytest.mark.slow
 def test_subroutine_merge_back_under_each_strategy(make_cluster, tmp_path: Path) -> None:
     cluster = make_cluster("redis")
-    cluster.start_node("n1", concurrency=2)
-    cluster.start_node("n2", concurrency=2)
-    cluster.wait_ready()
+    cluster.start_nodes("n1", "n2", concurrency=2)
     store = cluster.store()
     try:
         for case, (merge, merged) in CASES.items():

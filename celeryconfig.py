@@ -1,17 +1,21 @@
-"""Celery's settings for runctx workers and submitters; servers and names come from RUNCTX_* settings."""
+"""Celery's settings for runctx workers and submitters; servers and names come from RUNCTX_* settings.
+
+Importing this module starts nothing and migrates nothing (Flower and every worker process import
+it): the broker URL is computed, and a worker resolves its servers when it starts
+(`workers.celery_app`).
+"""
 
 from kombu import Exchange, Queue
 
-from runctx.servers import resolve
+from runctx.embedded import broker_url_for
 from state.settings import get_settings
 
 _settings = get_settings()
-_servers = resolve(_settings)  # the configured servers, or the embedded stack (started or joined)
 
 STEP_QUEUE = f"{_settings.key_prefix}.steps"
 PERSIST_QUEUE = f"{_settings.key_prefix}.persist"
 
-broker_url = _servers.broker_url
+broker_url = broker_url_for(_settings)
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     # Redis broker only: a message held by a worker whose main process died comes back after this

@@ -45,12 +45,14 @@ def bench_noop(steps: int) -> float:
     from runctx.api import Client
     from tasks.celery_tasks import noop_chain
 
-    client = Client().store.l2.client
-    done_key = f"{os.environ['RUNCTX_KEY_PREFIX']}:bench:noop:{uuid.uuid4().hex[:8]}"
+    l2 = Client().store.l2
+    done_run_id = f"bench-noop-{uuid.uuid4().hex[:8]}"  # the chain's last task announces this "run" done
     started = time.perf_counter()
-    noop_chain.apply_async(args=[steps, done_key])
-    if client.blpop([done_key], timeout=600) is None:
-        raise RuntimeError("no-op chain did not finish")
+    noop_chain.apply_async(args=[steps, done_run_id])
+    deadline = time.monotonic() + 600
+    while not l2.wait_done(done_run_id, timeout_s=1.0):
+        if time.monotonic() > deadline:
+            raise RuntimeError("no-op chain did not finish")
     return steps / (time.perf_counter() - started)
 
 
@@ -70,18 +72,19 @@ def bench_routine(path: Path, steps: int) -> tuple[float, int, float]:
 
 def bench_invalidation(rounds: int) -> list[float]:
     from runctx.api import Client
-    from state.change_events import libpq_url
-    from workers.control import TRACE_PREFIX, probe
+    from state.change_events import ChangeEvent, libpq_url
+    from state.keys import RedisKeys, config_key
+    from workers.control import TRACE_KIND, probe
 
     client = Client()
     store = client.store
     prefix = os.environ["RUNCTX_KEY_PREFIX"]
-    kind, name = TRACE_PREFIX.split(":")[1], "bench"
+    kind, name = TRACE_KIND, "bench"
     store.put_config(kind, name, {"round": 0})
     latencies = []
     with psycopg.connect(libpq_url(client.runtime.database_url)) as conn:
         for round_ in range(1, rounds + 1):
-            answers = probe(store.l2.client, prefix, f"config:{kind}:{name}", load=True)  # every process caches it
+            answers = probe(store.l2.client, prefix, config_key(kind, name), load=True)  # every process caches it
             with conn.transaction():
                 txid = conn.execute("SELECT txid_current()").fetchone()[0]
                 version = conn.execute(
@@ -89,8 +92,8 @@ def bench_invalidation(rounds: int) -> list[float]:
                     (psycopg.types.json.Jsonb({"round": round_}), kind, name),
                 ).fetchone()[0]
                 committed_at = time.time()  # the COMMIT is sent when this block ends
-            identity = f"{txid}:UPDATE:config:{kind}:{name}:{version}"
-            trace_key = f"{prefix}:trace:{identity}"
+            identity = ChangeEvent("configurations", "UPDATE", (kind, name), version, "", txid).identity
+            trace_key = RedisKeys(prefix).trace(identity)
             deadline = time.monotonic() + 5
             while store.l2.client.hlen(trace_key) < len(answers) and time.monotonic() < deadline:
                 time.sleep(0.0005)
@@ -123,7 +126,7 @@ def main() -> None:
 
     os.environ.setdefault("RUNCTX_KEY_PREFIX", f"bench{uuid.uuid4().hex[:6]}")
     from runctx.local_workers import LocalWorkers
-    from runctx.servers import embedded_released, resolve
+    from runctx.embedded import embedded_released, resolve
     from state.settings import get_settings
 
     settings = get_settings()

@@ -14,7 +14,8 @@ import statistics
 import time
 import uuid
 
-from runctx.servers import embedded_released, resolve
+from runctx.embedded import embedded_released, resolve
+from state.migrate import upgrade
 from state.models import RunContextInit
 from state.settings import get_settings
 from state.store import TieredStore
@@ -29,7 +30,8 @@ def measure(iterations: int, variables: int) -> dict[str, list[float]]:
     settings = get_settings()
     servers = resolve(settings)
     prefix = f"{settings.key_prefix}:bench:{uuid.uuid4().hex[:8]}"
-    store = TieredStore.connect(servers.redis_url, servers.database_url, prefix=prefix)
+    upgrade(servers.database_url)
+    store = TieredStore.connect(servers.redis_url, servers.database_url, config=settings.cache_config(), prefix=prefix)
     run_id = f"bench-{uuid.uuid4().hex[:12]}"
     values = {f"var_{i}": {"n": i, "text": "x" * 32} for i in range(variables)}
     ctx = store.create_context(RunContextInit(run_id=run_id, routine_id="bench", variables=values))

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from state.errors import NotFound
+from runctx.embedded import resolve
+from state.errors import NotFound, RunTimeout
+from state.migrate import upgrade
 from state.models import RunContext
-from tasks.engine import FINAL_STATUSES
+from state.tiers.contracts import FINAL_STATUSES
 from tasks.routine import Routine, load_routine
 
-
-class RunTimeout(TimeoutError):
-    pass
+__all__ = ["Client", "RunResult", "RunTimeout"]
 
 
 @dataclass
@@ -44,12 +44,17 @@ class RunResult:
 
 
 class Client:
-    """Submits runs through the Celery app configured by ``celeryconfig`` (RUNCTX_* settings)."""
+    """Submits runs through the Celery app configured by ``celeryconfig`` (RUNCTX_* settings).
+
+    Creating one resolves the servers (starting or joining the embedded stack if none is
+    configured) and brings the L3 schema up to date.
+    """
 
     def __init__(self) -> None:
         import workers  # noqa: F401  - configures the Celery app the dispatcher sends through
-        from workers.process_state import runtime
+        from workers.runtime import runtime
 
+        upgrade(resolve().database_url)
         self.runtime = runtime()
         self.engine = self.runtime.engine
         self.store = self.runtime.store
@@ -78,16 +83,15 @@ class Client:
         if row is None:
             raise NotFound(f"run {run_id!r} does not exist")
         context = self.context(run_id)
-        if row["status"] in FINAL_STATUSES:
-            meta = row["meta"] or {}
-            steps, l3_writes = meta.get("steps", []), meta.get("l3_writes", 0)
+        if row.status in FINAL_STATUSES:
+            steps, l3_writes = row.meta.get("steps", []), row.meta.get("l3_writes", 0)
         else:
-            summary = self.engine.records.summary(run_id)
+            summary = self.store.l2.run_summary(run_id)
             steps, l3_writes = summary["steps"], summary["l3_writes"]
         return RunResult(
             run_id=run_id,
-            status=row["status"],
-            error=row["error"],
+            status=row.status,
+            error=row.error,
             variables=context.masked_variables(),
             steps=steps,
             l3_writes=l3_writes,
@@ -100,12 +104,12 @@ class Client:
             row = self.engine.run_status(run_id)
             if row is None:
                 raise NotFound(f"run {run_id!r} does not exist")
-            if row["status"] in FINAL_STATUSES:
+            if row.status in FINAL_STATUSES:
                 return self.status(run_id)
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                raise RunTimeout(f"run {run_id} still {row['status']} after {timeout} s")
-            self.engine.records.wait_done(run_id, min(1.0, left))
+                raise RunTimeout(f"run {run_id} still {row.status} after {timeout} s")
+            self.store.l2.wait_done(run_id, min(1.0, left))
 
     def context(self, run_id: str) -> RunContext:
         """The run's root context: the newest version (this process's L1 copy may be older)."""

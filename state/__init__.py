@@ -1,16 +1,29 @@
 """The state domain of runctx: the RunContext model, conflict resolution, the three tiers and the tiered store.
 
-Knows nothing of Celery.
+The lowest layer: knows nothing of Celery, tasks or workers, and is the only place that speaks
+SQL (`tiers/postgres_l3.py`, `schema.py`, `migrations/`, `health.py`) or Lua (`tiers/lua/`).
+
+    models.py, conflicts.py, limits.py   the RunContext and its rules (pure)
+    errors.py                            every error runctx raises, in one tree
+    keys.py                              every Redis key and cache key name
+    codec.py                             values to bytes (L2) and documents (L3)
+    tiers/                               L1, L2, L3: contracts, real tiers, in-memory twins
+    store.py                             the tiered store over them
+    change_events.py                     L3 change events (LISTEN/NOTIFY)
+    settings.py                          RUNCTX_* settings
 """
 
 from state.conflicts import MergeResult, resolve_variable_conflicts
 from state.errors import (
     CommunicationFailure,
     ContextCorruption,
+    InfrastructureError,
     InvalidValue,
     LimitExceeded,
     MergeConflict,
     NotFound,
+    RequestError,
+    RoutineError,
     RunctxError,
     SensitivityViolation,
     Severity,
@@ -38,12 +51,15 @@ __all__ = [
     "DataSensitivity",
     "ExportDeclaration",
     "ExportDestination",
+    "InfrastructureError",
     "InvalidValue",
     "LimitExceeded",
     "MergeConflict",
     "MergeResult",
     "NotFound",
+    "RequestError",
     "ResourceLimits",
+    "RoutineError",
     "RunContext",
     "RunContextInit",
     "RunctxError",

@@ -15,40 +15,74 @@ from typing import Callable
 import psycopg
 from sqlalchemy.engine import make_url
 
+from state.keys import config_key, context_change_key, routine_key
 from state.schema import CHANGE_CHANNEL
 
 log = logging.getLogger(__name__)
 
 
+_KINDS = {"routines": "routine", "configurations": "config", "context_snapshots": "context"}
+
+
 @dataclass(frozen=True)
 class ChangeEvent:
+    """One committed change of a routine, configuration or context, as the L3 trigger reports it."""
+
     table: str
     op: str  # INSERT, UPDATE, DELETE
-    key: str  # routine:<name>, config:<kind>:<name>, context:<context_id>
+    ident: tuple[str, ...]  # the row's key columns: (name,), (kind, name) or (context_id,)
     version: int | None
     origin: str  # 'runctx' for runctx's own transactions, '' for anything else
     txid: int = 0  # the committing transaction: with key and op, tells one change from another
 
     @property
     def kind(self) -> str:
-        return self.key.split(":", 1)[0]
+        """routine, config or context."""
+        return _KINDS[self.table]
 
     @property
-    def ident(self) -> str:
-        return self.key.split(":", 1)[1]
+    def context_id(self) -> str:
+        return self.ident[0]
+
+    @property
+    def key(self) -> str:
+        """What changed, named as `state.keys` names it."""
+        if self.kind == "routine":
+            return routine_key(self.ident[0])
+        if self.kind == "config":
+            return config_key(*self.ident)
+        return context_change_key(self.ident[0])
+
+    @property
+    def cache_keys(self) -> list[str]:
+        """The L1/L2 cache keys this change makes stale (a routine: its newest and its own version)."""
+        if self.kind == "routine":
+            return [routine_key(self.ident[0]), routine_key(self.ident[0], self.version)]
+        if self.kind == "config":
+            return [config_key(*self.ident)]
+        return []
 
     @classmethod
     def parse(cls, payload: str) -> "ChangeEvent":
-        data = json.loads(payload)
-        version = data.get("version")
-        return cls(
-            table=data["table"],
-            op=data["op"],
-            key=data["key"],
-            version=None if version is None else int(version),
-            origin=data.get("origin") or "",
-            txid=int(data.get("txid") or 0),
-        )
+        """Parse a NOTIFY payload; ValueError for anything that is not a runctx change event."""
+        try:
+            data = json.loads(payload)
+            table, ident = data["table"], tuple(str(part) for part in data["ident"])
+            version = data.get("version")
+            event = cls(
+                table=table,
+                op=str(data["op"]),
+                ident=ident,
+                version=None if version is None else int(version),
+                origin=str(data.get("origin") or ""),
+                txid=int(data.get("txid") or 0),
+            )
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a change event: {exc}") from None
+        expected = 2 if table == "configurations" else 1
+        if table not in _KINDS or len(ident) != expected:
+            raise ValueError(f"not a change event of a runctx table: {table!r} {ident!r}")
+        return event
 
     @property
     def identity(self) -> str:
@@ -61,7 +95,12 @@ def libpq_url(database_url: str) -> str:
 
 
 class ChangeListener:
-    """A daemon thread holding one autocommit connection that LISTENs on the change channel."""
+    """A daemon thread holding one autocommit connection that LISTENs on the change channel.
+
+    Promises: any payload and any error is logged, never fatal (a failing handler or a lost
+    connection ends in a reconnect); ``on_connected`` runs after every (re)connection, since
+    nothing was kept for it while it was away.
+    """
 
     def __init__(
         self,
@@ -95,7 +134,8 @@ class ChangeListener:
 
     @property
     def connected(self) -> bool:
-        return self._ready.is_set()
+        """Listening now: connected, and its thread alive."""
+        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         backoff = 0.1
@@ -110,7 +150,7 @@ class ChangeListener:
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=self.poll_s):
                             self._dispatch(notify.payload)
-            except psycopg.Error as exc:
+            except Exception as exc:  # whatever happens, the listener lives on: it reconnects
                 self._ready.clear()
                 if self._stop.is_set():
                     return
@@ -121,7 +161,7 @@ class ChangeListener:
     def _dispatch(self, payload: str) -> None:
         try:
             event = ChangeEvent.parse(payload)
-        except (ValueError, KeyError) as exc:
+        except ValueError as exc:  # NOTIFY needs no privilege: anyone may send anything
             log.error("ignoring malformed change event %r: %s", payload[:200], exc)
             return
         try:

@@ -7,11 +7,32 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Mapping
+
+from pydantic import BaseModel
 
 from state.errors import InvalidValue, MergeConflict
 from state.limits import same_json
-from state.models import ConflictResolutionStrategy, VariableConflict
+
+
+class ConflictResolutionStrategy(str, Enum):
+    PARENT_WINS = "PARENT_WINS"
+    CHILD_WINS = "CHILD_WINS"
+    MERGE_OBJECTS = "MERGE_OBJECTS"
+    LAST_WRITER_WINS = "LAST_WRITER_WINS"
+    FAIL = "FAIL"
+
+
+class VariableConflict(BaseModel):
+    """A variable that differed on both sides of a merge, and how it was resolved."""
+
+    name: str
+    current_value: Any
+    incoming_value: Any
+    resolved_value: Any
+    strategy: ConflictResolutionStrategy
+
 
 Strategy = ConflictResolutionStrategy
 _MISSING = object()

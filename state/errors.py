@@ -1,15 +1,46 @@
-"""Typed errors of the state layer, each with a severity (design document: error handling)."""
+"""Every error runctx raises, in one tree. Library errors (redis-py, SQLAlchemy, psycopg, Celery) are
+mapped to these at the boundary where they happen; nothing above `state/` sees them.
+
+    RunctxError                    code, severity, message; never carries a variable's value
+    ├── InfrastructureError        a server or a transaction failed: the work is retried
+    │   ├── CommunicationFailure       Redis or PostgreSQL could not be reached
+    │   ├── TransactionFailed          an L3 transaction kept failing after its retries
+    │   ├── VersionConflict            a compare-and-set lost to another writer (merged and retried)
+    │   ├── ContextCorruption          a stored entry fails its checksum or shape (healed from L3)
+    │   ├── WorkersDidNotStart         local worker nodes did not come up
+    │   ├── EmbeddedStackError         the embedded Redis/PostgreSQL did not start
+    │   └── HealthCheckFailed          `runctx check` found a tier that does not do its job
+    ├── RoutineError               the routine, its input or its data is wrong: the run fails, no retry
+    │   ├── InvalidRoutine             a routine file that cannot run (file, path inside it, problem)
+    │   ├── InvalidValue               a name or value runctx cannot store
+    │   ├── LimitExceeded              a value or context over its ResourceLimits (variable, limit, size)
+    │   ├── SensitivityViolation       an attempt to lower a variable's sensitivity
+    │   ├── MergeConflict              variables that differ on both sides under the FAIL strategy
+    │   └── StepFailed                 a step's action failed (or was the `fail` action)
+    └── RequestError               what a caller asked for cannot be given
+        ├── NotFound                   no such run, context, routine or configuration
+        └── RunTimeout                 a run did not finish within the time a caller waited
+
+Which branch an error is on decides what happens to the work that raised it: Celery's autoretry
+retries ``InfrastructureError`` (see ``tasks.celery_tasks``), the engine fails the run on a
+``RoutineError``, and anything else a step raises is a bug that fails its run too. ``severity``
+decides the level an error is logged at (``log_error``).
+"""
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
-from typing import Any
 
 
 class Severity(str, Enum):
     WARNING = "warning"
     ERROR = "error"
     CRITICAL = "critical"
+
+    @property
+    def log_level(self) -> int:
+        return {"warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}[self.value]
 
 
 class RunctxError(Exception):
@@ -24,79 +55,24 @@ class RunctxError(Exception):
             self.severity = severity
 
 
-class LimitExceeded(RunctxError, ValueError):
-    """A value or context is larger than its ResourceLimits allow; nothing was changed."""
-
-    code = "LIMIT_EXCEEDED"
-
-    def __init__(self, variable: str, limit: str, size: int, maximum: int) -> None:
-        self.variable, self.limit, self.size, self.maximum = variable, limit, size, maximum
-        super().__init__(f"variable {variable!r}: {limit} is {maximum}, got {size}")
+def log_error(logger: logging.Logger, error: BaseException, context: str) -> None:
+    """Log ``context: error`` at the level the error's severity asks for (unexpected errors: ERROR)."""
+    if isinstance(error, RunctxError):
+        logger.log(error.severity.log_level, "%s: %s [%s]", context, error, error.code)
+    else:
+        logger.error("%s: %s: %s", context, type(error).__name__, error)
 
 
-class InvalidValue(RunctxError, ValueError):
-    """A variable name or value that runctx cannot store (not JSON, bad name, unknown scope...)."""
-
-    code = "INVALID_VALUE"
+# ---- infrastructure: retried ----------------------------------------------------------------------
 
 
-class SensitivityViolation(RunctxError, ValueError):
-    """An attempt to lower the sensitivity of a variable (e.g. in a child context)."""
+class InfrastructureError(RunctxError):
+    """A server or transaction failed; the same work may succeed when tried again."""
 
-    code = "SENSITIVITY_VIOLATION"
-
-
-class MergeConflict(RunctxError):
-    """A merge under the FAIL strategy met variables that differ on both sides."""
-
-    code = "MERGE_CONFLICT"
-
-    def __init__(self, variables: list[str]) -> None:
-        self.variables = variables
-        super().__init__(f"conflicting variables under FAIL strategy: {', '.join(variables)}")
+    code = "INFRASTRUCTURE"
 
 
-class VersionConflict(RunctxError):
-    """A compare-and-set was refused: someone else committed first. Resolve and retry."""
-
-    code = "VERSION_CONFLICT"
-    severity = Severity.WARNING
-
-    def __init__(self, tier: str, key: str, expected: int | None, actual: int | None) -> None:
-        self.tier, self.key, self.expected, self.actual = tier, key, expected, actual
-        super().__init__(f"{tier}: stale write to {key}: expected version {expected}, found {actual}")
-
-
-class NotFound(RunctxError, KeyError):
-    code = "NOT_FOUND"
-    severity = Severity.WARNING
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-class ContextCorruption(RunctxError):
-    """A stored entry whose checksum or shape is wrong; it is dropped and reloaded from L3."""
-
-    code = "CONTEXT_CORRUPTION"
-    severity = Severity.CRITICAL
-
-    def __init__(self, key: str, detail: str) -> None:
-        self.key, self.detail = key, detail
-        super().__init__(f"corrupt entry {key}: {detail}")
-
-
-class TransactionFailed(RunctxError):
-    """An L3 transaction that still failed after its retries."""
-
-    code = "TRANSACTION_FAILED"
-
-    def __init__(self, operation: str, attempts: int, cause: BaseException) -> None:
-        self.operation, self.attempts, self.cause = operation, attempts, cause
-        super().__init__(f"{operation} failed after {attempts} attempt(s): {cause}")
-
-
-class CommunicationFailure(RunctxError):
+class CommunicationFailure(InfrastructureError):
     """A tier (Redis or PostgreSQL) could not be reached."""
 
     code = "COMMUNICATION_FAILURE"
@@ -107,8 +83,129 @@ class CommunicationFailure(RunctxError):
         super().__init__(f"{tier} unreachable: {cause}")
 
 
-def describe(error: BaseException) -> dict[str, Any]:
-    """A loggable summary of an error (never includes variable values)."""
-    if isinstance(error, RunctxError):
-        return {"code": error.code, "severity": error.severity.value, "message": str(error)}
-    return {"code": "UNEXPECTED", "severity": Severity.ERROR.value, "message": f"{type(error).__name__}: {error}"}
+class TransactionFailed(InfrastructureError):
+    """An L3 transaction that still failed after its retries."""
+
+    code = "TRANSACTION_FAILED"
+
+    def __init__(self, operation: str, attempts: int, cause: BaseException) -> None:
+        self.operation, self.attempts, self.cause = operation, attempts, cause
+        super().__init__(f"{operation} failed after {attempts} attempt(s): {cause}")
+
+
+class VersionConflict(InfrastructureError):
+    """A compare-and-set was refused: someone else committed first. Resolve and retry."""
+
+    code = "VERSION_CONFLICT"
+    severity = Severity.WARNING
+
+    def __init__(self, tier: str, key: str, expected: int | None, actual: int | None) -> None:
+        self.tier, self.key, self.expected, self.actual = tier, key, expected, actual
+        super().__init__(f"{tier}: stale write to {key}: expected version {expected}, found {actual}")
+
+
+class ContextCorruption(InfrastructureError):
+    """A stored entry whose checksum or shape is wrong; it is dropped and reloaded from L3."""
+
+    code = "CONTEXT_CORRUPTION"
+    severity = Severity.CRITICAL
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key, self.detail = key, detail
+        super().__init__(f"corrupt entry {key}: {detail}")
+
+
+class WorkersDidNotStart(InfrastructureError):
+    """Worker nodes started for a command did not become ready."""
+
+    code = "WORKERS_DID_NOT_START"
+
+
+class EmbeddedStackError(InfrastructureError):
+    """The embedded stack could not be started (the message includes the server log tails)."""
+
+    code = "EMBEDDED_STACK"
+    severity = Severity.CRITICAL
+
+
+class HealthCheckFailed(InfrastructureError):
+    """A tier answered but did not do what the health check asked of it."""
+
+    code = "HEALTH_CHECK_FAILED"
+
+
+# ---- the routine: the run fails ---------------------------------------------------------------------
+
+
+class RoutineError(RunctxError):
+    """The routine, its input or its data is wrong; trying again would fail again."""
+
+    code = "ROUTINE_ERROR"
+
+
+class InvalidRoutine(RoutineError, ValueError):
+    """A routine file that cannot run; the message names the file, the path inside it and the problem."""
+
+    code = "INVALID_ROUTINE"
+
+
+class InvalidValue(RoutineError, ValueError):
+    """A variable name or value that runctx cannot store (not JSON, bad name, unknown scope...)."""
+
+    code = "INVALID_VALUE"
+
+
+class LimitExceeded(RoutineError, ValueError):
+    """A value or context is larger than its ResourceLimits allow; nothing was changed."""
+
+    code = "LIMIT_EXCEEDED"
+
+    def __init__(self, variable: str, limit: str, size: int, maximum: int) -> None:
+        self.variable, self.limit, self.size, self.maximum = variable, limit, size, maximum
+        super().__init__(f"variable {variable!r}: {limit} is {maximum}, got {size}")
+
+
+class SensitivityViolation(RoutineError, ValueError):
+    """An attempt to lower the sensitivity of a variable (e.g. in a child context)."""
+
+    code = "SENSITIVITY_VIOLATION"
+
+
+class MergeConflict(RoutineError):
+    """A merge under the FAIL strategy met variables that differ on both sides."""
+
+    code = "MERGE_CONFLICT"
+
+    def __init__(self, variables: list[str]) -> None:
+        self.variables = variables
+        super().__init__(f"conflicting variables under FAIL strategy: {', '.join(variables)}")
+
+
+class StepFailed(RoutineError):
+    """A step's action failed (or was the `fail` action): the run fails, the step is not retried."""
+
+    code = "STEP_FAILED"
+
+
+# ---- requests: what a caller asked for ----------------------------------------------------------------
+
+
+class RequestError(RunctxError):
+    """What a caller asked for cannot be given; nothing was changed."""
+
+    code = "REQUEST_ERROR"
+
+
+class NotFound(RequestError, KeyError):
+    code = "NOT_FOUND"
+    severity = Severity.WARNING
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class RunTimeout(RequestError, TimeoutError):
+    """A caller stopped waiting for a run; the run itself goes on."""
+
+    code = "RUN_TIMEOUT"
+    severity = Severity.WARNING

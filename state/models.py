@@ -14,6 +14,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from state.conflicts import ConflictResolutionStrategy, VariableConflict, resolve_variable_conflicts
 from state.errors import InvalidValue, LimitExceeded, SensitivityViolation
 from state.limits import check_name, json_size, same_json
 
@@ -45,14 +46,6 @@ class DataSensitivity(str, Enum):
 _SENSITIVITY_ORDER = [DataSensitivity.PUBLIC, DataSensitivity.INTERNAL, DataSensitivity.CONFIDENTIAL, DataSensitivity.SECRET]
 
 
-class ConflictResolutionStrategy(str, Enum):
-    PARENT_WINS = "PARENT_WINS"
-    CHILD_WINS = "CHILD_WINS"
-    MERGE_OBJECTS = "MERGE_OBJECTS"
-    LAST_WRITER_WINS = "LAST_WRITER_WINS"
-    FAIL = "FAIL"
-
-
 class ResourceLimits(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -63,17 +56,21 @@ class ResourceLimits(BaseModel):
 
 
 class StateCacheConfig(BaseModel):
-    """Sizes and lifetimes of the cache tiers."""
+    """Sizes, lifetimes and retries of the tiers; the one place their defaults are declared."""
 
     model_config = ConfigDict(frozen=True)
 
-    l1_contexts: int = Field(default=1000, ge=1)
-    l1_configs: int = Field(default=1000, ge=1)
-    l1_config_ttl_s: float = Field(default=30.0, gt=0)
-    l2_context_ttl_s: int = Field(default=900, ge=1)
-    l2_config_ttl_s: int = Field(default=3600, ge=1)
-    write_behind_debounce_s: float = Field(default=0.25, ge=0)
-    write_behind_max_delay_s: float = Field(default=2.0, ge=0)
+    l1_contexts: int = Field(default=1000, ge=1, description="contexts each process keeps in its LRU")
+    l1_configs: int = Field(default=1000, ge=1, description="routine definitions and configurations per process")
+    l1_config_ttl_s: float = Field(
+        default=30.0, gt=0, description="longest a process serves a configuration it missed an invalidation for"
+    )
+    l2_context_ttl_s: int = Field(default=900, ge=1, description="TTL of a clean context entry in Redis")
+    l2_config_ttl_s: int = Field(default=3600, ge=1, description="TTL of a routine or configuration in Redis")
+    write_behind_debounce_s: float = Field(default=0.25, ge=0, description="L3 write this long after the last change")
+    write_behind_max_delay_s: float = Field(default=2.0, ge=0, description="... but never later than this after the first")
+    l3_retry_attempts: int = Field(default=4, ge=1, description="tries of an L3 transaction on transient errors")
+    l3_retry_base_delay_s: float = Field(default=0.05, ge=0, description="first backoff between those tries")
 
 
 class ContextVariable(BaseModel):
@@ -101,16 +98,6 @@ class ExportDeclaration(BaseModel):
     @property
     def export_key(self) -> str:
         return self.key or self.variable
-
-
-class VariableConflict(BaseModel):
-    """A variable that differed on both sides of a merge, and how it was resolved."""
-
-    name: str
-    current_value: Any
-    incoming_value: Any
-    resolved_value: Any
-    strategy: ConflictResolutionStrategy
 
 
 class RunContextInit(BaseModel):
@@ -322,8 +309,6 @@ class RunContext(BaseModel):
         A conflict is a variable the child changed or added whose value differs from the one this
         context holds now. Under FAIL nothing is merged and MergeConflict names the variables.
         """
-        from state.conflicts import resolve_variable_conflicts
-
         if child.parent_id != self.context_id:
             raise InvalidValue(f"context {child.context_id} is not a child of {self.context_id}")
         incoming = child.child_changes()

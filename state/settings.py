@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import platformdirs
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from state.models import ResourceLimits, StateCacheConfig
@@ -14,6 +15,12 @@ from state.models import ResourceLimits, StateCacheConfig
 
 def _default_data_dir() -> Path:
     return platformdirs.user_data_path("runctx", appauthor=False)
+
+
+def _like(model: type[BaseModel], name: str, **extra: Any) -> Any:
+    """A settings field with the default and bounds the model declares: each default is declared once."""
+    field = model.model_fields[name]
+    return Field(default=field.default, description=field.description, **extra)
 
 
 class Settings(BaseSettings):
@@ -28,28 +35,26 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     key_prefix: str = Field(default="runctx", description="Prefix of every Redis key and channel runctx uses")
 
-    # L1 (per process)
-    l1_contexts: int = Field(default=1000, ge=1)
-    l1_configs: int = Field(default=1000, ge=1)
-    l1_config_ttl_s: float = Field(default=30.0, gt=0)
-
-    # L2 (Redis)
-    l2_context_ttl_s: int = Field(default=900, ge=1, description="TTL of a context entry in Redis")
-    l2_config_ttl_s: int = Field(default=3600, ge=1)
+    # L1 (per process) and L2 (Redis): StateCacheConfig declares the defaults.
+    l1_contexts: int = _like(StateCacheConfig, "l1_contexts", ge=1)
+    l1_configs: int = _like(StateCacheConfig, "l1_configs", ge=1)
+    l1_config_ttl_s: float = _like(StateCacheConfig, "l1_config_ttl_s", gt=0)
+    l2_context_ttl_s: int = _like(StateCacheConfig, "l2_context_ttl_s", ge=1)
+    l2_config_ttl_s: int = _like(StateCacheConfig, "l2_config_ttl_s", ge=1)
 
     # L3 (PostgreSQL)
-    l3_retry_attempts: int = Field(default=4, ge=1)
-    l3_retry_base_delay_s: float = Field(default=0.05, ge=0)
+    l3_retry_attempts: int = _like(StateCacheConfig, "l3_retry_attempts", ge=1)
+    l3_retry_base_delay_s: float = _like(StateCacheConfig, "l3_retry_base_delay_s", ge=0)
 
     # Write-behind L2 -> L3: debounce window and the longest a change may wait.
-    write_behind_debounce_s: float = Field(default=0.25, ge=0)
-    write_behind_max_delay_s: float = Field(default=2.0, ge=0)
+    write_behind_debounce_s: float = _like(StateCacheConfig, "write_behind_debounce_s", ge=0)
+    write_behind_max_delay_s: float = _like(StateCacheConfig, "write_behind_max_delay_s", ge=0)
 
-    # Default resource limits of a RunContext.
-    max_variables: int = Field(default=10_000, ge=1)
-    max_value_bytes: int = Field(default=1 << 20, ge=1)
-    max_context_bytes: int = Field(default=16 << 20, ge=1)
-    max_child_depth: int = Field(default=16, ge=0)
+    # Resource limits of a RunContext: ResourceLimits declares the defaults.
+    max_variables: int = _like(ResourceLimits, "max_variables", ge=1)
+    max_value_bytes: int = _like(ResourceLimits, "max_value_bytes", ge=1)
+    max_context_bytes: int = _like(ResourceLimits, "max_context_bytes", ge=1)
+    max_child_depth: int = _like(ResourceLimits, "max_child_depth", ge=0)
 
     # Celery
     visibility_timeout_s: int = Field(
@@ -58,27 +63,10 @@ class Settings(BaseSettings):
     step_max_attempts: int = Field(default=5, ge=1)
 
     def cache_config(self) -> StateCacheConfig:
-        return StateCacheConfig(
-            l1_contexts=self.l1_contexts,
-            l1_configs=self.l1_configs,
-            l1_config_ttl_s=self.l1_config_ttl_s,
-            l2_context_ttl_s=self.l2_context_ttl_s,
-            l2_config_ttl_s=self.l2_config_ttl_s,
-            write_behind_debounce_s=self.write_behind_debounce_s,
-            write_behind_max_delay_s=self.write_behind_max_delay_s,
-        )
+        return StateCacheConfig(**{name: getattr(self, name) for name in StateCacheConfig.model_fields})
 
     def resource_limits(self) -> ResourceLimits:
-        return ResourceLimits(
-            max_variables=self.max_variables,
-            max_value_bytes=self.max_value_bytes,
-            max_context_bytes=self.max_context_bytes,
-            max_child_depth=self.max_child_depth,
-        )
-
-    def broker(self, redis_url: str) -> str:
-        """The broker URL: the configured one, else the (possibly embedded) Redis."""
-        return self.broker_url or redis_url
+        return ResourceLimits(**{name: getattr(self, name) for name in ResourceLimits.model_fields})
 
 
 @lru_cache(maxsize=1)

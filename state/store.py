@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Connection
-
 from state.change_events import ChangeEvent
-from state.errors import ContextCorruption, NotFound, VersionConflict
-from state.l1 import ConfigEntry, LocalCache
-from state.l2 import RedisTier
-from state.l3 import PostgresTier
+from state.errors import ContextCorruption, InvalidValue, NotFound, TransactionFailed, VersionConflict, log_error
+from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.settings import Settings
+from state.tiers.contracts import ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow
+from state.tiers.local import LocalCache
 
 log = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 200  # a step's compare-and-set may lose this many times to concurrent writers
+
+
+@dataclass(frozen=True)
+class StepCommit:
+    """The context after a step's commit, and whether this commit applied the step."""
+
+    context: RunContext
+    applied: bool  # False: the step had been applied already (a duplicate delivery)
 
 
 @dataclass
@@ -41,58 +50,58 @@ class StoreStats:
 
 
 class TieredStore:
+    """The one way runctx reads and writes state: owns a process's view of the three tiers.
+
+    Promises: a read never returns a context older than the version asked for (an older copy in
+    a faster tier is a miss); a commit is a compare-and-set on L2, so no update is lost; every
+    committed change reaches L3 by the write-behind, whichever process does it; a corrupt L2 entry
+    is dropped and reloaded from L3, never served.
+    """
+
     def __init__(
         self,
-        l1: LocalCache,
-        l2: RedisTier,
-        l3: PostgresTier,
+        l1: L1Tier,
+        l2: L2Tier,
+        l3: L3Tier,
         *,
-        config: StateCacheConfig | None = None,
+        config: StateCacheConfig,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.l1, self.l2, self.l3 = l1, l2, l3
-        self.config = config or StateCacheConfig()
+        self.config = config
         self.clock = clock
         self.stats = StoreStats()
 
     @classmethod
-    def connect(
-        cls,
-        redis_url: str,
-        database_url: str,
-        *,
-        config: StateCacheConfig | None = None,
-        prefix: str = "runctx",
-        l1: LocalCache | None = None,
-    ) -> "TieredStore":
-        config = config or StateCacheConfig()
+    def connect(cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str) -> "TieredStore":
+        """A store on a real Redis and PostgreSQL."""
+        from state.tiers.postgres_l3 import PostgresTier
+        from state.tiers.redis_l2 import RedisTier
+
         return cls(
-            l1 or LocalCache(config),
-            RedisTier.from_url(
-                redis_url, prefix=prefix, context_ttl_s=config.l2_context_ttl_s, config_ttl_s=config.l2_config_ttl_s
-            ),
-            PostgresTier.from_url(database_url),
+            LocalCache(config),
+            RedisTier.from_url(redis_url, prefix=prefix, config=config),
+            PostgresTier.from_url(database_url, config=config),
             config=config,
         )
 
     @classmethod
     def from_settings(cls, settings: Settings, redis_url: str, database_url: str) -> "TieredStore":
         """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries)."""
-        config = settings.cache_config()
-        return cls(
-            LocalCache(config),
-            RedisTier.from_url(
-                redis_url, prefix=settings.key_prefix, context_ttl_s=config.l2_context_ttl_s, config_ttl_s=config.l2_config_ttl_s
-            ),
-            PostgresTier.from_url(
-                database_url, retry_attempts=settings.l3_retry_attempts, retry_base_delay_s=settings.l3_retry_base_delay_s
-            ),
-            config=config,
-        )
+        return cls.connect(redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix)
+
+    @classmethod
+    def in_memory(cls, *, config: StateCacheConfig | None = None, prefix: str = "mem") -> "TieredStore":
+        """A store on the in-memory twins of L2 and L3: one process, no servers (engine tests)."""
+        from state.tiers.memory_l2 import MemoryL2
+        from state.tiers.memory_l3 import MemoryL3
+
+        config = config or StateCacheConfig()
+        return cls(LocalCache(config), MemoryL2(prefix=prefix, config=config), MemoryL3(), config=config)
 
     def close(self) -> None:
-        self.l2.client.close()
-        self.l3.engine.dispose()
+        self.l2.close()
+        self.l3.close()
 
     # ---- reading contexts -------------------------------------------------------------------
 
@@ -126,8 +135,8 @@ class TieredStore:
             stored = self.l2.get_context(context_id)
         except ContextCorruption as exc:
             # The authoritative copy is in L3: drop the bad entry and let the read go on down.
-            log.error("%s; dropping it and reloading from L3", exc)
-            self.l2.drop_corrupt(context_id)
+            log_error(log, exc, "dropping it and reloading from L3")
+            self.l2.evict_context(context_id)
             self.l1.evict_context(context_id)
             self.stats.corruptions_healed += 1
             return None
@@ -135,24 +144,19 @@ class TieredStore:
 
     # ---- writing contexts -------------------------------------------------------------------
 
-    def create_context(
-        self, init: RunContextInit | RunContext, *, also: Callable[[Connection], None] | None = None
-    ) -> RunContext:
+    def create_context(self, init: RunContextInit | RunContext, *, run: RunRow | None = None) -> RunContext:
         """Create a context at version 1, durably: L3 first (refusing an existing id), then L2 and L1.
 
-        ``also`` runs in the same L3 transaction (e.g. inserting the run the context belongs to).
+        With ``run``, the run's ledger row is inserted in the same L3 transaction (a root context).
         """
         ctx = RunContext.from_init(init) if isinstance(init, RunContextInit) else init
         if ctx.version != 0:
-            raise ValueError(f"context {ctx.context_id} was already committed (version {ctx.version})")
+            raise InvalidValue(f"context {ctx.context_id} was already committed (version {ctx.version})")
         ctx.version = 1
-
-        def work(conn: Connection) -> None:
-            self.l3.save_context(conn, ctx, expected_version=0)
-            if also is not None:
-                also(conn)
-
-        self.l3.run(f"create context {ctx.context_id}", work)
+        if run is None:
+            self.l3.create_context(ctx)
+        else:
+            self.l3.create_run(run, ctx)
         self.stats.l3_writes += 1
         self.l2.fill_context(ctx)
         self.l1.put_context(ctx)
@@ -170,12 +174,10 @@ class TieredStore:
             base = self.l3.get_context(ctx.context_id)
             if base is None or base.version != expected_version:
                 self.stats.conflicts += 1
-                raise VersionConflict(
-                    "L2", self.l2.context_key(ctx.context_id), expected_version, base.version if base else None
-                )
+                raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, base.version if base else None)
             self.l2.fill_context(base)
             if not self._commit_l2(ctx, expected_version):
-                raise VersionConflict("L2", self.l2.context_key(ctx.context_id), expected_version, None)
+                raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, None)
         self.stats.l2_commits += 1
         self.l1.put_context(ctx)
         return ctx
@@ -194,6 +196,31 @@ class TieredStore:
             self.l1.evict_context(ctx.context_id, up_to_version=expected_version)
             raise
 
+    def commit_step(
+        self, context_id: str, base: RunContext, step_id: str, mutate: Callable[[RunContext], None]
+    ) -> StepCommit:
+        """Apply a step's changes (``mutate``) with its id in ``applied_steps``, as one compare-and-set.
+
+        A refused write (another writer committed first) is re-applied to the newer version; a step
+        whose id is already there (a duplicate delivery) changes nothing. ``base`` is the version
+        the step read.
+        """
+        if step_id in base.applied_steps:
+            return StepCommit(base, applied=False)
+        latest = base
+        for attempt in range(COMMIT_ATTEMPTS):
+            working = latest.working_copy()
+            mutate(working)
+            working.applied_steps.append(step_id)
+            try:
+                return StepCommit(self.commit(working, expected_version=latest.version), applied=True)
+            except VersionConflict as conflict:
+                latest = self.get_context(context_id, at_least=max(conflict.actual or 0, latest.version + 1))
+                if step_id in latest.applied_steps:
+                    return StepCommit(latest, applied=False)
+                time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
+        raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
+
     @contextlib.contextmanager
     def edit(self, context_id: str, *, at_least: int = 0) -> Iterator[RunContext]:
         """A private copy to change; committed as one compare-and-set when the block ends without error."""
@@ -209,15 +236,15 @@ class TieredStore:
         try:
             stored = self.l2.get_context(context_id)
         except ContextCorruption as exc:
-            log.error("%s; dropping it, L3 keeps the last good version", exc)
-            self.l2.drop_corrupt(context_id)
+            log_error(log, exc, "dropping it, L3 keeps the last good version")
+            self.l2.evict_context(context_id)
             self.stats.corruptions_healed += 1
             return False
         if stored is None:
             self.mark_flushed(context_id, 0)  # nothing left to write
             return False
         ctx = stored.context
-        written = self.l3.run(f"flush context {context_id}", lambda conn: self.l3.save_context(conn, ctx))
+        written = self.l3.write_context(ctx)
         self.mark_flushed(context_id, ctx.version)
         if written:
             self.stats.l3_writes += 1
@@ -226,6 +253,29 @@ class TieredStore:
     def mark_flushed(self, context_id: str, version: int) -> None:
         """Record that L3 holds ``version`` (written by a flush or by a finalize)."""
         self.l2.mark_flushed(context_id, version, now=self.clock(), debounce_s=self.config.write_behind_debounce_s)
+
+    # ---- the run ledger ---------------------------------------------------------------------------
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        meta: dict[str, Any],
+        contexts: list[RunContext],
+        exports: list[ExportRecord],
+    ) -> bool:
+        """Final contexts, exports and status in one L3 transaction; False if the run was final already."""
+        finished = self.l3.finish_run(run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports)
+        if finished:
+            self.stats.l3_writes += 1
+            for ctx in contexts:
+                self.mark_flushed(ctx.context_id, ctx.version)
+        return finished
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        return self.l3.get_run(run_id)
 
     # ---- invalidation -----------------------------------------------------------------------
 
@@ -238,10 +288,9 @@ class TieredStore:
         if event.kind == "context":
             if event.origin == "runctx":
                 return  # runctx wrote L3 from L2: L2 is already as new as this
-            self._reconcile_sql_change(event.ident, event.version or 0)
+            self._reconcile_sql_change(event.context_id, event.version or 0)
         else:
-            keys = [event.key] if event.kind == "config" else [event.key, f"{event.key}@{event.version}"]
-            for key in keys:
+            for key in event.cache_keys:
                 self.l2.evict_config(key)
                 self.l1.evict_config(key)
 
@@ -257,7 +306,7 @@ class TieredStore:
             try:
                 stored = self.l2.get_context(context_id)
             except ContextCorruption:
-                self.l2.drop_corrupt(context_id)
+                self.l2.evict_context(context_id)
                 break
             if stored is None or stored.version > l3_version:
                 break
@@ -288,7 +337,7 @@ class TieredStore:
         try:
             entry = self.l2.get_config(key)
         except ContextCorruption as exc:
-            log.error("%s; reloading from L3", exc)
+            log_error(log, exc, "reloading from L3")
             self.stats.corruptions_healed += 1
             entry = None
         if entry is not None:
@@ -303,23 +352,29 @@ class TieredStore:
         return entry
 
     def get_config(self, kind: str, name: str) -> ConfigEntry:
-        return self._cached_config(f"config:{kind}:{name}", lambda: self.l3.get_config(kind, name))
+        return self._cached_config(config_key(kind, name), lambda: self.l3.get_config(kind, name))
 
     def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
         version = self.l3.put_config(kind, name, data, expected_version=expected_version)
-        self._forget_config(f"config:{kind}:{name}")
+        self._forget_config(config_key(kind, name))
         return version
 
     def get_routine(self, name: str, version: int | None = None) -> ConfigEntry:
-        """A routine definition: the newest (cached as ``routine:<name>``) or one version (``routine:<name>@<v>``)."""
-        if version is None:
-            return self._cached_config(f"routine:{name}", lambda: self.l3.get_routine(name))
-        return self._cached_config(f"routine:{name}@{version}", lambda: self.l3.get_routine(name, version))
+        """A routine definition: the newest or one stored version."""
+        return self._cached_config(routine_key(name, version), lambda: self.l3.get_routine(name, version))
 
     def put_routine(self, name: str, definition: Any) -> int:
         version = self.l3.put_routine(name, definition)
-        self._forget_config(f"routine:{name}")
+        self._forget_config(routine_key(name))
         return version
+
+    def get_cached(self, key: str) -> ConfigEntry:
+        """A routine or configuration by its cache key (see `state.keys`)."""
+        parsed = CacheKey.parse(key)
+        if parsed.kind == "routine":
+            return self.get_routine(parsed.name, parsed.version)
+        assert parsed.config_kind is not None
+        return self.get_config(parsed.config_kind, parsed.name)
 
     def _forget_config(self, key: str) -> None:
         # The change event does this for every process; doing it here too gives read-after-write.

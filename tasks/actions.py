@@ -13,16 +13,10 @@ from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from state.errors import RunctxError
+from state.errors import StepFailed
 from tasks.changes import Change, ContextView
 
 Action = Callable[[ContextView, dict[str, Any]], "list[Change] | Mapping[str, Any] | None"]
-
-
-class StepFailed(RunctxError):
-    """A step's action failed (or was the `fail` action): the run fails, the step is not retried."""
-
-    code = "STEP_FAILED"
 
 
 class _Args(BaseModel):

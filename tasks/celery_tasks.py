@@ -1,43 +1,53 @@
 """The Celery tasks: a step, the debounced write-behind, and the transactional persist of a finished run.
 
-Each is thin: it hands its message to the process's RunEngine. Infrastructure failures (a tier
-unreachable, an L3 transaction that kept failing) are retried by Celery with backoff; failures
-of the routine itself fail the run instead.
+Each is thin: it hands its message to this process's RunEngine, which the worker layer provides
+(`provide_engine`; `workers.runtime` registers one per pool process, so this module never imports
+upward). The error tree decides what Celery does: an ``InfrastructureError`` is retried with
+backoff, a ``RoutineError`` has already failed the run inside the engine, and a step task that
+fails for good (retries used up, or a bug) fails its run in ``on_failure``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from celery import Task, shared_task
 
-from state.errors import CommunicationFailure, TransactionFailed
+from state.errors import InfrastructureError
 from state.settings import get_settings
+from tasks.engine import RunEngine
 from tasks.messages import FinalizeMessage, StepMessage
 
 _settings = get_settings()
 
 # Infrastructure failures are retried by Celery with exponential backoff and jitter.
 RETRY_OPTIONS: dict[str, Any] = {
-    "autoretry_for": (CommunicationFailure, TransactionFailed),
+    "autoretry_for": (InfrastructureError,),
     "retry_backoff": 0.5,
     "retry_backoff_max": 30,
     "retry_jitter": True,
 }
 
+_engine_provider: Callable[[], RunEngine] | None = None
 
-def _runtime():
-    from workers.process_state import runtime
 
-    return runtime()
+def provide_engine(provider: Callable[[], RunEngine]) -> None:
+    """Tell the tasks how to get this process's engine (the worker layer does, when it is imported)."""
+    global _engine_provider
+    _engine_provider = provider
+
+
+def _engine() -> RunEngine:
+    if _engine_provider is None:
+        raise RuntimeError("no engine: import `workers` (the Celery app) before running runctx tasks")
+    return _engine_provider()
 
 
 class StepTask(Task):
     """A step task that failed for good (retries used up, or a bug) fails its run instead of leaving it running."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
-        message = StepMessage(**kwargs)
-        _runtime().engine.fail_run(message, f"step {message.step_id!r} could not run: {type(exc).__name__}: {exc}")
+        _engine().step_failed_for_good(StepMessage(**kwargs), exc)
 
 
 @shared_task(
@@ -49,7 +59,7 @@ class StepTask(Task):
 )
 def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "") -> None:
     message = StepMessage(run_id, routine, routine_version, node, versions, step_id)
-    _runtime().engine.execute_step(message, task_id=self.request.id, worker=self.request.hostname or "?")
+    _engine().execute_step(message, task_id=self.request.id, worker=self.request.hostname or "?")
 
 
 @shared_task(
@@ -60,7 +70,7 @@ def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, 
 )
 def write_behind(self: Any, context_id: str) -> str:
     """Write a context's newest L2 version to L3 in one transaction (idempotent: only a newer version is written)."""
-    return "written" if _runtime().engine.flush(context_id) else "unchanged"
+    return "written" if _engine().flush(context_id) else "unchanged"
 
 
 @shared_task(
@@ -70,16 +80,16 @@ def write_behind(self: Any, context_id: str) -> str:
     **RETRY_OPTIONS,
 )
 def finalize(self: Any, run_id: str, routine: str, routine_version: int, versions: dict[str, int], status: str, error: str | None = None) -> bool:
-    return _runtime().engine.finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error))
+    return _engine().finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error))
 
 
 @shared_task(name="runctx.noop_chain", bind=True)
-def noop_chain(self: Any, remaining: int, done_key: str) -> None:
+def noop_chain(self: Any, remaining: int, done_run_id: str) -> None:
     """Benchmark baseline: a no-op that dispatches the next one, the way a step dispatches its successor."""
     if remaining > 1:
-        noop_chain.apply_async(args=[remaining - 1, done_key])
+        noop_chain.apply_async(args=[remaining - 1, done_run_id])
     else:
-        _runtime().store.l2.client.rpush(done_key, "1")
+        _engine().store.l2.announce_done(done_run_id)
 
 
 class CeleryDispatcher:

@@ -1,65 +1,30 @@
-"""The run state machine (Tier 2) and step execution (Tier 3), independent of Celery.
+"""The run state machine (Tier 2): submit a run, move it along step by step, fail it or finish it.
 
-A run advances without the process that submitted it: the worker that finishes a node works
-out what comes next and dispatches it. Each step's changes are committed with the step's id in
-the context's ``applied_steps`` (one compare-and-set), so a step that runs twice applies once.
+A run advances without the process that submitted it: the worker that finishes a node works out
+what comes next (`tasks.advance`) and dispatches it through a `Dispatcher` (Celery, or the
+in-process one of `tasks.in_process`). Steps themselves run in `tasks.steps`; every read and
+write goes through the `TieredStore`, so this module speaks neither SQL nor Redis.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from sqlalchemy import Connection, select, text
-from sqlalchemy.dialects.postgresql import insert
-
-from state.errors import (
-    InvalidValue,
-    LimitExceeded,
-    MergeConflict,
-    NotFound,
-    SensitivityViolation,
-    TransactionFailed,
-    VersionConflict,
-)
+from state.errors import NotFound, RoutineError, VersionConflict, log_error
+from state.keys import context_id, run_of_context
 from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
-from state.schema import blackboard_entries, exports, runs
-from state.store import TieredStore
-from tasks.actions import StepFailed, run_action
-from tasks.changes import ContextView, apply_changes
+from state.store import StepCommit, TieredStore
+from state.tiers.contracts import ExportRecord, RunRow
+from tasks.advance import next_work
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
-from tasks.plan import Node, Plan, compile_plan, context_id
-from tasks.records import RunRecords
+from tasks.plan import Node, Plan, compile_plan
 from tasks.routine import Routine, parse_routine
+from tasks.steps import StepExecutor
 
 log = logging.getLogger(__name__)
-
-# Errors that come from the routine itself: the run fails, retrying would not help.
-STEP_ERRORS = (StepFailed, InvalidValue, LimitExceeded, MergeConflict, SensitivityViolation)
-COMMIT_ATTEMPTS = 200
-FINAL_STATUSES = ("succeeded", "failed")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    context: RunContext
-    applied: bool  # False: the step had been applied already (a duplicate delivery)
-
-
-def redact(text: str, ctx: RunContext) -> str:
-    """Hide the values of confidential and secret variables wherever they appear in a text."""
-    for name, value in {**ctx.intermediate, **ctx.variables}.items():
-        if ctx.sensitivity_of(name).masked and isinstance(value, (str, int, float)) and len(str(value)) >= 3:
-            text = text.replace(str(value), "***")
-    return text
-
-
-class _AlreadyFinal(Exception):
-    """Rolls back a finalize transaction that found the run finished already."""
 
 
 class PlanCache:
@@ -82,21 +47,28 @@ class PlanCache:
 
 
 class RunEngine:
+    """The run state machine of one process: owns its plan cache; state lives in the store.
+
+    Promises: a run and its root context are created in one L3 transaction; each step applies
+    once however often its message is delivered; a step is started at most ``max_attempts``
+    times; a routine error fails the run (once: the first failure finalizes it); finalize writes
+    the final contexts, exports and status in one transaction, and a second finalize changes nothing.
+    """
+
     def __init__(
         self,
         store: TieredStore,
-        records: RunRecords,
         dispatcher: Dispatcher,
         *,
-        max_attempts: int = 5,
+        max_attempts: int,
         limits: ResourceLimits | None = None,
     ) -> None:
         self.store = store
-        self.records = records
         self.dispatcher = dispatcher
         self.max_attempts = max_attempts
         self.limits = limits or ResourceLimits()
         self.plans = PlanCache(store)
+        self.steps = StepExecutor(store)
 
     # ---- submitting ---------------------------------------------------------------------------
 
@@ -137,31 +109,21 @@ class RunEngine:
         version = self.register(routine)
         root.routine_id = f"{routine.name}@{version}"
         plan = self.plans.get(routine.name, version)
-
-        def insert_run(conn: Connection) -> None:
-            conn.execute(
-                insert(runs).values(
-                    run_id=run_id,
-                    routine_name=routine.name,
-                    routine_version=version,
-                    root_context_id=run_id,
-                    status="running",
-                )
-            )
-
-        root = self.store.create_context(root, also=insert_run)
-        self.records.count_l3_write(run_id)
-        versions = {"": root.version}
-        self._dispatch(plan, run_id, routine.name, version, plan.start, versions, {"": root})
+        run = RunRow(
+            run_id=run_id, routine_name=routine.name, routine_version=version, root_context_id=run_id, status="running"
+        )
+        root = self.store.create_context(root, run=run)
+        self.store.l2.count_l3_write(run_id)
+        self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root})
         return run_id
 
     # ---- executing a step ---------------------------------------------------------------------
 
-    def execute_step(self, message: StepMessage, *, task_id: str, worker: str) -> Outcome | None:
+    def execute_step(self, message: StepMessage, *, task_id: str, worker: str) -> StepCommit | None:
         """Run one step message. Returns None when the step was skipped (run failed, attempts used up)."""
         plan = self.plans.get(message.routine, message.routine_version)
         node = plan.node(message.node)
-        start = self.records.start_step(message.run_id, task_id, node.step_id)
+        start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
         if start.run_failed:
             return None
         if start.attempt > self.max_attempts:
@@ -169,18 +131,15 @@ class RunEngine:
             return None
         started = time.perf_counter()
         try:
-            if node.kind == "action":
-                outcome = self._apply_action(message, node)
-            else:
-                outcome = self._merge_child(message, node)
-        except STEP_ERRORS as exc:
-            self.records.finish_step(
+            outcome = self.steps.run(message, node)
+        except RoutineError as exc:
+            self.store.l2.finish_step(
                 message.run_id, node.step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started
             )
-            self._fail(message, node, worker, f"step {node.step_id!r}: {exc}")
+            self._fail(message, node, worker, f"step {node.step_id!r}: {exc}", exc)
             return None
         if outcome.applied:
-            self.records.finish_step(
+            self.store.l2.finish_step(
                 message.run_id, node.step_id, status="succeeded", worker=worker, duration_s=time.perf_counter() - started
             )
         # A duplicate message stops here; a redelivered one re-dispatches in case its first run died before that.
@@ -191,59 +150,6 @@ class RunEngine:
                 {node.context: outcome.context},
             )
         return outcome
-
-    def _apply_action(self, message: StepMessage, node: Node) -> Outcome:
-        ctx_id = context_id(message.run_id, node.context)
-        base = self.store.get_context(ctx_id, at_least=message.versions.get(node.context, 1))
-        if node.step_id in base.applied_steps:
-            return Outcome(base, applied=False)
-        assert node.action is not None and node.concurrency is not None
-        try:
-            changes = run_action(node.action, ContextView(base), node.args)
-        except STEP_ERRORS:
-            raise
-        except Exception as exc:  # a user action's own error fails the run; its text may quote values
-            raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
-        concurrency = node.concurrency
-
-        def mutate(working: RunContext) -> None:
-            apply_changes(
-                working, changes, base=base, default=concurrency.default, per_variable=concurrency.variables, now=time.time()
-            )
-
-        return self._commit(ctx_id, base, node.step_id, mutate)
-
-    def _merge_child(self, message: StepMessage, node: Node) -> Outcome:
-        assert node.child_context is not None and node.merge is not None
-        parent_id = context_id(message.run_id, node.context)
-        parent = self.store.get_context(parent_id, at_least=message.versions.get(node.context, 1))
-        if node.step_id in parent.applied_steps:
-            return Outcome(parent, applied=False)
-        child_id = context_id(message.run_id, node.child_context)
-        child = self.store.get_context(child_id, at_least=message.versions.get(node.child_context, 1))
-        merge = node.merge
-
-        def mutate(working: RunContext) -> None:
-            conflicts = working.merge_child(child, default=merge.default, per_variable=merge.variables)
-            for conflict in conflicts:  # names and strategies only: values may be sensitive
-                log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
-
-        return self._commit(parent_id, parent, node.step_id, mutate)
-
-    def _commit(self, ctx_id: str, latest: RunContext, step_id: str, mutate: Callable[[RunContext], None]) -> Outcome:
-        """Compare-and-set the step's changes; on a refused write, reapply them to the newer version."""
-        for attempt in range(COMMIT_ATTEMPTS):
-            working = latest.working_copy()
-            mutate(working)
-            working.applied_steps.append(step_id)
-            try:
-                return Outcome(self.store.commit(working, expected_version=latest.version), applied=True)
-            except VersionConflict as conflict:
-                latest = self.store.get_context(ctx_id, at_least=max(conflict.actual or 0, latest.version + 1))
-                if step_id in latest.applied_steps:
-                    return Outcome(latest, applied=False)
-                time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
-        raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
 
     # ---- what comes next ----------------------------------------------------------------------
 
@@ -257,49 +163,15 @@ class RunEngine:
         versions: dict[str, int],
         contexts: dict[str, RunContext],
     ) -> None:
-        for target, target_versions in self._expand(plan, run_id, index, versions, contexts):
-            if target is None:
-                self.dispatcher.finalize(
-                    FinalizeMessage(run_id, routine, routine_version, target_versions, status="succeeded")
-                )
-            else:
-                node = plan.node(target)
-                self.dispatcher.step(
-                    StepMessage(run_id, routine, routine_version, target, target_versions, step_id=node.step_id)
-                )
+        def create_child(node: Node, parent: RunContext) -> RunContext:
+            return self._create_child(plan, run_id, node, parent)
 
-    def _expand(
-        self,
-        plan: Plan,
-        run_id: str,
-        index: int | None,
-        versions: dict[str, int],
-        contexts: dict[str, RunContext],
-    ) -> list[tuple[int | None, dict[str, int]]]:
-        """The real steps (or None: finalize) that follow, resolving forks, joins and child starts."""
-        if index is None:
-            return []
-        node = plan.node(index)
-        if node.kind in ("action", "child_end"):
-            return [(index, dict(versions))]
-        if node.kind == "finish":
-            return [(None, dict(versions))]
-        if node.kind == "fork":
-            targets = []
-            for start in node.branch_starts:
-                targets += self._expand(plan, run_id, start, versions, contexts)
-            return targets
-        if node.kind == "join":
-            ctx = contexts[node.context]  # the branch end that just committed did so in this context
-            if not plan.is_done(index, set(ctx.applied_steps)):
-                return []
-            return self._expand(plan, run_id, node.next, versions, contexts)
-        # child_start
-        assert node.child_context is not None
-        child = self._create_child(plan, run_id, node, contexts[node.context])
-        contexts = {**contexts, node.child_context: child}
-        versions = {**versions, node.child_context: child.version}
-        return self._expand(plan, run_id, node.next, versions, contexts)
+        for work in next_work(plan, index, versions, contexts, create_child):
+            if work.node is None:
+                self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, work.versions, status="succeeded"))
+            else:
+                step_id = plan.node(work.node).step_id
+                self.dispatcher.step(StepMessage(run_id, routine, routine_version, work.node, work.versions, step_id=step_id))
 
     def _create_child(self, plan: Plan, run_id: str, node: Node, parent: RunContext) -> RunContext:
         assert node.child_context is not None
@@ -311,20 +183,28 @@ class RunEngine:
                 child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
         try:
             created = self.store.create_context(child)
-            self.records.count_l3_write(run_id)
+            self.store.l2.count_l3_write(run_id)
             return created
         except VersionConflict:  # created by an earlier delivery of this message
             return self.store.get_context(child.context_id)
 
     # ---- failing and finishing ----------------------------------------------------------------
 
-    def _fail(self, message: StepMessage, node: Node, worker: str, error: str) -> None:
-        log.warning("run %s failed at %s on %s: %s", message.run_id, node.step_id, worker, error)
+    def _fail(self, message: StepMessage, node: Node, worker: str, error: str, cause: BaseException | None = None) -> None:
+        if cause is not None:
+            log_error(log, cause, f"run {message.run_id} failed at {node.step_id} on {worker}")
+        else:
+            log.warning("run %s failed at %s on %s: %s", message.run_id, node.step_id, worker, error)
         self.fail_run(message, error)
+
+    def step_failed_for_good(self, message: StepMessage, error: BaseException) -> None:
+        """A step task that cannot run (retries used up, or a bug) fails its run instead of leaving it running."""
+        log_error(log, error, f"run {message.run_id}: step {message.step_id!r} could not run")
+        self.fail_run(message, f"step {message.step_id!r} could not run: {type(error).__name__}: {error}")
 
     def fail_run(self, message: StepMessage, error: str) -> None:
         """Fail the run of ``message`` (once: the first failure finalizes it)."""
-        if self.records.mark_failed(message.run_id, error):
+        if self.store.l2.mark_failed(message.run_id, error):
             self.dispatcher.finalize(
                 FinalizeMessage(
                     message.run_id, message.routine, message.routine_version, dict(message.versions), "failed", error
@@ -335,34 +215,16 @@ class RunEngine:
         """Final contexts, exports and the run's status in one L3 transaction; False if already final."""
         plan = self.plans.get(message.routine, message.routine_version)
         contexts = self._final_contexts(plan, message)
-        root = contexts[0]
-        summary = self.records.summary(message.run_id)
+        summary = self.store.l2.run_summary(message.run_id)
         meta = {"steps": summary["steps"], "l3_writes": summary["l3_writes"] + 1}
-
-        def work(conn: Connection) -> None:
-            finished = conn.execute(
-                runs.update()
-                .where(runs.c.run_id == message.run_id, runs.c.status.notin_(FINAL_STATUSES))
-                .values(status=message.status, error=message.error, meta=meta, finished_at=text("now()"), updated_at=text("now()"))
-                .returning(runs.c.run_id)
-            ).first()
-            if finished is None:
-                raise _AlreadyFinal()
-            for ctx in contexts:
-                self.store.l3.save_context(conn, ctx)
-            if message.status == "succeeded":
-                self._write_exports(conn, root)
-
-        try:
-            self.store.l3.run(f"finalize run {message.run_id}", work)
-        except _AlreadyFinal:
-            self.records.announce_done(message.run_id)
-            return False
-        self.records.count_l3_write(message.run_id)
-        for ctx in contexts:
-            self.store.mark_flushed(ctx.context_id, ctx.version)
-        self.records.announce_done(message.run_id)
-        return True
+        exports = export_records(contexts[0]) if message.status == "succeeded" else []
+        finished = self.store.finish_run(
+            message.run_id, status=message.status, error=message.error, meta=meta, contexts=contexts, exports=exports
+        )
+        if finished:
+            self.store.l2.count_l3_write(message.run_id)
+        self.store.l2.announce_done(message.run_id)
+        return finished
 
     def _final_contexts(self, plan: Plan, message: FinalizeMessage) -> list[RunContext]:
         """The run's contexts as they are now, the root first (children that never started are skipped)."""
@@ -376,45 +238,34 @@ class RunEngine:
                     raise
         return contexts
 
-    def _write_exports(self, conn: Connection, root: RunContext) -> None:
-        for declaration in root.exports:
-            if declaration.variable not in root.variables:
-                log.warning("run %s: export of %r skipped: no such variable", root.run_id, declaration.variable)
-                continue
-            value = root.variables[declaration.variable]
-            sensitivity = root.sensitivity_of(declaration.variable).value
-            if declaration.destination is ExportDestination.BLACKBOARD:
-                statement = insert(blackboard_entries).values(
-                    scope=declaration.scope, key=declaration.export_key, value=value, sensitivity=sensitivity,
-                    run_id=root.run_id, version=1,
-                )
-                conn.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=[blackboard_entries.c.scope, blackboard_entries.c.key],
-                        set_={
-                            "value": statement.excluded.value,
-                            "sensitivity": statement.excluded.sensitivity,
-                            "run_id": statement.excluded.run_id,
-                            "version": blackboard_entries.c.version + 1,
-                            "updated_at": text("now()"),
-                        },
-                    )
-                )
-            else:
-                statement = insert(exports).values(
-                    run_id=root.run_id, variable=declaration.variable, key=declaration.export_key,
-                    scope=declaration.scope, value=value, sensitivity=sensitivity,
-                )
-                conn.execute(statement.on_conflict_do_nothing())
-
     # ---- write-behind ---------------------------------------------------------------------------
 
     def flush(self, context_id_: str) -> bool:
         written = self.store.flush(context_id_)
         if written:
-            self.records.count_l3_write(context_id_.split("/", 1)[0])
+            self.store.l2.count_l3_write(run_of_context(context_id_))
         return written
 
-    def run_status(self, run_id: str) -> dict[str, Any] | None:
-        row = self.store.l3.read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first())
-        return None if row is None else dict(row)
+    def run_status(self, run_id: str) -> RunRow | None:
+        return self.store.get_run(run_id)
+
+
+def export_records(root: RunContext) -> list[ExportRecord]:
+    """What a finished run exports: each declared variable the root context holds."""
+    records = []
+    for declaration in root.exports:
+        if declaration.variable not in root.variables:
+            log.warning("run %s: export of %r skipped: no such variable", root.run_id, declaration.variable)
+            continue
+        records.append(
+            ExportRecord(
+                destination=ExportDestination(declaration.destination).value,
+                run_id=root.run_id,
+                variable=declaration.variable,
+                key=declaration.export_key,
+                scope=declaration.scope,
+                value=root.variables[declaration.variable],
+                sensitivity=root.sensitivity_of(declaration.variable).value,
+            )
+        )
+    return records

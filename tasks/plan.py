@@ -57,10 +57,6 @@ class Plan:
         return [node for node in self.nodes if node.kind in REAL_KINDS]
 
 
-def context_id(run_id: str, path: str) -> str:
-    return run_id if not path else f"{run_id}/{path}"
-
-
 def compile_plan(routine: Routine) -> Plan:
     nodes: list[Node] = []
     contexts: dict[str, str] = {"": routine.name}

@@ -9,18 +9,12 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from state.errors import RunctxError
-from tasks.actions import check_action
+from state.errors import InvalidRoutine
 from state.limits import NAME_PATTERN
 from state.models import ConflictResolutionStrategy, DataSensitivity, ExportDestination
+from tasks.actions import check_action
 
 STEP_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$"
-
-
-class InvalidRoutine(RunctxError, ValueError):
-    """A routine file that cannot run; the message names the file, the path inside it and the problem."""
-
-    code = "INVALID_ROUTINE"
 
 
 class _Strict(BaseModel):

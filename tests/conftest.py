@@ -129,7 +129,7 @@ BROKERS = ["redis"] + (["amqp"] if os.environ.get("RUNCTX_TEST_AMQP_URL") else [
 
 
 def _broker_url(servers: Servers, broker: str) -> str:
-    from runctx.servers import celery_broker_url
+    from runctx.embedded import celery_broker_url
 
     if broker == "amqp":
         return os.environ["RUNCTX_TEST_AMQP_URL"]

@@ -8,7 +8,7 @@ import time
 import psycopg
 
 from state.change_events import ChangeListener, libpq_url
-from state.l1 import ConfigEntry
+from state.tiers.contracts import ConfigEntry
 from state.models import RunContextInit
 from state.store import TieredStore
 from workers.control import ControlChannel, probe
@@ -27,7 +27,7 @@ def test_commits_by_another_process_evict_older_l1_copies(store: TieredStore, ma
     ctx = store.create_context(RunContextInit(run_id="r1", routine_id="x", variables={"n": 1}))
     reader = make_store()
     reader.get_context(ctx.context_id)
-    channel = ControlChannel(reader).start()
+    channel = ControlChannel(reader, reader.l2).start()
     try:
         assert channel.subscribed.wait(5)
         with store.edit(ctx.context_id) as working:  # the commit's Lua script broadcasts version 2
@@ -42,7 +42,7 @@ def test_commits_by_another_process_evict_older_l1_copies(store: TieredStore, ma
 
 
 def test_a_process_that_resubscribes_clears_its_l1(store: TieredStore) -> None:
-    channel = ControlChannel(store).start()
+    channel = ControlChannel(store, store.l2).start()
     try:
         assert channel.subscribed.wait(5)
         store.l1.put_config(ConfigEntry(key="config:bot:a", version=1, data={}))
@@ -60,7 +60,7 @@ def test_a_process_that_resubscribes_clears_its_l1(store: TieredStore) -> None:
 def test_l3_events_are_relayed_once_and_reach_every_subscribed_process(store: TieredStore, make_store, database_url: str) -> None:
     store.put_config("bot", "helper", {"model": "small"})
     others = [make_store() for _ in range(3)]
-    channels = [ControlChannel(other, identity=f"process-{i}").start() for i, other in enumerate(others)]
+    channels = [ControlChannel(other, other.l2, identity=f"process-{i}").start() for i, other in enumerate(others)]
     listeners = [ChangeListener(database_url, channel.relay_change).start() for channel in channels]
     try:
         assert all(channel.subscribed.wait(5) for channel in channels)

@@ -111,11 +111,8 @@ def assert_applied_once(store, run_id: str, routine: dict[str, Any], expected: d
 
 
 def _run_status(store, run_id: str) -> str:
-    from sqlalchemy import select
-
-    from state.schema import runs
-
-    return store.l3.read(lambda conn: conn.execute(select(runs.c.status).where(runs.c.run_id == run_id)).scalar())
+    run = store.get_run(run_id)
+    return None if run is None else run.status
 
 
 def wait_no_pending_flush(store, timeout_s: float = 20.0) -> None:

@@ -160,7 +160,7 @@ def _finished_run_changed_by_sql(make_cluster, tmp_path: Path):
     store = cluster.store()
     client = redis.Redis.from_url(cluster.redis_url)
     try:
-        ctx_key = store.l2.context_key(run_id)
+        ctx_key = store.l2.keys.context(run_id)
         assert client.exists(ctx_key), "the finished run's context should be cached in L2"
         cached = store.l2.get_context(run_id)
         assert cached is not None and cached.context.variables == {"x": 2, "y": "before"}

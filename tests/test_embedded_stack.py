@@ -18,8 +18,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from runctx import _supervisor as sup
-from runctx.embedded import EmbeddedStack, EmbeddedStackError, admin_database_url
+from runctx.embedded import EmbeddedStack, admin_database_url
+from runctx.embedded import supervisor as sup
+from state.errors import EmbeddedStackError
 
 pytestmark = [pytest.mark.embedded, pytest.mark.timeout(120)]
 

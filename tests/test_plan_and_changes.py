@@ -8,8 +8,9 @@ from state.errors import InvalidValue
 from state.models import ConflictResolutionStrategy as S
 from state.models import DataSensitivity, RunContext
 from tasks.changes import Change, ContextView, apply_changes
-from tasks.engine import redact
-from tasks.plan import compile_plan, context_id
+from tasks.steps import redact
+from state.keys import context_id
+from tasks.plan import compile_plan
 from tasks.routine import InvalidRoutine, parse_routine
 
 ROUTINE = {

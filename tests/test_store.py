@@ -10,8 +10,9 @@ import pytest
 
 from state.change_events import ChangeEvent, ChangeListener, libpq_url
 from state.errors import CommunicationFailure, NotFound, TransactionFailed, VersionConflict
-from state.l2 import RedisTier
-from state.l3 import PostgresTier
+from state.models import StateCacheConfig
+from state.tiers.postgres_l3 import PostgresTier
+from state.tiers.redis_l2 import RedisTier
 from state.models import DataSensitivity, RunContextInit
 from state.store import TieredStore
 
@@ -94,15 +95,13 @@ def test_stale_compare_and_set_is_refused_in_l3(store: TieredStore) -> None:
     stale = ctx.model_copy(deep=True)
     stale.set_variable("n", 99)
     stale.version = 5
-    with pytest.raises(VersionConflict) as refused:
-        store.l3.run("test", lambda conn: store.l3.save_context(conn, stale, expected_version=4))
-    assert (refused.value.tier, refused.value.expected, refused.value.actual) == ("L3", 4, 1)
-    with pytest.raises(VersionConflict):  # creating an existing context is refused too
-        store.l3.run("test", lambda conn: store.l3.save_context(conn, stale, expected_version=0))
+    with pytest.raises(VersionConflict) as refused:  # creating an existing context is refused
+        store.l3.create_context(stale)
+    assert (refused.value.tier, refused.value.expected, refused.value.actual) == ("L3", 0, 1)
     # The write-behind rule: an older version never replaces a newer one.
     older = ctx.model_copy(deep=True)
     older.version = 0
-    assert store.l3.run("test", lambda conn: store.l3.save_context(conn, older)) is False
+    assert store.l3.write_context(older) is False
     assert store.l3.get_context(ctx.context_id).get("n") == 1
 
 
@@ -114,7 +113,7 @@ def test_write_behind_coalesces_many_commits_into_one_l3_write(store: TieredStor
             working.set_variable("n", n)
     assert store.l3.context_version(ctx.context_id) == 1  # nothing written to L3 yet
     assert store.l2.pending_flushes() == 1
-    assert store.l2.client.ttl(store.l2.context_key(ctx.context_id)) == -1  # dirty: never expires
+    assert store.l2.client.ttl(store.l2.keys.context(ctx.context_id)) == -1  # dirty: never expires
 
     time.sleep(store.config.write_behind_debounce_s + 0.05)
     flusher = make_store()  # any process can do the flush
@@ -125,7 +124,7 @@ def test_write_behind_coalesces_many_commits_into_one_l3_write(store: TieredStor
     assert store.l3.get_context(ctx.context_id).get("n") == 11
     assert store.l3.context_version(ctx.context_id) == 11
     assert store.l2.pending_flushes() == 0
-    assert 0 < store.l2.client.ttl(store.l2.context_key(ctx.context_id)) <= store.config.l2_context_ttl_s
+    assert 0 < store.l2.client.ttl(store.l2.keys.context(ctx.context_id)) <= store.config.l2_context_ttl_s
 
 
 def test_debounce_is_capped_by_max_delay(store: TieredStore) -> None:
@@ -150,7 +149,7 @@ def test_commit_after_l2_expiry_refills_from_l3(store: TieredStore) -> None:
 
 def test_corrupt_l2_entry_is_detected_and_healed_from_l3(store: TieredStore, make_store) -> None:
     ctx = new_context(store, greeting="hello")
-    key = store.l2.context_key(ctx.context_id)
+    key = store.l2.keys.context(ctx.context_id)
     store.l2.client.hset(key, "d", b'{"context_id": "tampered"')
     reader = make_store()
     got, tier = reader.read_context(ctx.context_id)
@@ -256,7 +255,7 @@ def test_routine_versions(store: TieredStore) -> None:
 
 def test_transient_l3_failures_are_retried_then_raised(store: TieredStore, database_url: str) -> None:
     ctx = new_context(store)
-    l3 = PostgresTier.from_url(database_url, retry_attempts=3, retry_base_delay_s=0.01)
+    l3 = PostgresTier.from_url(database_url, config=StateCacheConfig(l3_retry_attempts=3, l3_retry_base_delay_s=0.01))
     attempts = []
 
     def update_locked_row(conn):
@@ -274,9 +273,9 @@ def test_transient_l3_failures_are_retried_then_raised(store: TieredStore, datab
 
 def test_unreachable_tiers_raise_communication_failure() -> None:
     with pytest.raises(CommunicationFailure) as l2_down:
-        RedisTier.from_url("redis://127.0.0.1:1/0").get_context("x")
+        RedisTier.from_url("redis://127.0.0.1:1/0", prefix="x", config=StateCacheConfig()).get_context("x")
     assert l2_down.value.tier.startswith("L2") and l2_down.value.severity.value == "critical"
-    l3 = PostgresTier.from_url("postgresql+psycopg://postgres@127.0.0.1:1/none", retry_attempts=1)
+    l3 = PostgresTier.from_url("postgresql+psycopg://postgres@127.0.0.1:1/none", config=StateCacheConfig(l3_retry_attempts=1))
     with pytest.raises(CommunicationFailure) as l3_down:
         l3.get_context("x")
     assert l3_down.value.tier.startswith("L3")

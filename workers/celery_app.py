@@ -1,9 +1,29 @@
-"""The Celery app: `celery -A workers worker` finds it as ``workers.app``."""
+"""The Celery app: `celery -A workers worker` finds it as ``workers.app``.
+
+A worker node resolves its servers when it starts (``celeryd_init``, in its main process, before
+any pool process forks): it starts or joins the embedded stack if no URL is configured and brings
+the L3 schema up to date. Importing the app does neither.
+"""
+
+from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init
+
+from runctx.embedded import resolve
+from state.migrate import upgrade
 
 app = Celery("runctx")
 app.config_from_object("celeryconfig")
 
-# Importing the signal handlers connects them: every pool process gets its own runtime.
-import workers.process_state  # noqa: E402,F401
+# Importing the runtime connects its signal handlers (every pool process gets its own runtime)
+# and gives the tasks their engine.
+import workers.runtime  # noqa: E402,F401
+
+
+@celeryd_init.connect
+def _resolve_servers(conf: Any = None, **_: Any) -> None:
+    servers = resolve()
+    upgrade(servers.database_url)
+    if conf is not None:
+        conf.broker_url = servers.broker_url

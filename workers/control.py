@@ -27,12 +27,15 @@ import redis
 
 from state.change_events import ChangeEvent
 from state.errors import NotFound
+from state.keys import RedisKeys, config_key
 from state.limits import canonical_json
 from state.store import TieredStore
+from state.tiers.redis_l2 import RedisTier
 
 log = logging.getLogger(__name__)
 
-TRACE_PREFIX = "config:runctx-trace:"  # changes to these configurations record when each process drops them
+TRACE_KIND = "runctx-trace"  # changes to configurations of this kind record when each process drops them
+TRACE_PREFIX = config_key(TRACE_KIND, "")
 REPLY_TTL_S = 60
 
 
@@ -41,11 +44,18 @@ def process_identity() -> str:
 
 
 class ControlChannel:
-    def __init__(self, store: TieredStore, *, identity: str | None = None) -> None:
+    """One process's end of the control channel: owns its subscription thread.
+
+    Promises: every invalidation it receives evicts this process's L1 copy (never a newer one);
+    after any (re)subscription its L1 is empty, since what was published meanwhile is lost; each
+    L3 change event is relayed (L2 eviction + broadcast) by exactly one process that received it.
+    """
+
+    def __init__(self, store: TieredStore, redis_tier: RedisTier, *, identity: str | None = None) -> None:
         self.store = store
-        self.client: redis.Redis = store.l2.client
-        self.prefix = store.l2.prefix
-        self.channel = store.l2.control_channel
+        self.client: redis.Redis = redis_tier.client
+        self.keys: RedisKeys = redis_tier.keys
+        self.channel = self.keys.control_channel
         self.identity = identity or process_identity()
         self.subscribed = threading.Event()
         self._stop = threading.Event()
@@ -60,15 +70,19 @@ class ControlChannel:
         """Turn an L3 change event into an L2 eviction and a broadcast; one process relays each event."""
         if event.kind == "context" and event.origin == "runctx":
             return  # runctx's own write-behind: its commit already broadcast the version
-        if not self.client.set(f"{self.prefix}:ev:{event.identity}", 1, nx=True, px=60_000):
+        if not self.client.set(self.keys.relayed_event(event.identity), 1, nx=True, px=60_000):
             return  # another process (every worker listens to L3) relays this one
         self.store.handle_change(event)
         if event.kind == "context":
-            self.publish({"type": "context", "id": event.ident, "version": event.version or 0})
+            self.publish({"type": "context", "id": event.context_id, "version": event.version or 0})
         else:
-            keys = [event.key] if event.kind == "config" else [event.key, f"{event.key}@{event.version}"]
             self.publish(
-                {"type": "config", "keys": keys, "identity": event.identity, "trace": event.key.startswith(TRACE_PREFIX)}
+                {
+                    "type": "config",
+                    "keys": event.cache_keys,
+                    "identity": event.identity,
+                    "trace": event.key.startswith(TRACE_PREFIX),
+                }
             )
 
     # ---- receiving ------------------------------------------------------------------------------
@@ -99,7 +113,7 @@ class ControlChannel:
                         self.subscribed.set()
                         backoff = 0.1
                     elif message["type"] == "message":
-                        self.handle(json.loads(message["data"]))
+                        self._handle_raw(message["data"])
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.subscribed.clear()
                 self.store.l1.clear()
@@ -111,6 +125,15 @@ class ControlChannel:
             finally:
                 pubsub.close()
 
+    def _handle_raw(self, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+            if not isinstance(message, dict):
+                raise ValueError("not an object")
+            self.handle(message)
+        except (ValueError, KeyError, TypeError) as exc:  # anyone who can PUBLISH can send anything
+            log.error("ignoring malformed control message %r: %s", data[:200], exc)
+
     def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         l1 = self.store.l1
@@ -119,8 +142,9 @@ class ControlChannel:
         elif kind == "config":
             dropped = [key for key in message.get("keys", []) if l1.evict_config(key)]
             if message.get("trace"):
-                self.client.hset(f"{self.prefix}:trace:{message['identity']}", self.identity, repr(time.time()))
-                self.client.expire(f"{self.prefix}:trace:{message['identity']}", REPLY_TTL_S)
+                trace = self.keys.trace(message["identity"])
+                self.client.hset(trace, self.identity, repr(time.time()))
+                self.client.expire(trace, REPLY_TTL_S)
             log.debug("dropped %s", dropped)
         elif kind == "clear":
             l1.clear()
@@ -132,30 +156,23 @@ class ControlChannel:
         entry = self.store.l1.get_config(key)
         if entry is None and message.get("load"):
             try:
-                entry = self._load(key)
+                entry = self.store.get_cached(key)
             except NotFound:
                 entry = None
         answer = {"version": None, "digest": None}
         if entry is not None:
             answer = {"version": entry.version, "digest": hashlib.sha256(canonical_json(entry.data).encode()).hexdigest()[:16]}
-        reply = f"{self.prefix}:probe:{message['id']}"
+        reply = self.keys.probe_reply(message["id"])
         self.client.hset(reply, self.identity, json.dumps(answer))
         self.client.expire(reply, REPLY_TTL_S)
-
-    def _load(self, key: str):
-        kind, _, rest = key.partition(":")
-        if kind == "routine":
-            name, _, version = rest.partition("@")
-            return self.store.get_routine(name, int(version) if version else None)
-        config_kind, _, name = rest.partition(":")
-        return self.store.get_config(config_kind, name)
 
 
 def probe(client: redis.Redis, prefix: str, key: str, *, load: bool = False, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
     """Ask every subscribed process what it serves for ``key``; returns identity -> {version, digest}."""
+    keys = RedisKeys(prefix)
     probe_id = os.urandom(6).hex()
-    receivers = client.publish(f"{prefix}:control", json.dumps({"type": "probe", "id": probe_id, "key": key, "load": load}))
-    reply = f"{prefix}:probe:{probe_id}"
+    receivers = client.publish(keys.control_channel, json.dumps({"type": "probe", "id": probe_id, "key": key, "load": load}))
+    reply = keys.probe_reply(probe_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and client.hlen(reply) < receivers:
         time.sleep(0.01)

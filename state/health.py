@@ -1,4 +1,8 @@
-"""`runctx check`: a real round trip of a sample context through all three tiers, timed."""
+"""The health check behind `runctx check`: a real round trip of a sample context through all three tiers, timed.
+
+It lives in `state/` because it speaks SQL: it edits the sample context by plain SQL to see the
+change event evict the Redis entry.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ from typing import Callable, TypeVar
 
 import psycopg
 
-from runctx.servers import Servers
 from state.change_events import ChangeListener, libpq_url
-from state.l1 import LocalCache
+from state.errors import HealthCheckFailed
 from state.models import DataSensitivity, RunContextInit
 from state.settings import Settings
 from state.store import TieredStore
+from state.tiers.local import LocalCache
 
 T = TypeVar("T")
 
@@ -33,11 +37,11 @@ def _timed(work: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - started
 
 
-def run_check(servers: Servers, settings: Settings) -> list[CheckStep]:
+def run_check(redis_url: str, database_url: str, settings: Settings) -> list[CheckStep]:
     """Create, read (from each tier), change, flush and invalidate one sample context, then remove it."""
     prefix = f"{settings.key_prefix}:check:{uuid.uuid4().hex[:8]}"
     config = settings.cache_config()
-    store = TieredStore.connect(servers.redis_url, servers.database_url, config=config, prefix=prefix)
+    store = TieredStore.connect(redis_url, database_url, config=config, prefix=prefix)
     steps: list[CheckStep] = []
 
     def record(name: str, tier: str, detail: str, seconds: float) -> None:
@@ -82,22 +86,22 @@ def run_check(servers: Servers, settings: Settings) -> list[CheckStep]:
         written, seconds = _timed(lambda: store.flush(ctx.context_id))
         stored = store.l3.get_context(ctx.context_id)
         if not written or stored is None or stored.version != version or stored.get("visits") != 1:
-            raise RuntimeError("write-behind did not bring the change to PostgreSQL")
+            raise HealthCheckFailed("write-behind did not bring the change to PostgreSQL")
         record("flush", "L3", f"write-behind wrote version {version} in one transaction", seconds)
 
-        seconds = _invalidation_round_trip(servers, store, ctx.context_id)
+        seconds = _invalidation_round_trip(database_url, store, ctx.context_id)
         record("invalidate", "L3->L2", "plain SQL UPDATE -> NOTIFY -> Redis entry evicted", seconds)
     finally:
-        _remove_sample(servers, store, run_id)
+        _remove_sample(database_url, store, run_id)
         store.close()
     return steps
 
 
-def _invalidation_round_trip(servers: Servers, store: TieredStore, context_id: str) -> float:
-    listener = ChangeListener(servers.database_url, store.handle_change).start()
+def _invalidation_round_trip(database_url: str, store: TieredStore, context_id: str) -> float:
+    listener = ChangeListener(database_url, store.handle_change).start()
     try:
         started = time.perf_counter()
-        with psycopg.connect(libpq_url(servers.database_url), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             conn.execute(
                 "UPDATE context_snapshots SET document = jsonb_set(document, '{variables,visits}', '2') "
                 "WHERE context_id = %s",
@@ -106,16 +110,17 @@ def _invalidation_round_trip(servers: Servers, store: TieredStore, context_id: s
         deadline = time.monotonic() + 5
         while store.l2.get_context(context_id) is not None:
             if time.monotonic() > deadline:
-                raise RuntimeError("the change event did not evict the Redis entry within 5 s")
+                raise HealthCheckFailed("the change event did not evict the Redis entry within 5 s")
             time.sleep(0.001)
         return time.perf_counter() - started
     finally:
         listener.stop()
 
 
-def _remove_sample(servers: Servers, store: TieredStore, run_id: str) -> None:
-    with psycopg.connect(libpq_url(servers.database_url), autocommit=True) as conn:
+def _remove_sample(database_url: str, store: TieredStore, run_id: str) -> None:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute("DELETE FROM context_snapshots WHERE run_id = %s", (run_id,))
-    keys = list(store.l2.client.scan_iter(match=f"{store.l2.prefix}:*"))
+    client = store.l2.client  # type: ignore[attr-defined]  (the check runs on the real tiers)
+    keys = list(client.scan_iter(match=store.l2.keys.pattern()))  # type: ignore[attr-defined]
     if keys:
-        store.l2.client.delete(*keys)
+        client.delete(*keys)

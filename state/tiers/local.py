@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any
 
 from cachetools import LRUCache, TTLCache
 
 from state.models import RunContext, StateCacheConfig
-
-
-@dataclass(frozen=True)
-class ConfigEntry:
-    """A cached routine definition or configuration document with its L3 version."""
-
-    key: str
-    version: int
-    data: Any
+from state.tiers.contracts import ConfigEntry
 
 
 class LocalCache:
-    """Two LRUs behind one lock: the worker's listener thread evicts while tasks read.
+    """L1: one process's two LRUs (contexts; routine definitions and configurations) behind one lock.
 
-    Entries are shared objects: treat what ``get_context`` returns as read-only and copy it
-    before changing it (the tiered store's ``edit`` does).
+    Owns nothing durable. Promises: no I/O; never serves a context older than the version asked
+    for; never replaces a cached context by an older one; safe while the control channel's thread
+    evicts as tasks read. Entries are shared objects: treat what ``get_context`` returns as
+    read-only and copy it before changing it (the tiered store does).
     """
 
-    def __init__(self, config: StateCacheConfig | None = None) -> None:
-        config = config or StateCacheConfig()
+    def __init__(self, config: StateCacheConfig) -> None:
         self._contexts: LRUCache[str, RunContext] = LRUCache(maxsize=config.l1_contexts)
         # Configurations carry no version a reader could ask for, so a lost invalidation is
         # bounded by a TTL instead.

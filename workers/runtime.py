@@ -3,6 +3,7 @@
 Connections are opened after the fork, in ``worker_process_init``, which must return within
 about 4 s: it only starts threads, it does not wait for them. A process that never got the
 signal (a submitter, a threads pool) builds its runtime on first use, without the threads.
+Importing this module gives the Celery tasks their engine (`tasks.celery_tasks.provide_engine`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import time
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from runctx.servers import resolve
+from runctx.embedded import resolve
 from state.change_events import ChangeListener
 from state.settings import get_settings
 from state.store import TieredStore
+from state.tiers.redis_l2 import RedisTier
+from tasks.celery_tasks import CeleryDispatcher, provide_engine
 from tasks.engine import RunEngine
-from tasks.records import RunRecords
 from workers.control import ControlChannel
 
 log = logging.getLogger(__name__)
@@ -29,23 +31,28 @@ FLUSH_LEASE_S = 5.0  # a claimed flush whose task never ran comes due again afte
 
 
 class ProcessRuntime:
-    def __init__(self) -> None:
-        from tasks.celery_tasks import CeleryDispatcher  # tasks import this module lazily too
+    """One process's share of runctx: owns its store (its L1 and connections), engine, control
+    channel subscription, L3 change listener and write-behind dispatcher thread.
 
+    Promises: built after the fork, never shared with a parent or child process; its threads only
+    make caches fresher or flushes sooner, so a process without them (a submitter) is still correct.
+    """
+
+    def __init__(self) -> None:
         settings = get_settings()
-        servers = resolve(settings, migrate=False)
+        servers = resolve(settings)
         self.pid = os.getpid()
         self.database_url = servers.database_url
         self.store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
-        self.records = RunRecords(self.store.l2.client, settings.key_prefix)
+        assert isinstance(self.store.l2, RedisTier)
+        self.redis: RedisTier = self.store.l2
         self.engine = RunEngine(
             self.store,
-            self.records,
             CeleryDispatcher(),
             max_attempts=settings.step_max_attempts,
             limits=settings.resource_limits(),
         )
-        self.control = ControlChannel(self.store)
+        self.control = ControlChannel(self.store, self.redis)
         self.listener: ChangeListener | None = None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -89,6 +96,9 @@ def runtime() -> ProcessRuntime:
         if _runtime is None or _runtime.pid != os.getpid():
             _runtime = ProcessRuntime()
         return _runtime
+
+
+provide_engine(lambda: runtime().engine)
 
 
 @worker_process_init.connect

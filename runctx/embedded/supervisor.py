@@ -1,11 +1,11 @@
 """Supervisor of the embedded stack: runs redis-server and postgres, stops them when no owner is left.
 
-Started by :mod:`runctx.embedded` as ``python -P _supervisor.py DATA_DIR``. The process takes the
+Started by :mod:`runctx.embedded.stack` as ``python -P supervisor.py DATA_DIR``. The process takes the
 per-data-dir lock, daemonizes (so the lock is already held when its launcher exits), starts both
 servers as its own children and reports progress in ``DATA_DIR/state.json``. It then polls the
 owner leases in ``DATA_DIR/owners/`` and stops the servers once no owner process is alive.
 
-This module is also imported by :mod:`runctx.embedded` for the shared layout and lease helpers,
+This module is also imported by :mod:`runctx.embedded.stack` for the shared layout and lease helpers,
 so it depends on nothing but the standard library and psutil.
 """
 

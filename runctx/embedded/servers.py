@@ -1,4 +1,10 @@
-"""Which Redis and PostgreSQL runctx talks to: the configured ones, or the embedded stack."""
+"""Which Redis, PostgreSQL and broker runctx talks to: the configured ones, or the embedded stack.
+
+``broker_url_for`` only computes a URL (the embedded stack's socket path is known before it
+runs), so `celeryconfig` can name the broker without starting anything; ``resolve`` starts (or
+joins) the embedded stack when a URL is missing. Neither migrates: the worker boot and the
+commands do that (`state.migrate.upgrade`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from state.migrate import upgrade
+from runctx.embedded.supervisor import Layout
 from state.settings import Settings, get_settings
 
 
@@ -35,10 +41,22 @@ def celery_broker_url(redis_url: str) -> str:
     return redis_url
 
 
+def uses_embedded(settings: Settings) -> bool:
+    return not (settings.redis_url and settings.database_url)
+
+
+def broker_url_for(settings: Settings) -> str:
+    """The Celery broker: the configured one, else the Redis (configured or embedded). Starts nothing."""
+    if settings.broker_url:
+        return settings.broker_url
+    redis_url = settings.redis_url or Layout(settings.data_dir.expanduser().resolve()).redis_url
+    return celery_broker_url(redis_url)
+
+
 _embedded = None  # the EmbeddedStack this process started, kept for the life of the process
 
 
-def resolve(settings: Settings | None = None, *, migrate: bool = True) -> Servers:
+def resolve(settings: Settings | None = None) -> Servers:
     """The servers to use; starts (or joins) the embedded stack when no URL is configured.
 
     The embedded stack stays up while this process lives and stops when the last process
@@ -48,17 +66,15 @@ def resolve(settings: Settings | None = None, *, migrate: bool = True) -> Server
     settings = settings or get_settings()
     started = time.perf_counter()
     redis_url, database_url = settings.redis_url, settings.database_url
-    embedded = not (redis_url and database_url)
+    embedded = uses_embedded(settings)
     if embedded:
-        from runctx.embedded import EmbeddedStack
+        from runctx.embedded.stack import EmbeddedStack
 
         if _embedded is None:
             _embedded = EmbeddedStack(settings.data_dir).start()
         redis_url = redis_url or _embedded.redis_url
         database_url = database_url or _embedded.database_url
     assert redis_url and database_url
-    if migrate:
-        upgrade(database_url)
     return Servers(
         redis_url=redis_url,
         database_url=database_url,

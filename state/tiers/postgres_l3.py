@@ -1,8 +1,9 @@
-"""L3: PostgreSQL, the authoritative record (SQLAlchemy 2 Core over psycopg 3).
+"""L3 on PostgreSQL, the authoritative record (SQLAlchemy 2 Core over psycopg 3).
 
 Every write runs in one transaction marked ``runctx.origin = 'runctx'`` (so change-event
 listeners can tell runctx's writes from plain SQL), with optimistic locking on versions and
-retries with backoff for transient failures.
+retries with backoff for transient failures. This module and `state/schema.py` are the only
+places that speak SQL to the tables.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import CommunicationFailure, TransactionFailed, VersionConflict
-from state.l1 import ConfigEntry
-from state.models import RunContext
-from state.schema import configurations, context_snapshots, routines
+from state.keys import config_key, routine_key
+from state.models import RunContext, StateCacheConfig
+from state.schema import blackboard_entries, configurations, context_snapshots, exports, routines, runs
+from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,24 +42,31 @@ def _is_connection_error(exc: DBAPIError) -> bool:
     )
 
 
+class _AlreadyFinal(Exception):
+    """Rolls back a finish that found the run finished already."""
+
+
 class PostgresTier:
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        codec: Codec = DEFAULT_CODEC,
-        retry_attempts: int = 4,
-        retry_base_delay_s: float = 0.05,
-    ) -> None:
+    """L3 on one PostgreSQL database: owns the runctx tables (their schema is in `state.schema`).
+
+    Promises: every operation is one transaction (all or nothing); a context write is a
+    compare-and-set or "only if newer", never a lost update; transient failures are retried with
+    backoff, and what still fails leaves as TransactionFailed or CommunicationFailure.
+    """
+
+    def __init__(self, engine: Engine, *, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC) -> None:
         self.engine = engine
         self.codec = codec
-        self.retry_attempts = retry_attempts
-        self.retry_base_delay_s = retry_base_delay_s
+        self.retry_attempts = config.l3_retry_attempts
+        self.retry_base_delay_s = config.l3_retry_base_delay_s
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresTier":
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
         return cls(engine, **kwargs)
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     # ---- transactions --------------------------------------------------------------------
 
@@ -119,7 +128,13 @@ class PostgresTier:
             ).scalar()
         )
 
-    def save_context(self, conn: Connection, ctx: RunContext, *, expected_version: int | None = None) -> bool:
+    def create_context(self, ctx: RunContext) -> None:
+        self.run(f"create context {ctx.context_id}", lambda conn: self._save_context(conn, ctx, expected_version=0))
+
+    def write_context(self, ctx: RunContext) -> bool:
+        return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))
+
+    def _save_context(self, conn: Connection, ctx: RunContext, *, expected_version: int | None = None) -> bool:
         """Write a snapshot inside the caller's transaction.
 
         With ``expected_version`` it is a compare-and-set (0: the context must not exist yet) and a
@@ -169,7 +184,7 @@ class PostgresTier:
                 select(table.c.version, table.c.data).where(table.c.kind == kind, table.c.name == name)
             ).first()
         )
-        return None if row is None else ConfigEntry(key=f"config:{kind}:{name}", version=row.version, data=row.data)
+        return None if row is None else ConfigEntry(key=config_key(kind, name), version=row.version, data=row.data)
 
     def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
         """Create or replace a configuration; returns its new version. CAS when ``expected_version`` is given."""
@@ -200,8 +215,7 @@ class PostgresTier:
         row = self.read(lambda conn: conn.execute(query.order_by(routines.c.version.desc()).limit(1)).first())
         if row is None:
             return None
-        key = f"routine:{name}" if version is None else f"routine:{name}@{version}"
-        return ConfigEntry(key=key, version=row.version, data=row.definition)
+        return ConfigEntry(key=routine_key(name, version), version=row.version, data=row.definition)
 
     def put_routine(self, name: str, definition: Any) -> int:
         """Store a new version of a routine definition; returns the version."""
@@ -214,6 +228,95 @@ class PostgresTier:
             return version
 
         return self.run(f"put routine {name}", work)
+
+    # ---- the run ledger ----------------------------------------------------------------------
+
+    def create_run(self, run: RunRow, root: RunContext) -> None:
+        def work(conn: Connection) -> None:
+            self._save_context(conn, root, expected_version=0)
+            conn.execute(
+                insert(runs).values(
+                    run_id=run.run_id,
+                    routine_name=run.routine_name,
+                    routine_version=run.routine_version,
+                    root_context_id=run.root_context_id,
+                    status=run.status,
+                    meta=run.meta,
+                )
+            )
+
+        self.run(f"create run {run.run_id}", work)
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        meta: dict[str, Any],
+        contexts: list[RunContext],
+        exports: list[ExportRecord],
+    ) -> bool:
+        def work(conn: Connection) -> None:
+            finished = conn.execute(
+                runs.update()
+                .where(runs.c.run_id == run_id, runs.c.status.notin_(FINAL_STATUSES))
+                .values(status=status, error=error, meta=meta, finished_at=text("now()"), updated_at=text("now()"))
+                .returning(runs.c.run_id)
+            ).first()
+            if finished is None:
+                raise _AlreadyFinal()
+            for ctx in contexts:
+                self._save_context(conn, ctx)
+            for record in exports:
+                self._write_export(conn, record)
+
+        try:
+            self.run(f"finish run {run_id}", work)
+        except _AlreadyFinal:
+            return False
+        return True
+
+    def _write_export(self, conn: Connection, record: ExportRecord) -> None:
+        if record.destination == "blackboard":
+            statement = insert(blackboard_entries).values(
+                scope=record.scope, key=record.key, value=record.value, sensitivity=record.sensitivity,
+                run_id=record.run_id, version=1,
+            )
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[blackboard_entries.c.scope, blackboard_entries.c.key],
+                    set_={
+                        "value": statement.excluded.value,
+                        "sensitivity": statement.excluded.sensitivity,
+                        "run_id": statement.excluded.run_id,
+                        "version": blackboard_entries.c.version + 1,
+                        "updated_at": text("now()"),
+                    },
+                )
+            )
+        else:
+            statement = insert(exports).values(
+                run_id=record.run_id, variable=record.variable, key=record.key,
+                scope=record.scope, value=record.value, sensitivity=record.sensitivity,
+            )
+            conn.execute(statement.on_conflict_do_nothing())
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        row = self.read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first())
+        if row is None:
+            return None
+        return RunRow(
+            run_id=row["run_id"],
+            routine_name=row["routine_name"],
+            routine_version=row["routine_version"],
+            root_context_id=row["root_context_id"],
+            status=row["status"],
+            error=row["error"],
+            meta=dict(row["meta"] or {}),
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+        )
 
     def ping(self) -> bool:
         return self.read(lambda conn: conn.execute(text("SELECT 1")).scalar() == 1)

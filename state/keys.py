@@ -1,0 +1,120 @@
+"""Every name runctx gives to a thing in Redis or in a cache, built and parsed here and nowhere else.
+
+Cache keys name routine definitions and configurations in L1 and L2, and in change events:
+
+    routine:<name>                the newest version of a routine
+    routine:<name>@<version>      one stored version
+    config:<kind>:<name>          a configuration (bot, team, ...)
+    context:<context id>          (change events only) a context changed in L3
+
+Redis keys, under the key prefix P (``RUNCTX_KEY_PREFIX``):
+
+    P:ctx:<context id>            hash {v, c, d}: a context in L2 (version, checksum, payload)
+    P:cfg:<cache key>             hash {v, c, d}: a routine definition or configuration in L2
+    P:wb:due                      sorted set: contexts waiting for their L3 write, by due time
+    P:wb:first                    hash: context id -> time of its oldest unwritten change
+    P:run:<run id>:<part>         run records: attempts, step_attempts, steps, failed, l3_writes, done
+    P:control                     the control channel (pub/sub) every worker process subscribes to
+    P:ev:<event identity>         "this change event was relayed" (one process relays each)
+    P:probe:<probe id>            replies to a diagnostics probe
+    P:trace:<event identity>      when each process dropped a traced configuration
+
+Context ids are ``<run id>`` for a run's root context and ``<run id>/<path>`` for its children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "l3_writes", "done")
+
+# ---- cache keys -----------------------------------------------------------------------------------
+
+
+def routine_key(name: str, version: int | None = None) -> str:
+    return f"routine:{name}" if version is None else f"routine:{name}@{version}"
+
+
+def config_key(kind: str, name: str) -> str:
+    return f"config:{kind}:{name}"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """A parsed cache key: a routine (``version`` None: the newest) or a configuration."""
+
+    kind: Literal["routine", "config"]
+    name: str
+    version: int | None = None
+    config_kind: str | None = None
+
+    @classmethod
+    def parse(cls, key: str) -> "CacheKey":
+        kind, _, rest = key.partition(":")
+        if kind == "routine" and rest:
+            name, at, version = rest.partition("@")
+            return cls("routine", name, int(version) if at else None)
+        if kind == "config":
+            config_kind, sep, name = rest.partition(":")
+            if sep and config_kind and name:
+                return cls("config", name, config_kind=config_kind)
+        raise ValueError(f"not a cache key: {key!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "routine":
+            return routine_key(self.name, self.version)
+        assert self.config_kind is not None
+        return config_key(self.config_kind, self.name)
+
+
+def context_change_key(context_id: str) -> str:
+    """How a change event names a changed context (not a cache key: contexts are cached by id)."""
+    return f"context:{context_id}"
+
+
+def run_of_context(context_id: str) -> str:
+    """The run a context belongs to."""
+    return context_id.split("/", 1)[0]
+
+
+def context_id(run_id: str, path: str) -> str:
+    """A run's root context (path "") or one of its sub-routine contexts."""
+    return run_id if not path else f"{run_id}/{path}"
+
+
+# ---- Redis keys -----------------------------------------------------------------------------------
+
+
+class RedisKeys:
+    """The Redis names of one key prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.control_channel = f"{prefix}:control"
+        self.write_behind_due = f"{prefix}:wb:due"
+        self.write_behind_first = f"{prefix}:wb:first"
+
+    def context(self, context_id: str) -> str:
+        return f"{self.prefix}:ctx:{context_id}"
+
+    def config(self, cache_key: str) -> str:
+        return f"{self.prefix}:cfg:{cache_key}"
+
+    def run_record(self, run_id: str, part: str) -> str:
+        if part not in RUN_RECORD_PARTS:
+            raise ValueError(f"unknown run record {part!r}")
+        return f"{self.prefix}:run:{run_id}:{part}"
+
+    def relayed_event(self, identity: str) -> str:
+        return f"{self.prefix}:ev:{identity}"
+
+    def probe_reply(self, probe_id: str) -> str:
+        return f"{self.prefix}:probe:{probe_id}"
+
+    def trace(self, identity: str) -> str:
+        return f"{self.prefix}:trace:{identity}"
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of this prefix."""
+        return f"{self.prefix}:*"

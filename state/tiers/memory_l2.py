@@ -1,0 +1,241 @@
+"""The in-memory twin of the Redis tier: the same contract in one process, for fast engine tests.
+
+It keeps entries as encoded payloads with their checksums, as Redis does, so a reader gets its own
+copy and a damaged payload is detected the same way. `tests/test_tier_contracts.py` holds it to
+the behaviour of the Lua scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from state.codec import DEFAULT_CODEC, Codec, checksum
+from state.errors import ContextCorruption, VersionConflict
+from state.keys import RedisKeys
+from state.models import RunContext, StateCacheConfig
+from state.tiers.contracts import ConfigEntry, StepStart, StoredContext
+
+
+@dataclass
+class _Entry:
+    version: int
+    checksum: str
+    payload: bytes
+    expires_at: float | None = None  # None: no TTL
+
+
+@dataclass
+class _Run:
+    attempts: dict[str, int] = field(default_factory=dict)
+    step_attempts: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, str] = field(default_factory=dict)
+    failed: str | None = None
+    l3_writes: int = 0
+    done: bool = False
+
+
+class MemoryL2:
+    """L2 in one process's memory: owns its entries, write-behind schedule and run records.
+
+    Promises what `RedisTier` promises (compare-and-set commits, checksummed entries, dirty entries
+    that never expire), atomically under one lock, with TTLs measured by ``clock``.
+    """
+
+    def __init__(self, *, prefix: str, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC, clock=time.time) -> None:
+        self.keys = RedisKeys(prefix)
+        self.prefix = prefix
+        self.context_ttl_s = config.l2_context_ttl_s
+        self.config_ttl_s = config.l2_config_ttl_s
+        self.codec = codec
+        self.clock = clock
+        self._contexts: dict[str, _Entry] = {}
+        self._configs: dict[str, _Entry] = {}
+        self._due: dict[str, float] = {}
+        self._first: dict[str, float] = {}
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.RLock()
+        self._done = threading.Condition(self._lock)
+
+    # ---- storage helpers -----------------------------------------------------------------------
+
+    def _live(self, table: dict[str, _Entry], key: str) -> _Entry | None:
+        entry = table.get(key)
+        if entry is not None and entry.expires_at is not None and entry.expires_at <= self.clock():
+            del table[key]
+            return None
+        return entry
+
+    def raw_context(self, context_id: str) -> _Entry | None:
+        """The stored entry itself (tests damage it to see corruption handled)."""
+        with self._lock:
+            return self._live(self._contexts, context_id)
+
+    def expires_in(self, context_id: str) -> float | None:
+        """Seconds until the entry expires; None if it has no TTL or does not exist."""
+        with self._lock:
+            entry = self._live(self._contexts, context_id)
+            return None if entry is None or entry.expires_at is None else entry.expires_at - self.clock()
+
+    # ---- contexts ------------------------------------------------------------------------------
+
+    def get_context(self, context_id: str) -> StoredContext | None:
+        key = self.keys.context(context_id)
+        with self._lock:
+            entry = self._live(self._contexts, context_id)
+            dirty = context_id in self._due
+        if entry is None:
+            return None
+        if checksum(entry.payload) != entry.checksum:
+            raise ContextCorruption(key, "checksum does not match payload")
+        ctx = self.codec.load_context(entry.payload, key=key)
+        if ctx.version != entry.version:
+            raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
+        return StoredContext(context=ctx, version=ctx.version, dirty=dirty)
+
+    def commit_context(
+        self, ctx: RunContext, *, expected_version: int, now: float, debounce_s: float, max_delay_s: float
+    ) -> bool:
+        payload = self.codec.dump_context(ctx)
+        with self._lock:
+            current = self._live(self._contexts, ctx.context_id)
+            if current is None and expected_version != 0:
+                return False
+            if current is not None and current.version != expected_version:
+                raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
+            self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload)
+            first = self._first.setdefault(ctx.context_id, now)
+            self._due[ctx.context_id] = min(now + debounce_s, first + max_delay_s)
+            return True
+
+    def fill_context(self, ctx: RunContext) -> bool:
+        payload = self.codec.dump_context(ctx)
+        with self._lock:
+            current = self._live(self._contexts, ctx.context_id)
+            if current is not None and current.version >= ctx.version:
+                return False
+            self._contexts[ctx.context_id] = _Entry(
+                ctx.version, checksum(payload), payload, self.clock() + self.context_ttl_s
+            )
+            return True
+
+    def mark_flushed(self, context_id: str, version: int, *, now: float, debounce_s: float) -> bool:
+        with self._lock:
+            current = self._live(self._contexts, context_id)
+            if current is not None and current.version > version:
+                self._first[context_id] = now
+                self._due[context_id] = now + debounce_s
+                return False
+            self._due.pop(context_id, None)
+            self._first.pop(context_id, None)
+            if current is not None:
+                current.expires_at = self.clock() + self.context_ttl_s
+            return True
+
+    def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool:
+        with self._lock:
+            current = self._live(self._contexts, context_id)
+            if current is None or (up_to_version is not None and current.version > up_to_version):
+                return False
+            del self._contexts[context_id]
+            self._due.pop(context_id, None)
+            self._first.pop(context_id, None)
+            return True
+
+    def due_time(self, context_id: str) -> float | None:
+        with self._lock:
+            return self._due.get(context_id)
+
+    def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]:
+        with self._lock:
+            due = sorted((at, cid) for cid, at in self._due.items() if at <= now)[:limit]
+            for _, cid in due:
+                self._due[cid] = now + lease_s
+            return [cid for _, cid in due]
+
+    def pending_flushes(self) -> int:
+        with self._lock:
+            return len(self._due)
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            return min(self._due.values(), default=None)
+
+    # ---- routine definitions and configurations ------------------------------------------------
+
+    def get_config(self, key: str) -> ConfigEntry | None:
+        with self._lock:
+            entry = self._live(self._configs, key)
+            if entry is None:
+                return None
+            if checksum(entry.payload) != entry.checksum:
+                del self._configs[key]
+                raise ContextCorruption(self.keys.config(key), "checksum does not match payload")
+        return ConfigEntry(key=key, version=entry.version, data=self.codec.load_document(entry.payload, key=key))
+
+    def put_config(self, entry: ConfigEntry) -> None:
+        payload = self.codec.dump_document(entry.data)
+        with self._lock:
+            self._configs[entry.key] = _Entry(entry.version, checksum(payload), payload, self.clock() + self.config_ttl_s)
+
+    def evict_config(self, key: str) -> bool:
+        with self._lock:
+            return self._configs.pop(key, None) is not None
+
+    # ---- run records ------------------------------------------------------------------------------
+
+    def _run(self, run_id: str) -> _Run:
+        return self._runs.setdefault(run_id, _Run())
+
+    def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart:
+        with self._lock:
+            run = self._run(run_id)
+            run.attempts[task_id] = run.attempts.get(task_id, 0) + 1
+            run.step_attempts[step_id] = run.step_attempts.get(step_id, 0) + 1
+            return StepStart(attempt=run.attempts[task_id], run_failed=run.failed is not None)
+
+    def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
+        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": time.time()}
+        with self._lock:
+            self._run(run_id).steps[step_id] = json.dumps(record)
+
+    def mark_failed(self, run_id: str, error: str) -> bool:
+        with self._lock:
+            run = self._run(run_id)
+            if run.failed is not None:
+                return False
+            run.failed = error
+            return True
+
+    def count_l3_write(self, run_id: str, count: int = 1) -> None:
+        with self._lock:
+            self._run(run_id).l3_writes += count
+
+    def run_summary(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            run = self._run(run_id)
+            steps = [
+                {"id": step_id, **json.loads(raw), "attempts": run.step_attempts.get(step_id, 1)}
+                for step_id, raw in run.steps.items()
+            ]
+            l3_writes = run.l3_writes
+        steps.sort(key=lambda step: step["finished_at"])
+        return {"steps": steps, "l3_writes": l3_writes}
+
+    def announce_done(self, run_id: str) -> None:
+        with self._done:
+            self._run(run_id).done = True
+            self._done.notify_all()
+
+    def wait_done(self, run_id: str, timeout_s: float) -> bool:
+        with self._done:
+            return self._done.wait_for(lambda: self._run(run_id).done, timeout=max(timeout_s, 0.01))
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

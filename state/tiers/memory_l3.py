@@ -1,0 +1,177 @@
+"""The in-memory twin of the PostgreSQL tier: the same contract in one process, for fast engine tests.
+
+Every operation runs under one lock and either applies whole or raises before changing anything,
+as a transaction would. Documents are stored encoded, so a reader gets its own copy.
+`tests/test_tier_contracts.py` holds it to the behaviour of the SQL it stands in for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from dataclasses import replace
+from typing import Any
+
+from state.codec import DEFAULT_CODEC, Codec
+from state.errors import VersionConflict
+from state.keys import config_key, routine_key
+from state.models import RunContext
+from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class MemoryL3:
+    """L3 in one process's memory: owns snapshots, routines, configurations, runs and exports.
+
+    Promises what `PostgresTier` promises: one operation is all or nothing; context writes are a
+    compare-and-set (create) or "only if newer" (write-behind); a finished run is never finished again.
+    """
+
+    def __init__(self, codec: Codec = DEFAULT_CODEC) -> None:
+        self.codec = codec
+        self._snapshots: dict[str, tuple[int, str]] = {}  # context id -> (version, JSON document)
+        self._routines: dict[str, dict[int, str]] = {}
+        self._configs: dict[tuple[str, str], tuple[int, str]] = {}
+        self._runs: dict[str, RunRow] = {}
+        self.blackboard: dict[tuple[str, str], dict[str, Any]] = {}
+        self.exports: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.writes = 0  # committed write operations, as `runctx` counts L3 writes
+        self._lock = threading.RLock()
+
+    # ---- contexts ------------------------------------------------------------------------------
+
+    def _encode(self, ctx: RunContext) -> str:
+        return json.dumps(self.codec.to_document(ctx))
+
+    def get_context(self, context_id: str) -> RunContext | None:
+        with self._lock:
+            stored = self._snapshots.get(context_id)
+        if stored is None:
+            return None
+        version, document = stored
+        ctx = self.codec.from_document(json.loads(document), key=f"L3 context {context_id}")
+        ctx.version = version
+        return ctx
+
+    def context_version(self, context_id: str) -> int | None:
+        with self._lock:
+            stored = self._snapshots.get(context_id)
+        return None if stored is None else stored[0]
+
+    def _create(self, ctx: RunContext) -> None:
+        if ctx.context_id in self._snapshots:
+            raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, self._snapshots[ctx.context_id][0])
+        self._snapshots[ctx.context_id] = (ctx.version, self._encode(ctx))
+
+    def _write_if_newer(self, ctx: RunContext) -> bool:
+        stored = self._snapshots.get(ctx.context_id)
+        if stored is not None and stored[0] >= ctx.version:
+            return False
+        self._snapshots[ctx.context_id] = (ctx.version, self._encode(ctx))
+        return True
+
+    def create_context(self, ctx: RunContext) -> None:
+        with self._lock:
+            self._create(ctx)
+            self.writes += 1
+
+    def write_context(self, ctx: RunContext) -> bool:
+        with self._lock:
+            written = self._write_if_newer(ctx)
+            self.writes += 1
+            return written
+
+    # ---- the run ledger ------------------------------------------------------------------------
+
+    def create_run(self, run: RunRow, root: RunContext) -> None:
+        with self._lock:
+            self._create(root)
+            self._runs[run.run_id] = replace(run, created_at=_now())
+            self.writes += 1
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        meta: dict[str, Any],
+        contexts: list[RunContext],
+        exports: list[ExportRecord],
+    ) -> bool:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.status in FINAL_STATUSES:
+                return False
+            documents = [(ctx, self._encode(ctx)) for ctx in contexts]  # encode all before changing anything
+            self._runs[run_id] = replace(run, status=status, error=error, meta=dict(meta), finished_at=_now())
+            for ctx, document in documents:
+                stored = self._snapshots.get(ctx.context_id)
+                if stored is None or stored[0] < ctx.version:
+                    self._snapshots[ctx.context_id] = (ctx.version, document)
+            for record in exports:
+                if record.destination == "blackboard":
+                    previous = self.blackboard.get((record.scope, record.key))
+                    self.blackboard[(record.scope, record.key)] = {
+                        "value": record.value, "sensitivity": record.sensitivity, "run_id": record.run_id,
+                        "version": 1 if previous is None else previous["version"] + 1,
+                    }
+                else:
+                    self.exports.setdefault(
+                        (record.run_id, record.key, record.scope),
+                        {"variable": record.variable, "value": record.value, "sensitivity": record.sensitivity},
+                    )
+            self.writes += 1
+            return True
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    # ---- routine definitions and configurations ----------------------------------------------------
+
+    def get_config(self, kind: str, name: str) -> ConfigEntry | None:
+        with self._lock:
+            stored = self._configs.get((kind, name))
+        if stored is None:
+            return None
+        return ConfigEntry(key=config_key(kind, name), version=stored[0], data=json.loads(stored[1]))
+
+    def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
+        document = json.dumps(data)
+        with self._lock:
+            current = self._configs.get((kind, name), (None, ""))[0]
+            if expected_version is not None and (current or 0) != expected_version:
+                raise VersionConflict("L3", f"configurations/{kind}/{name}", expected_version, current)
+            version = (current or 0) + 1
+            self._configs[(kind, name)] = (version, document)
+            self.writes += 1
+            return version
+
+    def get_routine(self, name: str, version: int | None = None) -> ConfigEntry | None:
+        with self._lock:
+            versions = self._routines.get(name, {})
+            chosen = version if version is not None else max(versions, default=None)
+            document = versions.get(chosen) if chosen is not None else None
+        if document is None or chosen is None:
+            return None
+        return ConfigEntry(key=routine_key(name, version), version=chosen, data=json.loads(document))
+
+    def put_routine(self, name: str, definition: Any) -> int:
+        document = json.dumps(definition)
+        with self._lock:
+            versions = self._routines.setdefault(name, {})
+            version = max(versions, default=0) + 1
+            versions[version] = document
+            self.writes += 1
+            return version
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,90 @@
+"""Step execution (Tier 3): one real node of the plan run against its context and committed once.
+
+An action step reads its context, runs the action on a read-only view and commits the changes it
+returned; a sub-routine's end merges the child context into its parent. Either commits through
+`TieredStore.commit_step`, so a step delivered twice applies once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from state.errors import RoutineError, StepFailed
+from state.keys import context_id
+from state.models import RunContext
+from state.store import StepCommit, TieredStore
+from tasks.actions import run_action
+from tasks.changes import ContextView, apply_changes
+from tasks.messages import StepMessage
+from tasks.plan import Node
+
+log = logging.getLogger(__name__)
+
+
+def redact(text: str, ctx: RunContext) -> str:
+    """Hide the values of confidential and secret variables wherever they appear in a text."""
+    for name, value in {**ctx.intermediate, **ctx.variables}.items():
+        if ctx.sensitivity_of(name).masked and isinstance(value, (str, int, float)) and len(str(value)) >= 3:
+            text = text.replace(str(value), "***")
+    return text
+
+
+class StepExecutor:
+    """Runs the real nodes of a plan (``action`` and ``child_end``) against the store.
+
+    Owns nothing but its store. Promises: a step's changes commit once, with its id, in one
+    compare-and-set; a user action's own error becomes StepFailed with sensitive values redacted.
+    """
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+
+    def run(self, message: StepMessage, node: Node) -> StepCommit:
+        if node.kind == "action":
+            return self._apply_action(message, node)
+        return self._merge_child(message, node)
+
+    def _read(self, message: StepMessage, path: str) -> tuple[str, RunContext]:
+        ctx_id = context_id(message.run_id, path)
+        return ctx_id, self.store.get_context(ctx_id, at_least=message.versions.get(path, 1))
+
+    def _apply_action(self, message: StepMessage, node: Node) -> StepCommit:
+        ctx_id, base = self._read(message, node.context)
+        if node.step_id in base.applied_steps:
+            return StepCommit(base, applied=False)
+        assert node.action is not None and node.concurrency is not None
+        changes = self._changes_of(node, base)
+        concurrency = node.concurrency
+
+        def mutate(working: RunContext) -> None:
+            apply_changes(
+                working, changes, base=base, default=concurrency.default, per_variable=concurrency.variables, now=time.time()
+            )
+
+        return self.store.commit_step(ctx_id, base, node.step_id, mutate)
+
+    def _changes_of(self, node: Node, base: RunContext) -> list[Any]:
+        assert node.action is not None
+        try:
+            return run_action(node.action, ContextView(base), node.args)
+        except RoutineError:
+            raise
+        except Exception as exc:  # a user action's own error fails the run; its text may quote values
+            raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
+
+    def _merge_child(self, message: StepMessage, node: Node) -> StepCommit:
+        assert node.child_context is not None and node.merge is not None
+        parent_id, parent = self._read(message, node.context)
+        if node.step_id in parent.applied_steps:
+            return StepCommit(parent, applied=False)
+        _, child = self._read(message, node.child_context)
+        merge = node.merge
+
+        def mutate(working: RunContext) -> None:
+            conflicts = working.merge_child(child, default=merge.default, per_variable=merge.variables)
+            for conflict in conflicts:  # names and strategies only: values may be sensitive
+                log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
+
+        return self.store.commit_step(parent_id, parent, node.step_id, mutate)

@@ -77,6 +77,8 @@ def _parse_vars(pairs: list[str]) -> dict[str, Any]:
             variables[name] = json.loads(raw)
         except json.JSONDecodeError:
             variables[name] = raw
+        except RecursionError:
+            _fail(f"--var {name}: the value nests too deep")
     return variables
 
 
@@ -172,7 +174,14 @@ def migrate() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    app()
+    try:
+        app()
+    except RunctxError as exc:  # a command that did not catch its own
+        typer.echo(f"runctx: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # no traceback reaches a user: one line, and the type to search for
+        typer.echo(f"runctx: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     │   ├── LimitExceeded              a value or context over its ResourceLimits (variable, limit, size)
     │   ├── SensitivityViolation       an attempt to lower a variable's sensitivity
     │   ├── MergeConflict              variables that differ on both sides under the FAIL strategy
-    │   └── StepFailed                 a step's action failed (or was the `fail` action)
+    │   ├── StepFailed                 a step's action failed (or was the `fail` action)
+    │   └── RefusedByDatabase          PostgreSQL refused what it was asked to store, for good
     └── RequestError               what a caller asked for cannot be given
         ├── NotFound                   no such run, context, routine or configuration
         └── RunTimeout                 a run did not finish within the time a caller waited
@@ -185,6 +186,19 @@ class StepFailed(RoutineError):
     """A step's action failed (or was the `fail` action): the run fails, the step is not retried."""
 
     code = "STEP_FAILED"
+
+
+class RefusedByDatabase(RoutineError):
+    """PostgreSQL refused a write for good (a value it cannot hold, a constraint); retrying would not help.
+
+    The message names the operation and PostgreSQL's reason, never the refused values.
+    """
+
+    code = "REFUSED_BY_DATABASE"
+
+    def __init__(self, operation: str, sqlstate: str | None, reason: str) -> None:
+        self.operation, self.sqlstate = operation, sqlstate
+        super().__init__(f"{operation}: PostgreSQL refused it ({sqlstate or 'no SQLSTATE'}: {reason})")
 
 
 # ---- requests: what a caller asked for ----------------------------------------------------------------

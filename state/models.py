@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from state.conflicts import ConflictResolutionStrategy, VariableConflict, resolve_variable_conflicts
 from state.errors import InvalidValue, LimitExceeded, SensitivityViolation
-from state.limits import check_name, json_size, same_json
+from state.limits import MAX_TEXT_LENGTH, NAME_PATTERN, check_name, json_size, same_json
 
 Scope = Literal["variables", "intermediate"]
 
@@ -90,10 +90,14 @@ class ExportDestination(str, Enum):
 class ExportDeclaration(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    variable: str
+    variable: str = Field(pattern=NAME_PATTERN.pattern)
     destination: ExportDestination
-    scope: str = Field(default="default", description="blackboard scope, e.g. 'swarm:42' or 'team:ops'")
-    key: str | None = Field(default=None, description="name under which it is exported; the variable's by default")
+    scope: str = Field(
+        default="default", min_length=1, max_length=MAX_TEXT_LENGTH, description="blackboard scope, e.g. 'swarm:42' or 'team:ops'"
+    )
+    key: str | None = Field(
+        default=None, min_length=1, max_length=MAX_TEXT_LENGTH, description="name under which it is exported; the variable's by default"
+    )
 
     @property
     def export_key(self) -> str:

@@ -250,6 +250,10 @@ class TieredStore:
             self.stats.l3_writes += 1
         return written
 
+    def give_up_flush(self, context_id: str) -> None:
+        """Stop trying to write a context that L3 refuses for good (its run fails instead)."""
+        self.l2.mark_flushed(context_id, 2**53, now=self.clock(), debounce_s=self.config.write_behind_debounce_s)
+
     def mark_flushed(self, context_id: str, version: int) -> None:
         """Record that L3 holds ``version`` (written by a flush or by a finalize)."""
         self.l2.mark_flushed(context_id, version, now=self.clock(), debounce_s=self.config.write_behind_debounce_s)

@@ -13,8 +13,9 @@ import time
 import uuid
 from typing import Any
 
-from state.errors import NotFound, RoutineError, VersionConflict, log_error
+from state.errors import InvalidRoutine, NotFound, RoutineError, VersionConflict, log_error
 from state.keys import context_id, run_of_context
+from state.limits import MAX_CONTEXT_ID_LENGTH, check_run_id
 from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
 from state.store import StepCommit, TieredStore
 from state.tiers.contracts import ExportRecord, RunRow
@@ -89,7 +90,7 @@ class RunEngine:
         The context is built (and every value checked against the limits) before anything is
         stored, so a refused variable leaves no trace.
         """
-        run_id = run_id or uuid.uuid4().hex
+        run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         specs = routine.initial_variables()
         values = {name: spec.value for name, spec in specs.items()}
         unknown = set(variables or {}) - set(values)
@@ -106,6 +107,13 @@ class RunEngine:
         )
         if unknown:
             log.info("run %s: variables given that the routine does not declare: %s", run_id, sorted(unknown))
+        plan = compile_plan(routine)
+        for path in plan.contexts:  # sub-routine contexts are named by their step path
+            if len(context_id(run_id, path)) > MAX_CONTEXT_ID_LENGTH:
+                raise InvalidRoutine(
+                    f"{routine.name}: sub-routine {path[:80]!r}...: its context id would be longer than "
+                    f"{MAX_CONTEXT_ID_LENGTH} characters (shorter step ids, or less nesting)"
+                )
         version = self.register(routine)
         root.routine_id = f"{routine.name}@{version}"
         plan = self.plans.get(routine.name, version)
@@ -114,7 +122,11 @@ class RunEngine:
         )
         root = self.store.create_context(root, run=run)
         self.store.l2.count_l3_write(run_id)
-        self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root})
+        try:
+            self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root})
+        except RoutineError as exc:  # e.g. a first sub-routine that cannot inherit what it asks for
+            log_error(log, exc, f"run {run_id} failed before its first step")
+            self._fail_run(run_id, routine.name, version, {"": root.version}, str(exc))
         return run_id
 
     # ---- executing a step ---------------------------------------------------------------------
@@ -181,6 +193,7 @@ class RunEngine:
         for name, spec in node.initial.items():
             if name not in child.variables:
                 child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
+        child.exports = [ExportDeclaration(**spec.model_dump()) for spec in node.exports]  # merged up with the child
         try:
             created = self.store.create_context(child)
             self.store.l2.count_l3_write(run_id)
@@ -204,12 +217,11 @@ class RunEngine:
 
     def fail_run(self, message: StepMessage, error: str) -> None:
         """Fail the run of ``message`` (once: the first failure finalizes it)."""
-        if self.store.l2.mark_failed(message.run_id, error):
-            self.dispatcher.finalize(
-                FinalizeMessage(
-                    message.run_id, message.routine, message.routine_version, dict(message.versions), "failed", error
-                )
-            )
+        self._fail_run(message.run_id, message.routine, message.routine_version, dict(message.versions), error)
+
+    def _fail_run(self, run_id: str, routine: str, routine_version: int, versions: dict[str, int], error: str) -> None:
+        if self.store.l2.mark_failed(run_id, error):
+            self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, versions, "failed", error))
 
     def finalize(self, message: FinalizeMessage) -> bool:
         """Final contexts, exports and the run's status in one L3 transaction; False if already final."""
@@ -218,9 +230,15 @@ class RunEngine:
         summary = self.store.l2.run_summary(message.run_id)
         meta = {"steps": summary["steps"], "l3_writes": summary["l3_writes"] + 1}
         exports = export_records(contexts[0]) if message.status == "succeeded" else []
-        finished = self.store.finish_run(
-            message.run_id, status=message.status, error=message.error, meta=meta, contexts=contexts, exports=exports
-        )
+        try:
+            finished = self.store.finish_run(
+                message.run_id, status=message.status, error=message.error, meta=meta, contexts=contexts, exports=exports
+            )
+        except RoutineError as exc:  # L3 refuses the final data for good: the run fails, saying why
+            log_error(log, exc, f"run {message.run_id}: finalize")
+            finished = self.store.finish_run(
+                message.run_id, status="failed", error=f"finalize: {exc}", meta=meta, contexts=[], exports=[]
+            )
         if finished:
             self.store.l2.count_l3_write(message.run_id)
         self.store.l2.announce_done(message.run_id)
@@ -241,9 +259,18 @@ class RunEngine:
     # ---- write-behind ---------------------------------------------------------------------------
 
     def flush(self, context_id_: str) -> bool:
-        written = self.store.flush(context_id_)
+        run_id = run_of_context(context_id_)
+        try:
+            written = self.store.flush(context_id_)
+        except RoutineError as exc:  # L3 refuses this context for good: stop trying, fail its run
+            log_error(log, exc, f"run {run_id}: write-behind of {context_id_}")
+            self.store.give_up_flush(context_id_)
+            run = self.store.get_run(run_id)
+            if run is not None and run.routine_version is not None:
+                self._fail_run(run_id, run.routine_name, run.routine_version, {}, f"write-behind: {exc}")
+            return False
         if written:
-            self.store.l2.count_l3_write(run_of_context(context_id_))
+            self.store.l2.count_l3_write(run_id)
         return written
 
     def run_status(self, run_id: str) -> RunRow | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tasks.routine import ActionStep, MergeSpec, ParallelStep, Routine, SubRoutineStep, VariableSpec
+from tasks.routine import ActionStep, ExportSpec, MergeSpec, ParallelStep, Routine, SubRoutineStep, VariableSpec
 
 NodeKind = Literal["action", "child_end", "fork", "join", "child_start", "finish"]
 REAL_KINDS = ("action", "child_end")
@@ -32,6 +32,7 @@ class Node:
     child_context: str | None = None
     inherit: list[str] = field(default_factory=list)
     initial: dict[str, VariableSpec] = field(default_factory=dict)  # a sub-routine's own variables
+    exports: list[ExportSpec] = field(default_factory=list)  # a sub-routine's own exports
     merge: MergeSpec | None = None
     concurrency: MergeSpec | None = None  # how concurrent sets in this node's context resolve
 
@@ -101,7 +102,7 @@ def compile_plan(routine: Routine) -> Plan:
         start = add(
             Node(
                 0, "child_start", f"{sid}:start", ctx, next=first, child_context=child,
-                inherit=list(step.inherit), initial=step.routine.initial_variables(),
+                inherit=list(step.inherit), initial=step.routine.initial_variables(), exports=list(step.routine.exports),
             )
         )
         return start, end

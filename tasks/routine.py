@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from state.errors import InvalidRoutine
-from state.limits import NAME_PATTERN
+from state.limits import MAX_NESTING, MAX_TEXT_LENGTH, NAME_PATTERN
 from state.models import ConflictResolutionStrategy, DataSensitivity, ExportDestination
 from tasks.actions import check_action
 
@@ -91,10 +91,10 @@ Step = Annotated[
 
 
 class ExportSpec(_Strict):
-    variable: str
+    variable: str = Field(pattern=NAME_PATTERN.pattern)
     destination: ExportDestination
-    scope: str = "default"
-    key: str | None = None
+    scope: str = Field(default="default", min_length=1, max_length=MAX_TEXT_LENGTH)
+    key: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_LENGTH)
 
 
 class Routine(_Strict):
@@ -163,18 +163,86 @@ def _explain(source: str, error: ValidationError) -> InvalidRoutine:
     return InvalidRoutine(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}")
 
 
+MAX_ROUTINE_FILE_BYTES = 1 << 20  # a routine file, as read from disk
+MAX_DEFINITION_BYTES = 1 << 20  # a routine definition as JSON, after YAML aliases are expanded
+MAX_PATH_LENGTH = 4096  # a routine file's path, or a sub-routine reference
+
+
+def check_definition(data: Any, source: str) -> None:
+    """Refuse a definition that nests deeper than MAX_NESTING, holds NUL characters, or would take
+    more than MAX_DEFINITION_BYTES as JSON once YAML aliases are expanded.
+
+    Shared (aliased) parts are measured once and counted at every use, so a small file of nested
+    aliases is refused without ever being expanded.
+    """
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+
+    def measure(value: Any, level: int) -> int:
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidRoutine(f"{source}: a string holds a NUL character (\\u0000)")
+            return len(value) + 2
+        if not isinstance(value, (list, dict)):
+            return len(str(value))
+        if level > MAX_NESTING:
+            raise InvalidRoutine(f"{source}: nests deeper than {MAX_NESTING} levels")
+        known = id(value)
+        if known in sizes:
+            if level + depths[known] > MAX_NESTING:
+                raise InvalidRoutine(f"{source}: nests deeper than {MAX_NESTING} levels")
+            return sizes[known]
+        items = list(value.items()) if isinstance(value, dict) else [(None, item) for item in value]
+        total, deepest = 2, 0
+        for key, item in items:
+            if key is not None:
+                total += measure(str(key), level) + 1
+            total += measure(item, level + 1) + 1
+            if isinstance(item, (list, dict)):
+                deepest = max(deepest, 1 + depths[id(item)])
+            if total > MAX_DEFINITION_BYTES:
+                raise InvalidRoutine(
+                    f"{source}: the definition is larger than {MAX_DEFINITION_BYTES} bytes (YAML aliases expanded)"
+                )
+        sizes[known], depths[known] = total, deepest
+        return total
+
+    measure(data, 1)
+
+
 def parse_routine(data: Any, *, source: str = "<routine>") -> Routine:
+    """Validate a routine definition (a mapping, as from a file or the API) into a Routine."""
+    check_definition(data, source)
     try:
         return Routine.model_validate(data)
     except ValidationError as exc:
         raise _explain(source, exc) from None
+    except RecursionError:
+        raise InvalidRoutine(f"{source}: nests deeper than {MAX_NESTING} levels") from None
+
+
+def _checked_path(raw: Path | str, what: str) -> Path:
+    text = str(raw)
+    if "\x00" in text:
+        raise InvalidRoutine(f"{what}: the path holds a NUL character")
+    if len(text) > MAX_PATH_LENGTH:
+        raise InvalidRoutine(f"{what}: the path is longer than {MAX_PATH_LENGTH} characters")
+    return Path(text)
 
 
 def read_routine_file(path: Path) -> Any:
+    """The parsed content of a YAML or JSON routine file; InvalidRoutine for anything else."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidRoutine(f"{path}: cannot read ({exc.strerror})") from None
+        with open(path, "rb") as file:
+            raw = file.read(MAX_ROUTINE_FILE_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise InvalidRoutine(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if len(raw) > MAX_ROUTINE_FILE_BYTES:
+        raise InvalidRoutine(f"{path}: larger than {MAX_ROUTINE_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRoutine(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
@@ -184,6 +252,8 @@ def read_routine_file(path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InvalidRoutine(f"{path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise InvalidRoutine(f"{path}: nests deeper than {MAX_NESTING} levels") from None
 
 
 def load_routine(path: Path | str, resolve_stored=None, _seen: tuple[Path, ...] = ()) -> Routine:
@@ -191,7 +261,11 @@ def load_routine(path: Path | str, resolve_stored=None, _seen: tuple[Path, ...] 
 
     ``resolve_stored(name)`` returns a stored routine's definition (a dict) or None.
     """
-    path = Path(path).resolve()
+    given = _checked_path(path, "routine file")
+    try:
+        path = given.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise InvalidRoutine(f"{given}: cannot read ({exc})") from None
     if path in _seen:
         raise InvalidRoutine(f"{path}: sub-routines include each other in a cycle")
     routine = parse_routine(read_routine_file(path), source=str(path))
@@ -214,14 +288,20 @@ def _resolve_subroutines(routine: Routine, path: Path, resolve_stored, seen: tup
 
 def _load_reference(step: SubRoutineStep, path: Path, resolve_stored, seen: tuple[Path, ...]) -> Routine:
     reference = str(step.routine)
-    candidate = (path.parent / reference).resolve()
-    if candidate.suffix in (".yaml", ".yml", ".json") or candidate.exists():
+    where = f"{path}: step {step.id!r}"
+    _checked_path(reference, where)
+    try:
+        candidate = (path.parent / reference).resolve()
+        is_file = candidate.suffix in (".yaml", ".yml", ".json") or candidate.exists()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InvalidRoutine(f"{where}: sub-routine {reference[:80]!r}: {exc}") from None
+    if is_file:
         if not candidate.exists():
-            raise InvalidRoutine(f"{path}: step {step.id!r}: sub-routine file {reference!r} does not exist")
+            raise InvalidRoutine(f"{where}: sub-routine file {reference!r} does not exist")
         return load_routine(candidate, resolve_stored, seen)
-    stored = resolve_stored(reference) if resolve_stored else None
+    stored = resolve_stored(reference) if resolve_stored and NAME_PATTERN.fullmatch(reference) else None
     if stored is None:
-        raise InvalidRoutine(f"{path}: step {step.id!r}: no file or stored routine named {reference!r}")
+        raise InvalidRoutine(f"{where}: no file or stored routine named {reference[:200]!r}")
     return parse_routine(stored, source=f"stored routine {reference!r}")
 
 

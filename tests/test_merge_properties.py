@@ -19,13 +19,14 @@ settings.register_profile("merge-properties", max_examples=200, deadline=None, s
 PROPS = settings.get_profile("merge-properties")
 
 NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True)
-LEAVES = st.none() | st.booleans() | st.integers(min_value=-5, max_value=5) | st.integers() | st.text(max_size=6)
+TEXT = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")  # what PostgreSQL can store
+LEAVES = st.none() | st.booleans() | st.integers(min_value=-5, max_value=5) | st.integers() | st.text(TEXT, max_size=6)
 JSON = st.recursive(
     LEAVES,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(TEXT, max_size=4), children, max_size=4),
     max_leaves=12,
 )
-OBJECTS = st.dictionaries(st.text(max_size=3), JSON, max_size=5)
+OBJECTS = st.dictionaries(st.text(TEXT, max_size=3), JSON, max_size=5)
 STRATEGIES = st.sampled_from(list(S))
 NON_FAIL = st.sampled_from([s for s in S if s is not S.FAIL])
 TIMES = st.sampled_from([0.0, 1.0, 2.0, 3.0])

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec
-from state.errors import VersionConflict
+from state.errors import RefusedByDatabase, VersionConflict
 from state.keys import config_key, routine_key
 from state.models import RunContext
 from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
@@ -22,6 +22,30 @@ from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, Run
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _as_jsonb(value: Any) -> Any:
+    """A copy of a JSON value as PostgreSQL's JSONB gives it back (an integral 1e16 comes back an integer)."""
+    if isinstance(value, float) and value.is_integer() and "e" in repr(value):
+        return int(value)
+    if isinstance(value, list):
+        return [_as_jsonb(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_jsonb(item) for key, item in value.items()}
+    return value
+
+
+def _jsonb_text(operation: str, value: Any) -> str:
+    """The JSON text stored for a value, refused as PostgreSQL refuses it (NUL characters)."""
+    text = json.dumps(_as_jsonb(value))
+    if "\\u0000" in text:
+        raise RefusedByDatabase(operation, "22P05", "unsupported Unicode escape sequence")
+    return text
+
+
+def _check_width(operation: str, value: str | None, width: int) -> None:
+    if value is not None and len(value) > width:
+        raise RefusedByDatabase(operation, "22001", f"value too long for type character varying({width})")
 
 
 class MemoryL3:
@@ -45,7 +69,8 @@ class MemoryL3:
     # ---- contexts ------------------------------------------------------------------------------
 
     def _encode(self, ctx: RunContext) -> str:
-        return json.dumps(self.codec.to_document(ctx))
+        _check_width(f"save context {ctx.context_id[:40]}", ctx.context_id, 300)
+        return _jsonb_text(f"save context {ctx.context_id}", self.codec.to_document(ctx))
 
     def get_context(self, context_id: str) -> RunContext | None:
         with self._lock:
@@ -63,9 +88,10 @@ class MemoryL3:
         return None if stored is None else stored[0]
 
     def _create(self, ctx: RunContext) -> None:
+        document = self._encode(ctx)
         if ctx.context_id in self._snapshots:
             raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, self._snapshots[ctx.context_id][0])
-        self._snapshots[ctx.context_id] = (ctx.version, self._encode(ctx))
+        self._snapshots[ctx.context_id] = (ctx.version, document)
 
     def _write_if_newer(self, ctx: RunContext) -> bool:
         stored = self._snapshots.get(ctx.context_id)
@@ -88,9 +114,15 @@ class MemoryL3:
     # ---- the run ledger ------------------------------------------------------------------------
 
     def create_run(self, run: RunRow, root: RunContext) -> None:
+        operation = f"create run {run.run_id[:100]}"
+        _check_width(operation, run.run_id, 100)
+        _check_width(operation, run.routine_name, 200)
+        meta = json.loads(_jsonb_text(operation, run.meta))
         with self._lock:
+            if run.run_id in self._runs:
+                raise RefusedByDatabase(operation, "23505", 'duplicate key value violates unique constraint "runs_pkey"')
             self._create(root)
-            self._runs[run.run_id] = replace(run, created_at=_now())
+            self._runs[run.run_id] = replace(run, meta=meta, created_at=_now())
             self.writes += 1
 
     def finish_run(
@@ -103,34 +135,43 @@ class MemoryL3:
         contexts: list[RunContext],
         exports: list[ExportRecord],
     ) -> bool:
+        operation = f"finish run {run_id}"
+        stored_meta = json.loads(_jsonb_text(operation, meta))
+        if error is not None and "\x00" in error:
+            raise RefusedByDatabase(operation, "22021", "invalid byte sequence for encoding \"UTF8\": 0x00")
+        records = [(record, json.loads(_jsonb_text(operation, record.value))) for record in exports]
+        for record in exports:
+            for text in (record.variable, record.key, record.scope):
+                _check_width(operation, text, 200)
         with self._lock:
             run = self._runs.get(run_id)
             if run is None or run.status in FINAL_STATUSES:
                 return False
             documents = [(ctx, self._encode(ctx)) for ctx in contexts]  # encode all before changing anything
-            self._runs[run_id] = replace(run, status=status, error=error, meta=dict(meta), finished_at=_now())
+            self._runs[run_id] = replace(run, status=status, error=error, meta=stored_meta, finished_at=_now())
             for ctx, document in documents:
                 stored = self._snapshots.get(ctx.context_id)
                 if stored is None or stored[0] < ctx.version:
                     self._snapshots[ctx.context_id] = (ctx.version, document)
-            for record in exports:
+            for record, value in records:
                 if record.destination == "blackboard":
                     previous = self.blackboard.get((record.scope, record.key))
                     self.blackboard[(record.scope, record.key)] = {
-                        "value": record.value, "sensitivity": record.sensitivity, "run_id": record.run_id,
+                        "value": value, "sensitivity": record.sensitivity, "run_id": record.run_id,
                         "version": 1 if previous is None else previous["version"] + 1,
                     }
                 else:
                     self.exports.setdefault(
                         (record.run_id, record.key, record.scope),
-                        {"variable": record.variable, "value": record.value, "sensitivity": record.sensitivity},
+                        {"variable": record.variable, "value": value, "sensitivity": record.sensitivity},
                     )
             self.writes += 1
             return True
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._lock:
-            return self._runs.get(run_id)
+            run = self._runs.get(run_id)
+            return None if run is None else replace(run, meta=json.loads(json.dumps(run.meta)))
 
     # ---- routine definitions and configurations ----------------------------------------------------
 

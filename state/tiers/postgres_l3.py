@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from state.codec import DEFAULT_CODEC, Codec
-from state.errors import CommunicationFailure, TransactionFailed, VersionConflict
+from state.errors import CommunicationFailure, RefusedByDatabase, TransactionFailed, VersionConflict
 from state.keys import config_key, routine_key
 from state.models import RunContext, StateCacheConfig
 from state.schema import blackboard_entries, configurations, context_snapshots, exports, routines, runs
@@ -34,6 +34,13 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
 
 def _is_transient(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+
+
+def _refused(operation: str, exc: DBAPIError) -> RefusedByDatabase:
+    """A permanent database error as a runctx error, without the statement's parameters or data."""
+    diag = getattr(exc.orig, "diag", None)
+    reason = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+    return RefusedByDatabase(operation, getattr(exc.orig, "sqlstate", None), reason)
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:
@@ -62,7 +69,8 @@ class PostgresTier:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresTier":
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        # hide_parameters: an error never carries the values it was about to write.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True)
         return cls(engine, **kwargs)
 
     def close(self) -> None:
@@ -86,7 +94,7 @@ class PostgresTier:
             except DBAPIError as exc:
                 retryable = _is_transient(exc) or _is_connection_error(exc)
                 if not retryable:
-                    raise
+                    raise _refused(operation, exc) from None
                 if attempt == self.retry_attempts:
                     if _is_connection_error(exc):
                         raise CommunicationFailure("L3 (PostgreSQL)", exc) from exc
@@ -103,7 +111,7 @@ class PostgresTier:
         except DBAPIError as exc:
             if _is_connection_error(exc):
                 raise CommunicationFailure("L3 (PostgreSQL)", exc) from exc
-            raise
+            raise _refused("L3 read", exc) from None
 
     # ---- contexts ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
--- Fill a context entry from L3: never replaces a newer (or dirty) entry.
+-- Fill a context entry from L3: never replaces an entry holding that version or a newer one.
 -- KEYS: 1 context entry
 -- ARGV: 1 version, 2 payload, 3 checksum, 4 TTL s
 -- Returns 1 if written.

@@ -1,0 +1,741 @@
+"""The tier contracts, checked against every implementation: one test body per promise.
+
+Each L2 test runs against the in-memory twin (`MemoryL2`) and Redis (`RedisTier`, i.e. the Lua
+scripts); each L3 test against the twin (`MemoryL3`) and PostgreSQL (`PostgresTier`, i.e. the SQL).
+A test passes for both or the twin has drifted from what it stands in for; the real tier is the
+reference.
+
+L1 has one implementation (`LocalCache`); its section checks it against the `L1Tier` Protocol.
+
+The write-behind schedule is tested with explicit ``now`` values (T0 and later), never the clock.
+Memory cases need no server.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from typing import Any, Iterator
+
+import pytest
+from sqlalchemy import select
+
+from state.errors import ContextCorruption, RefusedByDatabase, VersionConflict
+from state.models import RunContext, RunContextInit, StateCacheConfig
+from state.schema import blackboard_entries, exports
+from state.tiers.contracts import ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow, StepStart
+from state.tiers.local import LocalCache
+from state.tiers.memory_l2 import MemoryL2
+from state.tiers.memory_l3 import MemoryL3
+from state.tiers.postgres_l3 import PostgresTier
+from state.tiers.redis_l2 import RedisTier
+
+T0 = 1_000.0  # "now" of the write-behind tests
+DEBOUNCE = 5.0
+MAX_DELAY = 12.0
+LEASE = 30.0
+WRITTEN_AT = 1_700_000_000.5
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def context(context_id: str = "run-1", version: int = 1, **variables: Any) -> RunContext:
+    """A context at ``version``; its variables default to {"n": version}, so versions differ in content."""
+    ctx = RunContext.from_init(
+        RunContextInit(
+            run_id=context_id.split("/")[0], routine_id="r", context_id=context_id, variables=variables or {"n": version}
+        )
+    )
+    ctx.version = version
+    ctx.written_at = dict.fromkeys(ctx.written_at, WRITTEN_AT)  # two calls with equal arguments: equal contexts
+    return ctx
+
+
+def data(ctx: RunContext | None) -> dict[str, Any] | None:
+    """What a context holds (pydantic's == also compares private size caches, which a decoded copy lacks)."""
+    return None if ctx is None else ctx.model_dump(mode="json")
+
+
+def commit(l2: L2Tier, ctx: RunContext, expected_version: int, now: float = T0) -> bool:
+    return l2.commit_context(ctx, expected_version=expected_version, now=now, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY)
+
+
+def damage(l2: L2Tier, context_id: str) -> None:
+    """Overwrite a stored context's payload with bytes that do not match its checksum."""
+    if isinstance(l2, RedisTier):
+        l2.client.hset(l2.keys.context(context_id), "d", b"garbage")
+    else:
+        l2.raw_context(context_id).payload = b"garbage"
+
+
+def ttl(l2: L2Tier, context_id: str) -> float | None:
+    """Seconds until a stored context expires; None when it has no TTL (the entry must exist)."""
+    assert l2.get_context(context_id) is not None
+    if isinstance(l2, RedisTier):
+        seconds = l2.client.ttl(l2.keys.context(context_id))
+        return None if seconds == -1 else seconds
+    return l2.expires_in(context_id)
+
+
+def exported(l3: L3Tier) -> dict[str, dict]:
+    """Every blackboard entry and persistent export L3 holds, in one normalized shape."""
+    if isinstance(l3, MemoryL3):
+        board = {key: dict(entry) for key, entry in l3.blackboard.items()}
+        kept = {key: dict(entry) for key, entry in l3.exports.items()}
+    else:
+        bb, ex = blackboard_entries.c, exports.c
+        board_rows = l3.read(lambda conn: conn.execute(select(bb.scope, bb.key, bb.value, bb.sensitivity, bb.run_id, bb.version)).all())
+        kept_rows = l3.read(lambda conn: conn.execute(select(ex.run_id, ex.key, ex.scope, ex.variable, ex.value, ex.sensitivity)).all())
+        board = {
+            (row.scope, row.key): {"value": row.value, "sensitivity": row.sensitivity, "run_id": row.run_id, "version": row.version}
+            for row in board_rows
+        }
+        kept = {
+            (row.run_id, row.key, row.scope): {"variable": row.variable, "value": row.value, "sensitivity": row.sensitivity}
+            for row in kept_rows
+        }
+    return {"blackboard": board, "persistent": kept}
+
+
+def run_row(run_id: str = "run-1", **fields: Any) -> RunRow:
+    values = dict(routine_name="greet", routine_version=2, root_context_id=run_id, status="running", meta={"by": "test"})
+    return RunRow(run_id=run_id, **{**values, **fields})
+
+
+def finish(l3: L3Tier, run_id: str = "run-1", **fields: Any) -> bool:
+    values = dict(status="succeeded", error=None, meta={}, contexts=[], exports=[])
+    return l3.finish_run(run_id, **{**values, **fields})
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def l2(request: pytest.FixtureRequest, cache_config: StateCacheConfig) -> Iterator[L2Tier]:
+    if request.param == "memory":
+        yield MemoryL2(prefix=f"rctxtest:{uuid.uuid4().hex[:12]}", config=cache_config)
+        return
+    servers = request.getfixturevalue("servers")
+    tier = RedisTier.from_url(servers.redis_url, prefix=request.getfixturevalue("key_prefix"), config=cache_config)
+    yield tier
+    tier.close()
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def l3(request: pytest.FixtureRequest, cache_config: StateCacheConfig) -> Iterator[L3Tier]:
+    if request.param == "memory":
+        yield MemoryL3()
+        return
+    tier = PostgresTier.from_url(request.getfixturevalue("database_url"), config=cache_config)
+    yield tier
+    tier.close()
+
+
+# ==== L2: the shared cache (MemoryL2 | RedisTier) ======================================================
+
+
+def test_l2_implements_the_protocol(l2: L2Tier) -> None:
+    assert isinstance(l2, L2Tier)
+    assert l2.ping() is True
+
+
+# ---- contexts ---------------------------------------------------------------------------------------
+
+
+def test_l2_get_of_a_missing_context_is_none(l2: L2Tier) -> None:
+    assert l2.get_context("nope") is None
+    assert l2.due_time("nope") is None
+
+
+def test_l2_fill_then_get_returns_a_clean_copy(l2: L2Tier) -> None:
+    ctx = context(version=3, greeting="hello", items=[1, {"a": None}])
+    assert l2.fill_context(ctx) is True
+    stored = l2.get_context("run-1")
+    assert (stored.version, stored.dirty) == (3, False)
+    assert data(stored.context) == data(ctx)
+    assert stored.context is not ctx
+
+
+def test_l2_fill_never_replaces_an_equal_or_newer_version(l2: L2Tier) -> None:
+    l2.fill_context(context(version=3))
+    assert l2.fill_context(context(version=3, n="other")) is False
+    assert l2.fill_context(context(version=2)) is False
+    assert data(l2.get_context("run-1").context) == data(context(version=3))
+    assert l2.fill_context(context(version=4)) is True
+    assert data(l2.get_context("run-1").context) == data(context(version=4))
+
+
+def test_l2_fill_leaves_a_dirty_entry_of_the_same_version(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0)
+    assert l2.fill_context(context(version=1, n="from L3")) is False
+    stored = l2.get_context("run-1")
+    assert (stored.context.variables, stored.dirty) == ({"n": 1}, True)
+    assert ttl(l2, "run-1") is None
+
+
+def test_l2_commit_over_version_0_creates_a_dirty_entry(l2: L2Tier) -> None:
+    ctx = context(version=1)
+    assert commit(l2, ctx, 0) is True
+    stored = l2.get_context("run-1")
+    assert (stored.version, stored.dirty) == (1, True)
+    assert data(stored.context) == data(ctx)
+    assert l2.due_time("run-1") == T0 + DEBOUNCE
+    assert l2.pending_flushes() == 1
+
+
+def test_l2_commit_with_the_expected_version_succeeds(l2: L2Tier) -> None:
+    l2.fill_context(context(version=1))
+    assert commit(l2, context(version=2), 1) is True
+    stored = l2.get_context("run-1")
+    assert (stored.version, stored.dirty, stored.context.variables) == (2, True, {"n": 2})
+
+
+def test_l2_stale_commit_raises_version_conflict_and_changes_nothing(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0)
+    commit(l2, context(version=2), 1, now=T0 + 1)
+    with pytest.raises(VersionConflict) as raised:
+        commit(l2, context(version=2, n="stale"), 1, now=T0 + 2)
+    conflict = raised.value
+    assert (conflict.tier, conflict.expected, conflict.actual) == ("L2", 1, 2)
+    assert conflict.key == l2.keys.context("run-1")
+    assert l2.get_context("run-1").context.variables == {"n": 2}
+    assert l2.due_time("run-1") == T0 + 1 + DEBOUNCE
+
+
+def test_l2_commit_over_version_0_of_an_existing_entry_conflicts(l2: L2Tier) -> None:
+    l2.fill_context(context(version=4))
+    with pytest.raises(VersionConflict) as raised:
+        commit(l2, context(version=1), 0)
+    assert (raised.value.expected, raised.value.actual) == (0, 4)
+    assert l2.get_context("run-1").version == 4
+    assert l2.pending_flushes() == 0
+
+
+def test_l2_commit_expecting_a_version_of_a_missing_entry_returns_false(l2: L2Tier) -> None:
+    assert commit(l2, context(version=3), 2) is False
+    assert l2.get_context("run-1") is None
+    assert l2.pending_flushes() == 0
+
+
+def test_l2_debounce_moves_the_due_time_but_never_past_the_max_delay(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0, now=T0)
+    assert l2.due_time("run-1") == T0 + DEBOUNCE
+    commit(l2, context(version=2), 1, now=T0 + 4)
+    assert l2.due_time("run-1") == T0 + 4 + DEBOUNCE
+    commit(l2, context(version=3), 2, now=T0 + 8)
+    assert l2.due_time("run-1") == T0 + MAX_DELAY  # not T0 + 8 + DEBOUNCE
+    commit(l2, context(version=4), 3, now=T0 + 11)
+    assert l2.due_time("run-1") == T0 + MAX_DELAY
+
+
+def test_l2_debounce_keeps_full_time_precision(l2: L2Tier) -> None:
+    now = time.time()
+    commit(l2, context(version=1), 0, now=now)
+    assert l2.due_time("run-1") == now + DEBOUNCE
+
+
+def test_l2_mark_flushed_of_the_current_version_makes_it_clean(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0)
+    commit(l2, context(version=2), 1, now=T0 + 1)
+    assert l2.mark_flushed("run-1", 2, now=T0 + 7, debounce_s=DEBOUNCE) is True
+    assert l2.pending_flushes() == 0
+    assert l2.due_time("run-1") is None
+    assert l2.get_context("run-1").dirty is False
+
+
+def test_l2_mark_flushed_of_an_older_version_reschedules_the_newer_one(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0, now=T0)
+    commit(l2, context(version=2), 1, now=T0 + 1)
+    assert l2.mark_flushed("run-1", 1, now=T0 + 20, debounce_s=DEBOUNCE) is False
+    assert l2.due_time("run-1") == T0 + 20 + DEBOUNCE
+    assert l2.get_context("run-1").dirty is True
+    # the newer changes got a window of their own, starting at the flush
+    commit(l2, context(version=3), 2, now=T0 + 29)
+    assert l2.due_time("run-1") == T0 + 20 + MAX_DELAY
+
+
+def test_l2_mark_flushed_after_a_clean_flush_starts_a_new_window(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0, now=T0)
+    l2.mark_flushed("run-1", 1, now=T0 + 6, debounce_s=DEBOUNCE)
+    commit(l2, context(version=2), 1, now=T0 + 50)
+    assert l2.due_time("run-1") == T0 + 50 + DEBOUNCE
+
+
+def test_l2_mark_flushed_of_a_missing_entry_unschedules_it(l2: L2Tier) -> None:
+    assert l2.mark_flushed("nope", 1, now=T0, debounce_s=DEBOUNCE) is True
+    assert l2.pending_flushes() == 0
+
+
+def test_l2_claim_due_claims_each_due_id_once_per_lease(l2: L2Tier) -> None:
+    commit(l2, context("run-a", 1), 0, now=T0)  # due T0 + 5
+    commit(l2, context("run-b", 1), 0, now=T0 + 2)  # due T0 + 7
+    commit(l2, context("run-c", 1), 0, now=T0 + 100)  # due T0 + 105
+    now = T0 + 8
+    assert sorted(l2.claim_due(now, lease_s=LEASE)) == ["run-a", "run-b"]
+    assert l2.due_time("run-a") == now + LEASE
+    assert l2.claim_due(now, lease_s=LEASE) == []
+    assert l2.claim_due(now + LEASE - 1, lease_s=LEASE) == []
+    assert sorted(l2.claim_due(now + LEASE + 1, lease_s=LEASE)) == ["run-a", "run-b"]
+    assert l2.pending_flushes() == 3  # a claim is a lease, not a removal
+
+
+def test_l2_claim_due_takes_the_earliest_first_up_to_the_limit(l2: L2Tier) -> None:
+    commit(l2, context("run-a", 1), 0, now=T0 + 2)
+    commit(l2, context("run-b", 1), 0, now=T0)
+    commit(l2, context("run-c", 1), 0, now=T0 + 1)
+    assert l2.claim_due(T0 + 10, lease_s=LEASE, limit=2) == ["run-b", "run-c"]
+    assert l2.claim_due(T0 + 10, lease_s=LEASE, limit=2) == ["run-a"]
+
+
+def test_l2_next_due_is_the_earliest(l2: L2Tier) -> None:
+    assert l2.next_due() is None
+    commit(l2, context("run-a", 1), 0, now=T0 + 3)
+    commit(l2, context("run-b", 1), 0, now=T0 + 1)
+    commit(l2, context("run-c", 1), 0, now=T0 + 2)
+    assert l2.next_due() == T0 + 1 + DEBOUNCE
+
+
+def test_l2_evict_up_to_a_version_spares_a_newer_entry(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0)
+    commit(l2, context(version=2), 1)
+    assert l2.evict_context("run-1", up_to_version=1) is False
+    assert l2.get_context("run-1").version == 2
+    assert l2.pending_flushes() == 1
+
+
+def test_l2_evict_up_to_a_version_drops_an_older_or_equal_entry_and_its_pending_write(l2: L2Tier) -> None:
+    commit(l2, context("run-a", 1), 0)
+    commit(l2, context("run-b", 1), 0)
+    assert l2.evict_context("run-a", up_to_version=1) is True
+    assert l2.evict_context("run-b", up_to_version=5) is True
+    assert l2.get_context("run-a") is None and l2.get_context("run-b") is None
+    assert l2.due_time("run-a") is None and l2.pending_flushes() == 0
+    assert l2.evict_context("run-a") is False
+
+
+def test_l2_evict_without_a_version_drops_any_entry(l2: L2Tier) -> None:
+    commit(l2, context(version=7), 0)
+    assert l2.evict_context("run-1") is True
+    assert l2.get_context("run-1") is None
+    # a commit after eviction starts over: the first-change time went with the entry
+    commit(l2, context(version=1), 0, now=T0 + 50)
+    assert l2.due_time("run-1") == T0 + 50 + DEBOUNCE
+
+
+def test_l2_damaged_payload_raises_context_corruption(l2: L2Tier) -> None:
+    l2.fill_context(context(version=1))
+    damage(l2, "run-1")
+    with pytest.raises(ContextCorruption) as raised:
+        l2.get_context("run-1")
+    assert raised.value.key == l2.keys.context("run-1")
+
+
+# ---- TTLs: a dirty entry never expires, a clean one does ------------------------------------------------
+
+
+def test_l2_filled_entry_has_the_context_ttl(l2: L2Tier, cache_config: StateCacheConfig) -> None:
+    l2.fill_context(context(version=1))
+    assert 0 < ttl(l2, "run-1") <= cache_config.l2_context_ttl_s
+
+
+def test_l2_committed_entry_has_no_ttl(l2: L2Tier) -> None:
+    l2.fill_context(context(version=1))
+    commit(l2, context(version=2), 1)
+    assert ttl(l2, "run-1") is None
+
+
+def test_l2_flushed_entry_gets_the_ttl_back(l2: L2Tier, cache_config: StateCacheConfig) -> None:
+    commit(l2, context(version=1), 0)
+    commit(l2, context(version=2), 1)
+    l2.mark_flushed("run-1", 1, now=T0 + 6, debounce_s=DEBOUNCE)
+    assert ttl(l2, "run-1") is None  # version 2 is still unwritten
+    l2.mark_flushed("run-1", 2, now=T0 + 12, debounce_s=DEBOUNCE)
+    assert 0 < ttl(l2, "run-1") <= cache_config.l2_context_ttl_s
+
+
+# ---- routine definitions and configurations -------------------------------------------------------------
+
+
+def test_l2_config_round_trip(l2: L2Tier) -> None:
+    assert l2.get_config("config:bot:a") is None
+    entry = ConfigEntry(key="config:bot:a", version=3, data={"model": "m", "tools": ["x", {"y": 1.5}], "on": True})
+    l2.put_config(entry)
+    assert l2.get_config("config:bot:a") == entry
+    l2.put_config(ConfigEntry(key="config:bot:a", version=4, data={"model": "n"}))
+    assert l2.get_config("config:bot:a") == ConfigEntry(key="config:bot:a", version=4, data={"model": "n"})
+    assert l2.evict_config("config:bot:a") is True
+    assert l2.get_config("config:bot:a") is None
+    assert l2.evict_config("config:bot:a") is False
+
+
+# ---- run records ----------------------------------------------------------------------------------------
+
+
+def test_l2_start_step_counts_attempts_per_task(l2: L2Tier) -> None:
+    assert l2.start_step("run-1", "task-1", "step-a") == StepStart(attempt=1, run_failed=False)
+    assert l2.start_step("run-1", "task-1", "step-a") == StepStart(attempt=2, run_failed=False)
+    assert l2.start_step("run-1", "task-2", "step-b") == StepStart(attempt=1, run_failed=False)
+    assert l2.start_step("run-2", "task-1", "step-a") == StepStart(attempt=1, run_failed=False)
+
+
+def test_l2_start_step_reports_a_failed_run(l2: L2Tier) -> None:
+    l2.start_step("run-1", "task-1", "step-a")
+    assert l2.mark_failed("run-1", "boom") is True
+    assert l2.start_step("run-1", "task-2", "step-b") == StepStart(attempt=1, run_failed=True)
+    assert l2.start_step("run-2", "task-3", "step-b").run_failed is False
+
+
+def test_l2_mark_failed_is_true_only_the_first_time(l2: L2Tier) -> None:
+    assert l2.mark_failed("run-1", "first") is True
+    assert l2.mark_failed("run-1", "second") is False
+    assert l2.mark_failed("run-2", "other run") is True
+
+
+def test_l2_run_summary_lists_finished_steps(l2: L2Tier) -> None:
+    assert l2.run_summary("run-1") == {"steps": [], "l3_writes": 0}
+    l2.start_step("run-1", "task-1", "step-a")
+    l2.start_step("run-1", "task-2", "step-a")  # redelivered under another task id: same step
+    l2.start_step("run-1", "task-3", "step-b")
+    l2.finish_step("run-1", "step-a", status="succeeded", worker="w1", duration_s=0.5)
+    l2.finish_step("run-1", "step-b", status="failed", worker="w2", duration_s=0.25)
+    summary = l2.run_summary("run-1")
+    steps = [{key: value for key, value in step.items() if key != "finished_at"} for step in summary["steps"]]
+    assert steps == [
+        {"id": "step-a", "status": "succeeded", "worker": "w1", "duration_s": 0.5, "attempts": 2},
+        {"id": "step-b", "status": "failed", "worker": "w2", "duration_s": 0.25, "attempts": 1},
+    ]
+    assert all(isinstance(step["finished_at"], float) for step in summary["steps"])
+
+
+def test_l2_count_l3_write_sums(l2: L2Tier) -> None:
+    l2.count_l3_write("run-1")
+    l2.count_l3_write("run-1", 3)
+    l2.count_l3_write("run-2", 5)
+    assert l2.run_summary("run-1")["l3_writes"] == 4
+    assert l2.run_summary("run-2")["l3_writes"] == 5
+
+
+def test_l2_wait_done_wakes_on_announce_done(l2: L2Tier) -> None:
+    l2.announce_done("run-1")
+    assert l2.wait_done("run-1", 1.0) is True
+
+
+def test_l2_wait_done_times_out_without_an_announcement(l2: L2Tier) -> None:
+    started = time.monotonic()
+    assert l2.wait_done("run-1", 0.05) is False
+    assert time.monotonic() - started < 2.0
+
+
+# ==== L3: the authoritative record (MemoryL3 | PostgresTier) ============================================
+
+
+def test_l3_implements_the_protocol(l3: L3Tier) -> None:
+    assert isinstance(l3, L3Tier)
+    assert l3.ping() is True
+
+
+# ---- contexts ---------------------------------------------------------------------------------------
+
+
+def test_l3_missing_context_is_none(l3: L3Tier) -> None:
+    assert l3.get_context("nope") is None
+    assert l3.context_version("nope") is None
+
+
+def test_l3_create_then_get_returns_the_context_at_its_version(l3: L3Tier) -> None:
+    ctx = context(version=1, greeting="hello", items=[1, {"a": None}], ratio=0.25)
+    assert l3.create_context(ctx) is None
+    assert data(l3.get_context("run-1")) == data(ctx)
+    assert l3.get_context("run-1").version == 1
+    assert l3.context_version("run-1") == 1
+
+
+def test_l3_create_of_an_existing_id_raises_version_conflict(l3: L3Tier) -> None:
+    l3.create_context(context(version=1))
+    l3.write_context(context(version=3))
+    with pytest.raises(VersionConflict) as raised:
+        l3.create_context(context(version=1, n="again"))
+    assert (raised.value.tier, raised.value.expected, raised.value.actual) == ("L3", 0, 3)
+    assert data(l3.get_context("run-1")) == data(context(version=3))
+
+
+def test_l3_write_context_writes_only_a_newer_version(l3: L3Tier) -> None:
+    assert l3.write_context(context(version=2)) is True  # the first write creates it
+    assert l3.write_context(context(version=4)) is True
+    assert l3.write_context(context(version=4, n="same version")) is False
+    assert l3.write_context(context(version=3)) is False
+    assert l3.context_version("run-1") == 4
+    assert data(l3.get_context("run-1")) == data(context(version=4))
+
+
+def test_l3_child_context_keeps_its_parent(l3: L3Tier) -> None:
+    parent = context(version=1)
+    child = parent.create_child("sub", context_id="run-1/sub")
+    child.version = 1
+    l3.create_context(parent)
+    l3.create_context(child)
+    got = l3.get_context("run-1/sub")
+    assert (got.parent_id, got.run_id, got.depth) == ("run-1", "run-1", 1)
+    assert data(got) == data(child)
+
+
+# ---- the run ledger -------------------------------------------------------------------------------------
+
+
+def test_l3_create_run_stores_the_run_and_its_root(l3: L3Tier) -> None:
+    root = context(version=1)
+    l3.create_run(run_row(), root)
+    run = l3.get_run("run-1")
+    assert (run.run_id, run.routine_name, run.routine_version, run.root_context_id) == ("run-1", "greet", 2, "run-1")
+    assert (run.status, run.error, run.meta, run.finished_at) == ("running", None, {"by": "test"}, None)
+    assert run.created_at is not None
+    assert data(l3.get_context("run-1")) == data(root)
+    assert l3.get_run("nope") is None
+
+
+def test_l3_create_run_with_an_existing_root_raises_and_stores_no_run(l3: L3Tier) -> None:
+    l3.create_context(context("run-2", 1, n="first"))
+    with pytest.raises(VersionConflict) as raised:
+        l3.create_run(run_row("run-2"), context("run-2", 1, n="second"))
+    assert (raised.value.tier, raised.value.expected, raised.value.actual) == ("L3", 0, 1)
+    assert l3.get_run("run-2") is None
+    assert l3.get_context("run-2").variables == {"n": "first"}
+
+
+def test_l3_finish_run_writes_status_contexts_and_exports(l3: L3Tier) -> None:
+    l3.create_run(run_row(), context(version=1))
+    l3.create_context(context("run-1/sub", 4))
+    finished = finish(
+        l3,
+        status="failed",
+        error="step x failed",
+        meta={"steps": 3, "by": "test"},
+        contexts=[context(version=2, n="final"), context("run-1/sub", 3, n="older")],
+        exports=[
+            ExportRecord("blackboard", "run-1", "answer", "answer", "team:ops", 42, "internal"),
+            ExportRecord("persistent", "run-1", "report", "summary", "default", {"lines": ["a", "b"]}, "public"),
+        ],
+    )
+    assert finished is True
+    run = l3.get_run("run-1")
+    assert (run.status, run.error, run.meta) == ("failed", "step x failed", {"steps": 3, "by": "test"})
+    assert run.finished_at is not None
+    assert (l3.context_version("run-1"), l3.get_context("run-1").variables) == (2, {"n": "final"})
+    assert (l3.context_version("run-1/sub"), l3.get_context("run-1/sub").variables) == (4, {"n": 4})  # not older
+    assert exported(l3) == {
+        "blackboard": {("team:ops", "answer"): {"value": 42, "sensitivity": "internal", "run_id": "run-1", "version": 1}},
+        "persistent": {
+            ("run-1", "summary", "default"): {"variable": "report", "value": {"lines": ["a", "b"]}, "sensitivity": "public"}
+        },
+    }
+
+
+def test_l3_finish_run_a_second_time_returns_false_and_changes_nothing(l3: L3Tier) -> None:
+    l3.create_run(run_row(), context(version=1))
+    record = ExportRecord("blackboard", "run-1", "answer", "answer", "team:ops", 42, "internal")
+    assert finish(l3, meta={"steps": 3}, contexts=[context(version=2)], exports=[record]) is True
+    before = (l3.get_run("run-1"), exported(l3))
+    again = finish(
+        l3,
+        status="failed",
+        error="late",
+        meta={"steps": 99},
+        contexts=[context(version=9)],
+        exports=[
+            ExportRecord("blackboard", "run-1", "answer", "answer", "team:ops", 0, "public"),
+            ExportRecord("persistent", "run-1", "report", "report", "default", "late", "public"),
+        ],
+    )
+    assert again is False
+    assert (l3.get_run("run-1"), exported(l3)) == before
+    assert (l3.get_run("run-1").status, l3.get_run("run-1").meta) == ("succeeded", {"steps": 3})
+    assert l3.context_version("run-1") == 2
+
+
+def test_l3_finish_run_of_an_unknown_run_returns_false(l3: L3Tier) -> None:
+    record = ExportRecord("persistent", "nope", "report", "report", "default", 1, "public")
+    assert finish(l3, "nope", contexts=[context("nope", 1)], exports=[record]) is False
+    assert l3.get_run("nope") is None
+    assert l3.get_context("nope") is None
+    assert exported(l3) == {"blackboard": {}, "persistent": {}}
+
+
+def test_l3_blackboard_export_replaces_and_persistent_export_keeps_the_first(l3: L3Tier) -> None:
+    for run_id, value in (("run-1", "one"), ("run-2", "two")):
+        l3.create_run(run_row(run_id), context(run_id, 1))
+        finish(
+            l3,
+            run_id,
+            exports=[
+                ExportRecord("blackboard", run_id, "answer", "answer", "swarm:1", value, "public"),
+                ExportRecord("persistent", run_id, "report", "report", "default", value, "public"),
+                ExportRecord("persistent", run_id, "other", "report", "default", "dropped", "secret"),
+            ],
+        )
+    assert exported(l3) == {
+        "blackboard": {("swarm:1", "answer"): {"value": "two", "sensitivity": "public", "run_id": "run-2", "version": 2}},
+        "persistent": {
+            (run_id, "report", "default"): {"variable": "report", "value": value, "sensitivity": "public"}
+            for run_id, value in (("run-1", "one"), ("run-2", "two"))
+        },
+    }
+
+
+# ---- routine definitions and configurations -------------------------------------------------------------
+
+
+def test_l3_put_config_counts_versions_and_get_returns_the_newest(l3: L3Tier) -> None:
+    assert l3.get_config("bot", "a") is None
+    assert l3.put_config("bot", "a", {"model": "m1"}) == 1
+    assert l3.put_config("bot", "a", {"model": "m2", "tools": [1, 2]}) == 2
+    assert l3.get_config("bot", "a") == ConfigEntry(key="config:bot:a", version=2, data={"model": "m2", "tools": [1, 2]})
+    assert l3.get_config("team", "a") is None
+
+
+def test_l3_put_config_with_a_wrong_expected_version_raises(l3: L3Tier) -> None:
+    l3.put_config("bot", "a", {"model": "m1"})
+    l3.put_config("bot", "a", {"model": "m2"})
+    with pytest.raises(VersionConflict) as raised:
+        l3.put_config("bot", "a", {"model": "stale"}, expected_version=1)
+    assert (raised.value.tier, raised.value.expected, raised.value.actual) == ("L3", 1, 2)
+    assert l3.get_config("bot", "a").data == {"model": "m2"}
+    assert l3.put_config("bot", "a", {"model": "m3"}, expected_version=2) == 3
+    assert l3.put_config("bot", "new", {}, expected_version=0) == 1
+    with pytest.raises(VersionConflict) as raised:
+        l3.put_config("bot", "missing", {}, expected_version=1)
+    assert (raised.value.expected, raised.value.actual) == (1, None)
+    assert l3.get_config("bot", "missing") is None
+
+
+def test_l3_put_routine_versions_and_get_routine(l3: L3Tier) -> None:
+    assert l3.put_routine("greet", {"steps": ["a"]}) == 1
+    assert l3.put_routine("greet", {"steps": ["a", "b"]}) == 2
+    assert l3.get_routine("greet") == ConfigEntry(key="routine:greet", version=2, data={"steps": ["a", "b"]})
+    assert l3.get_routine("greet", 1) == ConfigEntry(key="routine:greet@1", version=1, data={"steps": ["a"]})
+    assert l3.get_routine("greet", 3) is None
+    assert l3.get_routine("other") is None
+    assert l3.put_routine("other", {"steps": []}) == 1
+
+
+# ---- where a careless twin would differ: copies, refusals and number types --------------------------------
+
+
+def test_l3_create_run_of_an_existing_run_id_refuses_and_changes_nothing(l3: L3Tier) -> None:
+    l3.create_run(run_row(), context(version=1))
+    finish(l3, meta={"steps": 1})
+    other_root = context("run-1/again", 1)  # a root of another id, so the root's own check does not catch it
+    with pytest.raises(RefusedByDatabase):
+        l3.create_run(run_row(root_context_id="run-1/again", meta={}), other_root)
+    run = l3.get_run("run-1")
+    assert (run.status, run.root_context_id, run.meta) == ("succeeded", "run-1", {"steps": 1})
+    assert l3.get_context("run-1/again") is None
+
+
+def test_l3_refuses_a_string_holding_a_nul_character(l3: L3Tier) -> None:
+    ctx = context(version=1)
+    ctx.variables["text"] = "a\x00b"  # past set_variable, which refuses NUL before any tier sees it
+    with pytest.raises(RefusedByDatabase) as raised:
+        l3.create_context(ctx)
+    assert raised.value.sqlstate == "22P05"
+    assert l3.get_context("run-1") is None
+
+
+def test_l3_refuses_a_run_id_longer_than_100_characters(l3: L3Tier) -> None:
+    run_id = "r" * 101  # the engine's check_run_id refuses it first; the tier must refuse it too
+    with pytest.raises(RefusedByDatabase) as raised:
+        l3.create_run(run_row(run_id), context(run_id, 1))
+    assert raised.value.sqlstate == "22001"
+    assert l3.get_run(run_id) is None
+    assert l3.get_context(run_id) is None
+
+
+def test_l3_gives_numbers_back_as_jsonb_does(l3: L3Tier) -> None:
+    l3.create_context(context(version=1, big=1e16, one=1.0, small=1.5e-7))
+    variables = l3.get_context("run-1").variables
+    assert variables == {"big": 10**16, "one": 1.0, "small": 1.5e-7}
+    assert {name: type(value) for name, value in variables.items()} == {"big": int, "one": float, "small": float}
+
+
+def test_l3_keeps_its_own_copies_of_what_it_is_given(l3: L3Tier) -> None:
+    row = run_row(meta={"tags": ["created"]})
+    l3.create_run(row, context(version=1))
+    row.meta["tags"].append("changed after create_run")
+    meta_after_create = copy.deepcopy(l3.get_run("run-1").meta)
+
+    meta, value = {"tags": ["finished"]}, {"items": [1]}
+    finish(l3, meta=meta, exports=[ExportRecord("blackboard", "run-1", "v", "v", "team:ops", value, "public")])
+    meta["tags"].append("changed after finish_run")
+    value["items"].append("changed after finish_run")
+    assert {
+        "create_run meta": meta_after_create,
+        "finish_run meta": l3.get_run("run-1").meta,
+        "export value": exported(l3)["blackboard"][("team:ops", "v")]["value"],
+    } == {"create_run meta": {"tags": ["created"]}, "finish_run meta": {"tags": ["finished"]}, "export value": {"items": [1]}}
+
+
+def test_l3_get_run_gives_a_copy(l3: L3Tier) -> None:
+    l3.create_run(run_row(meta={"by": "test"}), context(version=1))
+    l3.get_run("run-1").meta["by"] = "changed by a reader"
+    assert l3.get_run("run-1").meta == {"by": "test"}
+
+
+# ==== L1: one process's LRU (LocalCache, the only implementation) =========================================
+
+
+@pytest.fixture
+def l1(cache_config: StateCacheConfig) -> LocalCache:
+    return LocalCache(cache_config)
+
+
+def test_l1_implements_the_protocol(l1: LocalCache) -> None:
+    assert isinstance(l1, L1Tier)
+
+
+def test_l1_an_entry_older_than_at_least_is_a_miss(l1: LocalCache) -> None:
+    ctx = context(version=2)
+    l1.put_context(ctx)
+    assert l1.get_context("run-1") is ctx
+    assert l1.get_context("run-1", at_least=2) is ctx
+    assert l1.get_context("run-1", at_least=3) is None
+    assert l1.context_version("run-1") == 2  # a miss does not drop it
+    assert l1.get_context("nope") is None and l1.context_version("nope") is None
+
+
+def test_l1_put_never_replaces_a_newer_version(l1: LocalCache) -> None:
+    l1.put_context(context(version=3))
+    l1.put_context(context(version=2))
+    assert l1.get_context("run-1").variables == {"n": 3}
+    l1.put_context(context(version=4))
+    assert l1.get_context("run-1").variables == {"n": 4}
+
+
+def test_l1_evict_up_to_a_version(l1: LocalCache) -> None:
+    l1.put_context(context(version=3))
+    assert l1.evict_context("run-1", up_to_version=2) is False
+    assert l1.context_version("run-1") == 3
+    assert l1.evict_context("run-1", up_to_version=3) is True
+    assert l1.get_context("run-1") is None
+    assert l1.evict_context("run-1") is False
+    l1.put_context(context(version=9))
+    assert l1.evict_context("run-1") is True
+
+
+def test_l1_config_entries_expire_after_their_ttl() -> None:
+    l1 = LocalCache(StateCacheConfig(l1_config_ttl_s=0.05))
+    entry = ConfigEntry(key="config:bot:a", version=1, data={"model": "m"})
+    l1.put_config(entry)
+    assert l1.get_config("config:bot:a") == entry
+    time.sleep(0.1)
+    assert l1.get_config("config:bot:a") is None
+
+
+def test_l1_evict_config_and_clear(l1: LocalCache) -> None:
+    l1.put_config(ConfigEntry(key="config:bot:a", version=1, data={}))
+    assert l1.evict_config("config:bot:a") is True
+    assert l1.evict_config("config:bot:a") is False
+    l1.put_config(ConfigEntry(key="config:bot:b", version=1, data={}))
+    l1.put_context(context(version=1))
+    l1.clear()
+    assert l1.get_config("config:bot:b") is None and l1.get_context("run-1") is None

@@ -7,6 +7,8 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     │   ├── TransactionFailed          an L3 transaction kept failing after its retries
     │   ├── VersionConflict            a compare-and-set lost to another writer (merged and retried)
     │   ├── ContextCorruption          a stored entry fails its checksum or shape (healed from L3)
+    │   ├── LineageLost                the state a step needs is in no tier any more: the run is rewound
+    │   ├── StaleEpoch                 a message or writer from before a rewind: refused, never applied
     │   ├── WorkersDidNotStart         local worker nodes did not come up
     │   ├── EmbeddedStackError         the embedded Redis/PostgreSQL did not start
     │   └── HealthCheckFailed          `runctx check` found a tier that does not do its job
@@ -114,6 +116,31 @@ class ContextCorruption(InfrastructureError):
     def __init__(self, key: str, detail: str) -> None:
         self.key, self.detail = key, detail
         super().__init__(f"corrupt entry {key}: {detail}")
+
+
+class LineageLost(InfrastructureError):
+    """The version a step needs is in no tier any more (L2 lost or corrupt, or holding another lineage).
+
+    The engine answers by rewinding the run to what L3 holds (a new epoch); it never leaves a task.
+    """
+
+    code = "LINEAGE_LOST"
+    severity = Severity.WARNING
+
+    def __init__(self, context_id: str, detail: str) -> None:
+        self.context_id, self.detail = context_id, detail
+        super().__init__(f"context {context_id}: {detail}")
+
+
+class StaleEpoch(InfrastructureError):
+    """A step message, finalize or writer from before a rewind: refused, never applied to the new lineage."""
+
+    code = "STALE_EPOCH"
+    severity = Severity.WARNING
+
+    def __init__(self, context_id: str, epoch: int, current: int) -> None:
+        self.context_id, self.epoch, self.current = context_id, epoch, current
+        super().__init__(f"context {context_id}: epoch {epoch} is stale, the run is at epoch {current}")
 
 
 class WorkersDidNotStart(InfrastructureError):

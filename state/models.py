@@ -130,6 +130,8 @@ class RunContext(BaseModel):
     parent_id: str | None = None
     depth: int = 0
     version: int = 0
+    # The run's lineage: raised by a rewind, after which versions restart from L3's (fencing).
+    epoch: int = 1
     variables: dict[str, Any] = Field(default_factory=dict)
     intermediate: dict[str, Any] = Field(default_factory=dict)
     exports: list[ExportDeclaration] = Field(default_factory=list)

@@ -46,7 +46,8 @@ runs = Table(
     Column("routine_name", String(200), nullable=False),
     Column("routine_version", Integer),
     Column("root_context_id", String(300), nullable=False),
-    Column("status", String(20), nullable=False),
+    Column("status", String(20), nullable=False, index=True),
+    Column("epoch", BigInteger, nullable=False, server_default="1"),
     Column("error", Text),
     Column("meta", JSONB, nullable=False, server_default="{}"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
@@ -62,6 +63,7 @@ context_snapshots = Table(
     Column("run_id", String(100), nullable=False, index=True),
     Column("parent_id", String(300)),
     Column("version", BigInteger, nullable=False),
+    Column("epoch", BigInteger, nullable=False, server_default="1"),
     Column("document", JSONB, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from state.change_events import ChangeEvent
-from state.errors import ContextCorruption, InvalidValue, NotFound, TransactionFailed, VersionConflict, log_error
+from state.errors import (
+    ContextCorruption,
+    InvalidValue,
+    LineageLost,
+    NotFound,
+    StaleEpoch,
+    TransactionFailed,
+    VersionConflict,
+    log_error,
+)
 from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.settings import Settings
@@ -130,6 +139,40 @@ class TieredStore:
     def get_context(self, context_id: str, *, at_least: int = 0) -> RunContext:
         return self.read_context(context_id, at_least=at_least)[0]
 
+    def read_for_step(self, context_id: str, *, epoch: int, at_least: int) -> RunContext:
+        """The context a step of ``epoch`` needs: its live lineage at version ``at_least`` or newer.
+
+        Never falls through to L3: a step's state lives in L2 until the write-behind, so if L2 no
+        longer holds it (lost, corrupt, or only a reader's copy) the versions since the last L3
+        write are gone and LineageLost asks for a rewind. StaleEpoch: the run was rewound past
+        ``epoch`` (the message is from before that, and is refused).
+        """
+        ctx = self.l1.get_context(context_id, at_least, epoch)
+        if ctx is not None:
+            self.stats.l1_hits += 1
+            return ctx
+        try:
+            stored = self.l2.get_context(context_id)
+        except ContextCorruption as exc:
+            log_error(log, exc, "dropping it; the run goes back to what L3 holds")
+            self.l2.evict_context(context_id)
+            self.l1.evict_context(context_id)
+            self.stats.corruptions_healed += 1
+            raise LineageLost(context_id, "its L2 entry was corrupt") from None
+        if stored is None:
+            raise LineageLost(context_id, f"needs epoch {epoch} version >= {at_least}, L2 holds nothing")
+        if stored.epoch > epoch:
+            raise StaleEpoch(context_id, epoch, stored.epoch)
+        if stored.epoch < epoch or not stored.live or stored.version < at_least:
+            raise LineageLost(
+                context_id,
+                f"needs epoch {epoch} version >= {at_least}, L2 holds epoch {stored.epoch} version {stored.version}"
+                + ("" if stored.live else " (a reader's copy)"),
+            )
+        self.l1.put_context(stored.context)
+        self.stats.l2_hits += 1
+        return stored.context
+
     def _read_l2(self, context_id: str) -> RunContext | None:
         try:
             stored = self.l2.get_context(context_id)
@@ -158,7 +201,7 @@ class TieredStore:
         else:
             self.l3.create_run(run, ctx)
         self.stats.l3_writes += 1
-        self.l2.fill_context(ctx)
+        self.l2.fill_context(ctx, live=True)
         self.l1.put_context(ctx)
         return ctx
 
@@ -182,7 +225,7 @@ class TieredStore:
         self.l1.put_context(ctx)
         return ctx
 
-    def _commit_l2(self, ctx: RunContext, expected_version: int) -> bool:
+    def _commit_l2(self, ctx: RunContext, expected_version: int, *, step: bool = False) -> bool:
         try:
             return self.l2.commit_context(
                 ctx,
@@ -190,6 +233,8 @@ class TieredStore:
                 now=self.clock(),
                 debounce_s=self.config.write_behind_debounce_s,
                 max_delay_s=self.config.write_behind_max_delay_s,
+                expected_epoch=ctx.epoch if step else None,
+                require_live=step,
             )
         except VersionConflict:
             self.stats.conflicts += 1
@@ -212,10 +257,19 @@ class TieredStore:
             working = latest.working_copy()
             mutate(working)
             working.applied_steps.append(step_id)
+            working.version = latest.version + 1
             try:
-                return StepCommit(self.commit(working, expected_version=latest.version), applied=True)
-            except VersionConflict as conflict:
-                latest = self.get_context(context_id, at_least=max(conflict.actual or 0, latest.version + 1))
+                if not self._commit_l2(working, latest.version, step=True):
+                    raise LineageLost(context_id, "its L2 entry disappeared while the step ran")
+                self.stats.l2_commits += 1
+                self.l1.put_context(working)
+                return StepCommit(working, applied=True)
+            except (VersionConflict, LineageLost) as conflict:
+                # Someone committed first, or the lineage changed: read again (which may refuse the
+                # step as stale, or ask for a rewind) and re-apply the changes to what is there now.
+                self.l1.evict_context(context_id)
+                actual = conflict.actual if isinstance(conflict, VersionConflict) else None
+                latest = self.read_for_step(context_id, epoch=base.epoch, at_least=max(actual or 0, latest.version + 1))
                 if step_id in latest.applied_steps:
                     return StepCommit(latest, applied=False)
                 time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
@@ -241,22 +295,25 @@ class TieredStore:
             self.stats.corruptions_healed += 1
             return False
         if stored is None:
-            self.mark_flushed(context_id, 0)  # nothing left to write
+            self.mark_flushed(context_id, 0, epoch=0, expire=False)  # nothing left to write
             return False
         ctx = stored.context
         written = self.l3.write_context(ctx)
-        self.mark_flushed(context_id, ctx.version)
+        # A running run's contexts keep no TTL: losing one would cost a rewind.
+        self.mark_flushed(context_id, ctx.version, epoch=ctx.epoch, expire=not stored.live)
         if written:
             self.stats.l3_writes += 1
         return written
 
     def give_up_flush(self, context_id: str) -> None:
         """Stop trying to write a context that L3 refuses for good (its run fails instead)."""
-        self.l2.mark_flushed(context_id, 2**53, now=self.clock(), debounce_s=self.config.write_behind_debounce_s)
+        self.mark_flushed(context_id, 2**53, epoch=2**31, expire=True)
 
-    def mark_flushed(self, context_id: str, version: int) -> None:
-        """Record that L3 holds ``version`` (written by a flush or by a finalize)."""
-        self.l2.mark_flushed(context_id, version, now=self.clock(), debounce_s=self.config.write_behind_debounce_s)
+    def mark_flushed(self, context_id: str, version: int, *, epoch: int = 1, expire: bool = False) -> None:
+        """Record that L3 holds (``epoch``, ``version``), written by a flush or by a finalize."""
+        self.l2.mark_flushed(
+            context_id, version, now=self.clock(), debounce_s=self.config.write_behind_debounce_s, epoch=epoch, expire=expire
+        )
 
     # ---- the run ledger ---------------------------------------------------------------------------
 
@@ -269,14 +326,80 @@ class TieredStore:
         meta: dict[str, Any],
         contexts: list[RunContext],
         exports: list[ExportRecord],
+        epoch: int | None = None,
     ) -> bool:
-        """Final contexts, exports and status in one L3 transaction; False if the run was final already."""
-        finished = self.l3.finish_run(run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports)
+        """Final contexts, exports and status in one L3 transaction; False if the run was final already
+        (or, with ``epoch``, rewound past it). Its contexts then get the context TTL in L2."""
+        finished = self.l3.finish_run(
+            run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
+        )
         if finished:
             self.stats.l3_writes += 1
             for ctx in contexts:
-                self.mark_flushed(ctx.context_id, ctx.version)
+                self.mark_flushed(ctx.context_id, ctx.version, epoch=ctx.epoch, expire=True)
         return finished
+
+    # ---- rewinding a run whose L2 state was lost ----------------------------------------------------
+
+    def rebuild_lineage(self, run_id: str, from_epoch: int) -> list[RunContext] | None:
+        """Start epoch ``from_epoch + 1`` of a run: each context continues from its newest intact state.
+
+        L3's epoch is raised first (so only one process rebuilds, and stale finalizes are refused);
+        then each context's live L2 entry of ``from_epoch``, if intact, is moved to the new epoch,
+        else L3's snapshot becomes the new live entry. Returns the contexts as they now stand in the
+        new epoch, or None if the run is finished or someone else rebuilt it already.
+        """
+        new_epoch = self.l3.begin_rewind(run_id, from_epoch)
+        if new_epoch is None:
+            return None
+        self.stats.l3_writes += 1
+        rebuilt = []
+        for snapshot in self.l3.run_contexts(run_id):
+            rebuilt.append(self._move_to_epoch(snapshot, from_epoch, new_epoch))
+        return rebuilt
+
+    def _move_to_epoch(self, snapshot: RunContext, from_epoch: int, new_epoch: int) -> RunContext:
+        context_id = snapshot.context_id
+        self.l1.evict_context(context_id)
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                stored = self.l2.get_context(context_id)
+            except ContextCorruption:
+                self.l2.evict_context(context_id)
+                stored = None
+            if stored is None or not stored.live or stored.epoch != from_epoch or stored.version < snapshot.version:
+                base = snapshot.working_copy()
+                base.epoch = new_epoch
+                self.l2.evict_context(context_id)
+                if self.l2.fill_context(base, live=True):
+                    return base
+                continue  # someone wrote meanwhile: look again
+            moved = stored.context.working_copy()
+            moved.epoch = new_epoch
+            try:
+                # Same version, new epoch: writers of the old epoch are refused from now on.
+                if self.l2.commit_context(
+                    moved,
+                    expected_version=stored.version,
+                    now=self.clock(),
+                    debounce_s=self.config.write_behind_debounce_s,
+                    max_delay_s=self.config.write_behind_max_delay_s,
+                    expected_epoch=from_epoch,
+                    require_live=True,
+                ):
+                    return moved
+            except (VersionConflict, LineageLost):
+                continue  # a step of the old epoch committed meanwhile: take that one
+        raise TransactionFailed(f"rewind of context {context_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
+
+    def discard_context(self, context_id: str) -> None:
+        """Forget a context everywhere (a child whose creation the rebuilt lineage has not reached)."""
+        self.l3.discard_context(context_id)
+        self.l2.evict_context(context_id)
+        self.l1.evict_context(context_id)
+
+    def running_runs(self, limit: int = 1000) -> list[RunRow]:
+        return self.l3.running_runs(limit)
 
     def get_run(self, run_id: str) -> RunRow | None:
         return self.l3.get_run(run_id)

@@ -57,8 +57,10 @@ class StepTask(Task):
     max_retries=_settings.step_max_attempts,
     **RETRY_OPTIONS,
 )
-def step(self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "") -> None:
-    message = StepMessage(run_id, routine, routine_version, node, versions, step_id)
+def step(
+    self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "", epoch: int = 1
+) -> None:
+    message = StepMessage(run_id, routine, routine_version, node, versions, step_id, epoch)
     _engine().execute_step(message, task_id=self.request.id, worker=self.request.hostname or "?")
 
 
@@ -79,8 +81,11 @@ def write_behind(self: Any, context_id: str) -> str:
     max_retries=50,
     **RETRY_OPTIONS,
 )
-def finalize(self: Any, run_id: str, routine: str, routine_version: int, versions: dict[str, int], status: str, error: str | None = None) -> bool:
-    return _engine().finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error))
+def finalize(
+    self: Any, run_id: str, routine: str, routine_version: int, versions: dict[str, int], status: str,
+    error: str | None = None, epoch: int = 1,
+) -> bool:
+    return _engine().finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error, epoch))
 
 
 @shared_task(name="runctx.noop_chain", bind=True)

@@ -13,13 +13,13 @@ import time
 import uuid
 from typing import Any
 
-from state.errors import InvalidRoutine, NotFound, RoutineError, VersionConflict, log_error
+from state.errors import InvalidRoutine, LineageLost, NotFound, RoutineError, StaleEpoch, VersionConflict, log_error
 from state.keys import context_id, run_of_context
 from state.limits import MAX_CONTEXT_ID_LENGTH, check_run_id
 from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
 from state.store import StepCommit, TieredStore
-from state.tiers.contracts import ExportRecord, RunRow
-from tasks.advance import next_work
+from state.tiers.contracts import FINAL_STATUSES, ExportRecord, RunRow
+from tasks.advance import next_work, resume_points
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Node, Plan, compile_plan
 from tasks.routine import Routine, parse_routine
@@ -70,6 +70,8 @@ class RunEngine:
         self.limits = limits or ResourceLimits()
         self.plans = PlanCache(store)
         self.steps = StepExecutor(store)
+        self.running: dict[str, str] = {}  # task id -> run id of the steps this process runs now
+        self.rewinds = 0
 
     # ---- submitting ---------------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class RunEngine:
         root = self.store.create_context(root, run=run)
         self.store.l2.count_l3_write(run_id)
         try:
-            self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root})
+            self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root}, root.epoch)
         except RoutineError as exc:  # e.g. a first sub-routine that cannot inherit what it asks for
             log_error(log, exc, f"run {run_id} failed before its first step")
             self._fail_run(run_id, routine.name, version, {"": root.version}, str(exc))
@@ -142,14 +144,24 @@ class RunEngine:
             self._fail(message, node, worker, f"step {node.step_id!r} was started {start.attempt - 1} times without finishing")
             return None
         started = time.perf_counter()
+        self.running[task_id] = message.run_id
         try:
             outcome = self.steps.run(message, node)
+        except StaleEpoch as exc:
+            log.info("run %s: %s refused: %s", message.run_id, node.step_id, exc)
+            return None
+        except LineageLost as exc:
+            log_error(log, exc, f"run {message.run_id}: step {node.step_id!r} cannot find its state")
+            self.rewind(message.run_id, message.epoch)
+            return None
         except RoutineError as exc:
             self.store.l2.finish_step(
                 message.run_id, node.step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started
             )
             self._fail(message, node, worker, f"step {node.step_id!r}: {exc}", exc)
             return None
+        finally:
+            self.running.pop(task_id, None)
         if outcome.applied:
             self.store.l2.finish_step(
                 message.run_id, node.step_id, status="succeeded", worker=worker, duration_s=time.perf_counter() - started
@@ -159,9 +171,44 @@ class RunEngine:
             versions = {**message.versions, node.context: outcome.context.version}
             self._dispatch(
                 plan, message.run_id, message.routine, message.routine_version, node.next, versions,
-                {node.context: outcome.context},
+                {node.context: outcome.context}, message.epoch,
             )
         return outcome
+
+    # ---- rewinding ------------------------------------------------------------------------------
+
+    def rewind(self, run_id: str, from_epoch: int) -> bool:
+        """Rebuild a run whose state L2 lost from what the tiers still hold, in a new epoch, and go on.
+
+        Each context continues from its newest intact state (L2's live entry, else L3's snapshot);
+        the steps that state does not contain run again (the plan says which follow the applied
+        ones), each applying once as always; messages of the old epoch are refused from now on.
+        Returns False if there was nothing to do (run finished, or rewound by someone else).
+        """
+        run = self.store.get_run(run_id)
+        if run is None or run.status in FINAL_STATUSES or run.routine_version is None:
+            return False
+        contexts = self.store.rebuild_lineage(run_id, from_epoch)
+        if contexts is None:
+            return False
+        plan = self.plans.get(run.routine_name, run.routine_version)
+        by_path = {_path_in_run(run_id, ctx.context_id): ctx for ctx in contexts}
+        if "" not in by_path:
+            raise LineageLost(run_id, "the run's root context is in no tier")
+        resume = resume_points(plan, by_path)
+        for path in resume.orphans:
+            self.store.discard_context(context_id(run_id, path))
+            del by_path[path]
+        versions = {path: ctx.version for path, ctx in by_path.items()}
+        epoch = from_epoch + 1
+        log.warning(
+            "run %s rewound to epoch %d from what the tiers hold: %d context(s), resuming at %d point(s)",
+            run_id, epoch, len(by_path), len(resume.points),
+        )
+        self.rewinds += 1
+        for index in resume.points:
+            self._dispatch(plan, run_id, run.routine_name, run.routine_version, index, versions, by_path, epoch)
+        return True
 
     # ---- what comes next ----------------------------------------------------------------------
 
@@ -174,22 +221,28 @@ class RunEngine:
         index: int | None,
         versions: dict[str, int],
         contexts: dict[str, RunContext],
+        epoch: int,
     ) -> None:
         def create_child(node: Node, parent: RunContext) -> RunContext:
             return self._create_child(plan, run_id, node, parent)
 
         for work in next_work(plan, index, versions, contexts, create_child):
             if work.node is None:
-                self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, work.versions, status="succeeded"))
+                self.dispatcher.finalize(
+                    FinalizeMessage(run_id, routine, routine_version, work.versions, status="succeeded", epoch=epoch)
+                )
             else:
                 step_id = plan.node(work.node).step_id
-                self.dispatcher.step(StepMessage(run_id, routine, routine_version, work.node, work.versions, step_id=step_id))
+                self.dispatcher.step(
+                    StepMessage(run_id, routine, routine_version, work.node, work.versions, step_id=step_id, epoch=epoch)
+                )
 
     def _create_child(self, plan: Plan, run_id: str, node: Node, parent: RunContext) -> RunContext:
         assert node.child_context is not None
         child = parent.create_child(
             plan.contexts[node.child_context], inherit=node.inherit, context_id=context_id(run_id, node.child_context)
         )
+        child.epoch = parent.epoch
         for name, spec in node.initial.items():
             if name not in child.variables:
                 child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
@@ -199,7 +252,7 @@ class RunEngine:
             self.store.l2.count_l3_write(run_id)
             return created
         except VersionConflict:  # created by an earlier delivery of this message
-            return self.store.get_context(child.context_id)
+            return self.store.read_for_step(child.context_id, epoch=parent.epoch, at_least=1)
 
     # ---- failing and finishing ----------------------------------------------------------------
 
@@ -224,15 +277,29 @@ class RunEngine:
             self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, versions, "failed", error))
 
     def finalize(self, message: FinalizeMessage) -> bool:
-        """Final contexts, exports and the run's status in one L3 transaction; False if already final."""
+        """Final contexts, exports and the run's status in one L3 transaction; False if already final.
+
+        A succeeded finalize reads its run's live lineage: from before a rewind it is refused
+        (StaleEpoch); if the lineage is lost, the run is rewound (and finalized again later).
+        """
         plan = self.plans.get(message.routine, message.routine_version)
-        contexts = self._final_contexts(plan, message)
+        try:
+            contexts = self._final_contexts(plan, message)
+        except StaleEpoch as exc:
+            log.info("run %s: finalize refused: %s", message.run_id, exc)
+            return False
+        except LineageLost as exc:
+            log_error(log, exc, f"run {message.run_id}: finalize cannot find the final state")
+            self.rewind(message.run_id, message.epoch)
+            return False
         summary = self.store.l2.run_summary(message.run_id)
         meta = {"steps": summary["steps"], "l3_writes": summary["l3_writes"] + 1}
         exports = export_records(contexts[0]) if message.status == "succeeded" else []
+        epoch = message.epoch if message.status == "succeeded" else None  # a failure ends any epoch
         try:
             finished = self.store.finish_run(
-                message.run_id, status=message.status, error=message.error, meta=meta, contexts=contexts, exports=exports
+                message.run_id, status=message.status, error=message.error, meta=meta, contexts=contexts,
+                exports=exports, epoch=epoch,
             )
         except RoutineError as exc:  # L3 refuses the final data for good: the run fails, saying why
             log_error(log, exc, f"run {message.run_id}: finalize")
@@ -248,9 +315,13 @@ class RunEngine:
         """The run's contexts as they are now, the root first (children that never started are skipped)."""
         contexts = []
         for path in plan.contexts:
+            ctx_id = context_id(message.run_id, path)
+            if message.status == "succeeded":  # every sub-routine ran: each context is there
+                at_least = message.versions.get(path, 1)
+                contexts.append(self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=at_least))
+                continue
             try:
-                at_least = message.versions.get(path, 1) if message.status == "succeeded" else 0
-                contexts.append(self.store.get_context(context_id(message.run_id, path), at_least=at_least))
+                contexts.append(self.store.get_context(ctx_id))
             except NotFound:
                 if path == "":
                     raise
@@ -275,6 +346,10 @@ class RunEngine:
 
     def run_status(self, run_id: str) -> RunRow | None:
         return self.store.get_run(run_id)
+
+
+def _path_in_run(run_id: str, context_id_: str) -> str:
+    return "" if context_id_ == run_id else context_id_[len(run_id) + 1 :]
 
 
 def export_records(root: RunContext) -> list[ExportRecord]:

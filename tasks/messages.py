@@ -15,6 +15,8 @@ class StepMessage:
     # The version each context must at least have for this step: read-after-write across workers.
     versions: dict[str, int] = field(default_factory=dict)
     step_id: str = ""
+    # The run's epoch when this was sent: after a rewind, messages of an older epoch are refused.
+    epoch: int = 1
 
     def as_kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -28,6 +30,7 @@ class FinalizeMessage:
     versions: dict[str, int]
     status: str  # succeeded | failed
     error: str | None = None
+    epoch: int = 1
 
     def as_kwargs(self) -> dict[str, Any]:
         return asdict(self)

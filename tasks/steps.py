@@ -48,7 +48,7 @@ class StepExecutor:
 
     def _read(self, message: StepMessage, path: str) -> tuple[str, RunContext]:
         ctx_id = context_id(message.run_id, path)
-        return ctx_id, self.store.get_context(ctx_id, at_least=message.versions.get(path, 1))
+        return ctx_id, self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=message.versions.get(path, 1))
 
     def _apply_action(self, message: StepMessage, node: Node) -> StepCommit:
         ctx_id, base = self._read(message, node.context)

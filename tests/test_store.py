@@ -124,6 +124,10 @@ def test_write_behind_coalesces_many_commits_into_one_l3_write(store: TieredStor
     assert store.l3.get_context(ctx.context_id).get("n") == 11
     assert store.l3.context_version(ctx.context_id) == 11
     assert store.l2.pending_flushes() == 0
+    # Clean now, but its run goes on: a live context keeps no TTL (losing it would cost a rewind) ...
+    assert store.l2.client.ttl(store.l2.keys.context(ctx.context_id)) == -1
+    # ... until its run finishes.
+    store.mark_flushed(ctx.context_id, 11, expire=True)  # as the run's finalize does
     assert 0 < store.l2.client.ttl(store.l2.keys.context(ctx.context_id)) <= store.config.l2_context_ttl_s
 
 

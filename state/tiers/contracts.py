@@ -31,11 +31,17 @@ class ConfigEntry:
 
 @dataclass(frozen=True)
 class StoredContext:
-    """A context as read from L2, with whether it holds changes not yet written to L3."""
+    """A context as read from L2: whether it holds changes not yet written to L3, and whether it is
+    a live lineage (created, committed to or rebuilt by a rewind) or a reader's copy filled from L3."""
 
     context: RunContext
     version: int
     dirty: bool
+    live: bool = True
+
+    @property
+    def epoch(self) -> int:
+        return self.context.epoch
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class RunRow:
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    epoch: int = 1  # raised by every rewind: messages of an older epoch are refused
+    updated_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ FINAL_STATUSES = ("succeeded", "failed")
 
 @runtime_checkable
 class L1Tier(Protocol):
-    def get_context(self, context_id: str, at_least: int = 0) -> RunContext | None: ...
+    def get_context(self, context_id: str, at_least: int = 0, epoch: int | None = None) -> RunContext | None: ...
     def put_context(self, ctx: RunContext) -> None: ...
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def context_version(self, context_id: str) -> int | None: ...
@@ -94,19 +102,33 @@ class L2Tier(Protocol):
         """The entry, checked against its checksum; raises ContextCorruption if it fails."""
 
     def commit_context(
-        self, ctx: RunContext, *, expected_version: int, now: float, debounce_s: float, max_delay_s: float
+        self,
+        ctx: RunContext,
+        *,
+        expected_version: int,
+        now: float,
+        debounce_s: float,
+        max_delay_s: float,
+        expected_epoch: int | None = None,
+        require_live: bool = False,
     ) -> bool:
-        """CAS ``ctx`` (carrying its new version) over ``expected_version`` and schedule its L3 write.
+        """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write.
 
         False: no entry though a version was expected (the caller refills it from L3). Raises
-        VersionConflict on a stale write.
+        VersionConflict on a stale write, and LineageLost when the entry is of another epoch than
+        ``expected_epoch`` or (with ``require_live``) a reader's copy rather than a live lineage.
         """
 
-    def fill_context(self, ctx: RunContext) -> bool:
-        """Store a clean copy read from L3, unless that version or a newer one is there."""
+    def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
+        """Store ``ctx`` at its epoch and version: a reader's copy from L3 (with the context TTL), or
+        (``live``) the start of a lineage, without TTL. Never replaces a newer epoch, or the same
+        epoch at that version or a newer one."""
 
-    def mark_flushed(self, context_id: str, version: int, *, now: float, debounce_s: float) -> bool:
-        """L3 holds ``version``: unschedule the write (or reschedule it if newer changes came)."""
+    def mark_flushed(
+        self, context_id: str, version: int, *, now: float, debounce_s: float, epoch: int = 1, expire: bool = True
+    ) -> bool:
+        """L3 holds (``epoch``, ``version``): unschedule the write (or reschedule it if newer changes
+        came); with ``expire``, a clean entry gets the context TTL (a running run's contexts keep none)."""
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def due_time(self, context_id: str) -> float | None: ...
@@ -157,10 +179,26 @@ class L3Tier(Protocol):
         meta: dict[str, Any],
         contexts: list[RunContext],
         exports: list[ExportRecord],
+        epoch: int | None = None,
     ) -> bool:
-        """Final contexts, exports and status in one transaction; False (nothing written) if already final."""
+        """Final contexts, exports and status in one transaction; False (nothing written) if already
+        final, or (with ``epoch``) if the run has been rewound past that epoch."""
 
     def get_run(self, run_id: str) -> RunRow | None: ...
+
+    def running_runs(self, limit: int = 1000) -> list[RunRow]:
+        """Runs that are not finished, oldest change first."""
+
+    # rewinding a run whose L2 state was lost
+    def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
+        """Raise a running run's epoch from ``from_epoch``; the new epoch, or None if the run is
+        finished or already past that epoch (someone else rewound it)."""
+
+    def run_contexts(self, run_id: str) -> list[RunContext]:
+        """Every stored context of a run (with the steps each holds)."""
+
+    def discard_context(self, context_id: str) -> None:
+        """Forget a context (a child of a lineage a rewind gave up)."""
 
     # routine definitions and configurations
     def get_config(self, kind: str, name: str) -> ConfigEntry | None: ...

@@ -26,19 +26,19 @@ class LocalCache:
         self._configs: TTLCache[str, ConfigEntry] = TTLCache(maxsize=config.l1_configs, ttl=config.l1_config_ttl_s)
         self._lock = threading.Lock()
 
-    def get_context(self, context_id: str, at_least: int = 0) -> RunContext | None:
-        """The cached context if it is at least version ``at_least``; an older one is a miss."""
+    def get_context(self, context_id: str, at_least: int = 0, epoch: int | None = None) -> RunContext | None:
+        """The cached context if it is at least version ``at_least`` (of ``epoch``, if given); else a miss."""
         with self._lock:
             ctx = self._contexts.get(context_id)
-        if ctx is None or ctx.version < at_least:
+        if ctx is None or ctx.version < at_least or (epoch is not None and ctx.epoch != epoch):
             return None
         return ctx
 
     def put_context(self, ctx: RunContext) -> None:
-        """Cache a context unless a newer version is already cached."""
+        """Cache a context unless a newer one (a later epoch, or a higher version) is already cached."""
         with self._lock:
             cached = self._contexts.get(ctx.context_id)
-            if cached is None or cached.version <= ctx.version:
+            if cached is None or (cached.epoch, cached.version) <= (ctx.epoch, ctx.version):
                 self._contexts[ctx.context_id] = ctx
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec, checksum
-from state.errors import ContextCorruption, VersionConflict
+from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
 from state.tiers.contracts import ConfigEntry, StepStart, StoredContext
@@ -26,6 +26,8 @@ class _Entry:
     checksum: str
     payload: bytes
     expires_at: float | None = None  # None: no TTL
+    epoch: int = 1
+    live: bool = True  # a live lineage, or a reader's copy filled from L3
 
 
 @dataclass
@@ -94,44 +96,59 @@ class MemoryL2:
         ctx = self.codec.load_context(entry.payload, key=key)
         if ctx.version != entry.version:
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
-        return StoredContext(context=ctx, version=ctx.version, dirty=dirty)
+        return StoredContext(context=ctx, version=ctx.version, dirty=dirty, live=entry.live)
 
     def commit_context(
-        self, ctx: RunContext, *, expected_version: int, now: float, debounce_s: float, max_delay_s: float
+        self,
+        ctx: RunContext,
+        *,
+        expected_version: int,
+        now: float,
+        debounce_s: float,
+        max_delay_s: float,
+        expected_epoch: int | None = None,
+        require_live: bool = False,
     ) -> bool:
         payload = self.codec.dump_context(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
             if current is None and expected_version != 0:
                 return False
-            if current is not None and current.version != expected_version:
-                raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
-            self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload)
+            if current is not None:
+                if (expected_epoch is not None and current.epoch != expected_epoch) or (require_live and not current.live):
+                    raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
+                if current.version != expected_version:
+                    raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
+            live = True if current is None else current.live
+            self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload, None, ctx.epoch, live)
             first = self._first.setdefault(ctx.context_id, now)
             self._due[ctx.context_id] = min(now + debounce_s, first + max_delay_s)
             return True
 
-    def fill_context(self, ctx: RunContext) -> bool:
+    def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
         payload = self.codec.dump_context(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
-            if current is not None and current.version >= ctx.version:
+            if current is not None and (current.epoch, current.version) >= (ctx.epoch, ctx.version):
                 return False
+            expires_at = None if live else self.clock() + self.context_ttl_s
             self._contexts[ctx.context_id] = _Entry(
-                ctx.version, checksum(payload), payload, self.clock() + self.context_ttl_s
+                ctx.version, checksum(payload), payload, expires_at, ctx.epoch, live
             )
             return True
 
-    def mark_flushed(self, context_id: str, version: int, *, now: float, debounce_s: float) -> bool:
+    def mark_flushed(
+        self, context_id: str, version: int, *, now: float, debounce_s: float, epoch: int = 1, expire: bool = True
+    ) -> bool:
         with self._lock:
             current = self._live(self._contexts, context_id)
-            if current is not None and current.version > version:
+            if current is not None and (current.epoch, current.version) > (epoch, version):
                 self._first[context_id] = now
                 self._due[context_id] = now + debounce_s
                 return False
             self._due.pop(context_id, None)
             self._first.pop(context_id, None)
-            if current is not None:
+            if current is not None and expire:
                 current.expires_at = self.clock() + self.context_ttl_s
             return True
 

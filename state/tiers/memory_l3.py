@@ -57,7 +57,7 @@ class MemoryL3:
 
     def __init__(self, codec: Codec = DEFAULT_CODEC) -> None:
         self.codec = codec
-        self._snapshots: dict[str, tuple[int, str]] = {}  # context id -> (version, JSON document)
+        self._snapshots: dict[str, tuple[int, int, str]] = {}  # context id -> (epoch, version, JSON document)
         self._routines: dict[str, dict[int, str]] = {}
         self._configs: dict[tuple[str, str], tuple[int, str]] = {}
         self._runs: dict[str, RunRow] = {}
@@ -75,29 +75,30 @@ class MemoryL3:
     def get_context(self, context_id: str) -> RunContext | None:
         with self._lock:
             stored = self._snapshots.get(context_id)
-        if stored is None:
-            return None
-        version, document = stored
-        ctx = self.codec.from_document(json.loads(document), key=f"L3 context {context_id}")
-        ctx.version = version
+        return None if stored is None else self._context_of(stored)
+
+    def _context_of(self, stored: tuple[int, int, str]) -> RunContext:
+        epoch, version, document = stored
+        ctx = self.codec.from_document(json.loads(document), key="L3 context")
+        ctx.version, ctx.epoch = version, epoch
         return ctx
 
     def context_version(self, context_id: str) -> int | None:
         with self._lock:
             stored = self._snapshots.get(context_id)
-        return None if stored is None else stored[0]
+        return None if stored is None else stored[1]
 
     def _create(self, ctx: RunContext) -> None:
         document = self._encode(ctx)
         if ctx.context_id in self._snapshots:
-            raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, self._snapshots[ctx.context_id][0])
-        self._snapshots[ctx.context_id] = (ctx.version, document)
+            raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, self._snapshots[ctx.context_id][1])
+        self._snapshots[ctx.context_id] = (ctx.epoch, ctx.version, document)
 
-    def _write_if_newer(self, ctx: RunContext) -> bool:
+    def _write_if_newer(self, ctx: RunContext, document: str | None = None) -> bool:
         stored = self._snapshots.get(ctx.context_id)
-        if stored is not None and stored[0] >= ctx.version:
+        if stored is not None and (stored[0], stored[1]) >= (ctx.epoch, ctx.version):
             return False
-        self._snapshots[ctx.context_id] = (ctx.version, self._encode(ctx))
+        self._snapshots[ctx.context_id] = (ctx.epoch, ctx.version, document or self._encode(ctx))
         return True
 
     def create_context(self, ctx: RunContext) -> None:
@@ -122,7 +123,7 @@ class MemoryL3:
             if run.run_id in self._runs:
                 raise RefusedByDatabase(operation, "23505", 'duplicate key value violates unique constraint "runs_pkey"')
             self._create(root)
-            self._runs[run.run_id] = replace(run, meta=meta, created_at=_now())
+            self._runs[run.run_id] = replace(run, meta=meta, created_at=_now(), updated_at=_now())
             self.writes += 1
 
     def finish_run(
@@ -134,6 +135,7 @@ class MemoryL3:
         meta: dict[str, Any],
         contexts: list[RunContext],
         exports: list[ExportRecord],
+        epoch: int | None = None,
     ) -> bool:
         operation = f"finish run {run_id}"
         stored_meta = json.loads(_jsonb_text(operation, meta))
@@ -145,14 +147,12 @@ class MemoryL3:
                 _check_width(operation, text, 200)
         with self._lock:
             run = self._runs.get(run_id)
-            if run is None or run.status in FINAL_STATUSES:
+            if run is None or run.status in FINAL_STATUSES or (epoch is not None and run.epoch != epoch):
                 return False
             documents = [(ctx, self._encode(ctx)) for ctx in contexts]  # encode all before changing anything
             self._runs[run_id] = replace(run, status=status, error=error, meta=stored_meta, finished_at=_now())
             for ctx, document in documents:
-                stored = self._snapshots.get(ctx.context_id)
-                if stored is None or stored[0] < ctx.version:
-                    self._snapshots[ctx.context_id] = (ctx.version, document)
+                self._write_if_newer(ctx, document)
             for record, value in records:
                 if record.destination == "blackboard":
                     previous = self.blackboard.get((record.scope, record.key))
@@ -167,6 +167,32 @@ class MemoryL3:
                     )
             self.writes += 1
             return True
+
+    def running_runs(self, limit: int = 1000) -> list[RunRow]:
+        with self._lock:
+            running = [run for run in self._runs.values() if run.status not in FINAL_STATUSES]
+        running.sort(key=lambda run: run.updated_at or run.created_at or _now())
+        return [replace(run, meta=json.loads(json.dumps(run.meta))) for run in running[:limit]]
+
+    def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.status in FINAL_STATUSES or run.epoch != from_epoch:
+                return None
+            self._runs[run_id] = replace(run, epoch=from_epoch + 1, updated_at=_now())
+            self.writes += 1
+            return from_epoch + 1
+
+    def run_contexts(self, run_id: str) -> list[RunContext]:
+        with self._lock:
+            stored = list(self._snapshots.values())
+        contexts = [self._context_of(entry) for entry in stored]
+        return [ctx for ctx in contexts if ctx.run_id == run_id]
+
+    def discard_context(self, context_id: str) -> None:
+        with self._lock:
+            self._snapshots.pop(context_id, None)
+            self.writes += 1
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._lock:

@@ -14,7 +14,7 @@ import random
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, select, text
+from sqlalchemy import Connection, Engine, create_engine, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -120,13 +120,14 @@ class PostgresTier:
         table = context_snapshots
         row = self.read(
             lambda conn: conn.execute(
-                select(table.c.version, table.c.document).where(table.c.context_id == context_id)
+                select(table.c.version, table.c.epoch, table.c.document).where(table.c.context_id == context_id)
             ).first()
         )
-        if row is None:
-            return None
-        ctx = self.codec.from_document(row.document, key=f"L3 context {context_id}")
-        ctx.version = row.version
+        return None if row is None else self._context_of(row)
+
+    def _context_of(self, row: Any) -> RunContext:
+        ctx = self.codec.from_document(row.document, key=f"L3 context {row.document.get('context_id', '?')}")
+        ctx.version, ctx.epoch = row.version, row.epoch
         return ctx
 
     def context_version(self, context_id: str) -> int | None:
@@ -137,51 +138,46 @@ class PostgresTier:
         )
 
     def create_context(self, ctx: RunContext) -> None:
-        self.run(f"create context {ctx.context_id}", lambda conn: self._save_context(conn, ctx, expected_version=0))
+        self.run(f"create context {ctx.context_id}", lambda conn: self._save_context(conn, ctx, create=True))
 
     def write_context(self, ctx: RunContext) -> bool:
         return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))
 
-    def _save_context(self, conn: Connection, ctx: RunContext, *, expected_version: int | None = None) -> bool:
+    def _save_context(self, conn: Connection, ctx: RunContext, *, create: bool = False) -> bool:
         """Write a snapshot inside the caller's transaction.
 
-        With ``expected_version`` it is a compare-and-set (0: the context must not exist yet) and a
-        stale write raises VersionConflict. Without it, the write happens only if it is newer than
-        what L3 holds (the write-behind rule); returns whether it was written.
+        ``create``: the context must not exist yet (VersionConflict if it does). Otherwise the write
+        happens only if (epoch, version) is newer than what L3 holds (the write-behind rule: a writer
+        from before a rewind never replaces the new lineage); returns whether it was written.
         """
         values = {
             "context_id": ctx.context_id,
             "run_id": ctx.run_id,
             "parent_id": ctx.parent_id,
             "version": ctx.version,
+            "epoch": ctx.epoch,
             "document": self.codec.to_document(ctx),
         }
         table = context_snapshots
-        if expected_version is None:
-            statement = insert(table).values(**values)
-            statement = statement.on_conflict_do_update(
-                index_elements=[table.c.context_id],
-                set_={"version": statement.excluded.version, "document": statement.excluded.document, "updated_at": text("now()")},
-                where=table.c.version < statement.excluded.version,
-            )
-            # RETURNING, not rowcount: SQLAlchemy reports no rowcount for INSERT.
-            return conn.execute(statement.returning(table.c.version)).first() is not None
-        if expected_version == 0:
+        if create:
             statement = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.version)
-            written = conn.execute(statement).first() is not None
-        else:
-            written = (
-                conn.execute(
-                    table.update()
-                    .where(table.c.context_id == ctx.context_id, table.c.version == expected_version)
-                    .values(version=ctx.version, document=values["document"], updated_at=text("now()"))
-                ).rowcount
-                == 1
-            )
-        if not written:
-            actual = conn.execute(select(table.c.version).where(table.c.context_id == ctx.context_id)).scalar()
-            raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", expected_version, actual)
-        return True
+            if conn.execute(statement).first() is None:
+                actual = conn.execute(select(table.c.version).where(table.c.context_id == ctx.context_id)).scalar()
+                raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, actual)
+            return True
+        statement = insert(table).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[table.c.context_id],
+            set_={
+                "version": statement.excluded.version,
+                "epoch": statement.excluded.epoch,
+                "document": statement.excluded.document,
+                "updated_at": text("now()"),
+            },
+            where=tuple_(table.c.epoch, table.c.version) < tuple_(statement.excluded.epoch, statement.excluded.version),
+        )
+        # RETURNING, not rowcount: SQLAlchemy reports no rowcount for INSERT.
+        return conn.execute(statement.returning(table.c.version)).first() is not None
 
     # ---- routine definitions and configurations ---------------------------------------------
 
@@ -241,7 +237,7 @@ class PostgresTier:
 
     def create_run(self, run: RunRow, root: RunContext) -> None:
         def work(conn: Connection) -> None:
-            self._save_context(conn, root, expected_version=0)
+            self._save_context(conn, root, create=True)
             conn.execute(
                 insert(runs).values(
                     run_id=run.run_id,
@@ -264,11 +260,16 @@ class PostgresTier:
         meta: dict[str, Any],
         contexts: list[RunContext],
         exports: list[ExportRecord],
+        epoch: int | None = None,
     ) -> bool:
+        conditions = [runs.c.run_id == run_id, runs.c.status.notin_(FINAL_STATUSES)]
+        if epoch is not None:
+            conditions.append(runs.c.epoch == epoch)
+
         def work(conn: Connection) -> None:
             finished = conn.execute(
                 runs.update()
-                .where(runs.c.run_id == run_id, runs.c.status.notin_(FINAL_STATUSES))
+                .where(*conditions)
                 .values(status=status, error=error, meta=meta, finished_at=text("now()"), updated_at=text("now()"))
                 .returning(runs.c.run_id)
             ).first()
@@ -312,8 +313,35 @@ class PostgresTier:
 
     def get_run(self, run_id: str) -> RunRow | None:
         row = self.read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first())
-        if row is None:
-            return None
+        return None if row is None else self._run_of(row)
+
+    def running_runs(self, limit: int = 1000) -> list[RunRow]:
+        query = select(runs).where(runs.c.status.notin_(FINAL_STATUSES)).order_by(runs.c.updated_at).limit(limit)
+        return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
+
+    def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
+        def work(conn: Connection) -> int | None:
+            return conn.execute(
+                runs.update()
+                .where(runs.c.run_id == run_id, runs.c.epoch == from_epoch, runs.c.status.notin_(FINAL_STATUSES))
+                .values(epoch=runs.c.epoch + 1, updated_at=text("now()"))
+                .returning(runs.c.epoch)
+            ).scalar()
+
+        return self.run(f"rewind run {run_id}", work)
+
+    def run_contexts(self, run_id: str) -> list[RunContext]:
+        table = context_snapshots
+        query = select(table.c.version, table.c.epoch, table.c.document).where(table.c.run_id == run_id)
+        return [self._context_of(row) for row in self.read(lambda conn: conn.execute(query).all())]
+
+    def discard_context(self, context_id: str) -> None:
+        self.run(
+            f"discard context {context_id}",
+            lambda conn: conn.execute(context_snapshots.delete().where(context_snapshots.c.context_id == context_id)),
+        )
+
+    def _run_of(self, row: Any) -> RunRow:
         return RunRow(
             run_id=row["run_id"],
             routine_name=row["routine_name"],
@@ -324,6 +352,8 @@ class PostgresTier:
             meta=dict(row["meta"] or {}),
             created_at=row["created_at"],
             finished_at=row["finished_at"],
+            epoch=row["epoch"],
+            updated_at=row["updated_at"],
         )
 
     def ping(self) -> bool:

@@ -1,7 +1,9 @@
 """L2 on Redis, shared by every worker process. Key names come from `state.keys`, scripts from `lua/`.
 
-A context entry is a hash {v: version, c: checksum, d: payload}. It has no TTL while it holds a
-change not yet written to L3 ("dirty"), the context TTL once it is clean. The write-behind
+A context entry is a hash {v: version, e: epoch, c: checksum, d: payload, o: origin}. Origin 'l'
+marks a live lineage (created, committed to, or rebuilt by a rewind), 'f' a reader's copy filled
+from L3; steps only read and commit live entries. A live entry has no TTL while its run goes on
+(losing it would cost a rewind); a reader's copy, and a finished run's contexts, get the context TTL. The write-behind
 schedule (a sorted set of due times and a hash of first-change times) lives in Redis too, so any
 worker can finish a flush that another one scheduled. Run records (attempts, step outcomes, the
 failure flag, the done signal) are reports about a run, not its state: they get a TTL at finalize.
@@ -16,10 +18,11 @@ from typing import Any, Callable, TypeVar
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state.codec import DEFAULT_CODEC, Codec, checksum
-from state.errors import CommunicationFailure, ContextCorruption, VersionConflict
+from state.errors import CommunicationFailure, ContextCorruption, LineageLost, VersionConflict
 from state.keys import RUN_RECORD_PARTS, RedisKeys
 from state.models import RunContext, StateCacheConfig
 from state.tiers.contracts import ConfigEntry, StepStart, StoredContext
@@ -72,7 +75,15 @@ class RedisTier:
             raise CommunicationFailure("L2 (Redis)", exc) from exc
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return self._call(lambda: self._scripts[name](keys=keys, args=args))
+        try:
+            return self._call(lambda: self._scripts[name](keys=keys, args=args))
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            # Something overwrote one of our keys with another type: drop the context entry (L3
+            # holds the authoritative copy) and let the caller treat it as lost.
+            self._call(lambda: self.client.delete(keys[0]))
+            raise ContextCorruption(keys[0], "the key holds another type of value") from None
 
     def _schedule_keys(self, context_id: str) -> list[str]:
         return [self.keys.context(context_id), self.keys.write_behind_due, self.keys.write_behind_first]
@@ -81,10 +92,13 @@ class RedisTier:
 
     def get_context(self, context_id: str) -> StoredContext | None:
         key = self.keys.context(context_id)
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hmget(key, "v", "c", "d")
-            pipe.zscore(self.keys.write_behind_due, context_id)
-            (version, stored_sum, payload), due = self._call(pipe.execute)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hmget(key, "v", "c", "d", "o")
+                pipe.zscore(self.keys.write_behind_due, context_id)
+                (version, stored_sum, payload, origin), due = self._call(pipe.execute)
+        except ResponseError as exc:
+            raise ContextCorruption(key, f"not a context entry ({exc})") from None
         if version is None and payload is None:
             return None
         if version is None or stored_sum is None or payload is None:
@@ -94,10 +108,18 @@ class RedisTier:
         ctx = self.codec.load_context(payload, key=key)
         if ctx.version != int(version):
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {int(version)}")
-        return StoredContext(context=ctx, version=ctx.version, dirty=due is not None)
+        return StoredContext(context=ctx, version=ctx.version, dirty=due is not None, live=origin == b"l")
 
     def commit_context(
-        self, ctx: RunContext, *, expected_version: int, now: float, debounce_s: float, max_delay_s: float
+        self,
+        ctx: RunContext,
+        *,
+        expected_version: int,
+        now: float,
+        debounce_s: float,
+        max_delay_s: float,
+        expected_epoch: int | None = None,
+        require_live: bool = False,
     ) -> bool:
         payload = self.codec.dump_context(ctx)
         status, actual = self._script(
@@ -105,25 +127,34 @@ class RedisTier:
             self._schedule_keys(ctx.context_id),
             [
                 expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
-                ctx.context_id, self._commit_channel,
+                ctx.context_id, self._commit_channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
+                "1" if require_live else "0",
             ],
         )
         if status == 0:
             raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, int(actual))
+        if status == -2:
+            raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
         return status == 1
 
-    def fill_context(self, ctx: RunContext) -> bool:
+    def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
         payload = self.codec.dump_context(ctx)
+        ttl = 0 if live else self.context_ttl_s
         return bool(
             self._script(
-                "fill", [self.keys.context(ctx.context_id)], [ctx.version, payload, checksum(payload), self.context_ttl_s]
+                "fill",
+                [self.keys.context(ctx.context_id)],
+                [ctx.version, payload, checksum(payload), ttl, ctx.epoch, "l" if live else "f"],
             )
         )
 
-    def mark_flushed(self, context_id: str, version: int, *, now: float, debounce_s: float) -> bool:
+    def mark_flushed(
+        self, context_id: str, version: int, *, now: float, debounce_s: float, epoch: int = 1, expire: bool = True
+    ) -> bool:
+        ttl = self.context_ttl_s if expire else 0
         return bool(
             self._script(
-                "mark_flushed", self._schedule_keys(context_id), [version, self.context_ttl_s, context_id, now, debounce_s]
+                "mark_flushed", self._schedule_keys(context_id), [version, ttl, context_id, now, debounce_s, epoch]
             )
         )
 

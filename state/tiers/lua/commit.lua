@@ -1,18 +1,25 @@
 -- Compare-and-set of a context, scheduling of its write-behind and the invalidation broadcast, in one
--- atomic step.
+-- atomic step. An entry is {v: version, e: epoch, c: checksum, d: payload, o: origin}: origin 'l' is a
+-- live lineage (created, committed to, or rebuilt by a rewind), 'f' a copy filled from L3 for readers.
 -- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash
 -- ARGV: 1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
---       8 context id, 9 control channel ('' = do not broadcast)
--- Returns {status, version}: 1 committed, 0 stale write (version: the current one),
--- -1 no entry though a version was expected.
-local cur = redis.call('HGET', KEYS[1], 'v')
+--       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
+--       11 new epoch, 12 '1' if the entry must be live (a step's commit)
+-- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
+-- a version was expected; -2 the entry is of another epoch, or not live though it had to be.
+local cur = redis.call('HMGET', KEYS[1], 'v', 'e', 'o')
 local expected = tonumber(ARGV[1])
-if cur == false then
+local origin = 'l'
+if cur[1] == false then
   if expected ~= 0 then return {-1, 0} end
-elseif tonumber(cur) ~= expected then
-  return {0, tonumber(cur)}
+else
+  local epoch = tonumber(cur[2] or '1')
+  if tonumber(ARGV[10]) >= 0 and epoch ~= tonumber(ARGV[10]) then return {-2, tonumber(cur[1])} end
+  if ARGV[12] == '1' and cur[3] ~= 'l' then return {-2, tonumber(cur[1])} end
+  if tonumber(cur[1]) ~= expected then return {0, tonumber(cur[1])} end
+  origin = cur[3] or 'f'
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'c', ARGV[4], 'd', ARGV[3])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'e', ARGV[11], 'c', ARGV[4], 'd', ARGV[3], 'o', origin)
 redis.call('PERSIST', KEYS[1])  -- a dirty entry never expires
 local now = tonumber(ARGV[5])
 local first = redis.call('HGET', KEYS[3], ARGV[8])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runctx.embedded import resolve
-from state.errors import NotFound, RunTimeout
+from state.errors import CommunicationFailure, NotFound, RunTimeout
 from state.migrate import upgrade
 from state.models import RunContext
 from state.tiers.contracts import FINAL_STATUSES
@@ -86,7 +86,10 @@ class Client:
         if row.status in FINAL_STATUSES:
             steps, l3_writes = row.meta.get("steps", []), row.meta.get("l3_writes", 0)
         else:
-            summary = self.store.l2.run_summary(run_id)
+            try:
+                summary = self.store.l2.run_summary(run_id)
+            except CommunicationFailure:  # Redis is away: the ledger alone answers
+                summary = {"steps": [], "l3_writes": 0}
             steps, l3_writes = summary["steps"], summary["l3_writes"]
         return RunResult(
             run_id=run_id,
@@ -100,21 +103,35 @@ class Client:
     def wait(self, run_id: str, timeout: float | None = None) -> RunResult:
         """Block until the run has finished (it goes on without us; waiting again is fine)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        status = "unknown"
         while True:
-            row = self.engine.run_status(run_id)
-            if row is None:
-                raise NotFound(f"run {run_id!r} does not exist")
-            if row.status in FINAL_STATUSES:
-                return self.status(run_id)
+            try:
+                row = self.engine.run_status(run_id)
+                if row is None:
+                    raise NotFound(f"run {run_id!r} does not exist")
+                status = row.status
+                if row.status in FINAL_STATUSES:
+                    return self.status(run_id)
+            except CommunicationFailure:
+                pass  # PostgreSQL is away (a restart): keep asking until the deadline
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                raise RunTimeout(f"run {run_id} still {row.status} after {timeout} s")
-            self.store.l2.wait_done(run_id, min(1.0, left))
+                raise RunTimeout(f"run {run_id} still {status} after {timeout} s")
+            try:
+                self.store.l2.wait_done(run_id, min(1.0, left))  # a wake-up; the ledger has the truth
+            except CommunicationFailure:
+                time.sleep(min(1.0, max(left, 0.01)))  # Redis is away: ask the ledger again soon
 
     def context(self, run_id: str) -> RunContext:
         """The run's root context: the newest version (this process's L1 copy may be older)."""
         self.store.l1.evict_context(run_id)
-        return self.store.get_context(run_id)
+        try:
+            return self.store.get_context(run_id)
+        except CommunicationFailure:  # Redis is away: what L3 holds
+            ctx = self.store.l3.get_context(run_id)
+            if ctx is None:
+                raise NotFound(f"context {run_id!r} is in no tier") from None
+            return ctx
 
     def run(self, routine: Routine | Path | str, *, variables: dict[str, Any] | None = None, timeout: float | None = None) -> RunResult:
         return self.wait(self.submit(routine, variables=variables), timeout)

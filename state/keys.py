@@ -13,7 +13,9 @@ Redis keys, under the key prefix P (``RUNCTX_KEY_PREFIX``):
     P:cfg:<cache key>             hash {v, c, d}: a routine definition or configuration in L2
     P:wb:due                      sorted set: contexts waiting for their L3 write, by due time
     P:wb:first                    hash: context id -> time of its oldest unwritten change
-    P:run:<run id>:<part>         run records: attempts, step_attempts, steps, failed, l3_writes, done
+    P:run:<run id>:<part>         run records: attempts, step_attempts, steps, failed, l3_writes, done,
+                                  progress (when a step of the run last finished or showed it was alive)
+    P:lease:<name>                who holds a lease (the watchdog's leader)
     P:control                     the control channel (pub/sub) every worker process subscribes to
     P:ev:<event identity>         "this change event was relayed" (one process relays each)
     P:probe:<probe id>            replies to a diagnostics probe
@@ -27,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "l3_writes", "done")
+RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "l3_writes", "done", "progress")
 
 # ---- cache keys -----------------------------------------------------------------------------------
 
@@ -105,6 +107,9 @@ class RedisKeys:
         if part not in RUN_RECORD_PARTS:
             raise ValueError(f"unknown run record {part!r}")
         return f"{self.prefix}:run:{run_id}:{part}"
+
+    def lease(self, name: str) -> str:
+        return f"{self.prefix}:lease:{name}"
 
     def relayed_event(self, identity: str) -> str:
         return f"{self.prefix}:ev:{identity}"

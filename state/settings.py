@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         default=600, ge=5, description="Redis broker: when an unacknowledged step is delivered again"
     )
     step_max_attempts: int = Field(default=5, ge=1)
+    stall_timeout_s: float = Field(
+        default=60.0, gt=0, description="a running run with no progress for this long is resumed from the tiers"
+    )
 
     def cache_config(self) -> StateCacheConfig:
         return StateCacheConfig(**{name: getattr(self, name) for name in StateCacheConfig.model_fields})

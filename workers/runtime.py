@@ -22,7 +22,8 @@ from state.store import TieredStore
 from state.tiers.redis_l2 import RedisTier
 from tasks.celery_tasks import CeleryDispatcher, provide_engine
 from tasks.engine import RunEngine
-from workers.control import ControlChannel
+from tasks.watchdog import Watchdog
+from workers.control import ControlChannel, process_identity
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ FLUSH_LEASE_S = 5.0  # a claimed flush whose task never ran comes due again afte
 
 class ProcessRuntime:
     """One process's share of runctx: owns its store (its L1 and connections), engine, control
-    channel subscription, L3 change listener and write-behind dispatcher thread.
+    channel subscription, L3 change listener, write-behind dispatcher thread, and the watchdog
+    thread (heartbeats of the steps it runs; the stall scan while it holds the watchdog lease).
 
     Promises: built after the fork, never shared with a parent or child process; its threads only
     make caches fresher or flushes sooner, so a process without them (a submitter) is still correct.
@@ -53,9 +55,12 @@ class ProcessRuntime:
             limits=settings.resource_limits(),
         )
         self.control = ControlChannel(self.store, self.redis)
+        self.watchdog = Watchdog(self.engine, stall_timeout_s=settings.stall_timeout_s)
+        self.watch_interval_s = max(0.2, min(5.0, settings.stall_timeout_s / 4))
         self.listener: ChangeListener | None = None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
 
     def start_background(self) -> None:
         """Subscribe to the control channel, listen to L3 change events, dispatch due write-behinds."""
@@ -65,12 +70,25 @@ class ProcessRuntime:
         ).start(wait_s=0)
         self._flusher = threading.Thread(target=self._dispatch_due_flushes, name="runctx-write-behind", daemon=True)
         self._flusher.start()
+        self._watcher = threading.Thread(target=self._watch, name="runctx-watchdog", daemon=True)
+        self._watcher.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.control.stop()
         if self.listener is not None:
             self.listener.stop()
+
+    def _watch(self) -> None:
+        """Say that the steps this process runs are alive; scan for stalled runs while leader."""
+        identity = process_identity()
+        while not self._stop.wait(self.watch_interval_s):
+            try:
+                self.store.l2.touch_progress(sorted(set(self.engine.running.values())), time.time())
+                if self.store.l2.hold_lease("watchdog", identity, self.watch_interval_s * 3):
+                    self.watchdog.scan()
+            except Exception:
+                log.exception("watchdog round failed; trying again")
 
     def _dispatch_due_flushes(self) -> None:
         """The debounce of the write-behind: whichever process claims a due context sends its task.

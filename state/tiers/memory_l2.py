@@ -38,6 +38,7 @@ class _Run:
     failed: str | None = None
     l3_writes: int = 0
     done: bool = False
+    progress: float | None = None
 
 
 class MemoryL2:
@@ -59,6 +60,7 @@ class MemoryL2:
         self._due: dict[str, float] = {}
         self._first: dict[str, float] = {}
         self._runs: dict[str, _Run] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
         self._lock = threading.RLock()
         self._done = threading.Condition(self._lock)
 
@@ -215,9 +217,11 @@ class MemoryL2:
             return StepStart(attempt=run.attempts[task_id], run_failed=run.failed is not None)
 
     def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
-        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": time.time()}
+        now = time.time()
+        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
         with self._lock:
             self._run(run_id).steps[step_id] = json.dumps(record)
+            self._run(run_id).progress = now
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         with self._lock:
@@ -250,6 +254,23 @@ class MemoryL2:
     def wait_done(self, run_id: str, timeout_s: float) -> bool:
         with self._done:
             return self._done.wait_for(lambda: self._run(run_id).done, timeout=max(timeout_s, 0.01))
+
+    def touch_progress(self, run_ids: list[str], now: float) -> None:
+        with self._lock:
+            for run_id in run_ids:
+                self._run(run_id).progress = now
+
+    def progress_of(self, run_ids: list[str]) -> dict[str, float | None]:
+        with self._lock:
+            return {run_id: self._runs[run_id].progress if run_id in self._runs else None for run_id in run_ids}
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self._lock:
+            current = self._leases.get(name)
+            if current is None or current[0] == holder or current[1] <= self.clock():
+                self._leases[name] = (holder, self.clock() + ttl_s)
+                return True
+            return False
 
     def ping(self) -> bool:
         return True

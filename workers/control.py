@@ -7,6 +7,7 @@ own subscription (started from ``worker_process_init``). Messages are JSON:
 - ``{"type": "config", "keys": [...], "identity"}``: routine definitions or configurations changed in L3.
 - ``{"type": "clear"}``: drop the whole L1.
 - ``{"type": "probe", "id", "key", "load"}``: report what this process serves for ``key`` (diagnostics).
+- ``{"type": "status", "id"}``: report this process's health (its change listener alive or not).
 
 Pub/sub is at most once: a process that (re)subscribes clears its L1, and versions, not messages,
 decide what is fresh. An invalidation only makes a stale entry go away sooner.
@@ -21,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -57,6 +58,7 @@ class ControlChannel:
         self.keys: RedisKeys = redis_tier.keys
         self.channel = self.keys.control_channel
         self.identity = identity or process_identity()
+        self.health: Callable[[], dict[str, Any]] = lambda: {}  # the runtime plugs in its listener's state
         self.subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,6 +150,10 @@ class ControlChannel:
             log.debug("dropped %s", dropped)
         elif kind == "clear":
             l1.clear()
+        elif kind == "status":
+            reply = self.keys.probe_reply(message["id"])
+            self.client.hset(reply, self.identity, json.dumps({"subscribed": self.subscribed.is_set(), **self.health()}))
+            self.client.expire(reply, REPLY_TTL_S)
         elif kind == "probe":
             self._answer_probe(message)
 
@@ -172,6 +178,18 @@ def probe(client: redis.Redis, prefix: str, key: str, *, load: bool = False, wai
     keys = RedisKeys(prefix)
     probe_id = os.urandom(6).hex()
     receivers = client.publish(keys.control_channel, json.dumps({"type": "probe", "id": probe_id, "key": key, "load": load}))
+    reply = keys.probe_reply(probe_id)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and client.hlen(reply) < receivers:
+        time.sleep(0.01)
+    return {field.decode(): json.loads(value) for field, value in client.hgetall(reply).items()}
+
+
+def process_status(client: redis.Redis, prefix: str, *, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Ask every subscribed worker process for its health; returns identity -> {listener, subscribed}."""
+    keys = RedisKeys(prefix)
+    probe_id = os.urandom(6).hex()
+    receivers = client.publish(keys.control_channel, json.dumps({"type": "status", "id": probe_id}))
     reply = keys.probe_reply(probe_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and client.hlen(reply) < receivers:

@@ -68,6 +68,8 @@ class ProcessRuntime:
         self.listener = ChangeListener(
             self.database_url, self.control.relay_change, on_connected=self.store.l1.clear
         ).start(wait_s=0)
+        listener = self.listener
+        self.control.health = lambda: {"listener": listener.connected}
         self._flusher = threading.Thread(target=self._dispatch_due_flushes, name="runctx-write-behind", daemon=True)
         self._flusher.start()
         self._watcher = threading.Thread(target=self._watch, name="runctx-watchdog", daemon=True)

@@ -28,6 +28,10 @@ RETRY_OPTIONS: dict[str, Any] = {
     "retry_jitter": True,
 }
 
+# A step retries an infrastructure error this often (backoff up to 30 s: minutes in all); then it
+# gives up without failing its run, and the watchdog resumes the run when it can move again.
+STEP_RETRIES = 12
+
 _engine_provider: Callable[[], RunEngine] | None = None
 
 
@@ -54,14 +58,16 @@ class StepTask(Task):
     base=StepTask,
     name="runctx.step",
     bind=True,
-    max_retries=_settings.step_max_attempts,
+    max_retries=STEP_RETRIES,
     **RETRY_OPTIONS,
 )
 def step(
     self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "", epoch: int = 1
 ) -> None:
     message = StepMessage(run_id, routine, routine_version, node, versions, step_id, epoch)
-    _engine().execute_step(message, task_id=self.request.id, worker=self.request.hostname or "?")
+    _engine().execute_step(
+        message, task_id=self.request.id, worker=self.request.hostname or "?", retries=self.request.retries or 0
+    )
 
 
 @shared_task(

@@ -13,7 +13,16 @@ import time
 import uuid
 from typing import Any
 
-from state.errors import InvalidRoutine, LineageLost, NotFound, RoutineError, StaleEpoch, VersionConflict, log_error
+from state.errors import (
+    InfrastructureError,
+    InvalidRoutine,
+    LineageLost,
+    NotFound,
+    RoutineError,
+    StaleEpoch,
+    VersionConflict,
+    log_error,
+)
 from state.keys import context_id, run_of_context
 from state.limits import MAX_CONTEXT_ID_LENGTH, check_run_id
 from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
@@ -133,15 +142,21 @@ class RunEngine:
 
     # ---- executing a step ---------------------------------------------------------------------
 
-    def execute_step(self, message: StepMessage, *, task_id: str, worker: str) -> StepCommit | None:
-        """Run one step message. Returns None when the step was skipped (run failed, attempts used up)."""
+    def execute_step(self, message: StepMessage, *, task_id: str, worker: str, retries: int = 0) -> StepCommit | None:
+        """Run one step message. Returns None when the step was skipped (run failed, attempts used up,
+        a message from before a rewind) or its state was lost (the run is rewound).
+
+        ``retries``: how many of this task's starts were retries of infrastructure errors; those do
+        not count against the attempts cap, which is for steps whose process keeps dying.
+        """
         plan = self.plans.get(message.routine, message.routine_version)
         node = plan.node(message.node)
         start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
         if start.run_failed:
             return None
-        if start.attempt > self.max_attempts:
-            self._fail(message, node, worker, f"step {node.step_id!r} was started {start.attempt - 1} times without finishing")
+        if start.attempt - retries > self.max_attempts:
+            starts = start.attempt - retries - 1
+            self._fail(message, node, worker, f"step {node.step_id!r} was started {starts} times without finishing")
             return None
         started = time.perf_counter()
         self.running[task_id] = message.run_id
@@ -169,10 +184,13 @@ class RunEngine:
         # A duplicate message stops here; a redelivered one re-dispatches in case its first run died before that.
         if outcome.applied or start.attempt > 1:
             versions = {**message.versions, node.context: outcome.context.version}
-            self._dispatch(
-                plan, message.run_id, message.routine, message.routine_version, node.next, versions,
-                {node.context: outcome.context}, message.epoch,
-            )
+            try:
+                self._dispatch(
+                    plan, message.run_id, message.routine, message.routine_version, node.next, versions,
+                    {node.context: outcome.context}, message.epoch,
+                )
+            except RoutineError as exc:  # what follows cannot start (e.g. a sub-routine that cannot inherit)
+                self._fail(message, node, worker, f"after step {node.step_id!r}: {exc}", exc)
         return outcome
 
     # ---- rewinding ------------------------------------------------------------------------------
@@ -264,7 +282,12 @@ class RunEngine:
         self.fail_run(message, error)
 
     def step_failed_for_good(self, message: StepMessage, error: BaseException) -> None:
-        """A step task that cannot run (retries used up, or a bug) fails its run instead of leaving it running."""
+        """A step task that gave up: a bug fails its run; an infrastructure error that outlasted its
+        retries does not (losing a server costs re-execution, never a run): the watchdog resumes
+        the run once it can move again."""
+        if isinstance(error, InfrastructureError):
+            log_error(log, error, f"run {message.run_id}: step {message.step_id!r} gave up; the watchdog resumes the run")
+            return
         log_error(log, error, f"run {message.run_id}: step {message.step_id!r} could not run")
         self.fail_run(message, f"step {message.step_id!r} could not run: {type(error).__name__}: {error}")
 

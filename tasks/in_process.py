@@ -70,7 +70,9 @@ class InProcessDispatcher:
         try:
             if delivery.kind == "step":
                 assert isinstance(delivery.message, StepMessage)
-                engine.execute_step(delivery.message, task_id=delivery.task_id, worker=self.worker)
+                engine.execute_step(
+                    delivery.message, task_id=delivery.task_id, worker=self.worker, retries=delivery.retries
+                )
             elif delivery.kind == "finalize":
                 assert isinstance(delivery.message, FinalizeMessage)
                 engine.finalize(delivery.message)

@@ -7,10 +7,11 @@ empty, a finalize that never ran. Progress is a step finishing, or a running ste
 it is alive (`ProcessRuntime` touches the run's progress while it runs a step), so a long step is
 not mistaken for a stall. Runs come from L3 (`runs`), which survives anything that happens to Redis.
 
-One process scans at a time (the holder of a lease in Redis); a process that takes over starts its
-clock for each run when it first sees it. A run resumed once and still not moving waits twice as
-long before the next resume, so a run whose steps only wait in a long queue is not resumed again
-and again.
+One process scans at a time (the holder of a lease in Redis). A run's last move is the newest of
+its progress record in Redis and its row's last change in L3 (creation, rewind), so a Redis that
+came back empty makes a long-running run look stalled at once, as it should. A run resumed once and
+still not moving waits twice as long before the next resume, so a run whose steps only wait in a
+long queue is not resumed again and again.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class Watchdog:
-    """Resumes stalled runs. Owns only its memory of when it first saw each run and how often it
-    resumed it; the truth (runs, epochs, progress) is in the tiers."""
+    """Resumes stalled runs. Owns only its memory of how often it resumed each run; the truth (runs,
+    epochs, progress) is in the tiers."""
 
     def __init__(self, engine: RunEngine, *, stall_timeout_s: float, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.stall_timeout_s = stall_timeout_s
         self.clock = clock
-        self._first_seen: dict[tuple[str, int], float] = {}
         self._strikes: dict[str, tuple[int, float]] = {}  # run id -> (resumes in a row, when the last was)
 
     def scan(self) -> list[str]:
@@ -42,19 +42,17 @@ class Watchdog:
         progress = self.engine.store.l2.progress_of([run.run_id for run in runs])
         resumed = []
         for run in runs:
-            seen = self._first_seen.setdefault((run.run_id, run.epoch), now)
-            changed = run.updated_at.timestamp() if run.updated_at else 0.0
+            changed = run.updated_at.timestamp() if run.updated_at else now
             moved = max(progress.get(run.run_id) or 0.0, changed)
             strikes, last_resume = self._strikes.get(run.run_id, (0, 0.0))
-            if moved > last_resume:
+            if moved > last_resume + 1.0:  # (the resume itself touches the run's row, on the database's clock)
                 strikes = 0  # it moved since it was last resumed
-            if now - max(moved, seen) < self.stall_timeout_s * 2**strikes:
+            if now - moved < self.stall_timeout_s * 2**strikes:
                 continue
-            log.warning("run %s made no progress for %.0f s: resuming it from what the tiers hold", run.run_id, now - max(moved, seen))
+            log.warning("run %s made no progress for %.0f s: resuming it from what the tiers hold", run.run_id, now - moved)
             if self.engine.rewind(run.run_id, run.epoch):
                 resumed.append(run.run_id)
                 self._strikes[run.run_id] = (strikes + 1, self.clock())
         running = {run.run_id for run in runs}
-        self._first_seen = {key: at for key, at in self._first_seen.items() if key[0] in running}
         self._strikes = {run_id: strike for run_id, strike in self._strikes.items() if run_id in running}
         return resumed

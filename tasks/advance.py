@@ -112,8 +112,10 @@ def resume_points(plan: Plan, contexts: dict[str, RunContext]) -> Resume:
             points.append(index)
 
     walk(plan.start)
-    orphans = sorted(path for path in contexts if path not in reached and not _merged(plan, path, applied, ends))
-    return Resume(points=points, orphans=orphans)
+    orphans = {path for path in contexts if path not in reached and not _merged(plan, path, applied, ends)}
+    # A child's path starts with its parent's: every descendant of an orphan is one too.
+    orphans |= {path for path in contexts if any(path.startswith(f"{orphan}/") for orphan in orphans)}
+    return Resume(points=points, orphans=sorted(orphans))
 
 
 def _merged(plan: Plan, path: str, applied: dict[str, set[str]], ends: dict[str | None, Node]) -> bool:

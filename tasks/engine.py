@@ -191,6 +191,9 @@ class RunEngine:
                 )
             except RoutineError as exc:  # what follows cannot start (e.g. a sub-routine that cannot inherit)
                 self._fail(message, node, worker, f"after step {node.step_id!r}: {exc}", exc)
+            except LineageLost as exc:  # a child context this step created earlier was lost meanwhile
+                log_error(log, exc, f"run {message.run_id}: what follows {node.step_id!r} cannot find its state")
+                self.rewind(message.run_id, message.epoch)
         return outcome
 
     # ---- rewinding ------------------------------------------------------------------------------
@@ -206,6 +209,10 @@ class RunEngine:
         run = self.store.get_run(run_id)
         if run is None or run.status in FINAL_STATUSES or run.routine_version is None:
             return False
+        error = self.store.l2.failure_of(run_id)
+        if error is not None:  # the run failed; only its failure finalize is missing
+            self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, "failed", error))
+            return True
         contexts = self.store.rebuild_lineage(run_id, from_epoch)
         if contexts is None:
             return False

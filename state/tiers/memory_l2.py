@@ -217,7 +217,7 @@ class MemoryL2:
             return StepStart(attempt=run.attempts[task_id], run_failed=run.failed is not None)
 
     def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
-        now = time.time()
+        now = self.clock()
         record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
         with self._lock:
             self._run(run_id).steps[step_id] = json.dumps(record)
@@ -230,6 +230,10 @@ class MemoryL2:
                 return False
             run.failed = error
             return True
+
+    def failure_of(self, run_id: str) -> str | None:
+        with self._lock:
+            return self._runs[run_id].failed if run_id in self._runs else None
 
     def count_l3_write(self, run_id: str, count: int = 1) -> None:
         with self._lock:

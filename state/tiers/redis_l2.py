@@ -271,6 +271,13 @@ class RedisTier:
         """Flag the run as failed; True for the first flag (only that one finalizes)."""
         return bool(self._call(lambda: self.client.set(self._record(run_id, "failed"), error, nx=True, ex=RECORD_TTL_S)))
 
+    def failure_of(self, run_id: str) -> str | None:
+        try:
+            raw = self._call(lambda: self.client.get(self._record(run_id, "failed")))
+        except ResponseError:  # not a string: damaged; the run still failed
+            return "the run failed (its error record was damaged)"
+        return None if raw is None else raw.decode(errors="replace")
+
     def count_l3_write(self, run_id: str, count: int = 1) -> None:
         self._records(run_id, ("l3_writes",), lambda: self.client.incrby(self._record(run_id, "l3_writes"), count))
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from runctx.embedded import resolve
-from state.errors import CommunicationFailure, NotFound, RunTimeout
+from state.errors import CommunicationFailure, InvalidRoutine, NotFound, RunTimeout
 from state.migrate import upgrade
 from state.models import RunContext
 from state.tiers.contracts import FINAL_STATUSES
-from tasks.routine import Routine, load_routine
+from tasks.routine import Routine, load_routine, parse_routine
 
 __all__ = ["Client", "RunResult", "RunTimeout"]
 
@@ -64,10 +64,15 @@ class Client:
 
         return bool(app.control.ping(timeout=timeout_s))
 
-    def load(self, routine: Routine | Path | str) -> Routine:
+    def load(self, routine: Routine | Mapping[str, Any] | Path | str) -> Routine:
+        """A routine: as given, from a definition (a mapping), or from a YAML or JSON file."""
         if isinstance(routine, Routine):
             return routine
-        return load_routine(Path(routine), resolve_stored=self._stored_definition)
+        if isinstance(routine, Mapping):
+            return parse_routine(dict(routine), source="<definition>")
+        if not isinstance(routine, (str, Path)):
+            raise InvalidRoutine(f"routine: expected a Routine, a mapping or a file path, got a {type(routine).__name__}")
+        return load_routine(routine, resolve_stored=self._stored_definition)
 
     def _stored_definition(self, name: str) -> Any:
         try:

@@ -26,8 +26,13 @@ app = typer.Typer(
     help="runctx: routines on Celery workers with a three-tier RunContext store.")
 
 
+def one_line(message: str) -> str:
+    """A message as one line (a path may hold a newline)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _fail(message: str) -> None:
-    typer.echo(f"runctx: {message}", err=True)
+    typer.echo(f"runctx: {one_line(message)}", err=True)
     raise typer.Exit(1)
 
 
@@ -203,10 +208,10 @@ def main() -> None:
     try:
         app()
     except RunctxError as exc:  # a command that did not catch its own
-        typer.echo(f"runctx: {exc}", err=True)
+        typer.echo(f"runctx: {one_line(str(exc))}", err=True)
         sys.exit(1)
     except Exception as exc:  # no traceback reaches a user: one line, and the type to search for
-        typer.echo(f"runctx: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"runctx: unexpected error: {type(exc).__name__}: {one_line(str(exc))}", err=True)
         sys.exit(2)
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 from state.errors import (
     InfrastructureError,
     InvalidRoutine,
+    InvalidValue,
     LineageLost,
     NotFound,
     RoutineError,
@@ -24,14 +25,14 @@ from state.errors import (
     log_error,
 )
 from state.keys import context_id, run_of_context
-from state.limits import MAX_CONTEXT_ID_LENGTH, check_run_id
+from state.limits import MAX_CONTEXT_ID_LENGTH, check_name, check_run_id
 from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
 from state.store import StepCommit, TieredStore
 from state.tiers.contracts import FINAL_STATUSES, ExportRecord, RunRow
 from tasks.advance import next_work, resume_points
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Node, Plan, compile_plan
-from tasks.routine import Routine, parse_routine
+from tasks.routine import Routine, check_definition, parse_routine
 from tasks.steps import StepExecutor
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,11 @@ class RunEngine:
 
     def register(self, routine: Routine) -> int:
         """Store the routine definition (a new version only if it changed); returns its version."""
-        definition = routine.model_dump(mode="json")
+        try:
+            definition = routine.model_dump(mode="json")
+        except (ValueError, TypeError) as exc:  # e.g. bytes that are not UTF-8, from a Routine built in Python
+            raise InvalidRoutine(f"{routine.name}: the definition is not JSON ({type(exc).__name__})") from None
+        check_definition(definition, routine.name)
         try:
             latest = self.store.get_routine(routine.name)
             if latest.data == definition:
@@ -102,6 +107,10 @@ class RunEngine:
         stored, so a refused variable leaves no trace.
         """
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
+        if variables is not None and not isinstance(variables, Mapping):
+            raise InvalidValue(f"variables: expected a mapping of names to values, got a {type(variables).__name__}")
+        for name in variables or {}:
+            check_name(name)
         specs = routine.initial_variables()
         values = {name: spec.value for name, spec in specs.items()}
         unknown = set(variables or {}) - set(values)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from state.errors import InvalidRoutine
 from tasks.routine import ActionStep, ExportSpec, MergeSpec, ParallelStep, Routine, SubRoutineStep, VariableSpec
 
 NodeKind = Literal["action", "child_end", "fork", "join", "child_start", "finish"]
@@ -94,7 +95,11 @@ def compile_plan(routine: Routine) -> Plan:
                 nodes[join].branch_ends.append(last)
             fork = add(Node(0, "fork", sid, ctx, next=join, branch_starts=list(nodes[join].branch_starts)))
             return fork, join
-        assert isinstance(step, SubRoutineStep) and isinstance(step.routine, Routine)
+        assert isinstance(step, SubRoutineStep)
+        if not isinstance(step.routine, Routine):
+            raise InvalidRoutine(
+                f"{owner.name}: step {sid!r}: sub-routine {str(step.routine)[:80]!r} was never loaded (use load_routine)"
+            )
         child = sid  # the child's context path is its step id path
         contexts[child] = step.routine.name
         end = add(Node(0, "child_end", sid, ctx, next=after, child_context=child, merge=step.merge))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -164,27 +165,52 @@ def _explain(source: str, error: ValidationError) -> InvalidRoutine:
 
 
 MAX_ROUTINE_FILE_BYTES = 1 << 20  # a routine file, as read from disk
-MAX_DEFINITION_BYTES = 1 << 20  # a routine definition as JSON, after YAML aliases are expanded
+MAX_DEFINITION_BYTES = 1 << 20  # a routine with its sub-routines as JSON, YAML aliases expanded
+MAX_ROUTINE_FILES = 256  # files read for one routine, counting each use of a sub-routine file
 MAX_PATH_LENGTH = 4096  # a routine file's path, or a sub-routine reference
+MAX_INTEGER_BITS = 1024  # about 300 digits: larger numbers are refused, not parsed for minutes
 
 
-def check_definition(data: Any, source: str) -> None:
-    """Refuse a definition that nests deeper than MAX_NESTING, holds NUL characters, or would take
-    more than MAX_DEFINITION_BYTES as JSON once YAML aliases are expanded.
+def check_definition(data: Any, source: str) -> int:
+    """Refuse what is not plain JSON within bounds, and return its size as JSON (aliases expanded).
 
-    Shared (aliased) parts are measured once and counted at every use, so a small file of nested
-    aliases is refused without ever being expanded.
+    Refused: nesting deeper than MAX_NESTING, NUL characters and lone surrogates, keys that are not
+    strings, NaN, infinities and huge integers, YAML's non-JSON values (dates, binary, sets), and
+    more than MAX_DEFINITION_BYTES once YAML aliases are expanded. Shared (aliased) parts are
+    measured once and counted at every use, so a small file of nested aliases is refused without
+    ever being expanded.
     """
     sizes: dict[int, int] = {}
     depths: dict[int, int] = {}
 
+    def text(value: str) -> int:
+        if "\x00" in value:
+            raise InvalidRoutine(f"{source}: a string holds a NUL character (\\u0000)")
+        try:
+            return len(value.encode("utf-8")) + 2
+        except UnicodeEncodeError:
+            raise InvalidRoutine(f"{source}: a string is not valid Unicode text (a lone surrogate)") from None
+
+    def scalar(value: Any) -> int:
+        if value is None or isinstance(value, bool):
+            return 5
+        if isinstance(value, int):
+            if value.bit_length() > MAX_INTEGER_BITS:
+                raise InvalidRoutine(f"{source}: a number with more than 300 digits")
+            return len(str(value))
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidRoutine(f"{source}: {value!r} is not a JSON number")
+            return len(repr(value))
+        raise InvalidRoutine(
+            f"{source}: a {type(value).__name__} value is not JSON (YAML dates, binary data and sets are not allowed)"
+        )
+
     def measure(value: Any, level: int) -> int:
         if isinstance(value, str):
-            if "\x00" in value:
-                raise InvalidRoutine(f"{source}: a string holds a NUL character (\\u0000)")
-            return len(value) + 2
+            return text(value)
         if not isinstance(value, (list, dict)):
-            return len(str(value))
+            return scalar(value)
         if level > MAX_NESTING:
             raise InvalidRoutine(f"{source}: nests deeper than {MAX_NESTING} levels")
         known = id(value)
@@ -195,8 +221,10 @@ def check_definition(data: Any, source: str) -> None:
         items = list(value.items()) if isinstance(value, dict) else [(None, item) for item in value]
         total, deepest = 2, 0
         for key, item in items:
-            if key is not None:
-                total += measure(str(key), level) + 1
+            if isinstance(value, dict):
+                if not isinstance(key, str):
+                    raise InvalidRoutine(f"{source}: a key ({type(key).__name__} {str(key)[:40]!r}) is not a string")
+                total += text(key) + 1
             total += measure(item, level + 1) + 1
             if isinstance(item, (list, dict)):
                 deepest = max(deepest, 1 + depths[id(item)])
@@ -207,12 +235,16 @@ def check_definition(data: Any, source: str) -> None:
         sizes[known], depths[known] = total, deepest
         return total
 
-    measure(data, 1)
+    return measure(data, 1)
 
 
 def parse_routine(data: Any, *, source: str = "<routine>") -> Routine:
     """Validate a routine definition (a mapping, as from a file or the API) into a Routine."""
     check_definition(data, source)
+    return _validated(data, source)
+
+
+def _validated(data: Any, source: str) -> Routine:
     try:
         return Routine.model_validate(data)
     except ValidationError as exc:
@@ -222,6 +254,8 @@ def parse_routine(data: Any, *, source: str = "<routine>") -> Routine:
 
 
 def _checked_path(raw: Path | str, what: str) -> Path:
+    if not isinstance(raw, (str, Path)):
+        raise InvalidRoutine(f"{what}: expected a path, got a {type(raw).__name__}")
     text = str(raw)
     if "\x00" in text:
         raise InvalidRoutine(f"{what}: the path holds a NUL character")
@@ -243,8 +277,9 @@ def read_routine_file(path: Path) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRoutine(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
         raise InvalidRoutine(f"{path}: not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
@@ -254,55 +289,87 @@ def read_routine_file(path: Path) -> Any:
         raise InvalidRoutine(f"{path}: not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise InvalidRoutine(f"{path}: nests deeper than {MAX_NESTING} levels") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        # YAML tags whose value does not construct (2020-02-30, !!int x), numbers of 4300+ digits
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InvalidRoutine(f"{path}: not valid {kind}: {reason}") from None
 
 
-def load_routine(path: Path | str, resolve_stored=None, _seen: tuple[Path, ...] = ()) -> Routine:
+class _Budget:
+    """What loading one routine may read, counting each use of a sub-routine file again."""
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.bytes = 0
+
+    def spend(self, source: str, size: int) -> None:
+        self.files += 1
+        self.bytes += size
+        if self.files > MAX_ROUTINE_FILES:
+            raise InvalidRoutine(f"{source}: the routine uses more than {MAX_ROUTINE_FILES} sub-routine files")
+        if self.bytes > MAX_DEFINITION_BYTES:
+            raise InvalidRoutine(f"{source}: the routine with its sub-routines is larger than {MAX_DEFINITION_BYTES} bytes")
+
+
+def load_routine(
+    path: Path | str, resolve_stored=None, _seen: tuple[Path, ...] = (), _budget: _Budget | None = None
+) -> Routine:
     """Load and validate a routine file, with its sub-routines (files relative to it, or stored names).
 
     ``resolve_stored(name)`` returns a stored routine's definition (a dict) or None.
     """
+    budget = _budget or _Budget()
     given = _checked_path(path, "routine file")
     try:
         path = given.resolve()
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         raise InvalidRoutine(f"{given}: cannot read ({exc})") from None
     if path in _seen:
         raise InvalidRoutine(f"{path}: sub-routines include each other in a cycle")
-    routine = parse_routine(read_routine_file(path), source=str(path))
-    return _resolve_subroutines(routine, path, resolve_stored, (*_seen, path))
+    data = read_routine_file(path)
+    budget.spend(str(path), check_definition(data, str(path)))
+    routine = _validated(data, str(path))
+    return _resolve_subroutines(routine, path, resolve_stored, (*_seen, path), budget)
 
 
-def _resolve_subroutines(routine: Routine, path: Path, resolve_stored, seen: tuple[Path, ...]) -> Routine:
+def _resolve_subroutines(routine: Routine, path: Path, resolve_stored, seen: tuple[Path, ...], budget: _Budget) -> Routine:
     def resolve(steps: list[Any]) -> list[Any]:
         out = []
         for step in steps:
             if isinstance(step, ParallelStep):
                 step = step.model_copy(update={"parallel": [resolve(branch) for branch in step.parallel]})
-            elif isinstance(step, SubRoutineStep) and isinstance(step.routine, str):
-                step = step.model_copy(update={"routine": _load_reference(step, path, resolve_stored, seen)})
+            elif isinstance(step, SubRoutineStep):
+                if isinstance(step.routine, str):
+                    child = _load_reference(step, path, resolve_stored, seen, budget)
+                else:  # inline: its own references are relative to this file
+                    child = _resolve_subroutines(step.routine, path, resolve_stored, seen, budget)
+                step = step.model_copy(update={"routine": child})
             out.append(step)
         return out
 
     return routine.model_copy(update={"steps": resolve(list(routine.steps))})
 
 
-def _load_reference(step: SubRoutineStep, path: Path, resolve_stored, seen: tuple[Path, ...]) -> Routine:
+def _load_reference(step: SubRoutineStep, path: Path, resolve_stored, seen: tuple[Path, ...], budget: _Budget) -> Routine:
     reference = str(step.routine)
     where = f"{path}: step {step.id!r}"
     _checked_path(reference, where)
     try:
         candidate = (path.parent / reference).resolve()
         is_file = candidate.suffix in (".yaml", ".yml", ".json") or candidate.exists()
+        exists = candidate.exists()
     except (OSError, RuntimeError, ValueError) as exc:
-        raise InvalidRoutine(f"{where}: sub-routine {reference[:80]!r}: {exc}") from None
+        raise InvalidRoutine(f"{where}: sub-routine {reference[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
     if is_file:
-        if not candidate.exists():
-            raise InvalidRoutine(f"{where}: sub-routine file {reference!r} does not exist")
-        return load_routine(candidate, resolve_stored, seen)
+        if not exists:
+            raise InvalidRoutine(f"{where}: sub-routine file {reference[:200]!r} does not exist")
+        return load_routine(candidate, resolve_stored, seen, budget)
     stored = resolve_stored(reference) if resolve_stored and NAME_PATTERN.fullmatch(reference) else None
     if stored is None:
         raise InvalidRoutine(f"{where}: no file or stored routine named {reference[:200]!r}")
-    return parse_routine(stored, source=f"stored routine {reference!r}")
+    source = f"stored routine {reference!r}"
+    budget.spend(source, check_definition(stored, source))
+    return _resolve_subroutines(_validated(stored, source), path, resolve_stored, seen, budget)
 
 
 ParallelStep.model_rebuild()

@@ -183,49 +183,54 @@ def check_definition(data: Any, source: str) -> int:
     sizes: dict[int, int] = {}
     depths: dict[int, int] = {}
 
-    def text(value: str) -> int:
+    def refuse(where: str, problem: str) -> InvalidRoutine:
+        return InvalidRoutine(f"{source}: {where or '(top level)'}: {problem}")
+
+    def text(value: str, where: str) -> int:
         if "\x00" in value:
-            raise InvalidRoutine(f"{source}: a string holds a NUL character (\\u0000)")
+            raise refuse(where, "a string holds a NUL character (\\u0000)")
         try:
             return len(value.encode("utf-8")) + 2
         except UnicodeEncodeError:
-            raise InvalidRoutine(f"{source}: a string is not valid Unicode text (a lone surrogate)") from None
+            raise refuse(where, "a string is not valid Unicode text (a lone surrogate)") from None
 
-    def scalar(value: Any) -> int:
+    def scalar(value: Any, where: str) -> int:
         if value is None or isinstance(value, bool):
             return 5
         if isinstance(value, int):
             if value.bit_length() > MAX_INTEGER_BITS:
-                raise InvalidRoutine(f"{source}: a number with more than 300 digits")
+                raise refuse(where, "a number with more than 300 digits")
             return len(str(value))
         if isinstance(value, float):
             if not math.isfinite(value):
-                raise InvalidRoutine(f"{source}: {value!r} is not a JSON number")
+                raise refuse(where, f"{value!r} is not a JSON number")
             return len(repr(value))
-        raise InvalidRoutine(
-            f"{source}: a {type(value).__name__} value is not JSON (YAML dates, binary data and sets are not allowed)"
-        )
+        raise refuse(where, f"a {type(value).__name__} value is not JSON (YAML dates, binary data and sets are not allowed)")
 
-    def measure(value: Any, level: int) -> int:
+    def measure(value: Any, level: int, where: str) -> int:
         if isinstance(value, str):
-            return text(value)
+            return text(value, where)
         if not isinstance(value, (list, dict)):
-            return scalar(value)
+            return scalar(value, where)
         if level > MAX_NESTING:
-            raise InvalidRoutine(f"{source}: nests deeper than {MAX_NESTING} levels")
+            raise refuse(where, f"nests deeper than {MAX_NESTING} levels")
         known = id(value)
         if known in sizes:
             if level + depths[known] > MAX_NESTING:
-                raise InvalidRoutine(f"{source}: nests deeper than {MAX_NESTING} levels")
+                raise refuse(where, f"nests deeper than {MAX_NESTING} levels")
             return sizes[known]
-        items = list(value.items()) if isinstance(value, dict) else [(None, item) for item in value]
         total, deepest = 2, 0
-        for key, item in items:
-            if isinstance(value, dict):
+        if isinstance(value, dict):
+            items = []
+            for key, item in value.items():
                 if not isinstance(key, str):
-                    raise InvalidRoutine(f"{source}: a key ({type(key).__name__} {str(key)[:40]!r}) is not a string")
-                total += text(key) + 1
-            total += measure(item, level + 1) + 1
+                    raise refuse(where, f"a key ({type(key).__name__} {str(key)[:40]!r}) is not a string")
+                total += text(key, where) + 1
+                items.append((f"{where}.{key[:40]}" if where else key[:40], item))
+        else:
+            items = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+        for path, item in items:
+            total += measure(item, level + 1, path) + 1
             if isinstance(item, (list, dict)):
                 deepest = max(deepest, 1 + depths[id(item)])
             if total > MAX_DEFINITION_BYTES:
@@ -235,7 +240,7 @@ def check_definition(data: Any, source: str) -> int:
         sizes[known], depths[known] = total, deepest
         return total
 
-    return measure(data, 1)
+    return measure(data, 1, "")
 
 
 def parse_routine(data: Any, *, source: str = "<routine>") -> Routine:

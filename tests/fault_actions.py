@@ -7,6 +7,7 @@ step's commit then applies: what it does outside the context shows how often ste
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import redis
@@ -25,6 +26,8 @@ def _client(url: str) -> redis.Redis:
 
 def tick(view: Any, args: dict[str, Any]) -> list[Change]:
     """Count this execution outside runctx (HINCRBY ``effects_key`` ``step`` 1 on the Redis at
-    ``effects_url``), then append ``value`` to the context's ``log``."""
+    ``effects_url``), sleep ``sleep`` seconds if asked, then append ``value`` to the context's ``log``."""
     _client(args["effects_url"]).hincrby(args["effects_key"], args["step"], 1)
+    if args.get("sleep"):
+        time.sleep(float(args["sleep"]))
     return [Change.append(args.get("log", "log"), args["value"])]

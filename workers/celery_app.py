@@ -12,6 +12,9 @@ from celery.signals import celeryd_init
 
 from runctx.embedded import resolve
 from state.migrate import upgrade
+from workers import kombu_redis_fix
+
+kombu_redis_fix.install()
 
 app = Celery("runctx")
 app.config_from_object("celeryconfig")

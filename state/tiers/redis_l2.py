@@ -138,6 +138,9 @@ class RedisTier:
             raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, int(actual))
         if status == -2:
             raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
+        if status == -3:
+            self.evict_context(ctx.context_id)
+            raise LineageLost(ctx.context_id, "the L2 entry was damaged")
         return status == 1
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:

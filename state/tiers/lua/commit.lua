@@ -6,28 +6,28 @@
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
 --       11 new epoch, 12 '1' if the entry must be live (a step's commit)
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
--- a version was expected; -2 the entry is of another epoch, or not live though it had to be.
+-- a version was expected; -2 the entry is of another epoch, or not live though it had to be;
+-- -3 the entry is damaged (its version or epoch is not a number).
 local cur = redis.call('HMGET', KEYS[1], 'v', 'e', 'o')
 local expected = tonumber(ARGV[1])
 local origin = 'l'
 if cur[1] == false then
   if expected ~= 0 then return {-1, 0} end
 else
-  local epoch = tonumber(cur[2] or '1')
-  if tonumber(ARGV[10]) >= 0 and epoch ~= tonumber(ARGV[10]) then return {-2, tonumber(cur[1])} end
-  if ARGV[12] == '1' and cur[3] ~= 'l' then return {-2, tonumber(cur[1])} end
-  if tonumber(cur[1]) ~= expected then return {0, tonumber(cur[1])} end
+  local version, epoch = tonumber(cur[1]), tonumber(cur[2] or '1')
+  if version == nil or epoch == nil then return {-3, 0} end
+  if tonumber(ARGV[10]) >= 0 and epoch ~= tonumber(ARGV[10]) then return {-2, version} end
+  if ARGV[12] == '1' and cur[3] ~= 'l' then return {-2, version} end
+  if version ~= expected then return {0, version} end
   origin = cur[3] or 'f'
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'e', ARGV[11], 'c', ARGV[4], 'd', ARGV[3], 'o', origin)
 redis.call('PERSIST', KEYS[1])  -- a dirty entry never expires
 local now = tonumber(ARGV[5])
-local first = redis.call('HGET', KEYS[3], ARGV[8])
-if first == false then
+local first = tonumber(redis.call('HGET', KEYS[3], ARGV[8]) or '')
+if first == nil then
   redis.call('HSET', KEYS[3], ARGV[8], ARGV[5])
   first = now
-else
-  first = tonumber(first)
 end
 redis.call('ZADD', KEYS[2], math.min(now + tonumber(ARGV[6]), first + tonumber(ARGV[7])), ARGV[8])
 if ARGV[9] ~= '' then

@@ -1,10 +1,12 @@
--- Evict a context entry (and its pending write-behind) unless it is newer than a version.
+-- Evict a context entry (and its pending write-behind) unless it is newer than a version; a damaged
+-- entry is always evicted.
 -- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash
 -- ARGV: 1 version (-1: evict whatever it holds), 2 context id
 -- Returns 1 if evicted.
 local cur = redis.call('HGET', KEYS[1], 'v')
 if cur == false then return 0 end
-if tonumber(ARGV[1]) >= 0 and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+local version = tonumber(cur)
+if version ~= nil and tonumber(ARGV[1]) >= 0 and version > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])

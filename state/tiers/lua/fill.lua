@@ -1,13 +1,14 @@
 -- Fill a context entry: a reader's copy from L3 (origin 'f', with a TTL), or the start of a live lineage
 -- (origin 'l', no TTL: a new context, or one rebuilt by a rewind). Never replaces an entry of a newer
--- epoch, nor one of the same epoch holding that version or a newer one.
+-- epoch, nor one of the same epoch holding that version or a newer one; a damaged entry is replaced.
 -- KEYS: 1 context entry
 -- ARGV: 1 version, 2 payload, 3 checksum, 4 TTL s (0: none), 5 epoch, 6 origin ('l' or 'f')
 -- Returns 1 if written.
 local cur = redis.call('HMGET', KEYS[1], 'v', 'e')
-if cur[1] ~= false then
-  local epoch, new_epoch = tonumber(cur[2] or '1'), tonumber(ARGV[5])
-  if epoch > new_epoch or (epoch == new_epoch and tonumber(cur[1]) >= tonumber(ARGV[1])) then return 0 end
+local version, epoch = tonumber(cur[1] or ''), tonumber(cur[2] or '1')
+if version ~= nil and epoch ~= nil then
+  local new_epoch = tonumber(ARGV[5])
+  if epoch > new_epoch or (epoch == new_epoch and version >= tonumber(ARGV[1])) then return 0 end
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'e', ARGV[5], 'c', ARGV[3], 'd', ARGV[2], 'o', ARGV[6])

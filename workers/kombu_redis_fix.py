@@ -1,0 +1,46 @@
+"""A workaround for kombu 5.7's Redis transport, installed when the Celery app is imported.
+
+When the broker connection drops while a worker holds an unacknowledged message (a step running),
+Celery closes the channel; the Redis transport's QoS then tries to restore that message (on close)
+or to acknowledge it (when the task ends) through the connection that is already gone:
+``_connparams`` reads ``connection.client.hostname`` from a transport whose client or connection
+is None. The AttributeError reaches Celery's consumer as "Unrecoverable error", and the whole
+worker node exits instead of reconnecting (seen when Redis restarts).
+
+Neither call is needed for correctness here: the message stays in the transport's unacked set (or
+is gone with a Redis that restarted empty), the visibility timeout returns it, a step delivered
+again applies once, and runctx's watchdog resumes the run sooner anyway. So a restore, ack or
+reject that fails because the connection is gone is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+
+def _tolerant(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except AttributeError as exc:  # the connection is gone: see the module docstring
+            log.warning("broker connection gone: %s skipped, the visibility timeout returns the message (%s)", name, exc)
+            if name == "restore_unacked":
+                self._delivered.clear()
+            return None
+
+    call.runctx_fix = True  # type: ignore[attr-defined]
+    return call
+
+
+def install() -> None:
+    for name in ("restore_unacked", "ack", "reject"):
+        original = getattr(kombu_redis.QoS, name)
+        if not getattr(original, "runctx_fix", False):
+            setattr(kombu_redis.QoS, name, _tolerant(name, original))

@@ -29,10 +29,21 @@ class Watchdog:
     """Resumes stalled runs. Owns only its memory of how often it resumed each run; the truth (runs,
     epochs, progress) is in the tiers."""
 
-    def __init__(self, engine: RunEngine, *, stall_timeout_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        engine: RunEngine,
+        *,
+        stall_timeout_s: float,
+        confirm_after_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``confirm_after_s``: a run must still look stalled this long after it first did (one
+        heartbeat period: a Redis that lost its progress records gets them back from the heartbeats)."""
         self.engine = engine
         self.stall_timeout_s = stall_timeout_s
+        self.confirm_after_s = confirm_after_s
         self.clock = clock
+        self._noticed: dict[str, float] = {}
         self._strikes: dict[str, tuple[int, float]] = {}  # run id -> (resumes in a row, when the last was)
 
     def scan(self) -> list[str]:
@@ -48,11 +59,16 @@ class Watchdog:
             if moved > last_resume + 1.0:  # (the resume itself touches the run's row, on the database's clock)
                 strikes = 0  # it moved since it was last resumed
             if now - moved < self.stall_timeout_s * 2**strikes:
+                self._noticed.pop(run.run_id, None)
                 continue
+            if now - self._noticed.setdefault(run.run_id, now) < self.confirm_after_s:
+                continue
+            self._noticed.pop(run.run_id, None)
             log.warning("run %s made no progress for %.0f s: resuming it from what the tiers hold", run.run_id, now - moved)
             if self.engine.rewind(run.run_id, run.epoch):
                 resumed.append(run.run_id)
                 self._strikes[run.run_id] = (strikes + 1, self.clock())
         running = {run.run_id for run in runs}
+        self._noticed = {run_id: at for run_id, at in self._noticed.items() if run_id in running}
         self._strikes = {run_id: strike for run_id, strike in self._strikes.items() if run_id in running}
         return resumed

@@ -548,6 +548,27 @@ def test_the_watchdog_leaves_a_run_alone_while_its_steps_touch_progress(h: Harne
     assert h.run(run_id).status == "succeeded" and h.final(run_id).variables == counted(4)
 
 
+def test_a_stall_is_confirmed_one_heartbeat_later_so_lost_progress_records_come_back_first(
+    h: Harness, clock: FakeClock
+) -> None:
+    """Redis lost the progress records of a run whose long step still runs: the run looks stalled
+    until the step's next heartbeat; the watchdog waits that long before it believes it."""
+    run_id = h.submit(counting(4))
+    h.deliver(1)
+    h.dispatcher.queue.popleft()  # s01 runs for a long time on some worker
+    watchdog = Watchdog(h.engine, stall_timeout_s=STALL_S, confirm_after_s=5, clock=clock)
+    clock.advance(STALL_S + 1)  # its progress record was lost with Redis
+    assert watchdog.scan() == []  # looks stalled: noticed, not believed yet
+    clock.advance(2)
+    h.store.l2.touch_progress([run_id], clock())  # the heartbeat of the running step
+    clock.advance(4)
+    assert watchdog.scan() == [] and h.run(run_id).epoch == 1
+    clock.advance(STALL_S + 1)  # now the worker is gone: no heartbeat any more
+    assert watchdog.scan() == []
+    clock.advance(5)
+    assert watchdog.scan() == [run_id]
+
+
 def test_a_run_resumed_once_waits_twice_the_stall_timeout_before_the_next_resume(h: Harness, clock: FakeClock) -> None:
     run_id = h.submit(counting(4))
     h.deliver_until_finalize()

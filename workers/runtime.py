@@ -55,8 +55,10 @@ class ProcessRuntime:
             limits=settings.resource_limits(),
         )
         self.control = ControlChannel(self.store, self.redis)
-        self.watchdog = Watchdog(self.engine, stall_timeout_s=settings.stall_timeout_s)
         self.watch_interval_s = max(0.2, min(5.0, settings.stall_timeout_s / 4))
+        self.watchdog = Watchdog(
+            self.engine, stall_timeout_s=settings.stall_timeout_s, confirm_after_s=1.5 * self.watch_interval_s
+        )
         self.listener: ChangeListener | None = None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None

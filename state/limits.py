@@ -20,10 +20,22 @@ MAX_CONTEXT_ID_LENGTH = 300  # a context id: "<run id>/<sub-routine step ids>"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message may show it: short, and safe for any object (a 5000-digit
+    integer cannot even be turned into text)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_run_id(run_id: str) -> str:
     """A run id: 1 to 100 letters, digits, ``_ . -`` (it names keys and rows)."""
     if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
-        raise InvalidValue(f"run id {str(run_id)[:120]!r}: must be 1 to 100 letters, digits, '_', '.', '-'")
+        raise InvalidValue(f"run id {shown(run_id, 120)}: must be 1 to 100 letters, digits, '_', '.', '-'")
     return run_id
 
 
@@ -31,7 +43,7 @@ def check_name(name: str) -> str:
     """A variable name: a letter or _, then letters, digits, ``_ . -``; at most 200 characters."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidValue(
-            f"variable name {name!r}: must start with a letter or '_' and hold only letters, digits, "
+            f"variable name {shown(name)}: must start with a letter or '_' and hold only letters, digits, "
             "'_', '.', '-' (at most 200 characters)"
         )
     return name
@@ -60,7 +72,7 @@ def _check_json(name: str, value: Any, path: str, depth: int = 0) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise InvalidValue(f"variable {name!r}: key {key!r} at {path or 'top level'} is not a string")
+                raise InvalidValue(f"variable {name!r}: key {shown(key)} at {path or 'top level'} is not a string")
             if "\x00" in key:
                 raise InvalidValue(f"variable {name!r}: a key at {path or 'top level'} holds a NUL character (\\u0000)")
             _check_json(name, item, f"{path}.{key}", depth + 1)

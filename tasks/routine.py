@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from state.errors import InvalidRoutine
-from state.limits import MAX_NESTING, MAX_TEXT_LENGTH, NAME_PATTERN
+from state.limits import MAX_NESTING, MAX_TEXT_LENGTH, NAME_PATTERN, shown
 from state.models import ConflictResolutionStrategy, DataSensitivity, ExportDestination
 from tasks.actions import check_action
 
@@ -224,7 +224,7 @@ def check_definition(data: Any, source: str) -> int:
             items = []
             for key, item in value.items():
                 if not isinstance(key, str):
-                    raise refuse(where, f"a key ({type(key).__name__} {str(key)[:40]!r}) is not a string")
+                    raise refuse(where, f"a key ({type(key).__name__} {shown(key, 40)}) is not a string")
                 total += text(key, where) + 1
                 items.append((f"{where}.{key[:40]}" if where else key[:40], item))
         else:
@@ -294,9 +294,10 @@ def read_routine_file(path: Path) -> Any:
         raise InvalidRoutine(f"{path}: not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise InvalidRoutine(f"{path}: nests deeper than {MAX_NESTING} levels") from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
-        # YAML tags whose value does not construct (2020-02-30, !!int x), numbers of 4300+ digits
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the file is refused in one line
+        # YAML tags whose value does not construct (2020-02-30, !!int x, !!int with no value), numbers
+        # of 4300+ digits: the parsers raise ValueError, IndexError, KeyError... instead of their own errors
+        reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
         raise InvalidRoutine(f"{path}: not valid {kind}: {reason}") from None
 
 

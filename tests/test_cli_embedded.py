@@ -62,6 +62,7 @@ def test_check_round_trips_through_all_three_tiers(data_dir: Path) -> None:
     reads = [step["tier"] for step in report["steps"] if step["step"] == "read"]
     assert reads == ["L1", "L2", "L3"]
     assert {step["step"] for step in report["steps"]} >= {"create", "commit", "flush", "invalidate"}
+    assert report["redis_persistence"] == "aof-everysec" and report["warnings"] == []  # the embedded Redis keeps an AOF
     _assert_nothing_left(data_dir)
 
     human = _runctx(data_dir, "check")  # a second run reuses the data directory

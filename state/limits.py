@@ -43,7 +43,7 @@ def check_name(name: str) -> str:
     """A variable name: a letter or _, then letters, digits, ``_ . -``; at most 200 characters."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidValue(
-            f"variable name {shown(name)}: must start with a letter or '_' and hold only letters, digits, "
+            f"variable name {shown(name, 300)}: must start with a letter or '_' and hold only letters, digits, "
             "'_', '.', '-' (at most 200 characters)"
         )
     return name

@@ -37,9 +37,11 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 task_ignore_result = True
 
-# Flower and `celery events`: every step shows under a readable (shadow) name.
+# Flower and `celery events`: every step shows under a readable (shadow) name. No task-sent events:
+# they carry the task's real name (runctx.step) and, reaching Flower after task-received, replace
+# the readable one; and each costs the sender one more publish per step.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 
 task_queues = (
     Queue(STEP_QUEUE, Exchange(STEP_QUEUE, type="direct"), routing_key=STEP_QUEUE),

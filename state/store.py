@@ -29,7 +29,7 @@ from state.errors import (
 from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.settings import Settings
-from state.tiers.contracts import ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow
+from state.tiers.contracts import ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow, StepReport
 from state.tiers.local import LocalCache
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,9 @@ class TieredStore:
         self.l1.put_context(ctx)
         return ctx
 
-    def _commit_l2(self, ctx: RunContext, expected_version: int, *, step: bool = False) -> bool:
+    def _commit_l2(
+        self, ctx: RunContext, expected_version: int, *, step: bool = False, report: StepReport | None = None
+    ) -> bool:
         try:
             return self.l2.commit_context(
                 ctx,
@@ -235,6 +237,7 @@ class TieredStore:
                 max_delay_s=self.config.write_behind_max_delay_s,
                 expected_epoch=ctx.epoch if step else None,
                 require_live=step,
+                report=report,
             )
         except VersionConflict:
             self.stats.conflicts += 1
@@ -242,13 +245,18 @@ class TieredStore:
             raise
 
     def commit_step(
-        self, context_id: str, base: RunContext, step_id: str, mutate: Callable[[RunContext], None]
+        self,
+        context_id: str,
+        base: RunContext,
+        step_id: str,
+        mutate: Callable[[RunContext], None],
+        report: Callable[[], StepReport] | None = None,
     ) -> StepCommit:
         """Apply a step's changes (``mutate``) with its id in ``applied_steps``, as one compare-and-set.
 
         A refused write (another writer committed first) is re-applied to the newer version; a step
         whose id is already there (a duplicate delivery) changes nothing. ``base`` is the version
-        the step read.
+        the step read. ``report`` gives the step's record, written by the same compare-and-set.
         """
         if step_id in base.applied_steps:
             return StepCommit(base, applied=False)
@@ -259,7 +267,7 @@ class TieredStore:
             working.applied_steps.append(step_id)
             working.version = latest.version + 1
             try:
-                if not self._commit_l2(working, latest.version, step=True):
+                if not self._commit_l2(working, latest.version, step=True, report=report() if report else None):
                     raise LineageLost(context_id, "its L2 entry disappeared while the step ran")
                 self.stats.l2_commits += 1
                 self.l1.put_context(working)

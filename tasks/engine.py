@@ -28,7 +28,7 @@ from state.keys import context_id, run_of_context
 from state.limits import MAX_CONTEXT_ID_LENGTH, check_name, check_run_id
 from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
 from state.store import StepCommit, TieredStore
-from state.tiers.contracts import FINAL_STATUSES, ExportRecord, RunRow
+from state.tiers.contracts import FINAL_STATUSES, ExportRecord, RunRow, StepReport
 from tasks.advance import next_work, resume_points
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Node, Plan, compile_plan
@@ -169,8 +169,12 @@ class RunEngine:
             return None
         started = time.perf_counter()
         self.running[task_id] = message.run_id
+
+        def report() -> StepReport:  # the step's record, written by its commit
+            return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started)
+
         try:
-            outcome = self.steps.run(message, node)
+            outcome = self.steps.run(message, node, report)
         except StaleEpoch as exc:
             log.info("run %s: %s refused: %s", message.run_id, node.step_id, exc)
             return None
@@ -186,10 +190,6 @@ class RunEngine:
             return None
         finally:
             self.running.pop(task_id, None)
-        if outcome.applied:
-            self.store.l2.finish_step(
-                message.run_id, node.step_id, status="succeeded", worker=worker, duration_s=time.perf_counter() - started
-            )
         # A duplicate message stops here; a redelivered one re-dispatches in case its first run died before that.
         if outcome.applied or start.attempt > 1:
             versions = {**message.versions, node.context: outcome.context.version}

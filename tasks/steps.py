@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from state.errors import RoutineError, StepFailed
 from state.keys import context_id
 from state.models import RunContext
 from state.store import StepCommit, TieredStore
+from state.tiers.contracts import StepReport
 from tasks.actions import run_action
 from tasks.changes import ContextView, apply_changes
 from tasks.messages import StepMessage
@@ -41,16 +42,17 @@ class StepExecutor:
     def __init__(self, store: TieredStore) -> None:
         self.store = store
 
-    def run(self, message: StepMessage, node: Node) -> StepCommit:
+    def run(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None = None) -> StepCommit:
+        """Run the node; ``report`` gives the step's record, committed with its changes."""
         if node.kind == "action":
-            return self._apply_action(message, node)
-        return self._merge_child(message, node)
+            return self._apply_action(message, node, report)
+        return self._merge_child(message, node, report)
 
     def _read(self, message: StepMessage, path: str) -> tuple[str, RunContext]:
         ctx_id = context_id(message.run_id, path)
         return ctx_id, self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=message.versions.get(path, 1))
 
-    def _apply_action(self, message: StepMessage, node: Node) -> StepCommit:
+    def _apply_action(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:
         ctx_id, base = self._read(message, node.context)
         if node.step_id in base.applied_steps:
             return StepCommit(base, applied=False)
@@ -63,7 +65,7 @@ class StepExecutor:
                 working, changes, base=base, default=concurrency.default, per_variable=concurrency.variables, now=time.time()
             )
 
-        return self.store.commit_step(ctx_id, base, node.step_id, mutate)
+        return self.store.commit_step(ctx_id, base, node.step_id, mutate, report)
 
     def _changes_of(self, node: Node, base: RunContext) -> list[Any]:
         assert node.action is not None
@@ -74,7 +76,7 @@ class StepExecutor:
         except Exception as exc:  # a user action's own error fails the run; its text may quote values
             raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
 
-    def _merge_child(self, message: StepMessage, node: Node) -> StepCommit:
+    def _merge_child(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:
         assert node.child_context is not None and node.merge is not None
         parent_id, parent = self._read(message, node.context)
         if node.step_id in parent.applied_steps:
@@ -87,4 +89,4 @@ class StepExecutor:
             for conflict in conflicts:  # names and strategies only: values may be sensitive
                 log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
 
-        return self.store.commit_step(parent_id, parent, node.step_id, mutate)
+        return self.store.commit_step(parent_id, parent, node.step_id, mutate, report)

@@ -204,6 +204,26 @@ def test_l2_stale_commit_raises_version_conflict_and_changes_nothing(l2: L2Tier)
     assert l2.due_time("run-1") == T0 + 1 + DEBOUNCE
 
 
+def test_l2_a_step_commit_records_its_step_in_the_same_write_and_a_refused_one_records_nothing(l2: L2Tier) -> None:
+    from state.tiers.contracts import StepReport
+
+    commit(l2, context(version=1), 0)
+    report = StepReport(run_id="run-1", step_id="s1", worker="w1", duration_s=0.25)
+    assert l2.commit_context(
+        context(version=2), expected_version=1, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY, report=report
+    )
+    with pytest.raises(VersionConflict):
+        l2.commit_context(
+            context(version=2, n="stale"), expected_version=1, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY,
+            report=StepReport(run_id="run-1", step_id="s2", worker="w2", duration_s=0.5),
+        )
+    steps = l2.run_summary("run-1")["steps"]
+    assert [(step["id"], step["status"], step["worker"], step["duration_s"], step["finished_at"]) for step in steps] == [
+        ("s1", "succeeded", "w1", 0.25, T0)
+    ]
+    assert l2.progress_of(["run-1"]) == {"run-1": T0}
+
+
 def test_l2_commit_over_version_0_of_an_existing_entry_conflicts(l2: L2Tier) -> None:
     l2.fill_context(context(version=4))
     with pytest.raises(VersionConflict) as raised:

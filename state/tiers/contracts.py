@@ -51,6 +51,19 @@ class StepStart:
 
 
 @dataclass(frozen=True)
+class StepReport:
+    """What a step's commit records about the step, in the same atomic write (its run's step record)."""
+
+    run_id: str
+    step_id: str
+    worker: str
+    duration_s: float
+
+    def record(self, finished_at: float) -> dict[str, Any]:
+        return {"status": "succeeded", "worker": self.worker, "duration_s": round(self.duration_s, 6), "finished_at": finished_at}
+
+
+@dataclass(frozen=True)
 class RunRow:
     """A run as the ledger (L3) holds it."""
 
@@ -111,8 +124,10 @@ class L2Tier(Protocol):
         max_delay_s: float,
         expected_epoch: int | None = None,
         require_live: bool = False,
+        report: "StepReport | None" = None,
     ) -> bool:
-        """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write.
+        """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write;
+        with ``report``, record the step that made the change (and its run's progress) in the same write.
 
         False: no entry though a version was expected (the caller refills it from L3). Raises
         VersionConflict on a stale write, and LineageLost when the entry is of another epoch than

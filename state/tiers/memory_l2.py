@@ -17,7 +17,7 @@ from state.codec import DEFAULT_CODEC, Codec, checksum
 from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import ConfigEntry, StepStart, StoredContext
+from state.tiers.contracts import ConfigEntry, StepReport, StepStart, StoredContext
 
 
 @dataclass
@@ -110,6 +110,7 @@ class MemoryL2:
         max_delay_s: float,
         expected_epoch: int | None = None,
         require_live: bool = False,
+        report: StepReport | None = None,
     ) -> bool:
         payload = self.codec.dump_context(ctx)
         with self._lock:
@@ -123,6 +124,10 @@ class MemoryL2:
                     raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
             live = True if current is None else current.live
             self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload, None, ctx.epoch, live)
+            if report is not None:
+                run = self._run(report.run_id)
+                run.steps[report.step_id] = json.dumps(report.record(now))
+                run.progress = now
             first = self._first.setdefault(ctx.context_id, now)
             self._due[ctx.context_id] = min(now + debounce_s, first + max_delay_s)
             return True

@@ -26,7 +26,7 @@ from state.codec import DEFAULT_CODEC, Codec, checksum
 from state.errors import CommunicationFailure, ContextCorruption, LineageLost, VersionConflict
 from state.keys import RUN_RECORD_PARTS, RedisKeys
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import ConfigEntry, StepStart, StoredContext
+from state.tiers.contracts import ConfigEntry, StepReport, StepStart, StoredContext
 from state.tiers.scripts import SCRIPTS, lua
 
 T = TypeVar("T")
@@ -123,17 +123,19 @@ class RedisTier:
         max_delay_s: float,
         expected_epoch: int | None = None,
         require_live: bool = False,
+        report: StepReport | None = None,
     ) -> bool:
         payload = self.codec.dump_context(ctx)
-        status, actual = self._script(
-            "commit",
-            self._schedule_keys(ctx.context_id),
-            [
-                expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
-                ctx.context_id, self._commit_channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
-                "1" if require_live else "0",
-            ],
-        )
+        keys = self._schedule_keys(ctx.context_id)
+        args: list[Any] = [
+            expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
+            ctx.context_id, self._commit_channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
+            "1" if require_live else "0",
+        ]
+        if report is not None:  # the step record rides in the same script: one round trip
+            keys += [self._record(report.run_id, "steps"), self._record(report.run_id, "progress")]
+            args += [report.step_id, json.dumps(report.record(now)), RECORD_TTL_S]
+        status, actual = self._script("commit", keys, args)
         if status == 0:
             raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, int(actual))
         if status == -2:

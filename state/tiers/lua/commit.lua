@@ -1,10 +1,12 @@
 -- Compare-and-set of a context, scheduling of its write-behind and the invalidation broadcast, in one
 -- atomic step. An entry is {v: version, e: epoch, c: checksum, d: payload, o: origin}: origin 'l' is a
 -- live lineage (created, committed to, or rebuilt by a rewind), 'f' a copy filled from L3 for readers.
--- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash
+-- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash,
+--       [4 the run's step records, 5 the run's progress record: a step's commit records the step too]
 -- ARGV: 1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
---       11 new epoch, 12 '1' if the entry must be live (a step's commit)
+--       11 new epoch, 12 '1' if the entry must be live (a step's commit),
+--       [13 step id, 14 step record (JSON), 15 records TTL s]
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
 -- a version was expected; -2 the entry is of another epoch, or not live though it had to be;
 -- -3 the entry is damaged (its version or epoch is not a number).
@@ -30,6 +32,10 @@ if first == nil then
   first = now
 end
 redis.call('ZADD', KEYS[2], math.min(now + tonumber(ARGV[6]), first + tonumber(ARGV[7])), ARGV[8])
+if KEYS[4] then
+  redis.call('HSET', KEYS[4], ARGV[13], ARGV[14])
+  redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[15])
+end
 if ARGV[9] ~= '' then
   redis.call('PUBLISH', ARGV[9], cjson.encode({type = 'context', id = ARGV[8], version = tonumber(ARGV[2])}))
 end

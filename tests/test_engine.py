@@ -33,6 +33,7 @@ from tasks.changes import Change
 from tasks.engine import RunEngine
 from tasks.in_process import Delivery, InProcessDispatcher
 from tasks.routine import parse_routine
+from tests.merge_cases import CASES, CHILD_FINAL, COMMON, NEW_FROM_CHILD, PARENT_UNMERGED, merge_routine
 
 ME = "tests.test_engine"
 SECRET = "s3cr3t-token-value"
@@ -214,60 +215,9 @@ def test_nested_parallel_groups_join_before_the_outer_join_goes_on(h: Harness) -
 
 # ---- sub-routines ---------------------------------------------------------------------------------
 
-# The same routine as tests/test_e2e_subroutine.py, ordered by the FIFO queue instead of sleeps:
-# the child changes `count` (bump), the other branch then sets it to 100, then the child sets
-# `profile`. So count: parent 100 written later, child 11 earlier; profile: parent's initial
-# value written at submit, child's written later.
-PROFILE = {"name": "ann", "tags": ["a"], "prefs": {"theme": "dark", "lang": "en"}}
-CHILD_PROFILE = {"tags": ["b"], "prefs": {"theme": "light"}, "city": "Oslo"}
-MERGED_PROFILE = {"name": "ann", "tags": ["b"], "prefs": {"theme": "light", "lang": "en"}, "city": "Oslo"}
-NEW_FROM_CHILD = {"note": "from child", "extra": {"k": [1, 2]}, "language": "en"}
-COMMON = {"untouched": "same", "parent_only": "p", "after": "done"}
-CHILD_FINAL = {"count": 11, "profile": CHILD_PROFILE, "untouched": "same", **NEW_FROM_CHILD}
-
-
-def merge_routine(merge: dict[str, Any]) -> dict[str, Any]:
-    child = {
-        "name": "child",
-        "variables": {"language": "en"},
-        "steps": [
-            inc("bump", by=10, name="count"),
-            {"id": "wait", "action": "sleep", "args": {"seconds": 0}},
-            {"id": "reprofile", "action": "set", "args": {"name": "profile", "value": CHILD_PROFILE}},
-            {"id": "note", "action": "set", "args": {"name": "note", "value": "from child"}},
-            {"id": "extra", "action": "set", "args": {"name": "extra", "value": {"k": [1, 2]}}},
-        ],
-    }
-    return {
-        "name": "merge-parent",
-        "variables": {"count": 1, "profile": PROFILE, "untouched": "same", "parent_only": "p"},
-        "steps": [
-            {
-                "id": "fan",
-                "parallel": [
-                    [{"id": "sub", "routine": child, "inherit": ["count", "profile", "untouched"], "merge": merge}],
-                    [
-                        {"id": "pause", "action": "sleep", "args": {"seconds": 0}},
-                        {"id": "parent-count", "action": "set", "args": {"name": "count", "value": 100}},
-                    ],
-                ],
-            },
-            {"id": "after", "action": "set", "args": {"name": "after", "value": "done"}},
-        ],
-    }
-
-
-MERGE_CASES = {
-    "PARENT_WINS": ({"default": "PARENT_WINS"}, {"count": 100, "profile": PROFILE}),
-    "CHILD_WINS": ({"default": "CHILD_WINS"}, {"count": 11, "profile": CHILD_PROFILE}),
-    "MERGE_OBJECTS": ({"default": "MERGE_OBJECTS"}, {"count": 11, "profile": MERGED_PROFILE}),
-    "LAST_WRITER_WINS": ({"default": "LAST_WRITER_WINS"}, {"count": 100, "profile": CHILD_PROFILE}),
-    "FAIL+per-variable": (
-        {"default": "FAIL", "variables": {"count": "LAST_WRITER_WINS", "profile": "MERGE_OBJECTS"}},
-        {"count": 100, "profile": MERGED_PROFILE},
-    ),
-    "CHILD_WINS+per-variable": ({"default": "CHILD_WINS", "variables": {"count": "PARENT_WINS"}}, {"count": 100, "profile": CHILD_PROFILE}),
-}
+# The scenario of tests/test_e2e_subroutine.py (tests/merge_cases.py), ordered by the FIFO queue
+# instead of sleeps.
+MERGE_CASES = CASES  # the same cases as tests/test_e2e_subroutine.py
 
 
 @pytest.mark.parametrize("case", list(MERGE_CASES))
@@ -289,7 +239,7 @@ def test_subroutine_merge_under_fail_fails_the_run_naming_only_the_conflicting_v
     assert not any(name in row.error for name in ("untouched", "note", "extra", "language")), row.error
     steps = steps_of(row)
     assert steps["sub"]["status"] == "failed" and "after" not in steps
-    assert h.final(run_id).variables == {"count": 100, "profile": PROFILE, "untouched": "same", "parent_only": "p"}
+    assert h.final(run_id).variables == PARENT_UNMERGED
     assert len(h.finalizes(run_id)) == 1
 
 

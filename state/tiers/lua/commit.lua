@@ -10,6 +10,14 @@
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
 -- a version was expected; -2 the entry is of another epoch, or not live though it had to be;
 -- -3 the entry is damaged (its version or epoch is not a number).
+-- Bookkeeping keys holding something else (damage) are dropped and rebuilt, never a script error.
+local function expect(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= kind then redis.call('DEL', key) end
+end
+expect(KEYS[2], 'zset')
+expect(KEYS[3], 'hash')
+if KEYS[4] then expect(KEYS[4], 'hash') end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'e', 'o')
 local expected = tonumber(ARGV[1])
 local origin = 'l'

@@ -3,6 +3,13 @@
 -- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash
 -- ARGV: 1 version (-1: evict whatever it holds), 2 context id
 -- Returns 1 if evicted.
+-- Bookkeeping keys holding something else (damage) are dropped and rebuilt, never a script error.
+local function expect(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= kind then redis.call('DEL', key) end
+end
+expect(KEYS[2], 'zset')
+expect(KEYS[3], 'hash')
 local cur = redis.call('HGET', KEYS[1], 'v')
 if cur == false then return 0 end
 local version = tonumber(cur)

@@ -4,6 +4,13 @@
 -- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash
 -- ARGV: 1 version written, 2 TTL s (0: keep no TTL), 3 context id, 4 now, 5 debounce s, 6 epoch written
 -- Returns 1 if the entry is clean (or gone).
+-- Bookkeeping keys holding something else (damage) are dropped and rebuilt, never a script error.
+local function expect(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= kind then redis.call('DEL', key) end
+end
+expect(KEYS[2], 'zset')
+expect(KEYS[3], 'hash')
 local cur = redis.call('HMGET', KEYS[1], 'v', 'e')
 local version, epoch = tonumber(cur[1] or ''), tonumber(cur[2] or '1')
 if cur[1] ~= false and (version == nil or epoch == nil) then

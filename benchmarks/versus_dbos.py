@@ -21,12 +21,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import yaml
+from execution import bench_routine  # the same measure as benchmarks/execution.py (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,20 +45,6 @@ def routine_files(directory: Path, steps: int, branches: int, per_branch: int) -
     for path, routine in zip(paths, (sequence, fanout)):
         path.write_text(yaml.safe_dump(routine))
     return paths
-
-
-def runctx_rate(path: Path, steps: int) -> float:
-    from runctx.api import Client
-
-    client = Client()
-    routine = client.load(path)
-    client.engine.register(routine)  # stored before timing, as a deployed routine would be
-    started = time.perf_counter()
-    result = client.run(routine, timeout=600)
-    elapsed = time.perf_counter() - started
-    if result.status != "succeeded" or result.variables["counter"] != steps:
-        raise RuntimeError(f"runctx run did not succeed: {result.status} {result.error}")
-    return steps / elapsed
 
 
 def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
@@ -105,8 +91,8 @@ def main() -> None:
         servers = resolve(settings)
         sequence, fanout = routine_files(Path(tmp), args.steps, args.branches, args.per_branch)
         with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
-            runctx_sequence = runctx_rate(sequence, args.steps)
-            runctx_fanout = runctx_rate(fanout, args.branches * args.per_branch)
+            runctx_sequence, _, _ = bench_routine(sequence, args.steps)
+            runctx_fanout, _, _ = bench_routine(fanout, args.branches * args.per_branch)
         peer = dbos_rates(servers.database_url, args)
 
     fan = f"{args.branches} x {args.per_branch}"

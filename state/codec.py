@@ -24,8 +24,8 @@ def checksum(payload: bytes) -> str:
 class Codec:
     """JSON only, so nothing stored can execute code when it is read."""
 
-    def to_document(self, ctx: RunContext) -> dict[str, Any]:
-        return ctx.model_dump(mode="json")
+    def to_document(self, ctx: RunContext, *, with_applied: bool = True) -> dict[str, Any]:
+        return ctx.model_dump(mode="json", exclude=None if with_applied else {"applied_steps"})
 
     def from_document(self, document: dict[str, Any], *, key: str = "?") -> RunContext:
         try:
@@ -38,6 +38,18 @@ class Codec:
 
     def load_context(self, payload: bytes, *, key: str = "?") -> RunContext:
         return self.from_document(self.load_document(payload, key=key), key=key)
+
+    def dump_state(self, ctx: RunContext) -> bytes:
+        """L2's payload: the context without its applied steps (L2 keeps those beside it, in a set
+        that each commit adds one to, so a commit's size does not grow with the run)."""
+        return self.dump_document(self.to_document(ctx, with_applied=False))
+
+    def load_state(self, payload: bytes, applied: list[str], *, key: str = "?") -> RunContext:
+        document = self.load_document(payload, key=key)
+        if not isinstance(document, dict):
+            raise ContextCorruption(key, "document does not describe a RunContext (not a mapping)")
+        document["applied_steps"] = applied
+        return self.from_document(document, key=key)
 
     def dump_document(self, document: Any) -> bytes:
         return canonical_json(document).encode()

@@ -20,9 +20,10 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     │   ├── MergeConflict              variables that differ on both sides under the FAIL strategy
     │   ├── StepFailed                 a step's action failed (or was the `fail` action)
     │   └── RefusedByDatabase          PostgreSQL refused what it was asked to store, for good
-    └── RequestError               what a caller asked for cannot be given
-        ├── NotFound                   no such run, context, routine or configuration
-        └── RunTimeout                 a run did not finish within the time a caller waited
+    ├── RequestError               what a caller asked for cannot be given
+    │   ├── NotFound                   no such run, context, routine or configuration
+    │   └── RunTimeout                 a run did not finish within the time a caller waited
+    └── RunFailed                  a step's commit found its run failed: nothing written, the step ends
 
 Which branch an error is on decides what happens to the work that raised it: Celery's autoretry
 retries ``InfrastructureError`` (see ``tasks.celery_tasks``), the engine fails the run on a
@@ -141,6 +142,20 @@ class StaleEpoch(InfrastructureError):
     def __init__(self, context_id: str, epoch: int, current: int) -> None:
         self.context_id, self.epoch, self.current = context_id, epoch, current
         super().__init__(f"context {context_id}: epoch {epoch} is stale, the run is at epoch {current}")
+
+
+class RunFailed(RunctxError):
+    """A step's commit found its run failed (by another step) meanwhile: nothing was written.
+
+    Not a failure of the step: the engine ends it quietly, and Celery does not retry it.
+    """
+
+    code = "RUN_FAILED"
+    severity = Severity.WARNING
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} failed; the step's changes were not written")
 
 
 class WorkersDidNotStart(InfrastructureError):

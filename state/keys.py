@@ -7,14 +7,20 @@ Cache keys name routine definitions and configurations in L1 and L2, and in chan
     config:<kind>:<name>          a configuration (bot, team, ...)
     context:<context id>          (change events only) a context changed in L3
 
-Redis keys, under the key prefix P (``RUNCTX_KEY_PREFIX``):
+Redis keys, under the key prefix P (``RUNCTX_KEY_PREFIX``). The part in braces is the hash tag: on
+a Redis Cluster every key of one tag lives in one slot, so a script may touch them together.
 
-    P:ctx:<context id>            hash {v, c, d}: a context in L2 (version, checksum, payload)
+    P:{c<k>}:ctx:<context id>     hash {v, e, c, d, o}: a context in L2 (version, epoch, checksum,
+                                  payload without its applied steps, origin)
+    P:{c<k>}:applied:<context id> sorted set: the steps the context holds (score: the version each made)
+    P:{c<k>}:wb:due               sorted set: shard k's contexts waiting for their L3 write, by due time
+    P:{c<k>}:wb:first             hash: context id -> time of its oldest unwritten change
+                                  (k = the context's shard, `context_shard`, one of L2_SHARDS)
     P:cfg:<cache key>             hash {v, c, d}: a routine definition or configuration in L2
-    P:wb:due                      sorted set: contexts waiting for their L3 write, by due time
-    P:wb:first                    hash: context id -> time of its oldest unwritten change
-    P:run:<run id>:<part>         run records: attempts, step_attempts, steps, failed, l3_writes, done,
+    P:{<run id>}:run:<part>       run records: attempts, step_attempts, failed, l3_writes, done,
                                   progress (when a step of the run last finished or showed it was alive)
+    P:{<run id>#<m>}:run:steps    the run's step records, spread over STEP_RECORD_SHARDS hashes (m from
+                                  the step id) so that a long run's records do not all load one node
     P:lease:<name>                who holds a lease (the watchdog's leader)
     P:control                     the control channel (pub/sub) every worker process subscribes to
     P:ev:<event identity>         "this change event was relayed" (one process relays each)
@@ -26,10 +32,15 @@ Context ids are ``<run id>`` for a run's root context and ``<run id>/<path>`` fo
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
 RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "l3_writes", "done", "progress")
+
+# Contexts and their write-behind schedule are spread over this many hash tags (a cluster's slots).
+L2_SHARDS = 16
+STEP_RECORD_SHARDS = 4
 
 # ---- cache keys -----------------------------------------------------------------------------------
 
@@ -88,25 +99,59 @@ def context_id(run_id: str, path: str) -> str:
 # ---- Redis keys -----------------------------------------------------------------------------------
 
 
+def context_shard(context_id: str) -> int:
+    """The shard of a context: its entry, applied steps and write-behind schedule share its hash tag."""
+    return zlib.crc32(context_id.encode()) % L2_SHARDS
+
+
+def step_record_shard(step_id: str) -> int:
+    return zlib.crc32(step_id.encode()) % STEP_RECORD_SHARDS
+
+
 class RedisKeys:
     """The Redis names of one key prefix."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.control_channel = f"{prefix}:control"
-        self.write_behind_due = f"{prefix}:wb:due"
-        self.write_behind_first = f"{prefix}:wb:first"
+
+    def _shard(self, context_id: str) -> str:
+        return f"{self.prefix}:{{c{context_shard(context_id)}}}"
 
     def context(self, context_id: str) -> str:
-        return f"{self.prefix}:ctx:{context_id}"
+        return f"{self._shard(context_id)}:ctx:{context_id}"
+
+    def applied(self, context_id: str) -> str:
+        return f"{self._shard(context_id)}:applied:{context_id}"
+
+    def write_behind_due(self, context_id: str) -> str:
+        """The due set of the context's shard."""
+        return f"{self._shard(context_id)}:wb:due"
+
+    def write_behind_first(self, context_id: str) -> str:
+        return f"{self._shard(context_id)}:wb:first"
+
+    def due_sets(self) -> list[str]:
+        """Every shard's due set."""
+        return [f"{self.prefix}:{{c{shard}}}:wb:due" for shard in range(L2_SHARDS)]
 
     def config(self, cache_key: str) -> str:
         return f"{self.prefix}:cfg:{cache_key}"
 
-    def run_record(self, run_id: str, part: str) -> str:
+    def run_record(self, run_id: str, part: str, step_id: str = "") -> str:
+        """A run record; the step records' hash is the one of ``step_id``'s shard."""
         if part not in RUN_RECORD_PARTS:
             raise ValueError(f"unknown run record {part!r}")
-        return f"{self.prefix}:run:{run_id}:{part}"
+        if part == "steps":
+            return self.step_records(run_id)[step_record_shard(step_id)]
+        return f"{self.prefix}:{{{run_id}}}:run:{part}"
+
+    def step_records(self, run_id: str) -> list[str]:
+        return [f"{self.prefix}:{{{run_id}#{m}}}:run:steps" for m in range(STEP_RECORD_SHARDS)]
+
+    def run_records(self, run_id: str) -> list[str]:
+        """Every record key of a run."""
+        return [self.run_record(run_id, part) for part in RUN_RECORD_PARTS if part != "steps"] + self.step_records(run_id)
 
     def lease(self, name: str) -> str:
         return f"{self.prefix}:lease:{name}"

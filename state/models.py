@@ -67,6 +67,9 @@ class StateCacheConfig(BaseModel):
     )
     l2_context_ttl_s: int = Field(default=900, ge=1, description="TTL of a clean context entry in Redis")
     l2_config_ttl_s: int = Field(default=3600, ge=1, description="TTL of a routine or configuration in Redis")
+    l1_update_max_bytes: int = Field(
+        default=16384, ge=0, description="a step's commit carries contexts up to this size to every process's L1"
+    )
     write_behind_debounce_s: float = Field(default=0.25, ge=0, description="L3 write this long after the last change")
     write_behind_max_delay_s: float = Field(default=2.0, ge=0, description="... but never later than this after the first")
     l3_retry_attempts: int = Field(default=4, ge=1, description="tries of an L3 transaction on transient errors")

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     l1_config_ttl_s: float = _like(StateCacheConfig, "l1_config_ttl_s", gt=0)
     l2_context_ttl_s: int = _like(StateCacheConfig, "l2_context_ttl_s", ge=1)
     l2_config_ttl_s: int = _like(StateCacheConfig, "l2_config_ttl_s", ge=1)
+    l1_update_max_bytes: int = _like(StateCacheConfig, "l1_update_max_bytes", ge=0)
 
     # L3 (PostgreSQL)
     l3_retry_attempts: int = _like(StateCacheConfig, "l3_retry_attempts", ge=1)

@@ -21,6 +21,7 @@ from state.errors import (
     InvalidValue,
     LineageLost,
     NotFound,
+    RunFailed,
     StaleEpoch,
     TransactionFailed,
     VersionConflict,
@@ -29,7 +30,7 @@ from state.errors import (
 from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.settings import Settings
-from state.tiers.contracts import ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow, StepReport
+from state.tiers.contracts import CommitResult, ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow, StepReport
 from state.tiers.local import LocalCache
 
 log = logging.getLogger(__name__)
@@ -226,8 +227,13 @@ class TieredStore:
         return ctx
 
     def _commit_l2(
-        self, ctx: RunContext, expected_version: int, *, step: bool = False, report: StepReport | None = None
-    ) -> bool:
+        self,
+        ctx: RunContext,
+        expected_version: int,
+        *,
+        step_id: str | None = None,
+        report: StepReport | None = None,
+    ) -> CommitResult:
         try:
             return self.l2.commit_context(
                 ctx,
@@ -235,8 +241,9 @@ class TieredStore:
                 now=self.clock(),
                 debounce_s=self.config.write_behind_debounce_s,
                 max_delay_s=self.config.write_behind_max_delay_s,
-                expected_epoch=ctx.epoch if step else None,
-                require_live=step,
+                expected_epoch=ctx.epoch if step_id else None,
+                require_live=step_id is not None,
+                step_id=step_id,
                 report=report,
             )
         except VersionConflict:
@@ -255,8 +262,9 @@ class TieredStore:
         """Apply a step's changes (``mutate``) with its id in ``applied_steps``, as one compare-and-set.
 
         A refused write (another writer committed first) is re-applied to the newer version; a step
-        whose id is already there (a duplicate delivery) changes nothing. ``base`` is the version
-        the step read. ``report`` gives the step's record, written by the same compare-and-set.
+        that L2 holds already (a duplicate delivery) changes nothing. ``base`` is the version the
+        step read. ``report`` gives the step's record, written by the same compare-and-set. Raises
+        RunFailed if the run failed meanwhile (nothing is written).
         """
         if step_id in base.applied_steps:
             return StepCommit(base, applied=False)
@@ -267,7 +275,13 @@ class TieredStore:
             working.applied_steps.append(step_id)
             working.version = latest.version + 1
             try:
-                if not self._commit_l2(working, latest.version, step=True, report=report() if report else None):
+                result = self._commit_l2(working, latest.version, step_id=step_id, report=report() if report else None)
+                if result is CommitResult.ALREADY_APPLIED:
+                    self.l1.evict_context(context_id, up_to_version=latest.version)
+                    return StepCommit(self.read_for_step(context_id, epoch=base.epoch, at_least=latest.version), applied=False)
+                if result is CommitResult.RUN_FAILED:
+                    raise RunFailed(base.run_id)
+                if not result:
                     raise LineageLost(context_id, "its L2 entry disappeared while the step ran")
                 self.stats.l2_commits += 1
                 self.l1.put_context(working)
@@ -406,6 +420,12 @@ class TieredStore:
         self.l2.evict_context(context_id)
         self.l1.evict_context(context_id)
 
+    def mark_failed(self, run_id: str, error: str) -> bool:
+        """Flag the run failed in L2 (True for the first flag) and in this process's L1."""
+        first = self.l2.mark_failed(run_id, error)
+        self.l1.note_run_ended(run_id)
+        return first
+
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         return self.l3.running_runs(limit)
 
@@ -417,6 +437,29 @@ class TieredStore:
     def evict_context(self, context_id: str, *, up_to_version: int | None = None) -> None:
         self.l2.evict_context(context_id, up_to_version)
         self.l1.evict_context(context_id, up_to_version)
+
+    def take_commit(
+        self, context_id: str, version: int, *, epoch: int | None = None, step_id: str | None = None,
+        payload: bytes | None = None, payload_checksum: str | None = None,
+    ) -> bool:
+        """Another process committed ``version`` (its broadcast): drop older L1 copies, or, when the
+        broadcast carries the new state and this L1 holds the version just before it, take it, so
+        that the next step here finds it in L1. Returns whether L1 now holds ``version``."""
+        if payload is not None and step_id and epoch is not None and payload_checksum is not None:
+            cached = self.l1.get_context(context_id, version - 1, epoch)
+            if cached is not None and cached.version >= version:
+                return True
+            if cached is not None and cached.version == version - 1:
+                try:
+                    ctx = self.l2.decode_state(payload, payload_checksum, [*cached.applied_steps, step_id], key=context_id)
+                except ContextCorruption as exc:
+                    log_error(log, exc, "ignoring the broadcast")
+                else:
+                    if ctx.version == version and ctx.epoch == epoch:
+                        self.l1.put_context(ctx)
+                        return True
+        self.l1.evict_context(context_id, up_to_version=version - 1)
+        return False
 
     def handle_change(self, event: ChangeEvent) -> None:
         """Apply an L3 change event to L2 and this process's L1."""

@@ -65,8 +65,11 @@ def step(
     self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "", epoch: int = 1
 ) -> None:
     message = StepMessage(run_id, routine, routine_version, node, versions, step_id, epoch)
+    # The broker flags a message it delivers again (its worker died before acknowledging it).
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     _engine().execute_step(
-        message, task_id=self.request.id, worker=self.request.hostname or "?", retries=self.request.retries or 0
+        message, task_id=self.request.id, worker=self.request.hostname or "?", retries=self.request.retries or 0,
+        redelivered=redelivered,
     )
 
 

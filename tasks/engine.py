@@ -20,6 +20,7 @@ from state.errors import (
     LineageLost,
     NotFound,
     RoutineError,
+    RunFailed,
     StaleEpoch,
     VersionConflict,
     log_error,
@@ -151,30 +152,79 @@ class RunEngine:
 
     # ---- executing a step ---------------------------------------------------------------------
 
-    def execute_step(self, message: StepMessage, *, task_id: str, worker: str, retries: int = 0) -> StepCommit | None:
-        """Run one step message. Returns None when the step was skipped (run failed, attempts used up,
-        a message from before a rewind) or its state was lost (the run is rewound).
+    def execute_step(
+        self, message: StepMessage, *, task_id: str, worker: str, retries: int = 0, redelivered: bool = False
+    ) -> StepCommit | None:
+        """Run one step message (and, in an inline routine, the sequential successors that fit in its
+        budget). Returns the last step's commit, or None when the first was skipped (run failed,
+        attempts used up, a message from before a rewind) or its state was lost (the run is rewound).
 
-        ``retries``: how many of this task's starts were retries of infrastructure errors; those do
-        not count against the attempts cap, which is for steps whose process keeps dying.
+        A message's first start costs no bookkeeping: the step's commit is its one Redis round trip.
+        A later start (``redelivered`` after a worker died, or ``retries`` of an infrastructure
+        error) is counted; a step started more than ``max_attempts`` times (retries aside: the cap
+        is for steps whose process keeps dying) fails its run.
         """
         plan = self.plans.get(message.routine, message.routine_version)
-        node = plan.node(message.node)
-        start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
-        if start.run_failed:
+        again = redelivered or retries > 0
+        task_started = time.perf_counter()
+        outcome: StepCommit | None = None
+        step_task = task_id
+        while True:
+            node = plan.node(message.node)
+            done = self._execute_one(plan, node, message, task_id=step_task, worker=worker, retries=retries, again=again)
+            if done is None:
+                return outcome
+            outcome = done
+            # A duplicate stops here; a start that is not the message's first goes on, in case its
+            # first run died before it dispatched what follows.
+            if not (outcome.applied or again):
+                return outcome
+            versions = {**message.versions, node.context: outcome.context.version}
+            successor = self._inline_successor(plan, node, task_started)
+            if successor is None:
+                self._go_on(plan, message, node, versions, outcome.context, worker)
+                return outcome
+            message = StepMessage(
+                message.run_id, message.routine, message.routine_version, successor.index, versions,
+                step_id=successor.step_id, epoch=message.epoch,
+            )
+            step_task, retries = f"{task_id}/{successor.step_id}", 0  # its own attempts, if counted
+
+    def _inline_successor(self, plan: Plan, node: Node, task_started: float) -> Node | None:
+        """The step to run next in this task: an inline action right after ``node`` in its context,
+        while the task is within the routine's inline budget."""
+        if node.next is None or time.perf_counter() - task_started >= plan.inline_budget_s:
             return None
-        if start.attempt - retries > self.max_attempts:
-            starts = start.attempt - retries - 1
-            self._fail(message, node, worker, f"step {node.step_id!r} was started {starts} times without finishing")
+        successor = plan.node(node.next)
+        if successor.kind != "action" or not successor.inline or successor.context != node.context:
             return None
+        return successor
+
+    def _execute_one(
+        self, plan: Plan, node: Node, message: StepMessage, *, task_id: str, worker: str, retries: int, again: bool
+    ) -> StepCommit | None:
+        attempts = 1
+        if self.store.l1.run_ended(message.run_id):  # heard that the run failed: start nothing more
+            return None
+        if again:
+            start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
+            if start.run_failed:
+                return None
+            attempts = start.attempt
+            if start.attempt - retries > self.max_attempts and not self.steps.is_applied(message, node):
+                starts = start.attempt - retries - 1
+                self._fail(message, node, worker, f"step {node.step_id!r} was started {starts} times without finishing")
+                return None
         started = time.perf_counter()
         self.running[task_id] = message.run_id
 
         def report() -> StepReport:  # the step's record, written by its commit
-            return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started)
+            return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started, attempts)
 
         try:
-            outcome = self.steps.run(message, node, report)
+            return self.steps.run(message, node, report)
+        except RunFailed:  # another step failed the run while this one ran: nothing was written
+            return None
         except StaleEpoch as exc:
             log.info("run %s: %s refused: %s", message.run_id, node.step_id, exc)
             return None
@@ -190,20 +240,21 @@ class RunEngine:
             return None
         finally:
             self.running.pop(task_id, None)
-        # A duplicate message stops here; a redelivered one re-dispatches in case its first run died before that.
-        if outcome.applied or start.attempt > 1:
-            versions = {**message.versions, node.context: outcome.context.version}
-            try:
-                self._dispatch(
-                    plan, message.run_id, message.routine, message.routine_version, node.next, versions,
-                    {node.context: outcome.context}, message.epoch,
-                )
-            except RoutineError as exc:  # what follows cannot start (e.g. a sub-routine that cannot inherit)
-                self._fail(message, node, worker, f"after step {node.step_id!r}: {exc}", exc)
-            except LineageLost as exc:  # a child context this step created earlier was lost meanwhile
-                log_error(log, exc, f"run {message.run_id}: what follows {node.step_id!r} cannot find its state")
-                self.rewind(message.run_id, message.epoch)
-        return outcome
+
+    def _go_on(
+        self, plan: Plan, message: StepMessage, node: Node, versions: dict[str, int], ctx: RunContext, worker: str
+    ) -> None:
+        """Dispatch what follows a committed step."""
+        try:
+            self._dispatch(
+                plan, message.run_id, message.routine, message.routine_version, node.next, versions,
+                {node.context: ctx}, message.epoch,
+            )
+        except RoutineError as exc:  # what follows cannot start (e.g. a sub-routine that cannot inherit)
+            self._fail(message, node, worker, f"after step {node.step_id!r}: {exc}", exc)
+        except LineageLost as exc:  # a child context this step created earlier was lost meanwhile
+            log_error(log, exc, f"run {message.run_id}: what follows {node.step_id!r} cannot find its state")
+            self.rewind(message.run_id, message.epoch)
 
     # ---- rewinding ------------------------------------------------------------------------------
 
@@ -312,7 +363,7 @@ class RunEngine:
         self._fail_run(message.run_id, message.routine, message.routine_version, dict(message.versions), error)
 
     def _fail_run(self, run_id: str, routine: str, routine_version: int, versions: dict[str, int], error: str) -> None:
-        if self.store.l2.mark_failed(run_id, error):
+        if self.store.mark_failed(run_id, error):
             self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, versions, "failed", error))
 
     def finalize(self, message: FinalizeMessage) -> bool:

@@ -32,6 +32,7 @@ class Delivery:
     message: StepMessage | FinalizeMessage | str
     task_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     retries: int = 0
+    deliveries: int = 0  # more than one: a redelivery (as a broker flags it)
 
 
 class InProcessDispatcher:
@@ -67,11 +68,13 @@ class InProcessDispatcher:
 
     def deliver(self, engine: "RunEngine", delivery: Delivery) -> None:
         """Run one delivery as a worker would, retrying infrastructure errors by requeueing it."""
+        delivery.deliveries += 1
         try:
             if delivery.kind == "step":
                 assert isinstance(delivery.message, StepMessage)
                 engine.execute_step(
-                    delivery.message, task_id=delivery.task_id, worker=self.worker, retries=delivery.retries
+                    delivery.message, task_id=delivery.task_id, worker=self.worker, retries=delivery.retries,
+                    redelivered=delivery.deliveries > delivery.retries + 1,
                 )
             elif delivery.kind == "finalize":
                 assert isinstance(delivery.message, FinalizeMessage)

@@ -36,6 +36,7 @@ class Node:
     exports: list[ExportSpec] = field(default_factory=list)  # a sub-routine's own exports
     merge: MergeSpec | None = None
     concurrency: MergeSpec | None = None  # how concurrent sets in this node's context resolve
+    inline: bool = False  # may run in the task of its predecessor (an inline routine's action step)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Plan:
     nodes: list[Node]
     start: int
     contexts: dict[str, str]  # context path -> routine name
+    inline_budget_s: float = 0.0  # how long a task may go on running inline successors
 
     def node(self, index: int) -> Node:
         return self.nodes[index]
@@ -84,7 +86,10 @@ def compile_plan(routine: Routine) -> Plan:
         sid = step_id(ctx, step.id)
         if isinstance(step, ActionStep):
             index = add(
-                Node(0, "action", sid, ctx, next=after, action=step.action, args=dict(step.args), concurrency=owner.concurrency)
+                Node(
+                    0, "action", sid, ctx, next=after, action=step.action, args=dict(step.args),
+                    concurrency=owner.concurrency, inline=owner.inline and step.inline is not False,
+                )
             )
             return index, index
         if isinstance(step, ParallelStep):
@@ -114,4 +119,4 @@ def compile_plan(routine: Routine) -> Plan:
 
     finish = add(Node(0, "finish", ":finish", ""))
     start, _ = sequence(routine.steps, "", routine, finish)
-    return Plan(routine=routine, nodes=nodes, start=start, contexts=contexts)
+    return Plan(routine=routine, nodes=nodes, start=start, contexts=contexts, inline_budget_s=routine.inline_budget_s)

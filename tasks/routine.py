@@ -38,6 +38,8 @@ class ActionStep(_Strict):
     id: str = Field(pattern=STEP_ID)
     action: str
     args: dict[str, Any] = Field(default_factory=dict)
+    # In an inline routine, `false` makes this step a task of its own (e.g. a slow or risky action).
+    inline: bool | None = None
 
     @model_validator(mode="after")
     def _known_action(self) -> "ActionStep":
@@ -105,6 +107,10 @@ class Routine(_Strict):
     exports: list[ExportSpec] = Field(default_factory=list)
     # How concurrent `set`s of one variable (parallel branches) are resolved.
     concurrency: MergeSpec = Field(default_factory=lambda: MergeSpec(default=ConflictResolutionStrategy.LAST_WRITER_WINS))
+    # Inline: a step's sequential successor in the same context runs in the same task, right after
+    # it, while that task has run less than `inline_budget_s` (each step still commits on its own).
+    inline: bool = False
+    inline_budget_s: float = Field(default=0.05, gt=0, le=60)
 
     @field_validator("variables", mode="before")
     @classmethod

@@ -48,6 +48,10 @@ class StepExecutor:
             return self._apply_action(message, node, report)
         return self._merge_child(message, node, report)
 
+    def is_applied(self, message: StepMessage, node: Node) -> bool:
+        """Whether the node's context holds the step already (read from the step's lineage)."""
+        return node.step_id in self._read(message, node.context)[1].applied_steps
+
     def _read(self, message: StepMessage, path: str) -> tuple[str, RunContext]:
         ctx_id = context_id(message.run_id, path)
         return ctx_id, self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=message.versions.get(path, 1))

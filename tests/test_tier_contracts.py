@@ -59,7 +59,7 @@ def data(ctx: RunContext | None) -> dict[str, Any] | None:
 
 
 def commit(l2: L2Tier, ctx: RunContext, expected_version: int, now: float = T0) -> bool:
-    return l2.commit_context(ctx, expected_version=expected_version, now=now, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY)
+    return bool(l2.commit_context(ctx, expected_version=expected_version, now=now, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY))
 
 
 def damage(l2: L2Tier, context_id: str) -> None:
@@ -301,12 +301,16 @@ def test_l2_claim_due_claims_each_due_id_once_per_lease(l2: L2Tier) -> None:
     assert l2.pending_flushes() == 3  # a claim is a lease, not a removal
 
 
-def test_l2_claim_due_takes_the_earliest_first_up_to_the_limit(l2: L2Tier) -> None:
-    commit(l2, context("run-a", 1), 0, now=T0 + 2)
-    commit(l2, context("run-b", 1), 0, now=T0)
-    commit(l2, context("run-c", 1), 0, now=T0 + 1)
-    assert l2.claim_due(T0 + 10, lease_s=LEASE, limit=2) == ["run-b", "run-c"]
-    assert l2.claim_due(T0 + 10, lease_s=LEASE, limit=2) == ["run-a"]
+def test_l2_claim_due_takes_at_most_the_limit_and_the_rest_next_time(l2: L2Tier) -> None:
+    # Due sets are sharded (Redis Cluster): the limit holds across shards, order only within one.
+    ids = [f"run-{n}" for n in range(12)]
+    for n, context_id in enumerate(ids):
+        commit(l2, context(context_id, 1), 0, now=T0 + n)
+    first = l2.claim_due(T0 + 100, lease_s=LEASE, limit=5)
+    second = l2.claim_due(T0 + 100, lease_s=LEASE, limit=100)
+    assert len(first) == 5 and len(set(first)) == 5
+    assert sorted(first + second) == sorted(ids)
+    assert l2.claim_due(T0 + 100, lease_s=LEASE, limit=100) == []
 
 
 def test_l2_next_due_is_the_earliest(l2: L2Tier) -> None:
@@ -393,17 +397,19 @@ def test_l2_config_round_trip(l2: L2Tier) -> None:
 # ---- run records ----------------------------------------------------------------------------------------
 
 
-def test_l2_start_step_counts_attempts_per_task(l2: L2Tier) -> None:
-    assert l2.start_step("run-1", "task-1", "step-a") == StepStart(attempt=1, run_failed=False)
+def test_l2_start_step_counts_the_starts_after_a_messages_first(l2: L2Tier) -> None:
+    # A message's first start is never counted (it costs no round trip): the first counted is its 2nd.
     assert l2.start_step("run-1", "task-1", "step-a") == StepStart(attempt=2, run_failed=False)
-    assert l2.start_step("run-1", "task-2", "step-b") == StepStart(attempt=1, run_failed=False)
-    assert l2.start_step("run-2", "task-1", "step-a") == StepStart(attempt=1, run_failed=False)
+    assert l2.start_step("run-1", "task-1", "step-a") == StepStart(attempt=3, run_failed=False)
+    assert l2.start_step("run-1", "task-2", "step-b") == StepStart(attempt=2, run_failed=False)
+    assert l2.start_step("run-2", "task-1", "step-a") == StepStart(attempt=2, run_failed=False)
 
 
 def test_l2_start_step_reports_a_failed_run(l2: L2Tier) -> None:
     l2.start_step("run-1", "task-1", "step-a")
     assert l2.mark_failed("run-1", "boom") is True
-    assert l2.start_step("run-1", "task-2", "step-b") == StepStart(attempt=1, run_failed=True)
+    assert l2.start_step("run-1", "task-2", "step-b") == StepStart(attempt=2, run_failed=True)
+    assert l2.run_failed("run-1") is True and l2.run_failed("run-2") is False
     assert l2.start_step("run-2", "task-3", "step-b").run_failed is False
 
 
@@ -423,8 +429,8 @@ def test_l2_run_summary_lists_finished_steps(l2: L2Tier) -> None:
     summary = l2.run_summary("run-1")
     steps = [{key: value for key, value in step.items() if key != "finished_at"} for step in summary["steps"]]
     assert steps == [
-        {"id": "step-a", "status": "succeeded", "worker": "w1", "duration_s": 0.5, "attempts": 2},
-        {"id": "step-b", "status": "failed", "worker": "w2", "duration_s": 0.25, "attempts": 1},
+        {"id": "step-a", "status": "succeeded", "worker": "w1", "duration_s": 0.5, "attempts": 3},
+        {"id": "step-b", "status": "failed", "worker": "w2", "duration_s": 0.25, "attempts": 2},
     ]
     assert all(isinstance(step["finished_at"], float) for step in summary["steps"])
 

@@ -3,8 +3,11 @@
 Celery's remote control reaches only a worker's main process, so each prefork child runs its
 own subscription (started from ``worker_process_init``). Messages are JSON:
 
-- ``{"type": "context", "id", "version"}``: a context was committed at ``version``; drop older L1 copies.
+- ``{"type": "context", "id", "version", "epoch", ["step", "d", "c"]}``: a context was committed at
+  ``version``; drop older L1 copies, or (a step's commit of a small context carries its payload ``d``
+  and checksum ``c``) move this process's copy forward, so the next step finds it in L1.
 - ``{"type": "config", "keys": [...], "identity"}``: routine definitions or configurations changed in L3.
+- ``{"type": "run_ended", "run"}``: the run failed; start none of its queued steps.
 - ``{"type": "clear"}``: drop the whole L1.
 - ``{"type": "probe", "id", "key", "load"}``: report what this process serves for ``key`` (diagnostics).
 - ``{"type": "status", "id"}``: report this process's health (its change listener alive or not).
@@ -140,7 +143,13 @@ class ControlChannel:
         kind = message.get("type")
         l1 = self.store.l1
         if kind == "context":
-            l1.evict_context(message["id"], up_to_version=int(message["version"]) - 1)
+            payload = message.get("d")
+            self.store.take_commit(
+                str(message["id"]), int(message["version"]), epoch=message.get("epoch"), step_id=message.get("step"),
+                payload=payload.encode() if isinstance(payload, str) else None, payload_checksum=message.get("c"),
+            )
+        elif kind == "run_ended":
+            l1.note_run_ended(str(message["run"]))
         elif kind == "config":
             dropped = [key for key in message.get("keys", []) if l1.evict_config(key)]
             if message.get("trace"):

@@ -14,6 +14,7 @@ suite against both, so a twin cannot drift from the Lua and SQL it stands in for
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,9 +45,21 @@ class StoredContext:
         return self.context.epoch
 
 
+class CommitResult(enum.Enum):
+    """What a compare-and-set commit did; true only for COMMITTED."""
+
+    COMMITTED = 1
+    NO_ENTRY = -1  # no entry though a version was expected (the caller refills it from L3)
+    ALREADY_APPLIED = 2  # a step's commit: the context holds that step already (a duplicate)
+    RUN_FAILED = 3  # a step's commit: its run failed meanwhile; nothing was written
+
+    def __bool__(self) -> bool:
+        return self is CommitResult.COMMITTED
+
+
 @dataclass(frozen=True)
 class StepStart:
-    attempt: int  # how many times this task message has started (more than 1: it was redelivered)
+    attempt: int  # how many times this task message has started (more than 1: redelivered or retried)
     run_failed: bool
 
 
@@ -58,9 +71,13 @@ class StepReport:
     step_id: str
     worker: str
     duration_s: float
+    attempts: int = 1
 
     def record(self, finished_at: float) -> dict[str, Any]:
-        return {"status": "succeeded", "worker": self.worker, "duration_s": round(self.duration_s, 6), "finished_at": finished_at}
+        return {
+            "status": "succeeded", "worker": self.worker, "duration_s": round(self.duration_s, 6),
+            "finished_at": finished_at, "attempts": self.attempts,
+        }
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,10 @@ class L1Tier(Protocol):
     def put_context(self, ctx: RunContext) -> None: ...
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def context_version(self, context_id: str) -> int | None: ...
+    def note_run_ended(self, run_id: str) -> None: ...
+    def run_ended(self, run_id: str) -> bool:
+        """Whether this process knows the run failed (a hint: L2's flag is the truth)."""
+
     def get_config(self, key: str) -> ConfigEntry | None: ...
     def put_config(self, entry: ConfigEntry) -> None: ...
     def evict_config(self, key: str) -> bool: ...
@@ -124,15 +145,23 @@ class L2Tier(Protocol):
         max_delay_s: float,
         expected_epoch: int | None = None,
         require_live: bool = False,
+        step_id: str | None = None,
         report: "StepReport | None" = None,
-    ) -> bool:
-        """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write;
-        with ``report``, record the step that made the change (and its run's progress) in the same write.
+    ) -> CommitResult:
+        """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write.
 
-        False: no entry though a version was expected (the caller refills it from L3). Raises
-        VersionConflict on a stale write, and LineageLost when the entry is of another epoch than
-        ``expected_epoch`` or (with ``require_live``) a reader's copy rather than a live lineage.
+        A step's commit (``step_id``) adds the step to the context's applied steps, unless it is
+        there already (ALREADY_APPLIED, nothing written) or the run failed (RUN_FAILED); with
+        ``report`` (a step's commit, ``step_id`` defaulting to its step's), it records the step (and
+        its run's progress) in the same write. NO_ENTRY: no
+        entry though a version was expected. Raises VersionConflict on a stale write, and
+        LineageLost when the entry is of another epoch than ``expected_epoch``, (with
+        ``require_live``) a reader's copy rather than a live lineage, or damaged.
         """
+
+    def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
+        """A context from a payload as this tier stores it (a commit broadcast carries one); raises
+        ContextCorruption if it does not match its checksum or does not describe a context."""
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
         """Store ``ctx`` at its epoch and version: a reader's copy from L3 (with the context TTL), or
@@ -157,9 +186,20 @@ class L2Tier(Protocol):
     def evict_config(self, key: str) -> bool: ...
 
     # run records: reports about a run (attempts, step outcomes, failure flag, completion)
-    def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart: ...
-    def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None: ...
-    def mark_failed(self, run_id: str, error: str) -> bool: ...
+    def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart:
+        """Count a start of a task message that is not its first (a redelivery, a retry): a first
+        delivery is never counted (it costs no round trip), so the attempt returned is count + 1."""
+
+    def run_failed(self, run_id: str) -> bool: ...
+    def finish_step(
+        self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a step's outcome (``record``: as a step's commit would have written it)."""
+
+    def mark_failed(self, run_id: str, error: str) -> bool:
+        """Flag the run failed; True for the first flag, which is also broadcast to every process."""
+
     def failure_of(self, run_id: str) -> str | None:
         """The error the run was failed with, if it was."""
 

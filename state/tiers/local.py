@@ -9,6 +9,8 @@ from cachetools import LRUCache, TTLCache
 from state.models import RunContext, StateCacheConfig
 from state.tiers.contracts import ConfigEntry
 
+ENDED_RUNS_KEPT = 10_000  # failed runs a process remembers, so their queued steps do not start
+
 
 class LocalCache:
     """L1: one process's two LRUs (contexts; routine definitions and configurations) behind one lock.
@@ -24,6 +26,9 @@ class LocalCache:
         # Configurations carry no version a reader could ask for, so a lost invalidation is
         # bounded by a TTL instead.
         self._configs: TTLCache[str, ConfigEntry] = TTLCache(maxsize=config.l1_configs, ttl=config.l1_config_ttl_s)
+        # Learnt from this process or the control channel; L2's failed flag is the truth (a step's
+        # commit checks it), this only spares the steps of a failed run their action.
+        self._ended_runs: LRUCache[str, bool] = LRUCache(maxsize=ENDED_RUNS_KEPT)
         self._lock = threading.Lock()
 
     def get_context(self, context_id: str, at_least: int = 0, epoch: int | None = None) -> RunContext | None:
@@ -54,6 +59,14 @@ class LocalCache:
         with self._lock:
             cached = self._contexts.get(context_id)
         return None if cached is None else cached.version
+
+    def note_run_ended(self, run_id: str) -> None:
+        with self._lock:
+            self._ended_runs[run_id] = True
+
+    def run_ended(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._ended_runs
 
     def get_config(self, key: str) -> ConfigEntry | None:
         with self._lock:

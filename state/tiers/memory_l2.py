@@ -17,7 +17,7 @@ from state.codec import DEFAULT_CODEC, Codec, checksum
 from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import ConfigEntry, StepReport, StepStart, StoredContext
+from state.tiers.contracts import CommitResult, ConfigEntry, StepReport, StepStart, StoredContext
 
 
 @dataclass
@@ -28,6 +28,7 @@ class _Entry:
     expires_at: float | None = None  # None: no TTL
     epoch: int = 1
     live: bool = True  # a live lineage, or a reader's copy filled from L3
+    applied: list[str] = field(default_factory=list)  # beside the payload, as Redis keeps them
 
 
 @dataclass
@@ -95,7 +96,7 @@ class MemoryL2:
             return None
         if checksum(entry.payload) != entry.checksum:
             raise ContextCorruption(key, "checksum does not match payload")
-        ctx = self.codec.load_context(entry.payload, key=key)
+        ctx = self.codec.load_state(entry.payload, list(entry.applied), key=key)
         if ctx.version != entry.version:
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
         return StoredContext(context=ctx, version=ctx.version, dirty=dirty, live=entry.live)
@@ -110,37 +111,51 @@ class MemoryL2:
         max_delay_s: float,
         expected_epoch: int | None = None,
         require_live: bool = False,
+        step_id: str | None = None,
         report: StepReport | None = None,
-    ) -> bool:
-        payload = self.codec.dump_context(ctx)
+    ) -> CommitResult:
+        if report is not None and step_id is None:  # a step's record is a step's commit
+            step_id = report.step_id
+        payload = self.codec.dump_state(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
             if current is None and expected_version != 0:
-                return False
+                return CommitResult.NO_ENTRY
             if current is not None:
                 if (expected_epoch is not None and current.epoch != expected_epoch) or (require_live and not current.live):
                     raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
-                if current.version != expected_version:
-                    raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
+            applied = [] if current is None else current.applied
+            if step_id and step_id in applied:
+                return CommitResult.ALREADY_APPLIED
+            if report is not None and self._run(report.run_id).failed is not None:
+                return CommitResult.RUN_FAILED
+            if current is not None and current.version != expected_version:
+                raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
             live = True if current is None else current.live
-            self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload, None, ctx.epoch, live)
+            applied = applied + [step_id] if step_id else list(applied)
+            self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload, None, ctx.epoch, live, applied)
             if report is not None:
                 run = self._run(report.run_id)
                 run.steps[report.step_id] = json.dumps(report.record(now))
                 run.progress = now
             first = self._first.setdefault(ctx.context_id, now)
             self._due[ctx.context_id] = min(now + debounce_s, first + max_delay_s)
-            return True
+            return CommitResult.COMMITTED
+
+    def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
+        if checksum(payload) != payload_checksum:
+            raise ContextCorruption(key, "checksum does not match payload")
+        return self.codec.load_state(payload, applied, key=key)
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
-        payload = self.codec.dump_context(ctx)
+        payload = self.codec.dump_state(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
             if current is not None and (current.epoch, current.version) >= (ctx.epoch, ctx.version):
                 return False
             expires_at = None if live else self.clock() + self.context_ttl_s
             self._contexts[ctx.context_id] = _Entry(
-                ctx.version, checksum(payload), payload, expires_at, ctx.epoch, live
+                ctx.version, checksum(payload), payload, expires_at, ctx.epoch, live, list(ctx.applied_steps)
             )
             return True
 
@@ -219,11 +234,19 @@ class MemoryL2:
             run = self._run(run_id)
             run.attempts[task_id] = run.attempts.get(task_id, 0) + 1
             run.step_attempts[step_id] = run.step_attempts.get(step_id, 0) + 1
-            return StepStart(attempt=run.attempts[task_id], run_failed=run.failed is not None)
+            return StepStart(attempt=run.attempts[task_id] + 1, run_failed=run.failed is not None)
 
-    def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
+    def run_failed(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._runs and self._runs[run_id].failed is not None
+
+    def finish_step(
+        self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
+        record: dict[str, Any] | None = None,
+    ) -> None:
         now = self.clock()
-        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
+        if record is None:
+            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
         with self._lock:
             self._run(run_id).steps[step_id] = json.dumps(record)
             self._run(run_id).progress = now
@@ -247,10 +270,12 @@ class MemoryL2:
     def run_summary(self, run_id: str) -> dict[str, Any]:
         with self._lock:
             run = self._run(run_id)
-            steps = [
-                {"id": step_id, **json.loads(raw), "attempts": run.step_attempts.get(step_id, 1)}
-                for step_id, raw in run.steps.items()
-            ]
+            steps = []
+            for step_id, raw in run.steps.items():
+                record = json.loads(raw)
+                counted = run.step_attempts.get(step_id)  # starts after the first, if any were counted
+                record["attempts"] = max(record.get("attempts", 1), 1 if counted is None else counted + 1)
+                steps.append({"id": step_id, **record})
             l3_writes = run.l3_writes
         steps.sort(key=lambda step: step["finished_at"])
         return {"steps": steps, "l3_writes": l3_writes}

@@ -14,19 +14,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from typing import Any, Callable, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state.codec import DEFAULT_CODEC, Codec, checksum
 from state.errors import CommunicationFailure, ContextCorruption, LineageLost, VersionConflict
-from state.keys import RUN_RECORD_PARTS, RedisKeys
+from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import ConfigEntry, StepReport, StepStart, StoredContext
+from state.tiers.contracts import CommitResult, ConfigEntry, StepReport, StepStart, StoredContext
 from state.tiers.scripts import SCRIPTS, lua
 
 T = TypeVar("T")
@@ -48,7 +51,7 @@ class RedisTier:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: "redis.Redis | RedisCluster",
         *,
         prefix: str,
         config: StateCacheConfig,
@@ -56,25 +59,27 @@ class RedisTier:
         broadcast_commits: bool = True,
     ) -> None:
         self.client = client
+        # On a cluster a script may only touch keys of one slot: a step's records then go separately.
+        self.cluster = isinstance(client, RedisCluster)
         self.keys = RedisKeys(prefix)
         self.prefix = prefix
         self.context_ttl_s = config.l2_context_ttl_s
         self.config_ttl_s = config.l2_config_ttl_s
+        self.update_max_bytes = config.l1_update_max_bytes
         self.codec = codec
-        # Commits announce themselves on the control channel, so other processes drop older L1 copies.
+        # Commits announce themselves on the control channel, so other processes drop older L1 copies
+        # (or, for a small context, take the new version).
         self._commit_channel = self.keys.control_channel if broadcast_commits else ""
         self._scripts = {name: client.register_script(lua(name)) for name in SCRIPTS}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisTier":
-        # Named connections: CLIENT LIST shows which process holds which (runctx-<pid>).
-        client = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30, client_name=f"runctx-{os.getpid()}")
-        return cls(client, **kwargs)
+        return cls(connect(url), **kwargs)
 
     def _call(self, operation: Callable[[], T]) -> T:
         try:
             return operation()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, ClusterDownError) as exc:
             raise CommunicationFailure("L2 (Redis)", exc) from exc
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -88,18 +93,21 @@ class RedisTier:
             self._call(lambda: self.client.delete(keys[0]))
             raise ContextCorruption(keys[0], "the key holds another type of value") from None
 
-    def _schedule_keys(self, context_id: str) -> list[str]:
-        return [self.keys.context(context_id), self.keys.write_behind_due, self.keys.write_behind_first]
+    def _context_keys(self, context_id: str) -> list[str]:
+        """The keys of one context, all in its shard: entry, applied steps, due set, first-change hash."""
+        k = self.keys
+        return [k.context(context_id), k.applied(context_id), k.write_behind_due(context_id), k.write_behind_first(context_id)]
 
     # ---- contexts ------------------------------------------------------------------------
 
     def get_context(self, context_id: str) -> StoredContext | None:
-        key = self.keys.context(context_id)
+        key, applied_key, due_key, _ = self._context_keys(context_id)
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.hmget(key, "v", "c", "d", "o")
-                pipe.zscore(self.keys.write_behind_due, context_id)
-                (version, stored_sum, payload, origin), due = self._call(pipe.execute)
+            with self.client.pipeline(transaction=not self.cluster) as pipe:
+                pipe.hmget(key, "v", "c", "d", "o", "n")
+                pipe.zrange(applied_key, 0, -1)
+                pipe.zscore(due_key, context_id)
+                (version, stored_sum, payload, origin, count), applied, due = self._call(pipe.execute)
         except ResponseError as exc:
             raise ContextCorruption(key, f"not a context entry ({exc})") from None
         if version is None and payload is None:
@@ -108,7 +116,9 @@ class RedisTier:
             raise ContextCorruption(key, "entry is missing its version, checksum or payload")
         if checksum(payload) != stored_sum.decode():
             raise ContextCorruption(key, "checksum does not match payload")
-        ctx = self.codec.load_context(payload, key=key)
+        if _count(count, 0) != len(applied):
+            raise ContextCorruption(key, f"holds {_count(count, 0)} applied steps, its set {len(applied)}")
+        ctx = self.codec.load_state(payload, [step.decode() for step in applied], key=key)
         if ctx.version != int(version):
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {int(version)}")
         return StoredContext(context=ctx, version=ctx.version, dirty=due is not None, live=origin == b"l")
@@ -123,36 +133,51 @@ class RedisTier:
         max_delay_s: float,
         expected_epoch: int | None = None,
         require_live: bool = False,
+        step_id: str | None = None,
         report: StepReport | None = None,
-    ) -> bool:
-        payload = self.codec.dump_context(ctx)
-        keys = self._schedule_keys(ctx.context_id)
+    ) -> CommitResult:
+        if report is not None and step_id is None:  # a step's record is a step's commit
+            step_id = report.step_id
+        payload = self.codec.dump_state(ctx)
+        keys = self._context_keys(ctx.context_id)
         args: list[Any] = [
             expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
             ctx.context_id, self._commit_channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
-            "1" if require_live else "0",
+            "1" if require_live else "0", step_id or "", "", RECORD_TTL_S, self.update_max_bytes,
         ]
-        if report is not None:  # the step record rides in the same script: one round trip
-            keys += [self._record(report.run_id, "steps"), self._record(report.run_id, "progress")]
-            args += [report.step_id, json.dumps(report.record(now)), RECORD_TTL_S]
+        together = report is not None and not self.cluster
+        if together:  # the step's record rides in the same script: one round trip
+            assert report is not None
+            run_id = report.run_id
+            keys += [self._record(run_id, "steps", report.step_id), self._record(run_id, "progress"), self._record(run_id, "failed")]
+            args[13] = json.dumps(report.record(now))
         status, actual = self._script("commit", keys, args)
         if status == 0:
-            raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, int(actual))
+            raise VersionConflict("L2", keys[0], expected_version, int(actual))
         if status == -2:
             raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
         if status == -3:
             self.evict_context(ctx.context_id)
             raise LineageLost(ctx.context_id, "the L2 entry was damaged")
-        return status == 1
+        result = CommitResult(status)
+        if result is CommitResult.COMMITTED and report is not None and not together:
+            self.finish_step(report.run_id, report.step_id, record=report.record(now))
+        return result
+
+    def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
+        if checksum(payload) != payload_checksum:
+            raise ContextCorruption(key, "checksum does not match payload")
+        return self.codec.load_state(payload, applied, key=key)
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
-        payload = self.codec.dump_context(ctx)
+        payload = self.codec.dump_state(ctx)
         ttl = 0 if live else self.context_ttl_s
+        key, applied_key = self._context_keys(ctx.context_id)[:2]
         return bool(
             self._script(
                 "fill",
-                [self.keys.context(ctx.context_id)],
-                [ctx.version, payload, checksum(payload), ttl, ctx.epoch, "l" if live else "f"],
+                [key, applied_key],
+                [ctx.version, payload, checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps],
             )
         )
 
@@ -162,28 +187,41 @@ class RedisTier:
         ttl = self.context_ttl_s if expire else 0
         return bool(
             self._script(
-                "mark_flushed", self._schedule_keys(context_id), [version, ttl, context_id, now, debounce_s, epoch]
+                "mark_flushed", self._context_keys(context_id), [version, ttl, context_id, now, debounce_s, epoch]
             )
         )
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool:
         return bool(
-            self._script("evict", self._schedule_keys(context_id), [-1 if up_to_version is None else up_to_version, context_id])
+            self._script("evict", self._context_keys(context_id), [-1 if up_to_version is None else up_to_version, context_id])
         )
 
     def due_time(self, context_id: str) -> float | None:
-        return self._call(lambda: self.client.zscore(self.keys.write_behind_due, context_id))
+        return self._call(lambda: self.client.zscore(self.keys.write_behind_due(context_id), context_id))
 
     def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]:
-        ids = self._script("claim_due", [self.keys.write_behind_due], [now, lease_s, limit])
-        return [raw.decode() for raw in ids]
+        claimed: list[str] = []
+        due_sets = self.keys.due_sets()
+        start = random.randrange(len(due_sets))  # no shard waits behind another that is always busy
+        for due_set in due_sets[start:] + due_sets[:start]:  # one script per shard: each touches one slot
+            if len(claimed) >= limit:
+                break
+            ids = self._script("claim_due", [due_set], [now, lease_s, limit - len(claimed)])
+            claimed += [raw.decode() for raw in ids]
+        return claimed
+
+    def _each_due_set(self, command: Callable[[Any, str], Any]) -> list[Any]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for due_set in self.keys.due_sets():
+                command(pipe, due_set)
+            return self._call(pipe.execute)
 
     def pending_flushes(self) -> int:
-        return int(self._call(lambda: self.client.zcard(self.keys.write_behind_due)))
+        return sum(int(n) for n in self._each_due_set(lambda pipe, key: pipe.zcard(key)))
 
     def next_due(self) -> float | None:
-        first = self._call(lambda: self.client.zrange(self.keys.write_behind_due, 0, 0, withscores=True))
-        return first[0][1] if first else None
+        firsts = self._each_due_set(lambda pipe, key: pipe.zrange(key, 0, 0, withscores=True))
+        return min((first[0][1] for first in firsts if first), default=None)
 
     # ---- routine definitions and configurations --------------------------------------------
 
@@ -210,10 +248,10 @@ class RedisTier:
 
     # ---- run records --------------------------------------------------------------------------
 
-    def _record(self, run_id: str, part: str) -> str:
-        return self.keys.run_record(run_id, part)
+    def _record(self, run_id: str, part: str, step_id: str = "") -> str:
+        return self.keys.run_record(run_id, part, step_id)
 
-    def _records(self, run_id: str, parts: tuple[str, ...], operation: Callable[[], T]) -> T:
+    def _records(self, run_id: str, keys: list[str], operation: Callable[[], T]) -> T:
         """Run a records operation; if a record holds garbage, drop those records and try once more.
 
         Records are reports that the run rebuilds as it goes on, so a damaged one is dropped, never
@@ -222,32 +260,47 @@ class RedisTier:
         try:
             return self._call(operation)
         except ResponseError as exc:
-            log.error("run %s: dropping damaged run records %s (%s)", run_id, ", ".join(parts), exc)
-            self._call(lambda: self.client.delete(*(self._record(run_id, part) for part in parts)))
+            log.error("run %s: dropping damaged run records %s (%s)", run_id, ", ".join(keys), exc)
+            for key in keys:  # one by one: on a cluster they live in different slots
+                self._call(lambda: self.client.delete(key))
             return self._call(operation)
 
     def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart:
+        """Count a start that is not a message's first (a redelivery or a retry): the first is never
+        counted, so this one is attempt count + 1."""
+        attempts, step_attempts, failed = (
+            self._record(run_id, "attempts"), self._record(run_id, "step_attempts"), self._record(run_id, "failed")
+        )
+
         def start() -> tuple[Any, ...]:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self._record(run_id, "attempts"), task_id, 1)
-                pipe.hincrby(self._record(run_id, "step_attempts"), step_id, 1)
-                pipe.exists(self._record(run_id, "failed"))
+                pipe.hincrby(attempts, task_id, 1)
+                pipe.hincrby(step_attempts, step_id, 1)
+                pipe.exists(failed)
                 return tuple(pipe.execute())
 
-        attempt, _, failed = self._records(run_id, ("attempts", "step_attempts"), start)
-        return StepStart(attempt=int(attempt), run_failed=bool(failed))
+        attempt, _, run_failed = self._records(run_id, [attempts, step_attempts], start)
+        return StepStart(attempt=int(attempt) + 1, run_failed=bool(run_failed))
 
-    def finish_step(self, run_id: str, step_id: str, *, status: str, worker: str, duration_s: float) -> None:
+    def run_failed(self, run_id: str) -> bool:
+        return bool(self._call(lambda: self.client.exists(self._record(run_id, "failed"))))
+
+    def finish_step(
+        self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
+        record: dict[str, Any] | None = None,
+    ) -> None:
         now = time.time()
-        record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
+        if record is None:
+            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
+        steps, progress = self._record(run_id, "steps", step_id), self._record(run_id, "progress")
 
         def finish() -> None:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.hset(self._record(run_id, "steps"), step_id, json.dumps(record))
-                pipe.set(self._record(run_id, "progress"), repr(now), ex=RECORD_TTL_S)
+                pipe.hset(steps, step_id, json.dumps(record))
+                pipe.set(progress, repr(now), ex=RECORD_TTL_S)
                 pipe.execute()
 
-        self._records(run_id, ("steps", "progress"), finish)
+        self._records(run_id, [steps, progress], finish)
 
     def touch_progress(self, run_ids: list[str], now: float) -> None:
         if not run_ids:
@@ -260,12 +313,15 @@ class RedisTier:
     def progress_of(self, run_ids: list[str]) -> dict[str, float | None]:
         if not run_ids:
             return {}
-        raw = self._call(lambda: self.client.mget([self._record(run_id, "progress") for run_id in run_ids]))
+        with self.client.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.get(self._record(run_id, "progress"))
+            raw = self._call(lambda: pipe.execute(raise_on_error=False))
         out: dict[str, float | None] = {}
         for run_id, value in zip(run_ids, raw):
             try:
                 out[run_id] = None if value is None else float(value)
-            except ValueError:  # garbage: as good as no record
+            except (ValueError, TypeError):  # garbage: as good as no record
                 out[run_id] = None
         return out
 
@@ -273,8 +329,12 @@ class RedisTier:
         return bool(self._script("lease", [self.keys.lease(name)], [holder, int(ttl_s * 1000)]))
 
     def mark_failed(self, run_id: str, error: str) -> bool:
-        """Flag the run as failed; True for the first flag (only that one finalizes)."""
-        return bool(self._call(lambda: self.client.set(self._record(run_id, "failed"), error, nx=True, ex=RECORD_TTL_S)))
+        """Flag the run as failed; True for the first flag (only that one finalizes), which is
+        announced on the control channel so that no process starts more of the run's steps."""
+        first = bool(self._call(lambda: self.client.set(self._record(run_id, "failed"), error, nx=True, ex=RECORD_TTL_S)))
+        if first and self._commit_channel:
+            self._call(lambda: self.client.publish(self._commit_channel, json.dumps({"type": "run_ended", "run": run_id})))
+        return first
 
     def failure_of(self, run_id: str) -> str | None:
         try:
@@ -284,36 +344,44 @@ class RedisTier:
         return None if raw is None else raw.decode(errors="replace")
 
     def count_l3_write(self, run_id: str, count: int = 1) -> None:
-        self._records(run_id, ("l3_writes",), lambda: self.client.incrby(self._record(run_id, "l3_writes"), count))
+        key = self._record(run_id, "l3_writes")
+        self._records(run_id, [key], lambda: self.client.incrby(key, count))
 
     def run_summary(self, run_id: str) -> dict[str, Any]:
-        def read() -> tuple[Any, ...]:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(self._record(run_id, "steps"))
-                pipe.hgetall(self._record(run_id, "step_attempts"))
-                pipe.get(self._record(run_id, "l3_writes"))
-                return tuple(pipe.execute())
+        step_keys = self.keys.step_records(run_id)
+        step_attempts, l3_writes = self._record(run_id, "step_attempts"), self._record(run_id, "l3_writes")
 
-        steps, attempts, l3_writes = self._records(run_id, ("steps", "step_attempts", "l3_writes"), read)
+        def read() -> list[Any]:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in step_keys:
+                    pipe.hgetall(key)
+                pipe.hgetall(step_attempts)
+                pipe.get(l3_writes)
+                return pipe.execute()
+
+        *step_parts, attempts, writes = self._records(run_id, [*step_keys, step_attempts, l3_writes], read)
         out = []
-        for raw_id, raw in steps.items():
-            record = _step_record(raw)
-            if record is None:
-                log.error("run %s: dropping the damaged record of step %r", run_id, raw_id[:100])
-                continue
-            out.append({"id": raw_id.decode(errors="replace"), **record, "attempts": _count(attempts.get(raw_id))})
+        for steps in step_parts:
+            for raw_id, raw in steps.items():
+                record = _step_record(raw)
+                if record is None:
+                    log.error("run %s: dropping the damaged record of step %r", run_id, raw_id[:100])
+                    continue
+                counted = attempts.get(raw_id)  # starts after the first, if any were counted
+                record["attempts"] = max(record.get("attempts", 1), 1 if counted is None else _count(counted) + 1)
+                out.append({"id": raw_id.decode(errors="replace"), **record})
         out.sort(key=lambda step: step["finished_at"])
-        return {"steps": out, "l3_writes": _count(l3_writes, 0)}
+        return {"steps": out, "l3_writes": _count(writes, 0)}
 
     def announce_done(self, run_id: str) -> None:
         done = self._record(run_id, "done")
-        with self.client.pipeline(transaction=True) as pipe:
+        with self.client.pipeline(transaction=not self.cluster) as pipe:
             pipe.delete(done)
             pipe.rpush(done, *["1"] * DONE_TOKENS)
             pipe.expire(done, DONE_TTL_S)
-            for part in RUN_RECORD_PARTS:
-                if part != "done":
-                    pipe.expire(self._record(run_id, part), RECORD_TTL_S)
+            for key in self.keys.run_records(run_id):
+                if key != done:
+                    pipe.expire(key, RECORD_TTL_S)
             self._call(pipe.execute)
 
     def wait_done(self, run_id: str, timeout_s: float) -> bool:
@@ -332,18 +400,36 @@ class RedisTier:
         self.client.close()
 
 
+def connect(url: str) -> "redis.Redis | RedisCluster":
+    """A client for the Redis at ``url``; a cluster client when that server is a node of a cluster."""
+    # Named connections: CLIENT LIST shows which process holds which (runctx-<pid>).
+    options: dict[str, Any] = {"socket_timeout": 10, "client_name": f"runctx-{os.getpid()}"}
+    client = redis.Redis.from_url(url, health_check_interval=30, **options)
+    try:
+        enabled = client.info("cluster").get("cluster_enabled")
+    except (RedisConnectionError, RedisTimeoutError, ResponseError):
+        return client  # not reachable now: a plain server is the likelier; calls will say if it is down
+    if not enabled:
+        return client
+    client.close()
+    return RedisCluster.from_url(url, **options)
+
+
 _STEP_FIELDS = {"status": str, "worker": str, "duration_s": (int, float), "finished_at": (int, float)}
 
 
 def _step_record(raw: bytes) -> dict[str, Any] | None:
-    """A step record as stored by ``finish_step``, or None if it is damaged."""
+    """A step record as stored by a step's commit or ``finish_step``, or None if it is damaged."""
     try:
         record = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(record, dict) or any(not isinstance(record.get(name), kind) for name, kind in _STEP_FIELDS.items()):
         return None
-    return {name: record[name] for name in _STEP_FIELDS}
+    out = {name: record[name] for name in _STEP_FIELDS}
+    if isinstance(record.get("attempts"), int) and record["attempts"] >= 1:
+        out["attempts"] = record["attempts"]
+    return out
 
 
 def _count(raw: bytes | None, default: int = 1) -> int:

@@ -1,50 +1,75 @@
--- Compare-and-set of a context, scheduling of its write-behind and the invalidation broadcast, in one
--- atomic step. An entry is {v: version, e: epoch, c: checksum, d: payload, o: origin}: origin 'l' is a
--- live lineage (created, committed to, or rebuilt by a rewind), 'f' a copy filled from L3 for readers.
--- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash,
---       [4 the run's step records, 5 the run's progress record: a step's commit records the step too]
+-- Compare-and-set of a context, scheduling of its write-behind and the commit broadcast, in one atomic
+-- step. An entry is {v: version, e: epoch, c: checksum, d: payload, o: origin, n: applied count}:
+-- origin 'l' is a live lineage (created, committed to, or rebuilt by a rewind), 'f' a copy filled from
+-- L3 for readers. The steps a context holds are a sorted set beside it (a commit adds its step instead
+-- of rewriting the run's history); n counts them, so a lost or damaged set is seen, never trusted.
+-- KEYS: 1 context entry, 2 its applied steps, 3 write-behind due set, 4 write-behind first-change hash,
+--       [5 the step's record hash, 6 the run's progress record, 7 the run's failed flag: present when
+--       they share the context's node (always on one Redis; never on a cluster)]
 -- ARGV: 1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
---       11 new epoch, 12 '1' if the entry must be live (a step's commit),
---       [13 step id, 14 step record (JSON), 15 records TTL s]
+--       11 new epoch, 12 '1' if the entry must be live, 13 step id ('' = not a step's commit),
+--       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 largest payload a broadcast carries
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
 -- a version was expected; -2 the entry is of another epoch, or not live though it had to be;
--- -3 the entry is damaged (its version or epoch is not a number).
+-- -3 the entry is damaged; 2 the step is applied already; 3 the run failed (nothing written).
 -- Bookkeeping keys holding something else (damage) are dropped and rebuilt, never a script error.
 local function expect(key, kind)
   local found = redis.call('TYPE', key)['ok']
   if found ~= 'none' and found ~= kind then redis.call('DEL', key) end
 end
-expect(KEYS[2], 'zset')
-expect(KEYS[3], 'hash')
-if KEYS[4] then expect(KEYS[4], 'hash') end
-local cur = redis.call('HMGET', KEYS[1], 'v', 'e', 'o')
+expect(KEYS[3], 'zset')
+expect(KEYS[4], 'hash')
+if KEYS[5] then expect(KEYS[5], 'hash') end
+local cur = redis.call('HMGET', KEYS[1], 'v', 'e', 'o', 'n')
 local expected = tonumber(ARGV[1])
+local step = ARGV[13]
 local origin = 'l'
+local current = 0
+local applied = 0
 if cur[1] == false then
   if expected ~= 0 then return {-1, 0} end
+  redis.call('DEL', KEYS[2])
 else
   local version, epoch = tonumber(cur[1]), tonumber(cur[2] or '1')
-  if version == nil or epoch == nil then return {-3, 0} end
+  applied = tonumber(cur[4] or '0')
+  if version == nil or epoch == nil or applied == nil then return {-3, 0} end
+  local kind = redis.call('TYPE', KEYS[2])['ok']
+  if (kind ~= 'zset' and kind ~= 'none') or redis.call('ZCARD', KEYS[2]) ~= applied then return {-3, 0} end
   if tonumber(ARGV[10]) >= 0 and epoch ~= tonumber(ARGV[10]) then return {-2, version} end
   if ARGV[12] == '1' and cur[3] ~= 'l' then return {-2, version} end
-  if version ~= expected then return {0, version} end
+  current = version
   origin = cur[3] or 'f'
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'e', ARGV[11], 'c', ARGV[4], 'd', ARGV[3], 'o', origin)
+if step ~= '' and redis.call('ZSCORE', KEYS[2], step) then return {2, current} end
+if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 1 then return {3, current} end
+if cur[1] ~= false and current ~= expected then return {0, current} end
+if step ~= '' then
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), step)
+  applied = applied + 1
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'e', ARGV[11], 'c', ARGV[4], 'd', ARGV[3], 'o', origin, 'n', applied)
 redis.call('PERSIST', KEYS[1])  -- a dirty entry never expires
+redis.call('PERSIST', KEYS[2])
 local now = tonumber(ARGV[5])
-local first = tonumber(redis.call('HGET', KEYS[3], ARGV[8]) or '')
+local first = tonumber(redis.call('HGET', KEYS[4], ARGV[8]) or '')
 if first == nil then
-  redis.call('HSET', KEYS[3], ARGV[8], ARGV[5])
+  redis.call('HSET', KEYS[4], ARGV[8], ARGV[5])
   first = now
 end
-redis.call('ZADD', KEYS[2], math.min(now + tonumber(ARGV[6]), first + tonumber(ARGV[7])), ARGV[8])
-if KEYS[4] then
-  redis.call('HSET', KEYS[4], ARGV[13], ARGV[14])
-  redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[15])
+redis.call('ZADD', KEYS[3], math.min(now + tonumber(ARGV[6]), first + tonumber(ARGV[7])), ARGV[8])
+if KEYS[5] then
+  redis.call('HSET', KEYS[5], step, ARGV[14])
+  redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[15])
 end
 if ARGV[9] ~= '' then
-  redis.call('PUBLISH', ARGV[9], cjson.encode({type = 'context', id = ARGV[8], version = tonumber(ARGV[2])}))
+  -- Small contexts travel with the broadcast, so the next step finds them in its process's L1.
+  local event = {type = 'context', id = ARGV[8], version = tonumber(ARGV[2]), epoch = tonumber(ARGV[11])}
+  if step ~= '' and #ARGV[3] <= tonumber(ARGV[16]) then
+    event.step = step
+    event.d = ARGV[3]
+    event.c = ARGV[4]
+  end
+  redis.call('PUBLISH', ARGV[9], cjson.encode(event))
 end
 return {1, tonumber(ARGV[2])}

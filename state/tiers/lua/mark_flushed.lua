@@ -1,7 +1,7 @@
 -- After an L3 write of (epoch, version): if nothing newer was committed meanwhile, the entry is clean
 -- (and, when asked, gets its TTL: a finished run's contexts). Otherwise the newer changes wait for a
 -- write of their own, their window starting now. A damaged entry is dropped: L3 has what it needs.
--- KEYS: 1 context entry, 2 write-behind due set, 3 write-behind first-change hash
+-- KEYS: 1 context entry, 2 its applied steps, 3 write-behind due set, 4 write-behind first-change hash
 -- ARGV: 1 version written, 2 TTL s (0: keep no TTL), 3 context id, 4 now, 5 debounce s, 6 epoch written
 -- Returns 1 if the entry is clean (or gone).
 -- Bookkeeping keys holding something else (damage) are dropped and rebuilt, never a script error.
@@ -9,21 +9,24 @@ local function expect(key, kind)
   local found = redis.call('TYPE', key)['ok']
   if found ~= 'none' and found ~= kind then redis.call('DEL', key) end
 end
-expect(KEYS[2], 'zset')
-expect(KEYS[3], 'hash')
+expect(KEYS[3], 'zset')
+expect(KEYS[4], 'hash')
 local cur = redis.call('HMGET', KEYS[1], 'v', 'e')
 local version, epoch = tonumber(cur[1] or ''), tonumber(cur[2] or '1')
 if cur[1] ~= false and (version == nil or epoch == nil) then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[2])
 elseif cur[1] ~= false then
   local written_epoch = tonumber(ARGV[6])
   if epoch > written_epoch or (epoch == written_epoch and version > tonumber(ARGV[1])) then
-    redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
-    redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[3])
+    redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[3])
     return 0
   end
-  if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+  end
 end
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('HDEL', KEYS[3], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HDEL', KEYS[4], ARGV[3])
 return 1

@@ -1,13 +1,19 @@
-"""runctx against DBOS Transact, side by side in one run on the same PostgreSQL.
+"""runctx against its peers, side by side in one run on the same servers: every goal of the
+performance issue measured at once.
 
     pip install -e '.[bench]'      # adds dbos
-    python benchmarks/versus_dbos.py [--steps 1000] [--branches 20 --per-branch 50] [--nodes 2] [--concurrency 1]
+    python benchmarks/versus_dbos.py [--steps 1000] [--branches 20 --per-branch 50] [--long 10000]
+                                     [--nodes 2] [--concurrency 1] [--invalidations 200]
 
 The same work on both: a sequence of ``--steps`` increments, and ``--branches`` branches of
 ``--per-branch`` increments (runctx: one routine with a parallel group; DBOS: workflows on a queue
-of that concurrency). runctx runs on ``--nodes`` local worker nodes, every step its own Celery task;
-DBOS runs in one process (`dbos_peer.py`), checkpointing every step in PostgreSQL. Steps per second
-are measured from submit to the run's end; the ratios are runctx / DBOS.
+of that concurrency). runctx runs on ``--nodes`` local worker nodes, every step its own Celery task
+(and once more with ``inline: true``, successors running in their predecessor's task); DBOS runs in
+one process (`dbos_peer.py`), checkpointing every step in PostgreSQL. Steps per second are measured
+from submit to the run's end; the ratios are runctx / peer. It also prints the ratio against no-op
+Celery tasks dispatched worker to worker, what the 10th and the ``--long``-th step of one sequence
+cost (the gap between consecutive step commits, median of 100 around each), L3 writes per changed
+step and the plain-SQL-commit-to-last-process invalidation latency.
 
 Uses RUNCTX_REDIS_URL / RUNCTX_DATABASE_URL / RUNCTX_BROKER_URL when set, else the embedded stack;
 DBOS gets a database of its own on the same PostgreSQL server, dropped afterwards.
@@ -26,25 +32,54 @@ from pathlib import Path
 
 import psycopg
 import yaml
-from execution import bench_routine  # the same measure as benchmarks/execution.py (this folder is on sys.path)
+# The same measures as benchmarks/execution.py (this folder is on sys.path).
+from execution import bench_invalidation, bench_noop, bench_routine, percentile
 
 HERE = Path(__file__).resolve().parent
 
 
-def routine_files(directory: Path, steps: int, branches: int, per_branch: int) -> tuple[Path, Path]:
+def routine_files(directory: Path, steps: int, branches: int, per_branch: int, long: int) -> dict[str, Path]:
     def inc(step_id: str) -> dict:
         return {"id": step_id, "action": "increment", "args": {"name": "counter"}}
 
-    sequence = {"name": f"vs-dbos-sequence-{steps}", "variables": {"counter": 0}, "steps": [inc(f"s{i}") for i in range(steps)]}
-    fanout = {
-        "name": f"vs-dbos-fanout-{branches}x{per_branch}",
-        "variables": {"counter": 0},
-        "steps": [{"id": "fan", "parallel": [[inc(f"b{b}-{i}") for i in range(per_branch)] for b in range(branches)]}],
+    routines = {
+        "sequence": {"name": f"vs-dbos-sequence-{steps}", "variables": {"counter": 0}, "steps": [inc(f"s{i}") for i in range(steps)]},
+        "inline": {
+            "name": f"vs-dbos-inline-{steps}", "inline": True, "variables": {"counter": 0},
+            "steps": [inc(f"s{i}") for i in range(steps)],
+        },
+        "fanout": {
+            "name": f"vs-dbos-fanout-{branches}x{per_branch}",
+            "variables": {"counter": 0},
+            "steps": [{"id": "fan", "parallel": [[inc(f"b{b}-{i}") for i in range(per_branch)] for b in range(branches)]}],
+        },
+        "long": {"name": f"vs-dbos-long-{long}", "variables": {"counter": 0}, "steps": [inc(f"s{i}") for i in range(long)]},
     }
-    paths = directory / "sequence.yaml", directory / "fanout.yaml"
-    for path, routine in zip(paths, (sequence, fanout)):
-        path.write_text(yaml.safe_dump(routine))
+    paths = {}
+    for kind, routine in routines.items():
+        paths[kind] = directory / f"{kind}.yaml"
+        paths[kind].write_text(yaml.safe_dump(routine))
     return paths
+
+
+def step_costs(path: Path, steps: int, around: tuple[int, ...]) -> dict[int, float]:
+    """Run a sequence and return, for each step number in ``around``, the median gap (s) between
+    consecutive step commits over the 100 steps ending there: what one step costs at that point."""
+    from runctx.api import Client
+
+    client = Client()
+    routine = client.load(path)
+    client.engine.register(routine)
+    result = client.run(routine, timeout=1800)
+    if result.status != "succeeded" or result.variables["counter"] != steps:
+        raise RuntimeError(f"long run did not succeed: {result.status} {result.error}")
+    finished = [step["finished_at"] for step in sorted(result.steps, key=lambda step: int(step["id"][1:]))]
+    gaps = [later - earlier for earlier, later in zip(finished, finished[1:])]
+    out = {}
+    for n in around:
+        window = gaps[max(0, n - 101) : n - 1] or gaps[:1]
+        out[n] = percentile(window, 0.5)
+    return out
 
 
 def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
@@ -73,12 +108,14 @@ def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="runctx against DBOS Transact, side by side")
+    parser = argparse.ArgumentParser(description="runctx against DBOS Transact and no-op Celery tasks, side by side")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--branches", type=int, default=20)
     parser.add_argument("--per-branch", type=int, default=50)
+    parser.add_argument("--long", type=int, default=10000, help="steps of the sequence whose step cost is traced")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--invalidations", type=int, default=200)
     args = parser.parse_args()
 
     os.environ.setdefault("RUNCTX_KEY_PREFIX", f"vsdbos{uuid.uuid4().hex[:6]}")
@@ -89,19 +126,34 @@ def main() -> None:
     settings = get_settings()
     with embedded_released(), tempfile.TemporaryDirectory() as tmp:
         servers = resolve(settings)
-        sequence, fanout = routine_files(Path(tmp), args.steps, args.branches, args.per_branch)
+        paths = routine_files(Path(tmp), args.steps, args.branches, args.per_branch, args.long)
         with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
-            runctx_sequence, _, _ = bench_routine(sequence, args.steps)
-            runctx_fanout, _, _ = bench_routine(fanout, args.branches * args.per_branch)
+            bench_noop(50)  # warm up connections and imports in every process
+            noop = bench_noop(args.steps)
+            sequence, l3_writes, _ = bench_routine(paths["sequence"], args.steps)
+            inline, _, _ = bench_routine(paths["inline"], args.steps)
+            fanout, _, _ = bench_routine(paths["fanout"], args.branches * args.per_branch)
+            costs = step_costs(paths["long"], args.long, (10, args.long))
+            latencies = [latency * 1000 for latency in bench_invalidation(args.invalidations)]
         peer = dbos_rates(servers.database_url, args)
 
     fan = f"{args.branches} x {args.per_branch}"
+    dbos_sequence, dbos_fanout = peer["sequence_steps_per_s"], peer["fanout_steps_per_s"]
     print(f"runctx vs DBOS Transact ({'embedded stack' if servers.embedded else 'configured servers'}; "
           f"runctx on {args.nodes} node(s) x {args.concurrency} process(es), each step a Celery task; DBOS in one process)")
-    print(f"  {args.steps}-step sequence:   runctx {runctx_sequence:8.1f} steps/s   DBOS {peer['sequence_steps_per_s']:8.1f} steps/s"
-          f"   ratio {runctx_sequence / peer['sequence_steps_per_s']:5.2f}")
-    print(f"  {fan} fan-out:        runctx {runctx_fanout:8.1f} steps/s   DBOS {peer['fanout_steps_per_s']:8.1f} steps/s"
-          f"   ratio {runctx_fanout / peer['fanout_steps_per_s']:5.2f}")
+    print(f"  {args.steps}-step sequence:          runctx {sequence:8.1f} steps/s   DBOS {dbos_sequence:8.1f} steps/s"
+          f"   ratio {sequence / dbos_sequence:5.2f}   (goal >= 1.2)")
+    print(f"  {fan} fan-out:               runctx {fanout:8.1f} steps/s   DBOS {dbos_fanout:8.1f} steps/s"
+          f"   ratio {fanout / dbos_fanout:5.2f}   (goal >= 1.5)")
+    print(f"  {args.steps}-step inline sequence:   runctx {inline:8.1f} steps/s   DBOS {dbos_sequence:8.1f} steps/s"
+          f"   ratio {inline / dbos_sequence:5.2f}   (goal >= 3)")
+    print(f"  {args.steps}-step sequence vs no-op Celery tasks worker to worker: {sequence:8.1f} vs {noop:8.1f} /s"
+          f"   ratio {sequence / noop:5.2f}   (goal >= 0.85)")
+    print(f"  step cost in a {args.long}-step sequence: step 10 {costs[10] * 1000:.2f} ms, step {args.long} "
+          f"{costs[args.long] * 1000:.2f} ms   ratio {costs[args.long] / costs[10]:5.2f}   (goal: 1)")
+    print(f"  L3 writes per changed step: {l3_writes / args.steps:.4f}   (goal <= 0.01)")
+    print(f"  plain-SQL L3 commit -> last process dropped the stale entry ({len(latencies)} commits): "
+          f"p50 {percentile(latencies, 0.5):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms   (goal p99 <= 10 ms)")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,11 @@ class Client:
         import workers  # noqa: F401  - configures the Celery app the dispatcher sends through
         from workers.runtime import runtime
 
-        upgrade(resolve().database_url)
+        from workers.celery_app import check_broker
+
+        servers = resolve()
+        check_broker(servers)
+        upgrade(servers.database_url)
         self.runtime = runtime()
         self.engine = self.runtime.engine
         self.store = self.runtime.store

@@ -22,7 +22,8 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     │   └── RefusedByDatabase          PostgreSQL refused what it was asked to store, for good
     ├── RequestError               what a caller asked for cannot be given
     │   ├── NotFound                   no such run, context, routine or configuration
-    │   └── RunTimeout                 a run did not finish within the time a caller waited
+    │   ├── RunTimeout                 a run did not finish within the time a caller waited
+    │   └── SettingsError              RUNCTX_* settings that cannot work together (the setting named)
     └── RunFailed                  a step's commit found its run failed: nothing written, the step ends
 
 Which branch an error is on decides what happens to the work that raised it: Celery's autoretry
@@ -258,6 +259,16 @@ class NotFound(RequestError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class SettingsError(RequestError):
+    """Settings that cannot work together; the message names the setting to change."""
+
+    code = "SETTINGS_ERROR"
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {problem}")
 
 
 class RunTimeout(RequestError, TimeoutError):

@@ -90,12 +90,26 @@ class Cluster:
                     raise TimeoutError(f"node {short} not ready:\n{self.logs(short)[-3000:]}")
                 time.sleep(0.1)
         expected = sum(len(self.pool_pids(short)) for short in shorts or tuple(self.nodes))
-        client = redis.Redis.from_url(self.redis_url)
-        while client.pubsub_numsub(f"{self.prefix}:control")[0][1] < expected:
+        while self.control_subscribers() < expected:
             if time.monotonic() > deadline:
                 raise TimeoutError("pool processes did not subscribe to the control channel")
             time.sleep(0.05)
-        client.close()
+
+    def control_subscribers(self) -> int:
+        """Processes subscribed to the control channel (on a Redis Cluster: summed over its nodes)."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            if not client.info("cluster").get("cluster_enabled"):
+                return client.pubsub_numsub(f"{self.prefix}:control")[0][1]
+            total = 0
+            for address in client.cluster("nodes"):  # {"host:port": {...}}
+                host, port = address.split("@")[0].rsplit(":", 1)
+                node = redis.Redis(host=host, port=int(port))
+                total += node.pubsub_numsub(f"{self.prefix}:control")[0][1]
+                node.close()
+            return total
+        finally:
+            client.close()
 
     def pool_pids(self, short: str) -> list[int]:
         try:

@@ -92,6 +92,18 @@ def key_prefix(servers: Servers) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A local Redis Cluster of three primaries for the session (tests keep apart by key prefix)."""
+    from tests.redis_cluster import RedisCluster, available
+
+    if not available():
+        pytest.skip("redis-server and redis-cli are needed for a local Redis Cluster")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def redis_url(servers: Servers) -> str:
     return servers.redis_url
@@ -143,11 +155,12 @@ def make_cluster(servers: Servers, template_database: str, tmp_path_factory: pyt
 
     made: list[tuple[Cluster, str]] = []
 
-    def make(broker: str = "redis", **extra_env: str) -> Cluster:
+    def make(broker: str = "redis", *, redis_url: str | None = None, **extra_env: str) -> Cluster:
+        """``redis_url``: L2 somewhere else than the broker (e.g. a Redis Cluster's node)."""
         dbname = f"runctx_e_{uuid.uuid4().hex[:12]}"
         _admin_execute(servers.database_url, f'CREATE DATABASE "{dbname}" TEMPLATE "{template_database}"')
         cluster = Cluster(
-            redis_url=servers.redis_url,
+            redis_url=redis_url or servers.redis_url,
             database_url=database_url_for(servers.database_url, dbname),
             broker_url=_broker_url(servers, broker),
             prefix=new_prefix(),

@@ -104,7 +104,9 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 
 
 def steps_done(client: redis.Redis, prefix: str, run_id: str) -> int:
-    return client.hlen(f"{prefix}:run:{run_id}:steps")
+    from state.keys import RedisKeys
+
+    return sum(client.hlen(key) for key in RedisKeys(prefix).step_records(run_id))
 
 
 def run_seconds(store, run_id: str) -> float:

@@ -64,8 +64,12 @@ def write(path: Path, routine: dict[str, Any]) -> Path:
 
 def step_records(client: redis.Redis, prefix: str, run_id: str) -> dict[str, dict[str, Any]]:
     """The run's step outcomes so far (run records in Redis): step id -> {status, worker, ...}."""
-    raw = client.hgetall(f"{prefix}:run:{run_id}:steps")
-    return {key.decode(): json.loads(value) for key, value in raw.items()}
+    from state.keys import RedisKeys
+
+    out = {}
+    for records in RedisKeys(prefix).step_records(run_id):
+        out.update({key.decode(): json.loads(value) for key, value in client.hgetall(records).items()})
+    return out
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:

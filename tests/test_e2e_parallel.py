@@ -63,3 +63,37 @@ def test_twenty_branches_of_fifty_increments_count_exactly_1000(make_cluster, tm
         assert store.l2.pending_flushes() == 0
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_the_1000_increments_count_exactly_with_l2_on_a_redis_cluster(
+    make_cluster, redis_cluster, servers, tmp_path: Path
+) -> None:
+    """L2 on a local 3-primary Redis Cluster (RUNCTX_REDIS_URL names one node; runctx finds out it
+    is a cluster), the broker a plain Redis: the counter is exact and the run's keys are spread
+    over more than one shard."""
+    from runctx.embedded import celery_broker_url
+
+    step_ids = _write_routine(tmp_path / "parallel.json")
+    cluster = make_cluster("redis", redis_url=redis_cluster.url)
+    cluster.broker_url = celery_broker_url(servers.redis_url)
+    cluster.start_nodes("n1", "n2", concurrency=2)
+
+    result = cluster.run(tmp_path / "parallel.json", timeout_s=180)
+
+    assert result["status"] == "succeeded", {k: v for k, v in result.items() if k != "steps"}
+    total = BRANCHES * STEPS_PER_BRANCH
+    assert result["variables"]["counter"] == total and result["variables"]["final_count"] == total
+    assert sorted(step["id"] for step in result["steps"]) == sorted(step_ids)
+
+    run_id = result["run_id"]
+    per_node = redis_cluster.keys_per_node(f"{cluster.prefix}:*{run_id}*")
+    holding = {port: keys for port, keys in per_node.items() if keys}
+    assert len(holding) > 1, per_node
+    store = cluster.store()
+    try:
+        final = store.l3.get_context(run_id)
+        assert final.variables["counter"] == total
+        assert Counter(final.applied_steps) == Counter(step_ids)
+    finally:
+        store.close()

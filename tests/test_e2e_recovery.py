@@ -46,6 +46,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from state.change_events import ChangeEvent, ChangeListener, libpq_url
+from state.keys import RedisKeys
 from state.limits import canonical_json
 from state.schema import CHANGE_CHANNEL
 from state.store import TieredStore
@@ -329,7 +330,7 @@ def test_l2_wiped_twice_mid_run_the_run_ends_exactly_once(effects: Effects, own_
         wipes = []
         for third in (1, 2):
             wait_for(lambda: effects.total() >= third * len(run.ticks) // 3, DEADLINE_S, f"{third}/3 of the ticks")
-            assert l2.exists(f"{cluster.prefix}:ctx:{run_id}"), "L2 does not hold the run's context"
+            assert l2.exists(RedisKeys(cluster.prefix).context(run_id)), "L2 does not hold the run's context"
             l2.flushdb()
             wipes.append(time.time())
             assert broker.dbsize() > 0  # the broker's database was spared
@@ -383,7 +384,7 @@ def test_redis_killed_and_restarted_empty_the_run_resumes_by_itself(effects: Eff
         # holds an unacknowledged message, the other none (see workers/kombu_redis_fix.py for why that matters).
         l2 = redis.Redis.from_url(own_redis.url(0))
         try:
-            wait_for(lambda: l2.zscore(f"{cluster.prefix}:wb:due", run_id) is None, 10, "the write-behind of g020t's base")
+            wait_for(lambda: l2.zscore(RedisKeys(cluster.prefix).write_behind_due(run_id), run_id) is None, 10, "the write-behind of g020t's base")
         finally:
             l2.close()
         time.sleep(0.3)  # and its task acknowledged
@@ -518,7 +519,7 @@ def _corrupted_run(
         if first_mid_step:
             wait_for(lambda: "g005t" in effects.counts(), DEADLINE_S, "tick g005t to start")
             # Its predecessor's write-behind done, nothing reads the context until g005t commits.
-            wait_for(lambda: l2.zscore(f"{cluster.prefix}:wb:due", run_id) is None, 10, "the write-behind of g005t's base")
+            wait_for(lambda: l2.zscore(RedisKeys(cluster.prefix).write_behind_due(run_id), run_id) is None, 10, "the write-behind of g005t's base")
         else:
             wait_for(lambda: effects.total() >= len(run.ticks) // 3, DEADLINE_S, "a third of the ticks")
         kinds.append(dict(corrupt_run_keys(l2, cluster.prefix, run_id, other_type=first_other_type)))

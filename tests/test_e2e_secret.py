@@ -2,7 +2,7 @@
 not in a worker log line (at DEBUG), not in `runctx run --json` output.
 
 Everything the Redis server executes during the run is captured with MONITOR. Only the L2
-context entries (``{prefix}:ctx:...``) may hold the value (encryption at rest comes later).
+context entries (``{prefix}:{c<shard>}:ctx:...``) may hold the value (encryption at rest comes later).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ steps:
     finally:
         store.close()
 
-    ctx_prefix = f"{cluster.prefix}:ctx:".encode()
+    ctx_prefix = f"{cluster.prefix}:{{c".encode()  # context entries: <prefix>:{c<shard>}:ctx:<id>
     steps_queue = f"{cluster.prefix}.steps".encode()
 
     # The capture is real: it saw this run's step messages, and the secrets in its L2 context entry.

@@ -112,13 +112,19 @@ def finish(l3: L3Tier, run_id: str = "run-1", **fields: Any) -> bool:
 # ---- fixtures ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def l2(request: pytest.FixtureRequest, cache_config: StateCacheConfig) -> Iterator[L2Tier]:
     if request.param == "memory":
         yield MemoryL2(prefix=f"rctxtest:{uuid.uuid4().hex[:12]}", config=cache_config)
         return
-    servers = request.getfixturevalue("servers")
-    tier = RedisTier.from_url(servers.redis_url, prefix=request.getfixturevalue("key_prefix"), config=cache_config)
+    if request.param == "redis-cluster":  # the same URL form: runctx finds out it names a cluster node
+        url = request.getfixturevalue("redis_cluster").url
+        tier = RedisTier.from_url(url, prefix=f"rctxtest:{uuid.uuid4().hex[:12]}", config=cache_config)
+        assert tier.cluster
+    else:
+        servers = request.getfixturevalue("servers")
+        tier = RedisTier.from_url(servers.redis_url, prefix=request.getfixturevalue("key_prefix"), config=cache_config)
+        assert not tier.cluster
     yield tier
     tier.close()
 
@@ -392,6 +398,79 @@ def test_l2_config_round_trip(l2: L2Tier) -> None:
     assert l2.evict_config("config:bot:a") is True
     assert l2.get_config("config:bot:a") is None
     assert l2.evict_config("config:bot:a") is False
+
+
+# ---- a step's commit: applied steps beside the context -------------------------------------------------
+
+
+def step_commit(l2: L2Tier, ctx: RunContext, expected_version: int, step_id: str, **kwargs: Any):
+    return l2.commit_context(
+        ctx, expected_version=expected_version, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY, step_id=step_id,
+        **kwargs,
+    )
+
+
+def test_l2_a_step_commit_adds_its_step_to_what_a_read_gives(l2: L2Tier) -> None:
+    from state.tiers.contracts import CommitResult
+
+    commit(l2, context(version=1), 0)
+    for version in (2, 3, 4):
+        ctx = context(version=version)
+        assert step_commit(l2, ctx, version - 1, f"s{version}") is CommitResult.COMMITTED
+    stored = l2.get_context("run-1")
+    assert stored is not None and stored.context.applied_steps == ["s2", "s3", "s4"]
+
+
+def test_l2_a_step_already_applied_is_refused_whatever_version_the_writer_read(l2: L2Tier) -> None:
+    from state.tiers.contracts import CommitResult
+
+    commit(l2, context(version=1), 0)
+    step_commit(l2, context(version=2), 1, "s1")
+    assert step_commit(l2, context(version=2, n="again"), 1, "s1") is CommitResult.ALREADY_APPLIED  # stale and a duplicate
+    assert step_commit(l2, context(version=3, n="again"), 2, "s1") is CommitResult.ALREADY_APPLIED
+    stored = l2.get_context("run-1")
+    assert stored is not None and stored.version == 2 and stored.context.variables == {"n": 2}
+
+
+def test_l2_a_step_commit_of_a_failed_run_writes_nothing(l2: L2Tier) -> None:
+    from state.tiers.contracts import CommitResult, StepReport
+
+    commit(l2, context(version=1), 0)
+    l2.mark_failed("run-1", "boom")
+    report = StepReport(run_id="run-1", step_id="s1", worker="w1", duration_s=0.1)
+    assert step_commit(l2, context(version=2), 1, "s1", report=report) is CommitResult.RUN_FAILED
+    assert l2.get_context("run-1").version == 1
+    assert l2.run_summary("run-1")["steps"] == []
+
+
+def test_l2_fill_keeps_the_applied_steps_and_a_step_commit_goes_on_from_them(l2: L2Tier) -> None:
+    ctx = context(version=5)
+    ctx.applied_steps = ["a", "b", "c"]
+    assert l2.fill_context(ctx, live=True)
+    assert l2.get_context("run-1").context.applied_steps == ["a", "b", "c"]
+    step_commit(l2, context(version=6), 5, "d")
+    assert l2.get_context("run-1").context.applied_steps == ["a", "b", "c", "d"]
+
+
+def test_l2_a_context_whose_applied_steps_were_lost_is_corrupt_not_served(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0)
+    step_commit(l2, context(version=2), 1, "s1")
+    if isinstance(l2, RedisTier):
+        l2.client.delete(l2.keys.applied("run-1"))
+    else:
+        l2.raw_context("run-1").applied = []
+    with pytest.raises(ContextCorruption):
+        l2.get_context("run-1")
+
+
+def test_l2_decode_state_checks_the_checksum(l2: L2Tier) -> None:
+    from state.codec import DEFAULT_CODEC, checksum
+
+    payload = DEFAULT_CODEC.dump_state(context(version=3))
+    ctx = l2.decode_state(payload, checksum(payload), ["x"], key="run-1")
+    assert ctx.version == 3 and ctx.applied_steps == ["x"]
+    with pytest.raises(ContextCorruption):
+        l2.decode_state(payload + b" ", checksum(payload), [], key="run-1")
 
 
 # ---- run records ----------------------------------------------------------------------------------------
@@ -765,3 +844,17 @@ def test_l1_evict_config_and_clear(l1: LocalCache) -> None:
     l1.put_context(context(version=1))
     l1.clear()
     assert l1.get_config("config:bot:b") is None and l1.get_context("run-1") is None
+
+
+def test_l2_a_step_commit_over_lost_applied_steps_asks_for_a_rewind(l2: L2Tier) -> None:
+    from state.errors import LineageLost
+
+    commit(l2, context(version=1), 0)
+    step_commit(l2, context(version=2), 1, "s1")
+    if isinstance(l2, RedisTier):
+        l2.client.delete(l2.keys.applied("run-1"))
+    else:
+        l2.raw_context("run-1").applied = []
+    with pytest.raises(LineageLost):
+        step_commit(l2, context(version=3), 2, "s1")  # never applied twice for want of the record
+    assert l2.get_context("run-1") is None

@@ -10,8 +10,10 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init
 
-from runctx.embedded import resolve
+from runctx.embedded import Servers, celery_broker_url, resolve
+from state.errors import SettingsError
 from state.migrate import upgrade
+from state.tiers.redis_l2 import is_cluster
 from workers import kombu_redis_fix
 
 kombu_redis_fix.install()
@@ -24,9 +26,21 @@ app.config_from_object("celeryconfig")
 import workers.runtime  # noqa: E402,F401
 
 
+def check_broker(servers: Servers) -> None:
+    """Celery's Redis transport does not speak Redis Cluster: with L2 on a cluster, the broker is
+    a plain Redis or RabbitMQ of its own."""
+    if servers.broker_url == celery_broker_url(servers.redis_url) and is_cluster(servers.redis_url):
+        raise SettingsError(
+            "RUNCTX_BROKER_URL",
+            "RUNCTX_REDIS_URL names a node of a Redis Cluster, which cannot be Celery's broker; "
+            "set RUNCTX_BROKER_URL to a plain Redis or a RabbitMQ",
+        )
+
+
 @celeryd_init.connect
 def _resolve_servers(conf: Any = None, **_: Any) -> None:
     servers = resolve()
+    check_broker(servers)
     upgrade(servers.database_url)
     if conf is not None:
         conf.broker_url = servers.broker_url

@@ -29,6 +29,11 @@ class _Entry:
     epoch: int = 1
     live: bool = True  # a live lineage, or a reader's copy filled from L3
     applied: list[str] = field(default_factory=list)  # beside the payload, as Redis keeps them
+    applied_count: int = -1  # how many there are (-1: as many as the list holds), as the entry's n field
+
+    def __post_init__(self) -> None:
+        if self.applied_count < 0:
+            self.applied_count = len(self.applied)
 
 
 @dataclass
@@ -96,6 +101,8 @@ class MemoryL2:
             return None
         if checksum(entry.payload) != entry.checksum:
             raise ContextCorruption(key, "checksum does not match payload")
+        if entry.applied_count != len(entry.applied):
+            raise ContextCorruption(key, f"holds {entry.applied_count} applied steps, its set {len(entry.applied)}")
         ctx = self.codec.load_state(entry.payload, list(entry.applied), key=key)
         if ctx.version != entry.version:
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
@@ -124,6 +131,9 @@ class MemoryL2:
             if current is not None:
                 if (expected_epoch is not None and current.epoch != expected_epoch) or (require_live and not current.live):
                     raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
+            if current is not None and current.applied_count != len(current.applied):  # damaged: as Lua's -3
+                del self._contexts[ctx.context_id]
+                raise LineageLost(ctx.context_id, "the L2 entry was damaged")
             applied = [] if current is None else current.applied
             if step_id and step_id in applied:
                 return CommitResult.ALREADY_APPLIED
@@ -244,9 +254,9 @@ class MemoryL2:
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
         record: dict[str, Any] | None = None,
     ) -> None:
-        now = self.clock()
         if record is None:
-            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
+            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": self.clock()}
+        now = record["finished_at"]
         with self._lock:
             self._run(run_id).steps[step_id] = json.dumps(record)
             self._run(run_id).progress = now

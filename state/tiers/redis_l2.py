@@ -103,13 +103,10 @@ class RedisTier:
     def get_context(self, context_id: str) -> StoredContext | None:
         key, applied_key, due_key, _ = self._context_keys(context_id)
         try:
-            with self.client.pipeline(transaction=not self.cluster) as pipe:
-                pipe.hmget(key, "v", "c", "d", "o", "n")
-                pipe.zrange(applied_key, 0, -1)
-                pipe.zscore(due_key, context_id)
-                (version, stored_sum, payload, origin, count), applied, due = self._call(pipe.execute)
+            entry, applied, due = self._call(lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id]))
         except ResponseError as exc:
             raise ContextCorruption(key, f"not a context entry ({exc})") from None
+        version, stored_sum, payload, origin, count = entry
         if version is None and payload is None:
             return None
         if version is None or stored_sum is None or payload is None:
@@ -151,6 +148,8 @@ class RedisTier:
             run_id = report.run_id
             keys += [self._record(run_id, "steps", report.step_id), self._record(run_id, "progress"), self._record(run_id, "failed")]
             args[13] = json.dumps(report.record(now))
+        elif report is not None and self.run_failed(report.run_id):  # on a cluster the flag lives elsewhere
+            return CommitResult.RUN_FAILED
         status, actual = self._script("commit", keys, args)
         if status == 0:
             raise VersionConflict("L2", keys[0], expected_version, int(actual))
@@ -289,9 +288,9 @@ class RedisTier:
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
         record: dict[str, Any] | None = None,
     ) -> None:
-        now = time.time()
         if record is None:
-            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": now}
+            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": time.time()}
+        now = record["finished_at"]
         steps, progress = self._record(run_id, "steps", step_id), self._record(run_id, "progress")
 
         def finish() -> None:
@@ -413,6 +412,15 @@ def connect(url: str) -> "redis.Redis | RedisCluster":
         return client
     client.close()
     return RedisCluster.from_url(url, **options)
+
+
+def is_cluster(url: str) -> bool:
+    """Whether the Redis at ``url`` is a node of a Redis Cluster (False if it cannot be reached)."""
+    client = connect(url)
+    try:
+        return isinstance(client, RedisCluster)
+    finally:
+        client.close()
 
 
 _STEP_FIELDS = {"status": str, "worker": str, "duration_s": (int, float), "finished_at": (int, float)}

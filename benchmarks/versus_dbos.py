@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psycopg
 import yaml
+
 # The same measures as benchmarks/execution.py (this folder is on sys.path).
 from execution import bench_invalidation, bench_noop, bench_routine, percentile
 
@@ -116,6 +117,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--invalidations", type=int, default=200)
+    parser.add_argument(
+        "--hot-study", action="store_true",
+        help="also run the sequence with commit broadcasts that carry no state (every step then reads L2)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RUNCTX_KEY_PREFIX", f"vsdbos{uuid.uuid4().hex[:6]}")
@@ -135,6 +140,13 @@ def main() -> None:
             fanout, _, _ = bench_routine(paths["fanout"], args.branches * args.per_branch)
             costs = step_costs(paths["long"], args.long, (10, args.long))
             latencies = [latency * 1000 for latency in bench_invalidation(args.invalidations)]
+        cold = None
+        if args.hot_study:  # the same workers' setup, but a commit only invalidates other processes' L1
+            os.environ["RUNCTX_L1_UPDATE_MAX_BYTES"] = "0"
+            with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+                bench_noop(50)
+                cold, _, _ = bench_routine(paths["sequence"], args.steps)
+            del os.environ["RUNCTX_L1_UPDATE_MAX_BYTES"]
         peer = dbos_rates(servers.database_url, args)
 
     fan = f"{args.branches} x {args.per_branch}"
@@ -151,6 +163,9 @@ def main() -> None:
           f"   ratio {sequence / noop:5.2f}   (goal >= 0.85)")
     print(f"  step cost in a {args.long}-step sequence: step 10 {costs[10] * 1000:.2f} ms, step {args.long} "
           f"{costs[args.long] * 1000:.2f} ms   ratio {costs[args.long] / costs[10]:5.2f}   (goal: 1)")
+    if cold is not None:
+        print(f"  {args.steps}-step sequence, commits carrying the context to other processes' L1: {sequence:8.1f} steps/s;"
+              f" only invalidating it: {cold:8.1f} steps/s   ratio {sequence / cold:5.2f}")
     print(f"  L3 writes per changed step: {l3_writes / args.steps:.4f}   (goal <= 0.01)")
     print(f"  plain-SQL L3 commit -> last process dropped the stale entry ({len(latencies)} commits): "
           f"p50 {percentile(latencies, 0.5):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms   (goal p99 <= 10 ms)")

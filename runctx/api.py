@@ -52,9 +52,8 @@ class Client:
 
     def __init__(self) -> None:
         import workers  # noqa: F401  - configures the Celery app the dispatcher sends through
-        from workers.runtime import runtime
-
         from workers.celery_app import check_broker
+        from workers.runtime import runtime
 
         servers = resolve()
         check_broker(servers)

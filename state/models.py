@@ -14,7 +14,11 @@ from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from state.conflicts import ConflictResolutionStrategy, VariableConflict, resolve_variable_conflicts
+from state.conflicts import (
+    ConflictResolutionStrategy,
+    VariableConflict,
+    resolve_variable_conflicts,
+)
 from state.errors import InvalidValue, LimitExceeded, SensitivityViolation
 from state.limits import MAX_TEXT_LENGTH, NAME_PATTERN, check_name, json_size, same_json
 
@@ -120,6 +124,9 @@ class RunContextInit(BaseModel):
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
 
 
+_RECENT_APPLIED = 64
+
+
 class RunContext(BaseModel):
     """The state of one routine execution (or sub-routine: then ``parent_id`` is set).
 
@@ -148,6 +155,9 @@ class RunContext(BaseModel):
     applied_steps: list[str] = Field(default_factory=list)
 
     _sizes: dict[tuple[str, str], int] = PrivateAttr(default_factory=dict)
+    # A lookup of applied_steps, so that "was this step applied?" does not scan a list that grows
+    # with the run: (the list it covers, its length, a frozen set, the few ids added since).
+    _applied_index: tuple[list[str], int, frozenset[str], tuple[str, ...]] | None = PrivateAttr(default=None)
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -205,7 +215,43 @@ class RunContext(BaseModel):
             }
         )
         copy_._sizes = dict(self._sizes)
+        copy_._adopt_applied_index(self)
         return copy_
+
+    # ---- applied steps --------------------------------------------------------------------
+
+    def has_applied(self, step_id: str) -> bool:
+        """Whether the context holds ``step_id``'s changes (O(1), whatever the run's length)."""
+        _, _, frozen, recent = self._applied_lookup()
+        return step_id in recent or step_id in frozen
+
+    def mark_applied(self, step_id: str) -> None:
+        """Record that this (working) context holds ``step_id``'s changes."""
+        _, _, frozen, recent = self._applied_lookup()
+        self.applied_steps.append(step_id)
+        recent += (step_id,)
+        if len(recent) > _RECENT_APPLIED:  # fold the recent ids in now and then: amortised O(1)
+            frozen, recent = frozen | frozenset(recent), ()
+        self._applied_index = (self.applied_steps, len(self.applied_steps), frozen, recent)
+
+    def continues(self, previous: "RunContext", step_id: str) -> None:
+        """This context is ``previous`` plus step ``step_id`` (a commit heard from another process):
+        take its applied steps and their lookup, then the step."""
+        self.applied_steps = list(previous.applied_steps)
+        self._adopt_applied_index(previous)
+        self.mark_applied(step_id)
+
+    def _adopt_applied_index(self, other: "RunContext") -> None:
+        index = other._applied_index
+        if index is not None and index[0] is other.applied_steps and index[1] == len(other.applied_steps) == len(self.applied_steps):
+            self._applied_index = (self.applied_steps, index[1], index[2], index[3])
+
+    def _applied_lookup(self) -> tuple[list[str], int, frozenset[str], tuple[str, ...]]:
+        index = self._applied_index
+        if index is None or index[0] is not self.applied_steps or index[1] != len(self.applied_steps):
+            index = (self.applied_steps, len(self.applied_steps), frozenset(self.applied_steps), ())
+            self._applied_index = index
+        return index
 
     # ---- changing -------------------------------------------------------------------------
 

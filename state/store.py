@@ -30,7 +30,16 @@ from state.errors import (
 from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.settings import Settings
-from state.tiers.contracts import CommitResult, ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow, StepReport
+from state.tiers.contracts import (
+    CommitResult,
+    ConfigEntry,
+    ExportRecord,
+    L1Tier,
+    L2Tier,
+    L3Tier,
+    RunRow,
+    StepReport,
+)
 from state.tiers.local import LocalCache
 
 log = logging.getLogger(__name__)
@@ -266,13 +275,13 @@ class TieredStore:
         step read. ``report`` gives the step's record, written by the same compare-and-set. Raises
         RunFailed if the run failed meanwhile (nothing is written).
         """
-        if step_id in base.applied_steps:
+        if base.has_applied(step_id):
             return StepCommit(base, applied=False)
         latest = base
         for attempt in range(COMMIT_ATTEMPTS):
             working = latest.working_copy()
             mutate(working)
-            working.applied_steps.append(step_id)
+            working.mark_applied(step_id)
             working.version = latest.version + 1
             try:
                 result = self._commit_l2(working, latest.version, step_id=step_id, report=report() if report else None)
@@ -292,7 +301,7 @@ class TieredStore:
                 self.l1.evict_context(context_id)
                 actual = conflict.actual if isinstance(conflict, VersionConflict) else None
                 latest = self.read_for_step(context_id, epoch=base.epoch, at_least=max(actual or 0, latest.version + 1))
-                if step_id in latest.applied_steps:
+                if latest.has_applied(step_id):
                     return StepCommit(latest, applied=False)
                 time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
         raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
@@ -451,11 +460,12 @@ class TieredStore:
                 return True
             if cached is not None and cached.version == version - 1:
                 try:
-                    ctx = self.l2.decode_state(payload, payload_checksum, [*cached.applied_steps, step_id], key=context_id)
+                    ctx = self.l2.decode_state(payload, payload_checksum, [], key=context_id)
                 except ContextCorruption as exc:
                     log_error(log, exc, "ignoring the broadcast")
                 else:
                     if ctx.version == version and ctx.epoch == epoch:
+                        ctx.continues(cached, step_id)
                         self.l1.put_context(ctx)
                         return True
         self.l1.evict_context(context_id, up_to_version=version - 1)

@@ -50,7 +50,7 @@ def next_work(
         return work
     if node.kind == "join":
         ctx = contexts[node.context]  # the branch end that just committed did so in this context
-        if not plan.is_done(index, set(ctx.applied_steps)):
+        if not plan.is_done(index, ctx.has_applied):
             return []
         return next_work(plan, node.next, versions, contexts, create_child)
     # child_start

@@ -27,7 +27,13 @@ from state.errors import (
 )
 from state.keys import context_id, run_of_context
 from state.limits import MAX_CONTEXT_ID_LENGTH, check_name, check_run_id
-from state.models import ExportDeclaration, ExportDestination, ResourceLimits, RunContext, RunContextInit
+from state.models import (
+    ExportDeclaration,
+    ExportDestination,
+    ResourceLimits,
+    RunContext,
+    RunContextInit,
+)
 from state.store import StepCommit, TieredStore
 from state.tiers.contracts import FINAL_STATUSES, ExportRecord, RunRow, StepReport
 from tasks.advance import next_work, resume_points
@@ -189,6 +195,8 @@ class RunEngine:
                 step_id=successor.step_id, epoch=message.epoch,
             )
             step_task, retries = f"{task_id}/{successor.step_id}", 0  # its own attempts, if counted
+            # After a step this start applied, what follows in the chain had never started.
+            again = again and not outcome.applied
 
     def _inline_successor(self, plan: Plan, node: Node, task_started: float) -> Node | None:
         """The step to run next in this task: an inline action right after ``node`` in its context,
@@ -203,25 +211,27 @@ class RunEngine:
     def _execute_one(
         self, plan: Plan, node: Node, message: StepMessage, *, task_id: str, worker: str, retries: int, again: bool
     ) -> StepCommit | None:
-        attempts = 1
         if self.store.l1.run_ended(message.run_id):  # heard that the run failed: start nothing more
             return None
-        if again:
-            start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
-            if start.run_failed:
-                return None
-            attempts = start.attempt
-            if start.attempt - retries > self.max_attempts and not self.steps.is_applied(message, node):
-                starts = start.attempt - retries - 1
-                self._fail(message, node, worker, f"step {node.step_id!r} was started {starts} times without finishing")
-                return None
         started = time.perf_counter()
+        attempts = 1
         self.running[task_id] = message.run_id
-
-        def report() -> StepReport:  # the step's record, written by its commit
-            return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started, attempts)
-
         try:
+            # A start that is not the message's first is counted, unless the step is applied already
+            # (a chain walked again after its worker died skips those, running none of them twice).
+            if again and not self.steps.is_applied(message, node):
+                start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
+                if start.run_failed:
+                    return None
+                attempts = start.attempt
+                if start.attempt - retries > self.max_attempts:
+                    starts = start.attempt - retries - 1
+                    self._fail(message, node, worker, f"step {node.step_id!r} was started {starts} times without finishing")
+                    return None
+
+            def report() -> StepReport:  # the step's record, written by its commit
+                return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started, attempts)
+
             return self.steps.run(message, node, report)
         except RunFailed:  # another step failed the run while this one ran: nothing was written
             return None

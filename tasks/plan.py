@@ -10,10 +10,18 @@ end is applied: the count is the context's own ``applied_steps``, committed with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from state.errors import InvalidRoutine
-from tasks.routine import ActionStep, ExportSpec, MergeSpec, ParallelStep, Routine, SubRoutineStep, VariableSpec
+from tasks.routine import (
+    ActionStep,
+    ExportSpec,
+    MergeSpec,
+    ParallelStep,
+    Routine,
+    SubRoutineStep,
+    VariableSpec,
+)
 
 NodeKind = Literal["action", "child_end", "fork", "join", "child_start", "finish"]
 REAL_KINDS = ("action", "child_end")
@@ -50,12 +58,13 @@ class Plan:
     def node(self, index: int) -> Node:
         return self.nodes[index]
 
-    def is_done(self, index: int, applied: set[str] | list[str]) -> bool:
-        """Whether a branch end is complete, judged from the applied steps of its context."""
+    def is_done(self, index: int, applied: "set[str] | Callable[[str], bool]") -> bool:
+        """Whether a branch end is complete, judged from the applied steps of its context (a set,
+        or a context's ``has_applied``)."""
         node = self.nodes[index]
         if node.kind == "join":
             return all(self.is_done(end, applied) for end in node.branch_ends)
-        return node.step_id in applied
+        return applied(node.step_id) if callable(applied) else node.step_id in applied
 
     def real_steps(self) -> list[Node]:
         return [node for node in self.nodes if node.kind in REAL_KINDS]

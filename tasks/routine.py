@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from state.errors import InvalidRoutine
 from state.limits import MAX_NESTING, MAX_TEXT_LENGTH, NAME_PATTERN, shown
@@ -53,14 +62,14 @@ class ParallelStep(_Strict):
 
 
 def _routine_kind(raw: Any) -> str:
-    return "reference" if isinstance(raw, str) else "inline"
+    return "reference" if isinstance(raw, str) else "definition"
 
 
 class SubRoutineStep(_Strict):
     id: str = Field(pattern=STEP_ID)
     # A file or stored name (replaced by its definition when loaded), or the definition inline.
     routine: Annotated[
-        Union[Annotated[str, Tag("reference")], Annotated["Routine", Tag("inline")]],
+        Union[Annotated[str, Tag("reference")], Annotated["Routine", Tag("definition")]],
         Discriminator(_routine_kind),
     ]
     inherit: list[str] = Field(default_factory=list)
@@ -157,7 +166,7 @@ def _location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("ActionStep", "ParallelStep", "SubRoutineStep", "reference", "inline") or "[" in str(part):
+        elif part in ("ActionStep", "ParallelStep", "SubRoutineStep", "reference", "definition") or "[" in str(part):
             continue  # union branch names that pydantic puts in the path
         else:
             out += f".{part}" if out else str(part)

@@ -50,7 +50,7 @@ class StepExecutor:
 
     def is_applied(self, message: StepMessage, node: Node) -> bool:
         """Whether the node's context holds the step already (read from the step's lineage)."""
-        return node.step_id in self._read(message, node.context)[1].applied_steps
+        return self._read(message, node.context)[1].has_applied(node.step_id)
 
     def _read(self, message: StepMessage, path: str) -> tuple[str, RunContext]:
         ctx_id = context_id(message.run_id, path)
@@ -58,7 +58,7 @@ class StepExecutor:
 
     def _apply_action(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:
         ctx_id, base = self._read(message, node.context)
-        if node.step_id in base.applied_steps:
+        if base.has_applied(node.step_id):
             return StepCommit(base, applied=False)
         assert node.action is not None and node.concurrency is not None
         changes = self._changes_of(node, base)
@@ -83,7 +83,7 @@ class StepExecutor:
     def _merge_child(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:
         assert node.child_context is not None and node.merge is not None
         parent_id, parent = self._read(message, node.context)
-        if node.step_id in parent.applied_steps:
+        if parent.has_applied(node.step_id):
             return StepCommit(parent, applied=False)
         _, child = self._read(message, node.child_context)
         merge = node.merge

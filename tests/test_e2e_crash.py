@@ -180,6 +180,49 @@ def test_node_killed_mid_run_the_run_completes_as_without_a_kill(make_cluster, t
         store.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", BROKERS)
+def test_node_killed_mid_inline_chain_reruns_only_the_running_step(make_cluster, tmp_path: Path, broker: str) -> None:
+    """An inline routine: the whole sequence runs in one task. SIGKILL its node while s20 sleeps: the
+    message comes back, the survivor walks the chain again, skips s01-s19 (applied, not run again),
+    runs s20 again and goes on; every step is applied exactly once."""
+    kinds: list[Any] = ["inc", "app"] * 15
+    kinds[19] = 2.0
+    routine, expected = sequence_routine("crash-inline", kinds)
+    routine.update(inline=True, inline_budget_s=60)
+    path = write(tmp_path / "inline.json", routine)
+    cluster = make_cluster(broker, **CRASH_ENV)
+    cluster.start_nodes("n1", "n2", concurrency=2)
+    client = redis.Redis.from_url(cluster.redis_url)
+    app = control_app(cluster)
+    store = cluster.store()
+    try:
+        run_id = cluster.submit(path)
+        wait_for(lambda: "s19" in step_records(client, cluster.prefix, run_id), 60, "s19 to succeed", 0.005)
+        running = wait_for(lambda: active_steps(app, cluster, run_id), 30, "the chain's task to be running", 0.05)
+        victim = running[0]["short"]
+        cluster.kill_node(victim)
+        before = step_records(client, cluster.prefix, run_id)
+        assert "s20" not in before and "s19" in before, sorted(before)
+        assert {record["worker"].split("-")[0] for record in before.values()} == {victim}  # one task ran them all
+        survivor = "n2" if victim == "n1" else "n1"
+
+        result = cluster.wait(run_id, timeout_s=120)
+        assert result["status"] == "succeeded", result
+        steps = {step["id"]: step for step in result["steps"]}
+        assert set(steps) == {step["id"] for step in routine["steps"]}
+        for step_id, record in before.items():  # not run again: the records are the first run's
+            assert steps[step_id]["finished_at"] == record["finished_at"], step_id
+            assert steps[step_id]["attempts"] == 1
+        assert steps["s20"]["attempts"] == 2 and steps["s20"]["worker"].startswith(f"{survivor}-")
+        assert assert_applied_once(store, run_id, routine, expected) == expected
+        wait_no_pending_flush(store)
+    finally:
+        app.close()
+        client.close()
+        store.close()
+
+
 # ---- b. every node killed between the L2 commit and the L3 write ----------------------------------
 
 

@@ -689,3 +689,21 @@ def test_from_init_honours_the_scope_of_a_context_variable():
     )
     ctx = RunContext.from_init(init)
     assert ctx.intermediate == {"tmp": 1} and ctx.variables == {}
+
+
+def test_applied_steps_lookup_follows_marks_copies_and_replacements() -> None:
+    ctx = RunContext.from_init(RunContextInit(run_id="r", routine_id="x"))
+    for n in range(200):  # past the folding of recent ids into the frozen set
+        ctx.mark_applied(f"s{n}")
+    assert ctx.has_applied("s0") and ctx.has_applied("s199") and not ctx.has_applied("s200")
+    copy_ = ctx.working_copy()
+    copy_.mark_applied("s200")
+    assert copy_.has_applied("s200") and not ctx.has_applied("s200")  # the base is not changed
+    assert ctx.applied_steps == [f"s{n}" for n in range(200)]
+    ctx.applied_steps = ["other"]  # replaced wholesale: the lookup is rebuilt, never stale
+    assert ctx.has_applied("other") and not ctx.has_applied("s0")
+    ctx.applied_steps.append("appended")  # appended to directly: seen too
+    assert ctx.has_applied("appended")
+    follower = RunContext.from_init(RunContextInit(run_id="r", routine_id="x"))
+    follower.continues(copy_, "s201")
+    assert follower.applied_steps == [*copy_.applied_steps, "s201"] and follower.has_applied("s150")

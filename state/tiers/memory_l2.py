@@ -17,7 +17,13 @@ from state.codec import DEFAULT_CODEC, Codec, checksum
 from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import CommitResult, ConfigEntry, StepReport, StepStart, StoredContext
+from state.tiers.contracts import (
+    CommitResult,
+    ConfigEntry,
+    StepReport,
+    StepStart,
+    StoredContext,
+)
 
 
 @dataclass

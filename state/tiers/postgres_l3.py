@@ -19,10 +19,22 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from state.codec import DEFAULT_CODEC, Codec
-from state.errors import CommunicationFailure, RefusedByDatabase, TransactionFailed, VersionConflict
+from state.errors import (
+    CommunicationFailure,
+    RefusedByDatabase,
+    TransactionFailed,
+    VersionConflict,
+)
 from state.keys import config_key, routine_key
 from state.models import RunContext, StateCacheConfig
-from state.schema import blackboard_entries, configurations, context_snapshots, exports, routines, runs
+from state.schema import (
+    blackboard_entries,
+    configurations,
+    context_snapshots,
+    exports,
+    routines,
+    runs,
+)
 from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,19 @@
-"""L2 on Redis, shared by every worker process. Key names come from `state.keys`, scripts from `lua/`.
+"""L2 on Redis (one server, or a Redis Cluster), shared by every worker process. Key names come from
+`state.keys`, scripts from `lua/`.
 
-A context entry is a hash {v: version, e: epoch, c: checksum, d: payload, o: origin}. Origin 'l'
-marks a live lineage (created, committed to, or rebuilt by a rewind), 'f' a reader's copy filled
-from L3; steps only read and commit live entries. A live entry has no TTL while its run goes on
-(losing it would cost a rewind); a reader's copy, and a finished run's contexts, get the context TTL. The write-behind
-schedule (a sorted set of due times and a hash of first-change times) lives in Redis too, so any
-worker can finish a flush that another one scheduled. Run records (attempts, step outcomes, the
-failure flag, the done signal) are reports about a run, not its state: they get a TTL at finalize.
+A context entry is a hash {v: version, e: epoch, c: checksum, d: payload, o: origin, n: applied
+count}; the steps it holds are a sorted set beside it, so a step's commit adds one id instead of
+rewriting the run's history (a commit costs the same at the 10,000th step as at the 10th), and n
+lets a lost set be seen instead of trusted. Origin 'l' marks a live lineage (created, committed to,
+or rebuilt by a rewind), 'f' a reader's copy filled from L3; steps only read and commit live
+entries. A live entry has no TTL while its run goes on (losing it would cost a rewind); a reader's
+copy, and a finished run's contexts, get the context TTL. The write-behind schedule (per shard, a
+sorted set of due times and a hash of first-change times) lives beside the contexts, so any worker
+can finish a flush that another one scheduled. Run records (attempts, step outcomes, the failure
+flag, the done signal) are reports about a run, not its state: they get a TTL at finalize.
+
+On a cluster every script touches the keys of one hash tag (a context's shard); a step's record,
+which on one server rides in its commit, is then written beside it.
 """
 
 from __future__ import annotations
@@ -20,16 +27,26 @@ from typing import Any, Callable, TypeVar
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import ClusterDownError
+from redis.exceptions import ClusterDownError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from state.codec import DEFAULT_CODEC, Codec, checksum
-from state.errors import CommunicationFailure, ContextCorruption, LineageLost, VersionConflict
+from state.errors import (
+    CommunicationFailure,
+    ContextCorruption,
+    LineageLost,
+    VersionConflict,
+)
 from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import CommitResult, ConfigEntry, StepReport, StepStart, StoredContext
+from state.tiers.contracts import (
+    CommitResult,
+    ConfigEntry,
+    StepReport,
+    StepStart,
+    StoredContext,
+)
 from state.tiers.scripts import SCRIPTS, lua
 
 T = TypeVar("T")
@@ -199,10 +216,14 @@ class RedisTier:
         return self._call(lambda: self.client.zscore(self.keys.write_behind_due(context_id), context_id))
 
     def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]:
+        # One round trip finds the shards with something due (usually none); only those are claimed,
+        # one script per shard (each touches one slot), starting at a random one so that no shard
+        # waits behind another that is always busy.
+        counts = self._each_due_set(lambda pipe, key: pipe.zcount(key, "-inf", now))
+        due_sets = [key for key, count in zip(self.keys.due_sets(), counts) if count]
+        random.shuffle(due_sets)
         claimed: list[str] = []
-        due_sets = self.keys.due_sets()
-        start = random.randrange(len(due_sets))  # no shard waits behind another that is always busy
-        for due_set in due_sets[start:] + due_sets[:start]:  # one script per shard: each touches one slot
+        for due_set in due_sets:
             if len(claimed) >= limit:
                 break
             ids = self._script("claim_due", [due_set], [now, lease_s, limit - len(claimed)])
@@ -210,17 +231,19 @@ class RedisTier:
         return claimed
 
     def _each_due_set(self, command: Callable[[Any, str], Any]) -> list[Any]:
+        """One command per shard's due set, in one round trip; a damaged set answers its error
+        (a claim then runs that shard's script, which rebuilds it)."""
         with self.client.pipeline(transaction=False) as pipe:
             for due_set in self.keys.due_sets():
                 command(pipe, due_set)
-            return self._call(pipe.execute)
+            return self._call(lambda: pipe.execute(raise_on_error=False))
 
     def pending_flushes(self) -> int:
-        return sum(int(n) for n in self._each_due_set(lambda pipe, key: pipe.zcard(key)))
+        return sum(n for n in self._each_due_set(lambda pipe, key: pipe.zcard(key)) if isinstance(n, int))
 
     def next_due(self) -> float | None:
         firsts = self._each_due_set(lambda pipe, key: pipe.zrange(key, 0, 0, withscores=True))
-        return min((first[0][1] for first in firsts if first), default=None)
+        return min((first[0][1] for first in firsts if isinstance(first, list) and first), default=None)
 
     # ---- routine definitions and configurations --------------------------------------------
 

@@ -196,6 +196,11 @@ class RunContext(BaseModel):
             raise InvalidValue(f"variable {name!r}: not in context {self.context_id}")
         return ContextVariable(name=name, value=self.get(name), sensitivity=self.sensitivity_of(name), scope=scope)
 
+    @property
+    def holds_sensitive(self) -> bool:
+        """Whether any variable is confidential or secret."""
+        return any(DataSensitivity(level).masked for level in self.sensitivity_map.values())
+
     def masked_variables(self) -> dict[str, Any]:
         """Variables with confidential and secret values replaced by a mask, for display."""
         return {

@@ -14,6 +14,7 @@ Memory cases need no server.
 from __future__ import annotations
 
 import copy
+import json
 import time
 import uuid
 from typing import Any, Iterator
@@ -858,3 +859,30 @@ def test_l2_a_step_commit_over_lost_applied_steps_asks_for_a_rewind(l2: L2Tier) 
     with pytest.raises(LineageLost):
         step_commit(l2, context(version=3), 2, "s1")  # never applied twice for want of the record
     assert l2.get_context("run-1") is None
+
+
+@pytest.mark.parametrize("sensitivity", ["public", "secret"])
+def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitive_values(
+    servers, key_prefix: str, cache_config: StateCacheConfig, sensitivity: str
+) -> None:
+    tier = RedisTier.from_url(servers.redis_url, prefix=key_prefix, config=cache_config)
+    pubsub = tier.client.pubsub()
+    try:
+        pubsub.subscribe(tier.keys.control_channel)
+        assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+        ctx = context(version=1)
+        ctx.set_variable("token", "tok-value-123", sensitivity=sensitivity)
+        commit(tier, ctx, 0)
+        nxt = ctx.working_copy()
+        nxt.version = 2
+        tier.commit_context(nxt, expected_version=1, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY, step_id="s1")
+        messages = [pubsub.get_message(timeout=2) for _ in range(2)]
+        events = [json.loads(message["data"]) for message in messages if message]
+        assert [event["version"] for event in events] == [1, 2]
+        if sensitivity == "public":
+            assert events[1]["step"] == "s1" and "tok-value-123" in events[1]["d"]
+        else:  # pub/sub is in clear: only the version travels
+            assert "d" not in events[1] and all("tok-value-123" not in message["data"].decode() for message in messages)
+    finally:
+        pubsub.close()
+        tier.close()

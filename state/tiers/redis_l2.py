@@ -157,7 +157,9 @@ class RedisTier:
         args: list[Any] = [
             expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
             ctx.context_id, self._commit_channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
-            "1" if require_live else "0", step_id or "", "", RECORD_TTL_S, self.update_max_bytes,
+            "1" if require_live else "0", step_id or "", "", RECORD_TTL_S,
+            # A broadcast is pub/sub, in clear: a context with sensitive values never rides in it.
+            0 if ctx.holds_sensitive else self.update_max_bytes,
         ]
         together = report is not None and not self.cluster
         if together:  # the step's record rides in the same script: one round trip

@@ -65,7 +65,8 @@ def routine_files(directory: Path, steps: int, branches: int, per_branch: int, l
 
 def step_costs(path: Path, steps: int, around: tuple[int, ...]) -> dict[int, float]:
     """Run a sequence and return, for each step number in ``around``, the median gap (s) between
-    consecutive step commits over the 100 steps ending there: what one step costs at that point."""
+    consecutive step commits over the 100 steps from there (the last: up to there): what one step
+    costs at that point of the run."""
     from runctx.api import Client
 
     client = Client()
@@ -77,8 +78,8 @@ def step_costs(path: Path, steps: int, around: tuple[int, ...]) -> dict[int, flo
     finished = [step["finished_at"] for step in sorted(result.steps, key=lambda step: int(step["id"][1:]))]
     gaps = [later - earlier for earlier, later in zip(finished, finished[1:])]
     out = {}
-    for n in around:
-        window = gaps[max(0, n - 101) : n - 1] or gaps[:1]
+    for n in around:  # the 100 steps from n on, or (at the end of the run) the 100 up to n
+        window = gaps[n - 1 : n + 99] if n + 99 <= len(gaps) else gaps[max(0, n - 101) : n - 1]
         out[n] = percentile(window, 0.5)
     return out
 

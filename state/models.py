@@ -239,12 +239,13 @@ class RunContext(BaseModel):
             frozen, recent = frozen | frozenset(recent), ()
         self._applied_index = (self.applied_steps, len(self.applied_steps), frozen, recent)
 
-    def continues(self, previous: "RunContext", step_id: str) -> None:
-        """This context is ``previous`` plus step ``step_id`` (a commit heard from another process):
-        take its applied steps and their lookup, then the step."""
+    def continues(self, previous: "RunContext", *step_ids: str) -> None:
+        """This context is ``previous`` plus steps ``step_ids`` (commits heard from other processes):
+        take its applied steps and their lookup, then the steps."""
         self.applied_steps = list(previous.applied_steps)
         self._adopt_applied_index(previous)
-        self.mark_applied(step_id)
+        for step_id in step_ids:
+            self.mark_applied(step_id)
 
     def _adopt_applied_index(self, other: "RunContext") -> None:
         index = other._applied_index

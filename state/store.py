@@ -455,21 +455,20 @@ class TieredStore:
         broadcast carries the new state and this L1 holds the version just before it, take it, so
         that the next step here finds it in L1. Returns whether L1 now holds ``version``."""
         if payload is not None and step_id and epoch is not None and payload_checksum is not None:
-            cached = self.l1.get_context(context_id, version - 1, epoch)
-            if cached is not None and cached.version >= version:
-                return True
-            if cached is not None and cached.version == version - 1:
-                try:
-                    ctx = self.l2.decode_state(payload, payload_checksum, [], key=context_id)
-                except ContextCorruption as exc:
-                    log_error(log, exc, "ignoring the broadcast")
-                else:
-                    if ctx.version == version and ctx.epoch == epoch:
-                        ctx.continues(cached, step_id)
-                        self.l1.put_context(ctx)
-                        return True
+            decode = self._decode_followed(context_id)
+            return self.l1.follow(context_id, version, epoch, step_id, payload, payload_checksum, decode)
         self.l1.evict_context(context_id, up_to_version=version - 1)
         return False
+
+    def _decode_followed(self, context_id: str) -> Callable[[bytes, str], RunContext]:
+        def decode(payload: bytes, payload_checksum: str) -> RunContext:
+            try:
+                return self.l2.decode_state(payload, payload_checksum, [], key=context_id)
+            except ContextCorruption as exc:
+                log_error(log, exc, "ignoring the broadcast")
+                raise
+
+        return decode
 
     def handle_change(self, event: ChangeEvent) -> None:
         """Apply an L3 change event to L2 and this process's L1."""

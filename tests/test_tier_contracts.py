@@ -886,3 +886,46 @@ def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitiv
     finally:
         pubsub.close()
         tier.close()
+
+
+def test_l1_follows_commits_heard_from_other_processes_and_decodes_only_when_read(l1: LocalCache) -> None:
+    from state.codec import DEFAULT_CODEC, checksum
+
+    decoded: list[int] = []
+
+    def decode(payload: bytes, payload_checksum: str) -> RunContext:
+        assert checksum(payload) == payload_checksum
+        ctx = DEFAULT_CODEC.load_state(payload, [])
+        decoded.append(ctx.version)
+        return ctx
+
+    base = context(version=1)
+    base.applied_steps = ["s0"]
+    l1.put_context(base)
+    for version in (2, 3, 4):  # three commits by another process, each one step
+        payload = DEFAULT_CODEC.dump_state(context(version=version))
+        assert l1.follow("run-1", version, 1, f"s{version}", payload, checksum(payload), decode) is True
+    assert decoded == [] and l1.context_version("run-1") == 4  # nothing decoded yet
+    ctx = l1.get_context("run-1", at_least=4, epoch=1)
+    assert decoded == [4]  # only the newest, once
+    assert ctx.variables == {"n": 4} and ctx.applied_steps == ["s0", "s2", "s3", "s4"] and ctx.has_applied("s3")
+    assert l1.get_context("run-1", at_least=4) is ctx and decoded == [4]
+
+
+def test_l1_a_commit_it_cannot_follow_drops_the_older_copy(l1: LocalCache) -> None:
+    from state.codec import DEFAULT_CODEC, checksum
+
+    l1.put_context(context(version=1))
+    payload = DEFAULT_CODEC.dump_state(context(version=3))
+    assert l1.follow("run-1", 3, 1, "s3", payload, checksum(payload), lambda p, c: DEFAULT_CODEC.load_state(p, [])) is False
+    assert l1.get_context("run-1") is None  # a version was missed: the next read goes to L2
+    assert l1.follow("run-2", 2, 1, "s2", payload, checksum(payload), lambda p, c: DEFAULT_CODEC.load_state(p, [])) is False
+
+
+def test_l1_a_damaged_followed_commit_is_a_miss(l1: LocalCache) -> None:
+    def broken(payload: bytes, payload_checksum: str) -> RunContext:
+        raise ContextCorruption("run-1", "checksum does not match payload")
+
+    l1.put_context(context(version=1))
+    assert l1.follow("run-1", 2, 1, "s2", b"garbage", "x", broken) is True
+    assert l1.get_context("run-1", at_least=2) is None and l1.context_version("run-1") is None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from state.models import RunContext
 
@@ -119,6 +119,12 @@ class L1Tier(Protocol):
     def put_context(self, ctx: RunContext) -> None: ...
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def context_version(self, context_id: str) -> int | None: ...
+    def follow(
+        self, context_id: str, version: int, epoch: int, step_id: str, payload: bytes, checksum: str,
+        decode: Callable[[bytes, str], RunContext],
+    ) -> bool:
+        """Move the cached copy forward by a commit heard from another process (decoded when read)."""
+
     def note_run_ended(self, run_id: str) -> None: ...
     def run_ended(self, run_id: str) -> bool:
         """Whether this process knows the run failed (a hint: L2's flag is the truth)."""

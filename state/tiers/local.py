@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 from cachetools import LRUCache, TTLCache
 
@@ -10,6 +12,39 @@ from state.models import RunContext, StateCacheConfig
 from state.tiers.contracts import ConfigEntry
 
 ENDED_RUNS_KEPT = 10_000  # failed runs a process remembers, so their queued steps do not start
+
+Decode = Callable[[bytes, str], RunContext]  # (payload, checksum) -> the context it holds, applied steps aside
+
+
+@dataclass(frozen=True)
+class _Followed:
+    """A context another process committed, kept as its payload until a step here reads it: most
+    broadcasts are never read in a given process, so decoding each would cost every process CPU
+    for every commit. ``base`` is the last decoded version; ``steps`` the ids applied since (a
+    chain, newest first, so that following a commit is O(1))."""
+
+    version: int
+    epoch: int
+    base: RunContext
+    steps: tuple  # (step id, older chain) or ()
+    payload: bytes
+    checksum: str
+    decode: Decode
+
+    def materialize(self) -> RunContext | None:
+        try:
+            ctx = self.decode(self.payload, self.checksum)
+        except Exception:  # a damaged broadcast: as good as none (the read goes to L2)
+            return None
+        if ctx.version != self.version or ctx.epoch != self.epoch:
+            return None
+        newer: list[str] = []
+        chain = self.steps
+        while chain:
+            newer.append(chain[0])
+            chain = chain[1]
+        ctx.continues(self.base, *reversed(newer))
+        return ctx
 
 
 class LocalCache:
@@ -22,7 +57,7 @@ class LocalCache:
     """
 
     def __init__(self, config: StateCacheConfig) -> None:
-        self._contexts: LRUCache[str, RunContext] = LRUCache(maxsize=config.l1_contexts)
+        self._contexts: LRUCache[str, RunContext | _Followed] = LRUCache(maxsize=config.l1_contexts)
         # Configurations carry no version a reader could ask for, so a lost invalidation is
         # bounded by a TTL instead.
         self._configs: TTLCache[str, ConfigEntry] = TTLCache(maxsize=config.l1_configs, ttl=config.l1_config_ttl_s)
@@ -37,7 +72,36 @@ class LocalCache:
             ctx = self._contexts.get(context_id)
         if ctx is None or ctx.version < at_least or (epoch is not None and ctx.epoch != epoch):
             return None
+        if isinstance(ctx, _Followed):
+            followed, ctx = ctx, ctx.materialize()
+            with self._lock:
+                if self._contexts.get(context_id) is followed:
+                    if ctx is None:
+                        del self._contexts[context_id]
+                    else:
+                        self._contexts[context_id] = ctx
         return ctx
+
+    def follow(self, context_id: str, version: int, epoch: int, step_id: str, payload: bytes, checksum: str, decode: Decode) -> bool:
+        """Another process committed ``version`` = the cached version before it + step ``step_id``,
+        whose state is ``payload``: move the cached copy forward (decoded only when read). Returns
+        whether L1 now holds ``version``; if it held an older one that this does not follow, that
+        one is dropped."""
+        with self._lock:
+            cached = self._contexts.get(context_id)
+            if cached is None:
+                return False
+            if (cached.epoch, cached.version) >= (epoch, version):
+                return True
+            if cached.epoch != epoch or cached.version != version - 1:
+                del self._contexts[context_id]
+                return False
+            if isinstance(cached, _Followed):
+                base, steps = cached.base, (step_id, cached.steps)
+            else:
+                base, steps = cached, (step_id, ())
+            self._contexts[context_id] = _Followed(version, epoch, base, steps, payload, checksum, decode)
+            return True
 
     def put_context(self, ctx: RunContext) -> None:
         """Cache a context unless a newer one (a later epoch, or a higher version) is already cached."""

@@ -17,6 +17,7 @@ from runctx.embedded import resolve
 from state.errors import CommunicationFailure, InvalidRoutine, NotFound, RunTimeout
 from state.migrate import upgrade
 from state.models import RunContext
+from state.settings import get_settings
 from state.tiers.contracts import FINAL_STATUSES
 from tasks.routine import Routine, load_routine, parse_routine
 
@@ -59,6 +60,7 @@ class Client:
         check_broker(servers)
         upgrade(servers.database_url)
         self.runtime = runtime()
+        self.runtime.store.check_keys(get_settings().keyring())
         self.engine = self.runtime.engine
         self.store = self.runtime.store
 

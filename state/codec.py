@@ -1,7 +1,10 @@
 """The one place where contexts and configurations become bytes for L2 and documents for L3.
 
-Every tier goes through a ``Codec``; encryption of sensitive values at rest slots in by
-transforming documents in ``to_document`` / ``from_document``.
+Every tier goes through a ``Codec``. With a `Keyring` (every real tier: `TieredStore.from_settings`)
+confidential and secret values are sealed in ``to_document`` (in variables, intermediate values,
+a child's inherited copies and exports) and opened in ``from_document``, where a plain value in
+their place is refused, never read; a payload's checksum is a keyed MAC. Without one (the
+in-memory twins of the engine tests) values stay as they are and the checksum is unkeyed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from pydantic import ValidationError
 
 from state.errors import ContextCorruption
 from state.limits import canonical_json
-from state.models import RunContext
+from state.models import DataSensitivity, RunContext
+from state.sealing import Keyring, binding, is_sealed
+
+_SEALED_SCOPES = ("variables", "intermediate", "inherited")
 
 
 def checksum(payload: bytes) -> str:
@@ -22,16 +28,84 @@ def checksum(payload: bytes) -> str:
 
 
 class Codec:
-    """JSON only, so nothing stored can execute code when it is read."""
+    """JSON only, so nothing stored can execute code when it is read; sensitive values sealed."""
+
+    def __init__(self, keyring: Keyring | None = None) -> None:
+        self.keyring = keyring
+
+    def checksum(self, payload: bytes) -> str:
+        return self.keyring.mac(payload) if self.keyring else checksum(payload)
+
+    def verify(self, payload: bytes, stored: str) -> bool:
+        if self.keyring is None:
+            return checksum(payload) == stored
+        return self.keyring.verify(payload, stored)
 
     def to_document(self, ctx: RunContext, *, with_applied: bool = True) -> dict[str, Any]:
-        return ctx.model_dump(mode="json", exclude=None if with_applied else {"applied_steps"})
+        document = ctx.model_dump(mode="json", exclude=None if with_applied else {"applied_steps"})
+        if self.keyring is not None and ctx.holds_sensitive:
+            for scope in _SEALED_SCOPES:
+                values = document[scope]
+                for name in values:
+                    level = ctx.sensitivity_of(name)
+                    if level.masked:
+                        values[name] = self.keyring.seal(values[name], self._binding(document, scope, name, level.value))
+        return document
 
     def from_document(self, document: dict[str, Any], *, key: str = "?") -> RunContext:
+        if not isinstance(document, dict):
+            raise ContextCorruption(key, "document does not describe a RunContext (not a mapping)")
+        document = self._opened(document, key)
         try:
             return RunContext.model_validate(document)
         except ValidationError as exc:
             raise ContextCorruption(key, f"document does not describe a RunContext ({exc.error_count()} errors)") from exc
+
+    def _opened(self, document: dict[str, Any], key: str) -> dict[str, Any]:
+        """The document with its sealed values opened; a sensitive value stored in plain is refused."""
+        levels = document.get("sensitivity_map")
+        if not isinstance(levels, dict):
+            return document
+        opened = dict(document)
+        for scope in _SEALED_SCOPES:
+            values = document.get(scope)
+            if not isinstance(values, dict):
+                continue
+            out = dict(values)
+            for name, value in values.items():
+                level = levels.get(name, "public")
+                masked = level in (DataSensitivity.CONFIDENTIAL.value, DataSensitivity.SECRET.value)
+                if not masked and not is_sealed(value):
+                    continue
+                if self.keyring is None:
+                    if is_sealed(value):
+                        raise ContextCorruption(key, f"{scope}.{name} is encrypted and no key is configured (RUNCTX_ENCRYPTION_KEYS)")
+                    continue  # no keys: nothing is sealed
+                if not is_sealed(value):
+                    raise ContextCorruption(key, f"{scope}.{name} is {level} but stored in plain: refused, never read")
+                out[name] = self.keyring.open(value, self._binding(document, scope, name, str(level)), where=key)
+            opened[scope] = out
+        return opened
+
+    @staticmethod
+    def _binding(document: dict[str, Any], scope: str, name: str, level: str) -> bytes:
+        return binding(str(document.get("run_id")), str(document.get("context_id")), scope, name, level)
+
+    # ---- exports ---------------------------------------------------------------------------------
+
+    def export_value(self, run_id: str, destination: str, scope: str, key: str, variable: str, sensitivity: str, value: Any) -> Any:
+        """An export's value as stored: sealed when confidential or secret (bound to where it goes)."""
+        if self.keyring is None or not DataSensitivity(sensitivity).masked:
+            return value
+        return self.keyring.seal(value, binding(run_id, f"export:{destination}:{scope}:{key}", "exports", variable, sensitivity))
+
+    def open_export(self, run_id: str, destination: str, scope: str, key: str, variable: str, sensitivity: str, value: Any) -> Any:
+        if not DataSensitivity(sensitivity).masked:
+            return value
+        if self.keyring is None or not is_sealed(value):
+            raise ContextCorruption(f"export {scope}:{key}", "a sensitive export that is not sealed, or no key to open it")
+        associated = binding(run_id, f"export:{destination}:{scope}:{key}", "exports", variable, sensitivity)
+        return self.keyring.open(value, associated, where=f"export {scope}:{key}")
 
     def dump_context(self, ctx: RunContext) -> bytes:
         return self.dump_document(self.to_document(ctx))

@@ -29,6 +29,14 @@ routines = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# The ids of the keys that sealed values (migration 0004): a process without one refuses to start.
+encryption_keys = Table(
+    "encryption_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("first_used", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
 configurations = Table(
     "configurations",
     metadata,

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from state.models import ResourceLimits, StateCacheConfig
+from state.sealing import KEY_FILE, Keyring
 
 
 def _default_data_dir() -> Path:
@@ -34,6 +35,9 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to the Redis URL")
     data_dir: Path = Field(default_factory=_default_data_dir)
     key_prefix: str = Field(default="runctx", description="Prefix of every Redis key and channel runctx uses")
+    # Confidential and secret values at rest: "id:base64-key,..." newest first; unset: a key file
+    # runctx makes in data_dir (fine on one machine; give every machine the same keys otherwise).
+    encryption_keys: SecretStr | None = Field(default=None, description="keys sealing sensitive values, newest first")
 
     # L1 (per process) and L2 (Redis): StateCacheConfig declares the defaults.
     l1_contexts: int = _like(StateCacheConfig, "l1_contexts", ge=1)
@@ -65,6 +69,12 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(
         default=60.0, gt=0, description="a running run with no progress for this long is resumed from the tiers"
     )
+
+    def keyring(self) -> Keyring:
+        """The keys that seal and open sensitive values (RUNCTX_ENCRYPTION_KEYS, or the data dir's key file)."""
+        if self.encryption_keys is not None:
+            return Keyring.parse(self.encryption_keys.get_secret_value())
+        return Keyring.from_file(self.data_dir.expanduser() / KEY_FILE)
 
     def cache_config(self) -> StateCacheConfig:
         return StateCacheConfig(**{name: getattr(self, name) for name in StateCacheConfig.model_fields})

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from state.change_events import ChangeEvent
+from state.codec import Codec
 from state.errors import (
     ContextCorruption,
     InvalidValue,
     LineageLost,
     NotFound,
     RunFailed,
+    SettingsError,
     StaleEpoch,
     TransactionFailed,
     VersionConflict,
@@ -29,6 +31,7 @@ from state.errors import (
 )
 from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
+from state.sealing import Keyring
 from state.settings import Settings
 from state.tiers.contracts import (
     CommitResult,
@@ -92,22 +95,27 @@ class TieredStore:
         self.stats = StoreStats()
 
     @classmethod
-    def connect(cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str) -> "TieredStore":
-        """A store on a real Redis and PostgreSQL."""
+    def connect(
+        cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str, keyring: Keyring | None = None
+    ) -> "TieredStore":
+        """A store on a real Redis and PostgreSQL; with ``keyring``, sensitive values are sealed."""
         from state.tiers.postgres_l3 import PostgresTier
         from state.tiers.redis_l2 import RedisTier
 
+        codec = Codec(keyring)
         return cls(
             LocalCache(config),
-            RedisTier.from_url(redis_url, prefix=prefix, config=config),
-            PostgresTier.from_url(database_url, config=config),
+            RedisTier.from_url(redis_url, prefix=prefix, config=config, codec=codec),
+            PostgresTier.from_url(database_url, config=config, codec=codec),
             config=config,
         )
 
     @classmethod
     def from_settings(cls, settings: Settings, redis_url: str, database_url: str) -> "TieredStore":
-        """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries)."""
-        return cls.connect(redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix)
+        """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries, keys)."""
+        return cls.connect(
+            redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix, keyring=settings.keyring()
+        )
 
     @classmethod
     def in_memory(cls, *, config: StateCacheConfig | None = None, prefix: str = "mem") -> "TieredStore":
@@ -428,6 +436,17 @@ class TieredStore:
         self.l3.discard_context(context_id)
         self.l2.evict_context(context_id)
         self.l1.evict_context(context_id)
+
+    def check_keys(self, keyring: Keyring) -> None:
+        """Refuse to go on if L3 holds values sealed under a key this process lacks; record the newest."""
+        missing = sorted(self.l3.key_ids() - {key_id for key_id, _ in keyring.keys})
+        if missing:
+            raise SettingsError(
+                "RUNCTX_ENCRYPTION_KEYS",
+                f"the database holds values sealed under key(s) {', '.join(missing)}, which this process does not "
+                "have: give it the same keys as the others (newest first)",
+            )
+        self.l3.record_key(keyring.newest)
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed in L2 (True for the first flag) and in this process's L1."""

@@ -21,6 +21,7 @@ import psutil
 import redis
 
 from state.models import StateCacheConfig
+from state.sealing import KEY_FILE, Keyring
 from state.store import TieredStore
 
 HERE = Path(__file__).resolve().parent.parent
@@ -166,7 +167,14 @@ class Cluster:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def store(self) -> TieredStore:
-        return TieredStore.connect(self.redis_url, self.database_url, config=StateCacheConfig(), prefix=self.prefix)
+        """A store as the cluster's processes have it (the same keys open its sealed values)."""
+        return TieredStore.connect(
+            self.redis_url, self.database_url, config=StateCacheConfig(), prefix=self.prefix, keyring=self.keyring()
+        )
+
+    def keyring(self) -> Keyring:
+        configured = self.env.get("RUNCTX_ENCRYPTION_KEYS")
+        return Keyring.parse(configured) if configured else Keyring.from_file(self.work_dir / "data" / KEY_FILE)
 
 
 def new_prefix() -> str:

@@ -91,16 +91,25 @@ def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> 
         # The trigger gave the plain-SQL change a new version, which is what processes serve now.
         assert {answer["version"] for answer in config_answers.values()} == {config_version + 1}
 
+        # A stored routine version is immutable; a new version inserted by plain SQL reaches every
+        # process as the routine's newest, and the old version stays what it was for its runs.
+        with pytest.raises(psycopg.errors.RestrictViolation):
+            _execute(
+                cluster.database_url,
+                "UPDATE routines SET definition = %s WHERE name = 'inv-routine' AND version = %s",
+                (Jsonb(new_routine), routine_version),
+            )
         assert _execute(
             cluster.database_url,
-            "UPDATE routines SET definition = %s WHERE name = 'inv-routine' AND version = %s",
-            (Jsonb(new_routine), routine_version),
+            "INSERT INTO routines (name, version, definition) VALUES ('inv-routine', %s, %s)",
+            (routine_version + 1, Jsonb(new_routine)),
         ) == 1
         routine_deadline = time.monotonic() + DEADLINE_S
-        for key in ("routine:inv-routine", f"routine:inv-routine@{routine_version}"):
-            routine_answers = _poll_until_all_serve(client, cluster.prefix, key, _digest(new_routine), routine_deadline)
-            assert len(routine_answers) == PROCESSES, (key, routine_answers)
-            assert {answer["digest"] for answer in routine_answers.values()} == {_digest(new_routine)}, (key, routine_answers)
+        routine_answers = _poll_until_all_serve(client, cluster.prefix, "routine:inv-routine", _digest(new_routine), routine_deadline)
+        assert len(routine_answers) == PROCESSES, routine_answers
+        assert {answer["digest"] for answer in routine_answers.values()} == {_digest(new_routine)}, routine_answers
+        old_answers = _probe_all(client, cluster.prefix, f"routine:inv-routine@{routine_version}")
+        assert {answer["digest"] for answer in old_answers.values()} == {_digest(old_routine)}, old_answers
     finally:
         client.close()
         store.close()

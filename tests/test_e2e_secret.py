@@ -1,8 +1,8 @@
-"""A secret value is used by a run but never leaves the state store: not in a broker message,
-not in a worker log line (at DEBUG), not in `runctx run --json` output.
+"""A secret value is used by a run but never leaves the state store in plain text: not in L2 (its
+context entries hold it sealed, AES-GCM), not in a broker message, not in a worker log line (at
+DEBUG), not in `runctx run --json` output.
 
-Everything the Redis server executes during the run is captured with MONITOR. Only the L2
-context entries (``{prefix}:{c<shard>}:ctx:...``) may hold the value (encryption at rest comes later).
+Everything the Redis server executes during the run is captured with MONITOR.
 """
 
 from __future__ import annotations
@@ -177,17 +177,22 @@ steps:
     ctx_prefix = f"{cluster.prefix}:{{c".encode()  # context entries: <prefix>:{c<shard>}:ctx:<id>
     steps_queue = f"{cluster.prefix}.steps".encode()
 
-    # The capture is real: it saw this run's step messages, and the secrets in its L2 context entry.
+    # The capture is real: it saw this run's step messages, and sealed values going into L2.
     step_messages = [c for c in commands if c[0].upper() in (b"LPUSH", b"RPUSH") and c[1] == steps_queue]
     assert step_messages, "MONITOR saw no step message of this run"
     assert any(result["run_id"].encode() in form for c in step_messages for form in _decoded_forms(c[-1]))
     assert any(
-        any(key.startswith(ctx_prefix) for key in _keys_of(c)) and any(inline_secret.encode() in arg for arg in c)
-        for c in commands
-    ), "MONITOR never saw the secret going into L2: the capture proves nothing"
+        any(key.startswith(ctx_prefix) for key in _keys_of(c)) and any(b"$sealed" in arg for arg in c) for c in commands
+    ), "MONITOR never saw a sealed value going into L2: the capture proves nothing"
 
     # Every problem is collected first, so that one failure shows all the places the secret went.
     problems: list[str] = []
+    for secret in (inline_secret, var_secret):  # L2 holds them sealed only
+        for command in commands:
+            if any(key.startswith(ctx_prefix) for key in _keys_of(command)) and any(
+                secret.encode() in form for arg in command[1:] for form in _decoded_forms(arg)
+            ):
+                problems.append(f"L2 context entry holds {secret} in plain: {repr(command)[:300]}")
     for secret in (inline_secret, var_secret):
         needle = secret.encode()
         for command in commands:
@@ -199,14 +204,12 @@ steps:
             if any(needle in form for arg in command[2:] for form in _decoded_forms(arg)):
                 problems.append(f"broker message holds {secret}: {repr(command)[:300]}")
 
-    # The secret given with --var is in no Redis command at all but the context's own L2 entry.
+    # The secret given with --var is in no Redis command at all, in any form.
     # (The inline one is also in the routine definition cached under {prefix}:cfg:routine:..., the
     # file's own text stored as the routine: that is where the user wrote it.)
     for command in commands:
-        if any(key.startswith(ctx_prefix) for key in _keys_of(command)):
-            continue
         if any(var_secret.encode() in form for arg in command[1:] for form in _decoded_forms(arg)):
-            problems.append(f"Redis command outside the L2 context entry holds {var_secret}: {repr(command)[:300]}")
+            problems.append(f"a Redis command holds {var_secret}: {repr(command)[:300]}")
 
     # Not in any worker log line (at DEBUG), nor in what `runctx run` printed.
     logs = cluster.logs()

@@ -9,12 +9,16 @@ import psycopg
 import pytest
 
 from state.change_events import ChangeEvent, ChangeListener, libpq_url
-from state.errors import CommunicationFailure, NotFound, TransactionFailed, VersionConflict
-from state.models import StateCacheConfig
+from state.errors import (
+    CommunicationFailure,
+    NotFound,
+    TransactionFailed,
+    VersionConflict,
+)
+from state.models import DataSensitivity, RunContextInit, StateCacheConfig
+from state.store import TieredStore
 from state.tiers.postgres_l3 import PostgresTier
 from state.tiers.redis_l2 import RedisTier
-from state.models import DataSensitivity, RunContextInit
-from state.store import TieredStore
 
 
 def new_context(store: TieredStore, run_id: str = "run-1", **variables):
@@ -205,9 +209,12 @@ def test_plain_sql_changes_to_routines_and_configurations_evict_them(store: Tier
     assert store.get_config("bot", "helper").data == {"model": "small"}
     assert store.l2.get_config("routine:onboarding") is not None
 
+    # A stored routine version is immutable: the database refuses to change it in place.
+    with pytest.raises(psycopg.errors.RestrictViolation, match="immutable"):
+        _plain_sql(database_url, """UPDATE routines SET definition = '{"steps": ["b"]}' WHERE name = 'onboarding'""")
     listener = ChangeListener(database_url, store.handle_change).start()
     try:
-        _plain_sql(database_url, """UPDATE routines SET definition = '{"steps": ["b"]}' WHERE name = 'onboarding'""")
+        _plain_sql(database_url, """INSERT INTO routines (name, version, definition) VALUES ('onboarding', 2, '{"steps": ["b"]}')""")
         _plain_sql(database_url, """UPDATE configurations SET data = '{"model": "large"}' WHERE name = 'helper'""")
         assert wait_for(
             lambda: store.l2.get_config("routine:onboarding") is None and store.l2.get_config("config:bot:helper") is None,
@@ -216,6 +223,7 @@ def test_plain_sql_changes_to_routines_and_configurations_evict_them(store: Tier
     finally:
         listener.stop()
     assert store.get_routine("onboarding").data == {"steps": ["b"]}
+    assert store.get_routine("onboarding", 1).data == {"steps": ["a"]}  # what runs of version 1 keep
     config = store.get_config("bot", "helper")
     assert config.data == {"model": "large"} and config.version == 2
 

@@ -13,6 +13,8 @@ from celery.signals import celeryd_init
 from runctx.embedded import Servers, celery_broker_url, resolve
 from state.errors import SettingsError
 from state.migrate import upgrade
+from state.settings import get_settings
+from state.store import TieredStore
 from state.tiers.redis_l2 import is_cluster
 from workers import kombu_redis_fix
 
@@ -37,10 +39,21 @@ def check_broker(servers: Servers) -> None:
         )
 
 
+def check_keys(servers: Servers) -> None:
+    """A node without a key that sealed stored values refuses to start, saying which is missing."""
+    settings = get_settings()
+    store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
+    try:
+        store.check_keys(settings.keyring())
+    finally:
+        store.close()
+
+
 @celeryd_init.connect
 def _resolve_servers(conf: Any = None, **_: Any) -> None:
     servers = resolve()
     check_broker(servers)
     upgrade(servers.database_url)
+    check_keys(servers)
     if conf is not None:
         conf.broker_url = servers.broker_url

@@ -8,7 +8,14 @@ settings and errors of `state`, so `celeryconfig` and the workers use it without
     supervisor.py  the process that runs redis-server and postgres and stops them with the last owner
 """
 
-from runctx.embedded.servers import Servers, broker_url_for, celery_broker_url, embedded_released, resolve, uses_embedded
+from runctx.embedded.servers import (
+    Servers,
+    broker_url_for,
+    celery_broker_url,
+    embedded_released,
+    resolve,
+    uses_embedded,
+)
 from runctx.embedded.stack import EmbeddedStack, admin_database_url
 
 __all__ = [

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from state.codec import DEFAULT_CODEC, Codec, checksum
+from state.codec import DEFAULT_CODEC, Codec
 from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
 from state.models import RunContext, StateCacheConfig
@@ -105,7 +105,7 @@ class MemoryL2:
             dirty = context_id in self._due
         if entry is None:
             return None
-        if checksum(entry.payload) != entry.checksum:
+        if not self.codec.verify(entry.payload, entry.checksum):
             raise ContextCorruption(key, "checksum does not match payload")
         if entry.applied_count != len(entry.applied):
             raise ContextCorruption(key, f"holds {entry.applied_count} applied steps, its set {len(entry.applied)}")
@@ -149,7 +149,7 @@ class MemoryL2:
                 raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
             live = True if current is None else current.live
             applied = applied + [step_id] if step_id else list(applied)
-            self._contexts[ctx.context_id] = _Entry(ctx.version, checksum(payload), payload, None, ctx.epoch, live, applied)
+            self._contexts[ctx.context_id] = _Entry(ctx.version, self.codec.checksum(payload), payload, None, ctx.epoch, live, applied)
             if report is not None:
                 run = self._run(report.run_id)
                 run.steps[report.step_id] = json.dumps(report.record(now))
@@ -159,7 +159,7 @@ class MemoryL2:
             return CommitResult.COMMITTED
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
-        if checksum(payload) != payload_checksum:
+        if not self.codec.verify(payload, payload_checksum):
             raise ContextCorruption(key, "checksum does not match payload")
         return self.codec.load_state(payload, applied, key=key)
 
@@ -171,7 +171,7 @@ class MemoryL2:
                 return False
             expires_at = None if live else self.clock() + self.context_ttl_s
             self._contexts[ctx.context_id] = _Entry(
-                ctx.version, checksum(payload), payload, expires_at, ctx.epoch, live, list(ctx.applied_steps)
+                ctx.version, self.codec.checksum(payload), payload, expires_at, ctx.epoch, live, list(ctx.applied_steps)
             )
             return True
 
@@ -226,7 +226,7 @@ class MemoryL2:
             entry = self._live(self._configs, key)
             if entry is None:
                 return None
-            if checksum(entry.payload) != entry.checksum:
+            if not self.codec.verify(entry.payload, entry.checksum):
                 del self._configs[key]
                 raise ContextCorruption(self.keys.config(key), "checksum does not match payload")
         return ConfigEntry(key=key, version=entry.version, data=self.codec.load_document(entry.payload, key=key))
@@ -234,7 +234,7 @@ class MemoryL2:
     def put_config(self, entry: ConfigEntry) -> None:
         payload = self.codec.dump_document(entry.data)
         with self._lock:
-            self._configs[entry.key] = _Entry(entry.version, checksum(payload), payload, self.clock() + self.config_ttl_s)
+            self._configs[entry.key] = _Entry(entry.version, self.codec.checksum(payload), payload, self.clock() + self.config_ttl_s)
 
     def evict_config(self, key: str) -> bool:
         with self._lock:

@@ -55,6 +55,11 @@ class MemoryL3:
     compare-and-set (create) or "only if newer" (write-behind); a finished run is never finished again.
     """
 
+    def _export_value(self, record: ExportRecord) -> Any:
+        return self.codec.export_value(
+            record.run_id, record.destination, record.scope, record.key, record.variable, record.sensitivity, record.value
+        )
+
     def __init__(self, codec: Codec = DEFAULT_CODEC) -> None:
         self.codec = codec
         self._snapshots: dict[str, tuple[int, int, str]] = {}  # context id -> (epoch, version, JSON document)
@@ -63,6 +68,7 @@ class MemoryL3:
         self._runs: dict[str, RunRow] = {}
         self.blackboard: dict[tuple[str, str], dict[str, Any]] = {}
         self.exports: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._keys: set[str] = set()
         self.writes = 0  # committed write operations, as `runctx` counts L3 writes
         self._lock = threading.RLock()
 
@@ -141,7 +147,7 @@ class MemoryL3:
         stored_meta = json.loads(_jsonb_text(operation, meta))
         if error is not None and "\x00" in error:
             raise RefusedByDatabase(operation, "22021", "invalid byte sequence for encoding \"UTF8\": 0x00")
-        records = [(record, json.loads(_jsonb_text(operation, record.value))) for record in exports]
+        records = [(record, json.loads(_jsonb_text(operation, self._export_value(record)))) for record in exports]
         for record in exports:
             for text in (record.variable, record.key, record.scope):
                 _check_width(operation, text, 200)
@@ -236,6 +242,14 @@ class MemoryL3:
             versions[version] = document
             self.writes += 1
             return version
+
+    def record_key(self, key_id: str) -> None:
+        with self._lock:
+            self._keys.add(key_id)
+
+    def key_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._keys)
 
     def ping(self) -> bool:
         return True

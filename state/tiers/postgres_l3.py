@@ -31,6 +31,7 @@ from state.schema import (
     blackboard_entries,
     configurations,
     context_snapshots,
+    encryption_keys,
     exports,
     routines,
     runs,
@@ -299,9 +300,12 @@ class PostgresTier:
         return True
 
     def _write_export(self, conn: Connection, record: ExportRecord) -> None:
+        value = self.codec.export_value(
+            record.run_id, record.destination, record.scope, record.key, record.variable, record.sensitivity, record.value
+        )
         if record.destination == "blackboard":
             statement = insert(blackboard_entries).values(
-                scope=record.scope, key=record.key, value=record.value, sensitivity=record.sensitivity,
+                scope=record.scope, key=record.key, value=value, sensitivity=record.sensitivity,
                 run_id=record.run_id, version=1,
             )
             conn.execute(
@@ -319,7 +323,7 @@ class PostgresTier:
         else:
             statement = insert(exports).values(
                 run_id=record.run_id, variable=record.variable, key=record.key,
-                scope=record.scope, value=record.value, sensitivity=record.sensitivity,
+                scope=record.scope, value=value, sensitivity=record.sensitivity,
             )
             conn.execute(statement.on_conflict_do_nothing())
 
@@ -367,6 +371,12 @@ class PostgresTier:
             epoch=row["epoch"],
             updated_at=row["updated_at"],
         )
+
+    def record_key(self, key_id: str) -> None:
+        self.run("record key", lambda conn: conn.execute(insert(encryption_keys).values(key_id=key_id).on_conflict_do_nothing()))
+
+    def key_ids(self) -> set[str]:
+        return set(self.read(lambda conn: conn.execute(select(encryption_keys.c.key_id)).scalars().all()))
 
     def ping(self) -> bool:
         return self.read(lambda conn: conn.execute(text("SELECT 1")).scalar() == 1)

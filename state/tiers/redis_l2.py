@@ -31,7 +31,7 @@ from redis.exceptions import ClusterDownError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from state.codec import DEFAULT_CODEC, Codec, checksum
+from state.codec import DEFAULT_CODEC, Codec
 from state.errors import (
     CommunicationFailure,
     ContextCorruption,
@@ -128,7 +128,7 @@ class RedisTier:
             return None
         if version is None or stored_sum is None or payload is None:
             raise ContextCorruption(key, "entry is missing its version, checksum or payload")
-        if checksum(payload) != stored_sum.decode():
+        if not self.codec.verify(payload, stored_sum.decode()):
             raise ContextCorruption(key, "checksum does not match payload")
         if _count(count, 0) != len(applied):
             raise ContextCorruption(key, f"holds {_count(count, 0)} applied steps, its set {len(applied)}")
@@ -155,7 +155,7 @@ class RedisTier:
         payload = self.codec.dump_state(ctx)
         keys = self._context_keys(ctx.context_id)
         args: list[Any] = [
-            expected_version, ctx.version, payload, checksum(payload), now, debounce_s, max_delay_s,
+            expected_version, ctx.version, payload, self.codec.checksum(payload), now, debounce_s, max_delay_s,
             ctx.context_id, self._commit_channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
             "1" if require_live else "0", step_id or "", "", RECORD_TTL_S,
             # A broadcast is pub/sub, in clear: a context with sensitive values never rides in it.
@@ -183,7 +183,7 @@ class RedisTier:
         return result
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
-        if checksum(payload) != payload_checksum:
+        if not self.codec.verify(payload, payload_checksum):
             raise ContextCorruption(key, "checksum does not match payload")
         return self.codec.load_state(payload, applied, key=key)
 
@@ -195,7 +195,7 @@ class RedisTier:
             self._script(
                 "fill",
                 [key, applied_key],
-                [ctx.version, payload, checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps],
+                [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps],
             )
         )
 
@@ -254,7 +254,7 @@ class RedisTier:
         version, stored_sum, payload = self._call(lambda: self.client.hmget(redis_key, "v", "c", "d"))
         if payload is None:
             return None
-        if version is None or stored_sum is None or checksum(payload) != stored_sum.decode():
+        if version is None or stored_sum is None or not self.codec.verify(payload, stored_sum.decode()):
             self._call(lambda: self.client.delete(redis_key))
             raise ContextCorruption(redis_key, "checksum does not match payload")
         return ConfigEntry(key=key, version=int(version), data=self.codec.load_document(payload, key=redis_key))
@@ -263,7 +263,7 @@ class RedisTier:
         payload = self.codec.dump_document(entry.data)
         redis_key = self.keys.config(entry.key)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(redis_key, mapping={"v": entry.version, "c": checksum(payload), "d": payload})
+            pipe.hset(redis_key, mapping={"v": entry.version, "c": self.codec.checksum(payload), "d": payload})
             pipe.expire(redis_key, self.config_ttl_s)
             self._call(pipe.execute)
 

@@ -285,6 +285,12 @@ class RunContext(BaseModel):
         self.sensitivity_map[name] = level
         self.written_at[name] = time.time() if written_at is None else written_at
 
+    def raise_sensitivity(self, name: str, level: DataSensitivity) -> None:
+        """Make a variable at least as sensitive as ``level`` (sensitivity only rises)."""
+        if name in self.variables or name in self.intermediate:
+            if self.sensitivity_of(name).rank < level.rank:
+                self.sensitivity_map[name] = level
+
     def set_many(self, values: Mapping[str, Any], *, written_at: Mapping[str, float] | None = None) -> None:
         """Set several variables as one change: all limits are checked before any is applied."""
         sizes = {("variables", check_name(name)): json_size(name, value) for name, value in values.items()}

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # Confidential and secret values at rest: "id:base64-key,..." newest first; unset: a key file
     # runctx makes in data_dir (fine on one machine; give every machine the same keys otherwise).
     encryption_keys: SecretStr | None = Field(default=None, description="keys sealing sensitive values, newest first")
+    # The modules whose functions routines may name as actions (comma-separated prefixes); besides
+    # them only the built-ins. A worker imports what a routine names: this is what it may import.
+    action_modules: str = Field(default="", description="module prefixes user actions may come from")
 
     # L1 (per process) and L2 (Redis): StateCacheConfig declares the defaults.
     l1_contexts: int = _like(StateCacheConfig, "l1_contexts", ge=1)
@@ -75,6 +78,9 @@ class Settings(BaseSettings):
         if self.encryption_keys is not None:
             return Keyring.parse(self.encryption_keys.get_secret_value())
         return Keyring.from_file(self.data_dir.expanduser() / KEY_FILE)
+
+    def allowed_action_modules(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.action_modules.split(",") if part.strip())
 
     def cache_config(self) -> StateCacheConfig:
         return StateCacheConfig(**{name: getattr(self, name) for name in StateCacheConfig.model_fields})

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from state.errors import StepFailed
+from state.settings import get_settings
 from tasks.changes import Change, ContextView
 
 Action = Callable[[ContextView, dict[str, Any]], "list[Change] | Mapping[str, Any] | None"]
@@ -104,10 +105,27 @@ def check_action(action: str, args: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown action {action!r}: use a built-in ({', '.join(sorted(BUILTINS))}) or package.module:function"
         )
+    else:
+        refusal = _not_allowed(action)
+        if refusal:
+            raise ValueError(refusal)
+
+
+def _not_allowed(reference: str) -> str | None:
+    """Why a user action may not be used (its module is not in RUNCTX_ACTION_MODULES), or None."""
+    module = reference.partition(":")[0]
+    allowed = get_settings().allowed_action_modules()
+    if any(module == prefix or module.startswith(prefix + ".") for prefix in allowed):
+        return None
+    listed = ", ".join(allowed) if allowed else "none: only built-ins"
+    return f"action {reference!r}: module {module!r} is not in RUNCTX_ACTION_MODULES (allowed: {listed})"
 
 
 @lru_cache(maxsize=256)
 def _import(reference: str) -> Action:
+    refusal = _not_allowed(reference)  # also here: a routine stored by plain SQL was never loaded
+    if refusal:
+        raise StepFailed(refusal)
     module_name, _, attribute = reference.partition(":")
     try:
         target = getattr(importlib.import_module(module_name), attribute)

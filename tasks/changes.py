@@ -43,10 +43,20 @@ class Change(BaseModel):
 
 
 class ContextView:
-    """What a step's action may read: copies of the values, so an action cannot edit the context."""
+    """What a step's action may read: copies of the values, so an action cannot edit the context.
 
-    def __init__(self, ctx: RunContext) -> None:
+    Need-to-know: a secret variable the step did not declare in ``reads`` is absent (``get`` gives
+    the default). The view remembers the most sensitive value it handed out (``highest_read``):
+    what the step writes takes on that sensitivity, and its error text is hidden.
+    """
+
+    def __init__(self, ctx: RunContext, reads: frozenset[str] | set[str] = frozenset()) -> None:
         self._ctx = ctx
+        self._reads = reads
+        self.highest_read = DataSensitivity.PUBLIC
+
+    def _visible(self, name: str) -> bool:
+        return self._ctx.sensitivity_of(name) is not DataSensitivity.SECRET or name in self._reads
 
     @property
     def run_id(self) -> str:
@@ -57,16 +67,19 @@ class ContextView:
         return self._ctx.version
 
     def get(self, name: str, default: Any = None) -> Any:
+        if name not in self:
+            return default
+        self.highest_read = DataSensitivity.highest(self.highest_read, self._ctx.sensitivity_of(name))
         return copy.deepcopy(self._ctx.get(name, default))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._ctx.variables or name in self._ctx.intermediate
+        return (name in self._ctx.variables or name in self._ctx.intermediate) and self._visible(name)
 
     def sensitivity_of(self, name: str) -> DataSensitivity:
         return self._ctx.sensitivity_of(name)
 
     def names(self) -> list[str]:
-        return sorted(self._ctx.variables)
+        return sorted(name for name in self._ctx.variables if self._visible(name))
 
 
 def apply_changes(
@@ -77,33 +90,53 @@ def apply_changes(
     default: ConflictResolutionStrategy = ConflictResolutionStrategy.LAST_WRITER_WINS,
     per_variable: Mapping[str, ConflictResolutionStrategy] | None = None,
     now: float,
+    raise_to: DataSensitivity = DataSensitivity.PUBLIC,
+    declassify: frozenset[str] | set[str] = frozenset(),
 ) -> None:
-    """Apply ``changes`` (computed from ``base``) to ``working``, the newest committed version plus edits."""
+    """Apply ``changes`` (computed from ``base``) to ``working``, the newest committed version plus edits.
+
+    Each variable written becomes at least as sensitive as ``raise_to`` (what the step read),
+    unless it is in ``declassify``.
+    """
     for change in changes:
-        name = change.name
-        if change.op == "delete":
-            working.delete_variable(name)
-        elif change.op == "increment":
-            current = working.get(name, 0)
-            if not isinstance(current, (int, float)) or isinstance(current, bool):
-                raise InvalidValue(f"increment {name!r}: current value is not a number")
-            working.set_variable(name, current + change.value, written_at=now)
-        elif change.op == "append":
-            current = working.get(name, [])
-            if not isinstance(current, list):
-                raise InvalidValue(f"append {name!r}: current value is not a list")
-            working.set_variable(name, [*current, change.value], written_at=now)
-        else:
-            value = change.value
-            if name in working.variables and working.variables.get(name) != base.variables.get(name):
-                # Someone committed another value since this step read it.
-                value = resolve_variable_conflicts(
-                    current={name: working.variables[name]},
-                    incoming={name: value},
-                    base={name: base.variables.get(name)},
-                    default=default,
-                    per_variable=per_variable,
-                    current_written_at=working.written_at,
-                    incoming_written_at={name: now},
-                ).values[name]
-            working.set_variable(name, value, sensitivity=change.sensitivity, written_at=now)
+        _apply_one(working, change, base=base, default=default, per_variable=per_variable, now=now)
+        if change.op != "delete" and change.name not in declassify:
+            working.raise_sensitivity(change.name, raise_to)
+
+
+def _apply_one(
+    working: RunContext,
+    change: Change,
+    *,
+    base: RunContext,
+    default: ConflictResolutionStrategy,
+    per_variable: Mapping[str, ConflictResolutionStrategy] | None,
+    now: float,
+) -> None:
+    name = change.name
+    if change.op == "delete":
+        working.delete_variable(name)
+    elif change.op == "increment":
+        current = working.get(name, 0)
+        if not isinstance(current, (int, float)) or isinstance(current, bool):
+            raise InvalidValue(f"increment {name!r}: current value is not a number")
+        working.set_variable(name, current + change.value, written_at=now)
+    elif change.op == "append":
+        current = working.get(name, [])
+        if not isinstance(current, list):
+            raise InvalidValue(f"append {name!r}: current value is not a list")
+        working.set_variable(name, [*current, change.value], written_at=now)
+    else:
+        value = change.value
+        if name in working.variables and working.variables.get(name) != base.variables.get(name):
+            # Someone committed another value since this step read it.
+            value = resolve_variable_conflicts(
+                current={name: working.variables[name]},
+                incoming={name: value},
+                base={name: base.variables.get(name)},
+                default=default,
+                per_variable=per_variable,
+                current_written_at=working.written_at,
+                incoming_written_at={name: now},
+            ).values[name]
+        working.set_variable(name, value, sensitivity=change.sensitivity, written_at=now)

@@ -45,6 +45,8 @@ class Node:
     merge: MergeSpec | None = None
     concurrency: MergeSpec | None = None  # how concurrent sets in this node's context resolve
     inline: bool = False  # may run in the task of its predecessor (an inline routine's action step)
+    reads: frozenset[str] = frozenset()  # the secret variables the step may read
+    declassify: frozenset[str] = frozenset()  # written without taking on the sensitivity read
 
 
 @dataclass
@@ -98,6 +100,7 @@ def compile_plan(routine: Routine) -> Plan:
                 Node(
                     0, "action", sid, ctx, next=after, action=step.action, args=dict(step.args),
                     concurrency=owner.concurrency, inline=owner.inline and step.inline is not False,
+                    reads=frozenset(step.reads), declassify=frozenset(step.declassify),
                 )
             )
             return index, index

@@ -49,6 +49,10 @@ class ActionStep(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     # In an inline routine, `false` makes this step a task of its own (e.g. a slow or risky action).
     inline: bool | None = None
+    # Need-to-know: the secret variables this step reads (to other steps they are absent).
+    reads: list[Annotated[str, Field(pattern=NAME_PATTERN.pattern)]] = Field(default_factory=list)
+    # What this step writes is as sensitive as the most sensitive value it read, except these.
+    declassify: list[Annotated[str, Field(pattern=NAME_PATTERN.pattern)]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_action(self) -> "ActionStep":

@@ -24,6 +24,9 @@ from tasks.plan import Node
 log = logging.getLogger(__name__)
 
 
+HIDDEN = "<hidden: the step read secret values>"
+
+
 def redact(text: str, ctx: RunContext) -> str:
     """Hide the values of confidential and secret variables wherever they appear in a text."""
     for name, value in {**ctx.intermediate, **ctx.variables}.items():
@@ -61,23 +64,33 @@ class StepExecutor:
         if base.has_applied(node.step_id):
             return StepCommit(base, applied=False)
         assert node.action is not None and node.concurrency is not None
-        changes = self._changes_of(node, base)
+        view = ContextView(base, node.reads)
+        changes = self._changes_of(node, view, base)
         concurrency = node.concurrency
+        read = view.highest_read
+        declassified = sorted(node.declassify & {change.name for change in changes})
+        if declassified and read.masked:  # names only: the values stay where they are
+            log.warning("run %s: step %s declassifies %s", message.run_id, node.step_id, ", ".join(declassified))
 
         def mutate(working: RunContext) -> None:
             apply_changes(
-                working, changes, base=base, default=concurrency.default, per_variable=concurrency.variables, now=time.time()
+                working, changes, base=base, default=concurrency.default, per_variable=concurrency.variables,
+                now=time.time(), raise_to=read, declassify=node.declassify,
             )
 
         return self.store.commit_step(ctx_id, base, node.step_id, mutate, report)
 
-    def _changes_of(self, node: Node, base: RunContext) -> list[Any]:
+    def _changes_of(self, node: Node, view: ContextView, base: RunContext) -> list[Any]:
         assert node.action is not None
         try:
-            return run_action(node.action, ContextView(base), node.args)
-        except RoutineError:
-            raise
-        except Exception as exc:  # a user action's own error fails the run; its text may quote values
+            return run_action(node.action, view, node.args)
+        except Exception as exc:
+            # A step that read confidential or secret values may have put them in its error: its
+            # text is never shown or stored, only its type and the step.
+            if view.highest_read.masked:
+                raise StepFailed(f"action {node.action!r} raised {type(exc).__name__}: {HIDDEN}") from None
+            if isinstance(exc, RoutineError):
+                raise
             raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
 
     def _merge_child(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:

@@ -46,6 +46,7 @@ class Cluster:
                 "RUNCTX_DATABASE_URL": self.database_url,
                 "RUNCTX_BROKER_URL": self.broker_url,
                 "RUNCTX_KEY_PREFIX": self.prefix,
+                "RUNCTX_ACTION_MODULES": os.environ.get("RUNCTX_ACTION_MODULES", "tests"),
                 "RUNCTX_DATA_DIR": str(self.work_dir / "data"),
                 "PYTHONUNBUFFERED": "1",
             }

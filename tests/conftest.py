@@ -17,10 +17,13 @@ import psycopg
 import pytest
 import redis
 
-from state.change_events import libpq_url
-from state.migrate import upgrade
-from state.models import StateCacheConfig
-from state.store import TieredStore
+# The test suite's own user actions (tests.test_engine:..., tests.fault_actions:...) are allowed.
+os.environ.setdefault("RUNCTX_ACTION_MODULES", "tests")
+
+from state.change_events import libpq_url  # noqa: E402
+from state.migrate import upgrade  # noqa: E402
+from state.models import StateCacheConfig  # noqa: E402
+from state.store import TieredStore  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -480,20 +480,32 @@ def test_two_failing_branches_finalize_the_run_once_with_the_first_error(h: Harn
     assert not any(d.kind == "step" and d.message.step_id in ("ok2", "after") for d in h.dispatcher.sent)
 
 
-def test_a_user_action_error_is_redacted_of_secret_values(h: Harness) -> None:
+def test_the_error_of_a_step_that_read_a_secret_is_hidden(h: Harness) -> None:
     routine = {
         "name": "leaky",
         "variables": {"token": {"value": SECRET, "sensitivity": "secret"}, "user": "alice"},
-        "steps": [{"id": "call", "action": f"{ME}:leak_secret"}, inc("later")],
+        "steps": [{"id": "call", "action": f"{ME}:leak_secret", "reads": ["token"]}, inc("later")],
     }
     run_id, row = h.run(routine)
 
     assert row.status == "failed"
-    assert SECRET not in row.error and "***" in row.error, row.error
-    assert "RuntimeError" in row.error and "upstream refused token" in row.error
+    assert row.error == (
+        f"step 'call': action '{ME}:leak_secret' raised RuntimeError: <hidden: the step read secret values>"
+    )
     assert "later" not in steps_of(row)
     assert SECRET not in repr([d.message for d in h.dispatcher.sent])  # never in a task message
     assert h.final(run_id).variables["token"] == SECRET  # the value itself is kept
+
+
+def test_a_secret_the_step_did_not_declare_is_absent_to_it(h: Harness) -> None:
+    routine = {
+        "name": "nosy",
+        "variables": {"token": {"value": SECRET, "sensitivity": "secret"}},
+        "steps": [{"id": "call", "action": f"{ME}:leak_secret"}],
+    }
+    run_id, row = h.run(routine)
+    # It read nothing sensitive, so its error shows; what it got for the secret was the default.
+    assert row.status == "failed" and row.error.endswith("RuntimeError: upstream refused token None"), row.error
 
 
 def test_an_unimportable_user_action_fails_the_run_naming_it(h: Harness) -> None:

@@ -13,13 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from runctx.embedded import resolve
-from state.errors import CommunicationFailure, InvalidRoutine, NotFound, RunTimeout
+from state.errors import (
+    CommunicationFailure,
+    InvalidRoutine,
+    InvalidValue,
+    NotFound,
+    RunTimeout,
+)
 from state.migrate import upgrade
 from state.models import RunContext
 from state.settings import get_settings
 from state.tiers.contracts import FINAL_STATUSES
-from tasks.routine import Routine, load_routine, parse_routine
+from tasks.routine import Routine, check_definition, load_routine, parse_routine
 
 __all__ = ["Client", "RunResult", "RunTimeout"]
 
@@ -42,6 +50,26 @@ class RunResult:
             "steps": self.steps,
             "l3_writes": self.l3_writes,
         }
+
+
+MAX_VAR_FILE_BYTES = 1 << 20
+
+
+def load_var_file(path: Path | str) -> dict[str, Any]:
+    """Variables from a YAML or JSON file holding one mapping of names to values."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_VAR_FILE_BYTES:
+            raise InvalidValue(f"{path}: a variables file is at most {MAX_VAR_FILE_BYTES} bytes")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidValue(f"{path}: cannot read the variables file ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InvalidValue(f"{path}: not YAML or JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(name, str) for name in data):
+        raise InvalidValue(f"{path}: expected a mapping of variable names to values")
+    check_definition(data, str(path))
+    return data
 
 
 class Client:
@@ -85,8 +113,17 @@ class Client:
         except NotFound:
             return None
 
-    def submit(self, routine: Routine | Path | str, *, variables: dict[str, Any] | None = None, run_id: str | None = None) -> str:
-        return self.engine.submit(self.load(routine), variables=variables, run_id=run_id)
+    def submit(
+        self,
+        routine: Routine | Path | str,
+        *,
+        variables: dict[str, Any] | None = None,
+        var_file: Path | str | None = None,
+        run_id: str | None = None,
+    ) -> str:
+        """Start a run; ``var_file`` (YAML or JSON mapping) gives variables too, ``variables`` over it."""
+        given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
+        return self.engine.submit(self.load(routine), variables=given, run_id=run_id)
 
     def status(self, run_id: str) -> RunResult:
         row = self.engine.run_status(run_id)
@@ -143,5 +180,12 @@ class Client:
                 raise NotFound(f"context {run_id!r} is in no tier") from None
             return ctx
 
-    def run(self, routine: Routine | Path | str, *, variables: dict[str, Any] | None = None, timeout: float | None = None) -> RunResult:
-        return self.wait(self.submit(routine, variables=variables), timeout)
+    def run(
+        self,
+        routine: Routine | Path | str,
+        *,
+        variables: dict[str, Any] | None = None,
+        var_file: Path | str | None = None,
+        timeout: float | None = None,
+    ) -> RunResult:
+        return self.wait(self.submit(routine, variables=variables, var_file=var_file), timeout)

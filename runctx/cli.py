@@ -113,6 +113,33 @@ def _parse_vars(pairs: list[str]) -> dict[str, Any]:
     return variables
 
 
+def _variables(pairs: list[str], var_file: Path | None) -> dict[str, Any]:
+    """--var-file's mapping, then --var pairs over it."""
+    from runctx.api import load_var_file
+
+    variables: dict[str, Any] = {}
+    if var_file is not None:
+        try:
+            variables.update(load_var_file(var_file))
+        except RunctxError as exc:
+            _fail(str(exc))
+    variables.update(_parse_vars(pairs))
+    return variables
+
+
+def _warn_sensitive_on_command_line(routine: Any, pairs: list[str]) -> None:
+    """A sensitive value given with --var is visible to anyone who can list processes."""
+    specs = routine.initial_variables()
+    for name in dict.fromkeys(pair.partition("=")[0] for pair in pairs):
+        spec = specs.get(name)
+        if spec is not None and spec.sensitivity.masked:
+            typer.echo(
+                f"runctx: warning: --var {name}: a {spec.sensitivity.value} value on the command line is visible in "
+                "the process list; use --var-file",
+                err=True,
+            )
+
+
 def _print_result(result: "RunResult", as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.as_json()))
@@ -135,6 +162,9 @@ def _print_result(result: "RunResult", as_json: bool) -> None:
 def run(
     file: Path = typer.Argument(..., help="A routine file (YAML or JSON)."),
     var: list[str] = typer.Option([], "--var", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
+    var_file: Path | None = typer.Option(
+        None, "--var-file", help="Variables from a YAML or JSON mapping (the way to give secrets)."
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Start N local worker processes for this run."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting after this many seconds."),
@@ -144,12 +174,13 @@ def run(
     from runctx.local_workers import LocalWorkers
 
     settings = get_settings()
-    variables = _parse_vars(var)
+    variables = _variables(var, var_file)
     with embedded_released():
         try:
             servers = resolve(settings)
             client = Client()
             routine = client.load(file)
+            _warn_sensitive_on_command_line(routine, var)
             with LocalWorkers(workers, servers, settings) if workers else contextlib.nullcontext():
                 run_id = client.submit(routine, variables=variables)
                 if not workers and not client.workers_alive():
@@ -164,14 +195,20 @@ def run(
 def submit(
     file: Path = typer.Argument(..., help="A routine file (YAML or JSON)."),
     var: list[str] = typer.Option([], "--var", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
+    var_file: Path | None = typer.Option(
+        None, "--var-file", help="Variables from a YAML or JSON mapping (the way to give secrets)."
+    ),
 ) -> None:
     """Submit a routine to the running workers and print its run id without waiting."""
     from runctx.api import Client
 
-    variables = _parse_vars(var)
+    variables = _variables(var, var_file)
     with embedded_released():
         try:
-            run_id = Client().submit(Path(file), variables=variables)
+            client = Client()
+            routine = client.load(Path(file))
+            _warn_sensitive_on_command_line(routine, var)
+            run_id = client.submit(routine, variables=variables)
         except RunctxError as exc:
             _fail(str(exc))
     typer.echo(run_id)

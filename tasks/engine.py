@@ -119,8 +119,14 @@ class RunEngine:
         for name in variables or {}:
             check_name(name)
         specs = routine.initial_variables()
-        values = {name: spec.value for name, spec in specs.items()}
-        unknown = set(variables or {}) - set(values)
+        values = {name: spec.value for name, spec in specs.items() if not spec.required}
+        for name, spec in specs.items():
+            if spec.required and name not in (variables or {}):
+                raise InvalidValue(
+                    f"variables.{name}: declared {spec.sensitivity.value} without a value: give it at submit "
+                    "(runctx run --var-file FILE, or variables= in the API)"
+                )
+        unknown = set(variables or {}) - set(specs)
         values.update(variables or {})
         root = RunContext.from_init(
             RunContextInit(
@@ -339,8 +345,11 @@ class RunEngine:
         )
         child.epoch = parent.epoch
         for name, spec in node.initial.items():
-            if name not in child.variables:
-                child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
+            if name in child.variables:
+                continue
+            if spec.required:  # declared without a value: only inheriting it can give it one
+                raise InvalidValue(f"sub-routine {node.step_id!r}: variables.{name} has no value: inherit it")
+            child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
         child.exports = [ExportDeclaration(**spec.model_dump()) for spec in node.exports]  # merged up with the child
         try:
             created = self.store.create_context(child)

@@ -16,6 +16,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -34,6 +35,17 @@ class _Strict(BaseModel):
 class VariableSpec(_Strict):
     value: Any = None
     sensitivity: DataSensitivity = DataSensitivity.PUBLIC
+    # Declared without a value (``{sensitivity: secret}``): the value must be given at submit.
+    required: bool = False
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any) -> Any:
+        """Stored as written: ``{sensitivity}`` for a declaration without value, else value + sensitivity."""
+        if self.required:
+            return {"sensitivity": self.sensitivity.value}
+        data = handler(self)
+        data.pop("required", None)
+        return data
 
 
 class MergeSpec(_Strict):
@@ -128,19 +140,36 @@ class Routine(_Strict):
     @field_validator("variables", mode="before")
     @classmethod
     def _variable_specs(cls, raw: Any) -> Any:
-        """`{value: ..., sensitivity: ...}` declares sensitivity; anything else is a plain value."""
+        """`{value: ..., sensitivity: ...}` declares sensitivity (`{sensitivity: ...}` alone: the value
+        is given at submit); anything else is a plain value. A mapping with a ``value`` or
+        ``sensitivity`` key is a declaration: one with other keys (``sensitivty``) is a typo, refused
+        rather than taken as a public value (a plain mapping value with such keys: ``{value: {...}}``). A
+        confidential or secret value written in the routine is refused: it would be stored with the
+        routine definition, in plain text."""
         if not isinstance(raw, dict):
             return raw
         specs = {}
         for name, value in raw.items():
             if not NAME_PATTERN.match(str(name)):
                 raise ValueError(f"variable name {name!r} is not valid (letters, digits, '_', '.', '-')")
-            is_spec = isinstance(value, dict) and "value" in value and set(value) <= {"value", "sensitivity"}
+            declared = isinstance(value, dict) and ("sensitivity" in value or "value" in value)
+            if declared and not set(value) <= {"value", "sensitivity"}:
+                extra = ", ".join(sorted(str(key) for key in set(value) - {"value", "sensitivity"}))
+                raise ValueError(f"{name}: a declaration takes only value and sensitivity (not {extra})")
             try:
-                specs[name] = VariableSpec.model_validate(value) if is_spec else VariableSpec(value=value)
+                spec = (
+                    VariableSpec.model_validate({**value, "required": "value" not in value}) if declared else VariableSpec(value=value)
+                )
             except ValidationError as exc:
                 problem = exc.errors()[0]
                 raise ValueError(f"{name}.{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
+            if spec.sensitivity.masked and not spec.required:
+                raise ValueError(
+                    f"{name}: a {spec.sensitivity.value} value written in the routine would be stored with it in "
+                    f"plain text; declare {{sensitivity: {spec.sensitivity.value}}} without a value and give it at "
+                    "submit (runctx run --var-file)"
+                )
+            specs[name] = spec
         return specs
 
     @model_validator(mode="after")

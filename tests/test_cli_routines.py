@@ -125,6 +125,24 @@ CASES: dict[str, tuple[dict[str, str], str, str, list[str]]] = {
         "routine.yaml",
         ["'child'", "nowhere.yaml", "does not exist"],
     ),
+    "secret-value-written-in-the-file": (
+        {"routine.yaml": "name: r\nvariables: {token: {value: tok-1234, sensitivity: secret}}\nsteps: [{id: a, action: set, args: {name: v}}]\n"},
+        "routine.yaml",
+        "routine.yaml",
+        ["variables", "token", "stored with it in plain text", "--var-file"],
+    ),
+    "misspelt-declaration": (
+        {"routine.yaml": "name: r\nvariables: {token: {value: x, sensitivty: secret}}\nsteps: [{id: a, action: set, args: {name: v}}]\n"},
+        "routine.yaml",
+        "routine.yaml",
+        ["token", "only value and sensitivity", "sensitivty"],
+    ),
+    "action-module-not-allowed": (
+        {"routine.yaml": "name: r\nsteps: [{id: a, action: 'os:system'}]\n"},
+        "routine.yaml",
+        "routine.yaml",
+        ["steps[0]", "'os'", "RUNCTX_ACTION_MODULES"],
+    ),
     "invalid-subroutine-file": (
         {
             "routine.yaml": "name: r\nsteps:\n  - {id: child, routine: sub/kid.yaml}\n",
@@ -180,4 +198,34 @@ def test_bad_var_form_is_refused(make_cluster, tmp_path: Path, form: str) -> Non
     assert message.count("\n") == 0, f"expected one line, got:\n{message}"
     assert message.startswith("runctx: --var"), message
     assert repr(form) in message and "NAME=VALUE" in message, message
+    assert _runs_in_l3(cluster.database_url) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "var_file, fragments",
+    [
+        (None, ["variables.token", "secret without a value", "--var-file"]),  # declared, never given
+        ("missing.yaml", ["missing.yaml", "cannot read"]),
+        ("list.yaml", ["list.yaml", "expected a mapping"]),
+        ("broken.yaml", ["broken.yaml", "not YAML or JSON"]),
+    ],
+)
+def test_a_secret_declared_without_value_must_come_with_a_good_var_file(
+    make_cluster, tmp_path: Path, var_file: str | None, fragments: list[str]
+) -> None:
+    routine = tmp_path / "needs.yaml"
+    routine.write_text("name: needs\nvariables: {token: {sensitivity: secret}}\nsteps:\n  - {id: s, action: set, args: {name: a, value: 1}}\n")
+    (tmp_path / "list.yaml").write_text("- token\n")
+    (tmp_path / "broken.yaml").write_text("token: [unclosed\n")
+    cluster = make_cluster("redis")
+    args = ["--var-file", str(tmp_path / var_file)] if var_file else []
+
+    done = cluster.runctx("run", str(routine), *args, "--json", "--timeout", "5", timeout_s=60)
+
+    assert done.returncode != 0, done
+    message = done.stderr.strip()
+    assert "Traceback" not in done.stderr and message.count("\n") == 0 and message.startswith("runctx: "), message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
     assert _runs_in_l3(cluster.database_url) == 0

@@ -10,6 +10,8 @@ from state.conflicts import MergeResult, deep_merge, resolve_variable_conflicts
 from state.errors import InvalidValue, LimitExceeded, MergeConflict
 from state.models import (
     ConflictResolutionStrategy as S,
+)
+from state.models import (
     DataSensitivity,
     ExportDeclaration,
     ExportDestination,

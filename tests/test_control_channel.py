@@ -8,9 +8,9 @@ import time
 import psycopg
 
 from state.change_events import ChangeListener, libpq_url
-from state.tiers.contracts import ConfigEntry
 from state.models import RunContextInit
 from state.store import TieredStore
+from state.tiers.contracts import ConfigEntry
 from workers.control import ControlChannel, probe
 
 

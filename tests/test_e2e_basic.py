@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_example_routine_runs_end_to_end_over_two_nodes(make_cluster, broker: str) -> None:
     cluster = make_cluster(broker)
     cluster.start_nodes("n1", "n2", concurrency=1)
-    result = cluster.run(EXAMPLES / "onboarding.yaml")
+    result = cluster.run(EXAMPLES / "onboarding.yaml", "--var-file", str(EXAMPLES / "onboarding.vars.yaml"))
     assert result["status"] == "succeeded", result
     assert result["variables"] == {
         "greeting": "hello, new member",

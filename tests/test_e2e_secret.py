@@ -129,33 +129,39 @@ BROKER_WRITES = (b"LPUSH", b"RPUSH", b"PUBLISH", b"SPUBLISH", b"XADD")
 
 @pytest.mark.slow
 def test_secret_reaches_l3_but_no_broker_message_log_line_or_output(make_cluster, tmp_path: Path) -> None:
-    # Two secrets: one declared in the routine file, one given with --var (so it is in no definition).
-    inline_secret = f"inline-secret-{uuid.uuid4().hex}"
+    # Two secrets, both declared without a value in the routine: one given with --var-file, one
+    # with --var (which warns that the process list shows it).
+    inline_secret = f"file-secret-{uuid.uuid4().hex}"
     var_secret = f"var-secret-{uuid.uuid4().hex}"
     routine = tmp_path / "secret.yaml"
     routine.write_text(
-        f"""
+        """
 name: secret-e2e
 variables:
-  api_token: {{value: "{inline_secret}", sensitivity: secret}}
-  password: {{value: "placeholder", sensitivity: secret}}
+  api_token: {sensitivity: secret}
+  password: {sensitivity: secret}
   user: alice
 steps:
-  - {{id: use-token, action: copy, args: {{from: api_token, to: token_copy}}}}
-  - {{id: use-password, action: copy, args: {{from: password, to: password_copy}}}}
+  - {id: use-token, action: copy, args: {from: api_token, to: token_copy}, reads: [api_token]}
+  - {id: use-password, action: copy, args: {from: password, to: password_copy}, reads: [password]}
   - id: fan-out
     parallel:
-      - [{{id: a1, action: append, args: {{name: log, value: a}}}}]
-      - [{{id: b1, action: append, args: {{name: log, value: b}}}}]
-  - {{id: greet, action: set, args: {{name: message, value: "hello alice"}}}}
+      - [{id: a1, action: append, args: {name: log, value: a}}]
+      - [{id: b1, action: append, args: {name: log, value: b}}]
+  - {id: greet, action: set, args: {name: message, value: "hello alice"}}
 """
     )
+    var_file = tmp_path / "vars.yaml"
+    var_file.write_text(f"api_token: {inline_secret}\n")
     cluster = make_cluster("redis")
     cluster.start_nodes("n1", "n2", concurrency=2, loglevel="DEBUG")
 
     monitor = RedisMonitor(cluster.redis_url)
     try:
-        done = cluster.runctx("run", str(routine), "--json", "--timeout", "60", "--var", f"password={var_secret}", timeout_s=90)
+        done = cluster.runctx(
+            "run", str(routine), "--json", "--timeout", "60", "--var-file", str(var_file), "--var", f"password={var_secret}",
+            timeout_s=90,
+        )
     finally:
         commands = monitor.stop()
     time.sleep(1.0)  # write-behind and finalize log lines
@@ -204,12 +210,12 @@ steps:
             if any(needle in form for arg in command[2:] for form in _decoded_forms(arg)):
                 problems.append(f"broker message holds {secret}: {repr(command)[:300]}")
 
-    # The secret given with --var is in no Redis command at all, in any form.
-    # (The inline one is also in the routine definition cached under {prefix}:cfg:routine:..., the
-    # file's own text stored as the routine: that is where the user wrote it.)
-    for command in commands:
-        if any(var_secret.encode() in form for arg in command[1:] for form in _decoded_forms(arg)):
-            problems.append(f"a Redis command holds {var_secret}: {repr(command)[:300]}")
+    # Neither secret is in any Redis command at all, in any form (the routine holds no value).
+    for secret in (inline_secret, var_secret):
+        for command in commands:
+            if any(secret.encode() in form for arg in command[1:] for form in _decoded_forms(arg)):
+                problems.append(f"a Redis command holds {secret}: {repr(command)[:300]}")
+    assert "--var password: a secret value on the command line is visible in the process list" in done.stderr
 
     # Not in any worker log line (at DEBUG), nor in what `runctx run` printed.
     logs = cluster.logs()

@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.merge_cases import CASES, CHILD_FINAL, COMMON, NEW_FROM_CHILD, PARENT_UNMERGED, merge_routine
+from tests.merge_cases import (
+    CASES,
+    CHILD_FINAL,
+    COMMON,
+    NEW_FROM_CHILD,
+    PARENT_UNMERGED,
+    merge_routine,
+)
 
 
 def _routine(merge: dict[str, Any]) -> dict[str, Any]:

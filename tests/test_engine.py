@@ -33,7 +33,14 @@ from tasks.changes import Change
 from tasks.engine import RunEngine
 from tasks.in_process import Delivery, InProcessDispatcher
 from tasks.routine import parse_routine
-from tests.merge_cases import CASES, CHILD_FINAL, COMMON, NEW_FROM_CHILD, PARENT_UNMERGED, merge_routine
+from tests.merge_cases import (
+    CASES,
+    CHILD_FINAL,
+    COMMON,
+    NEW_FROM_CHILD,
+    PARENT_UNMERGED,
+    merge_routine,
+)
 
 ME = "tests.test_engine"
 SECRET = "s3cr3t-token-value"
@@ -483,10 +490,10 @@ def test_two_failing_branches_finalize_the_run_once_with_the_first_error(h: Harn
 def test_the_error_of_a_step_that_read_a_secret_is_hidden(h: Harness) -> None:
     routine = {
         "name": "leaky",
-        "variables": {"token": {"value": SECRET, "sensitivity": "secret"}, "user": "alice"},
+        "variables": {"token": {"sensitivity": "secret"}, "user": "alice"},
         "steps": [{"id": "call", "action": f"{ME}:leak_secret", "reads": ["token"]}, inc("later")],
     }
-    run_id, row = h.run(routine)
+    run_id, row = h.run(routine, {"token": SECRET})
 
     assert row.status == "failed"
     assert row.error == (
@@ -500,10 +507,10 @@ def test_the_error_of_a_step_that_read_a_secret_is_hidden(h: Harness) -> None:
 def test_a_secret_the_step_did_not_declare_is_absent_to_it(h: Harness) -> None:
     routine = {
         "name": "nosy",
-        "variables": {"token": {"value": SECRET, "sensitivity": "secret"}},
+        "variables": {"token": {"sensitivity": "secret"}},
         "steps": [{"id": "call", "action": f"{ME}:leak_secret"}],
     }
-    run_id, row = h.run(routine)
+    run_id, row = h.run(routine, {"token": SECRET})
     # It read nothing sensitive, so its error shows; what it got for the secret was the default.
     assert row.status == "failed" and row.error.endswith("RuntimeError: upstream refused token None"), row.error
 
@@ -698,7 +705,7 @@ def test_a_flush_in_the_middle_of_a_run_writes_l2_to_l3_and_is_counted(h: Harnes
 
 EXPORTING = {
     "name": "exporter",
-    "variables": {"counter": 0, "token": {"value": SECRET, "sensitivity": "secret"}},
+    "variables": {"counter": 0, "token": {"sensitivity": "secret"}},
     "steps": [inc("s1", by=7)],
     "exports": [
         {"variable": "counter", "destination": "blackboard", "scope": "team:ops"},
@@ -709,7 +716,7 @@ EXPORTING = {
 
 
 def test_exports_reach_the_blackboard_and_persistent_exports_with_their_sensitivity(h: Harness) -> None:
-    run_id, row = h.run(EXPORTING)
+    run_id, row = h.run(EXPORTING, {"token": SECRET})
 
     assert row.status == "succeeded"
     board = h.store.l3.blackboard[("team:ops", "counter")]
@@ -718,15 +725,15 @@ def test_exports_reach_the_blackboard_and_persistent_exports_with_their_sensitiv
 
 
 def test_a_second_run_replaces_the_blackboard_entry(h: Harness) -> None:
-    h.run(EXPORTING)
-    second, _ = h.run(EXPORTING)
+    h.run(EXPORTING, {"token": SECRET})
+    second, _ = h.run(EXPORTING, {"token": SECRET})
     board = h.store.l3.blackboard[("team:ops", "counter")]
     assert board["version"] == 2 and board["run_id"] == second
 
 
 def test_a_failed_run_exports_nothing(h: Harness) -> None:
     routine = {**EXPORTING, "steps": [inc("s1"), {"id": "f", "action": "fail"}]}
-    _, row = h.run(routine)
+    _, row = h.run(routine, {"token": SECRET})
     assert row.status == "failed"
     assert h.store.l3.blackboard == {} and h.store.l3.exports == {}
 

@@ -14,33 +14,13 @@ import pytest
 
 from state.errors import InvalidRoutine
 from tasks.routine import parse_routine
+from tests.inline_actions import WorkerDied
 from tests.test_engine import Harness, app, inc, steps_of
 
 
 @pytest.fixture
 def h() -> Harness:
     return Harness()
-
-DIED = "the worker died"
-
-
-class WorkerDied(BaseException):
-    """Stands for a SIGKILL: not an Exception, so nothing in the engine or the dispatcher catches it."""
-
-
-_deaths: dict[str, int] = {}
-
-
-def die_once(view, args: dict[str, Any]) -> list:
-    """Kill the 'worker' the first time this step runs (keyed by ``args['key']``); then append."""
-    from tasks.changes import Change
-
-    key = args["key"]
-    if _deaths.get(key, 0) == 0:
-        _deaths[key] = 1
-        raise WorkerDied(DIED)
-    return [Change.append("log", args["value"])]
-
 
 def inline_sequence(n: int, **extra: Any) -> dict[str, Any]:
     return {"name": "inline-seq", "inline": True, "variables": {"counter": 0}, "steps": [inc(f"s{i}") for i in range(1, n + 1)], **extra}
@@ -114,7 +94,7 @@ def test_a_worker_killed_mid_chain_reruns_only_the_step_that_was_running(h: Harn
         "inline": True,
         "inline_budget_s": 60,
         "variables": {"log": []},
-        "steps": [app("s1", 1), app("s2", 2), {"id": "s3", "action": f"{__name__}:die_once", "args": {"key": key, "value": 3}},
+        "steps": [app("s1", 1), app("s2", 2), {"id": "s3", "action": "tests.inline_actions:die_once", "args": {"key": key, "value": 3}},
                   app("s4", 4), app("s5", 5)],
     }
     run_id = h.submit(routine)
@@ -144,7 +124,7 @@ def test_a_chain_step_whose_worker_keeps_dying_fails_the_run_naming_that_step() 
         "inline": True,
         "inline_budget_s": 60,
         "variables": {"counter": 0},
-        "steps": [inc("s1"), {"id": "s2", "action": f"{__name__}:always_die"}, inc("s3")],
+        "steps": [inc("s1"), {"id": "s2", "action": "tests.inline_actions:always_die"}, inc("s3")],
     }
     run_id = h.submit(routine)
     delivery = h.dispatcher.queue.popleft()
@@ -157,10 +137,6 @@ def test_a_chain_step_whose_worker_keeps_dying_fails_the_run_naming_that_step() 
     assert row.status == "failed"
     assert row.error == "step 's2' was started 3 times without finishing"
     assert h.final(run_id).variables["counter"] == 1 and h.final(run_id).applied_steps == ["s1"]
-
-
-def always_die(view, args: dict[str, Any]) -> list:
-    raise WorkerDied(DIED)
 
 
 def _records(h: Harness, run_id: str) -> dict[str, dict[str, Any]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from state.errors import InvalidValue
+from state.keys import context_id
 from state.models import ConflictResolutionStrategy as S
 from state.models import DataSensitivity, RunContext
 from tasks.changes import Change, ContextView, apply_changes
-from tasks.steps import redact
-from state.keys import context_id
 from tasks.plan import compile_plan
 from tasks.routine import InvalidRoutine, parse_routine
+from tasks.steps import redact
 
 ROUTINE = {
     "name": "outer",

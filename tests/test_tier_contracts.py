@@ -25,7 +25,15 @@ from sqlalchemy import select
 from state.errors import ContextCorruption, RefusedByDatabase, VersionConflict
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.schema import blackboard_entries, exports
-from state.tiers.contracts import ConfigEntry, ExportRecord, L1Tier, L2Tier, L3Tier, RunRow, StepStart
+from state.tiers.contracts import (
+    ConfigEntry,
+    ExportRecord,
+    L1Tier,
+    L2Tier,
+    L3Tier,
+    RunRow,
+    StepStart,
+)
 from state.tiers.local import LocalCache
 from state.tiers.memory_l2 import MemoryL2
 from state.tiers.memory_l3 import MemoryL3

@@ -240,6 +240,49 @@ def migrate() -> None:
     typer.echo(f"schema is up to date ({'embedded' if servers.embedded else 'configured'} database)")
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys of confidential and secret values.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Print a fresh key: put it first in RUNCTX_ENCRYPTION_KEYS (keep the old ones after it)."""
+    from state.sealing import Keyring
+
+    typer.echo(Keyring.new_entry())
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    batch: int = typer.Option(100, "--batch", min=1, help="Rows sealed again per transaction."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Seal every stored value again under the newest key, while runs go on (run it again to resume).
+
+    First give every worker the new key list (newest first, old keys after it); afterwards the old
+    keys may be dropped from it.
+    """
+    from state.store import TieredStore
+
+    settings = get_settings()
+    with embedded_released():
+        try:
+            servers = resolve(settings)
+            upgrade(servers.database_url)
+            keyring = settings.keyring()
+            store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
+            try:
+                counts = store.rotate_keys(keyring, batch=batch)
+            finally:
+                store.close()
+        except RunctxError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"key": keyring.newest, "l3_resealed": counts["l3"], "l2_resealed": counts["l2"]}))
+    else:
+        typer.echo(f"sealed again under key {keyring.newest}: {counts['l3']} rows in L3, {counts['l2']} entries in L2")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -94,18 +94,24 @@ class Codec:
     # ---- exports ---------------------------------------------------------------------------------
 
     def export_value(self, run_id: str, destination: str, scope: str, key: str, variable: str, sensitivity: str, value: Any) -> Any:
-        """An export's value as stored: sealed when confidential or secret (bound to where it goes)."""
+        """An export's value as stored: sealed when confidential or secret (bound to where it goes:
+        run, destination, scope, key and, for a persistent export, the variable)."""
         if self.keyring is None or not DataSensitivity(sensitivity).masked:
             return value
-        return self.keyring.seal(value, binding(run_id, f"export:{destination}:{scope}:{key}", "exports", variable, sensitivity))
+        return self.keyring.seal(value, self._export_binding(run_id, destination, scope, key, variable, sensitivity))
 
     def open_export(self, run_id: str, destination: str, scope: str, key: str, variable: str, sensitivity: str, value: Any) -> Any:
         if not DataSensitivity(sensitivity).masked:
             return value
         if self.keyring is None or not is_sealed(value):
             raise ContextCorruption(f"export {scope}:{key}", "a sensitive export that is not sealed, or no key to open it")
-        associated = binding(run_id, f"export:{destination}:{scope}:{key}", "exports", variable, sensitivity)
+        associated = self._export_binding(run_id, destination, scope, key, variable, sensitivity)
         return self.keyring.open(value, associated, where=f"export {scope}:{key}")
+
+    @staticmethod
+    def _export_binding(run_id: str, destination: str, scope: str, key: str, variable: str, sensitivity: str) -> bytes:
+        name = key if destination == "blackboard" else variable  # a blackboard entry keeps no variable name
+        return binding(run_id, f"export:{destination}:{scope}:{key}", "exports", name, sensitivity)
 
     def dump_context(self, ctx: RunContext) -> bytes:
         return self.dump_document(self.to_document(ctx))

@@ -437,6 +437,48 @@ class TieredStore:
         self.l2.evict_context(context_id)
         self.l1.evict_context(context_id)
 
+    def rotate_keys(self, keyring: Keyring, *, batch: int = 100, progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
+        """Seal everything again under the newest key of ``keyring`` while runs go on: L3 in batches
+        (each its own transaction; an interrupted rotation is resumed by running it again), then
+        L2 (clean entries dropped, to be filled again from L3; dirty ones rewritten at their version
+        by compare-and-set). The older keys are then forgotten by L3: processes may drop them."""
+        old = ({key_id for key_id, _ in keyring.keys[1:]} | self.l3.key_ids()) - {keyring.newest}
+        self.l3.record_key(keyring.newest)
+        counts = {"l3": 0, "l2": 0}
+        while done := self.l3.reseal(old, limit=batch):
+            counts["l3"] += done
+            if progress:
+                progress("l3", counts["l3"])
+        for context_id in self.l2.context_ids():
+            counts["l2"] += self._reseal_l2(context_id)
+        for key in self.l2.config_keys():
+            self.l2.evict_config(key)
+        self.l3.forget_keys(old)
+        return counts
+
+    def _reseal_l2(self, context_id: str) -> int:
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                stored = self.l2.get_context(context_id)
+            except ContextCorruption:
+                self.l2.evict_context(context_id)
+                return 1
+            if stored is None:
+                return 0
+            if not stored.dirty:
+                self.l2.evict_context(context_id, up_to_version=stored.version)
+                return 1
+            try:
+                if self.l2.commit_context(  # the same version, sealed and authenticated anew
+                    stored.context, expected_version=stored.version, now=self.clock(),
+                    debounce_s=self.config.write_behind_debounce_s, max_delay_s=self.config.write_behind_max_delay_s,
+                    expected_epoch=stored.epoch,
+                ):
+                    return 1
+            except (VersionConflict, LineageLost):
+                continue  # a step committed meanwhile: under the newest key already; look again
+        return 0
+
     def check_keys(self, keyring: Keyring) -> None:
         """Refuse to go on if L3 holds values sealed under a key this process lacks; record the newest."""
         missing = sorted(self.l3.key_ids() - {key_id for key_id, _ in keyring.keys})

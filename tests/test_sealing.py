@@ -215,3 +215,38 @@ def test_a_process_without_a_key_in_use_refuses_to_start_and_a_rotated_keyring_i
     finally:
         for store in stores:
             store.close()
+
+
+def test_rotation_seals_everything_again_under_the_newest_key_and_forgets_the_old(servers, database_url: str, key_prefix: str) -> None:
+    from state.store import TieredStore
+
+    old, new = keyring(), keyring()
+
+    def store_with(keys: Keyring) -> TieredStore:
+        return TieredStore.connect(servers.redis_url, database_url, config=StateCacheConfig(), prefix=key_prefix, keyring=keys)
+
+    before = store_with(old)
+    before.check_keys(old)
+    flushed = before.create_context(sensitive_context(f"rot-a-{key_prefix[-6:]}"))
+    before.flush(flushed.context_id)
+    dirty = before.create_context(sensitive_context(f"rot-b-{key_prefix[-6:]}"))
+    with before.edit(dirty.context_id) as working:  # committed to L2 only: waiting for its write-behind
+        working.set_variable("pending", "in L2", sensitivity="confidential")
+    before.close()
+
+    rotating = store_with(Keyring(new.keys + old.keys))
+    counts = rotating.rotate_keys(Keyring(new.keys + old.keys), batch=1)
+    assert counts["l3"] >= 2 and counts["l2"] >= 2
+    assert rotating.l3.key_ids() == {new.newest}  # a process with only the new key may start
+    rotating.close()
+
+    after = store_with(new)  # the old key is gone everywhere
+    try:
+        after.check_keys(new)
+        assert after.l3.get_context(flushed.context_id).variables["token"] == TOKEN
+        assert after.get_context(dirty.context_id).variables["pending"] == "in L2"
+        assert after.l2.get_context(dirty.context_id).dirty  # still waiting for its write, now under the new key
+        after.flush(dirty.context_id)
+        assert after.l3.get_context(dirty.context_id).variables["email"] == EMAIL
+    finally:
+        after.close()

@@ -181,6 +181,12 @@ class L2Tier(Protocol):
         came); with ``expire``, a clean entry gets the context TTL (a running run's contexts keep none)."""
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
+    def context_ids(self) -> list[str]:
+        """Every context L2 holds (a scan: for maintenance, never on a step's path)."""
+
+    def config_keys(self) -> list[str]:
+        """Every routine definition and configuration L2 holds (a scan)."""
+
     def due_time(self, context_id: str) -> float | None: ...
     def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]: ...
     def pending_flushes(self) -> int: ...
@@ -279,6 +285,13 @@ class L3Tier(Protocol):
     def put_routine(self, name: str, definition: Any) -> int: ...
 
     # the keys in use
+    def reseal(self, old_key_ids: set[str], *, limit: int = 100) -> int:
+        """Seal again under the newest key up to ``limit`` contexts and exports sealed under
+        ``old_key_ids`` (versions unchanged); how many were (0: none is left)."""
+
+    def forget_keys(self, key_ids: set[str]) -> None:
+        """Nothing is sealed under these any more: a process without them may start."""
+
     def record_key(self, key_id: str) -> None:
         """Record that values are (or will be) sealed under ``key_id``."""
 

@@ -200,6 +200,14 @@ class MemoryL2:
             self._first.pop(context_id, None)
             return True
 
+    def context_ids(self) -> list[str]:
+        with self._lock:
+            return [context_id for context_id in list(self._contexts) if self._live(self._contexts, context_id)]
+
+    def config_keys(self) -> list[str]:
+        with self._lock:
+            return [key for key in list(self._configs) if self._live(self._configs, key)]
+
     def due_time(self, context_id: str) -> float | None:
         with self._lock:
             return self._due.get(context_id)

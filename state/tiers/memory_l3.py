@@ -243,6 +243,24 @@ class MemoryL3:
             self.writes += 1
             return version
 
+    def reseal(self, old_key_ids: set[str], *, limit: int = 100) -> int:
+        markers = [f"v1.{key_id}." for key_id in old_key_ids]
+        done = 0
+        with self._lock:
+            for context_id, (epoch, version, document) in list(self._snapshots.items()):
+                if done >= limit:
+                    break
+                if any(marker in document for marker in markers):
+                    ctx = self.codec.from_document(json.loads(document), key="L3 context")
+                    ctx.version, ctx.epoch = version, epoch
+                    self._snapshots[context_id] = (epoch, version, self._encode(ctx))
+                    done += 1
+        return done
+
+    def forget_keys(self, key_ids: set[str]) -> None:
+        with self._lock:
+            self._keys -= key_ids
+
     def record_key(self, key_id: str) -> None:
         with self._lock:
             self._keys.add(key_id)

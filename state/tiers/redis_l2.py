@@ -214,6 +214,17 @@ class RedisTier:
             self._script("evict", self._context_keys(context_id), [-1 if up_to_version is None else up_to_version, context_id])
         )
 
+    def context_ids(self) -> list[str]:
+        marker = ":ctx:"
+        return [
+            key.decode().split(marker, 1)[1]
+            for key in self._call(lambda: list(self.client.scan_iter(match=f"{self.prefix}:{{c*}}{marker}*", count=1000)))
+        ]
+
+    def config_keys(self) -> list[str]:
+        start = len(self.keys.config(""))
+        return [key.decode()[start:] for key in self._call(lambda: list(self.client.scan_iter(match=self.keys.config("*"), count=1000)))]
+
     def due_time(self, context_id: str) -> float | None:
         return self._call(lambda: self.client.zscore(self.keys.write_behind_due(context_id), context_id))
 

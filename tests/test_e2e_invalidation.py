@@ -7,7 +7,6 @@ serves the new one. A context changed by plain SQL loses its Redis (L2) entry.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ PROCESSES = 4
 DEADLINE_S = 1.0
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+def _digest(cluster: Any, data: Any) -> str:
+    return cluster.keyring().mac(canonical_json(data).encode())  # what the probe answers: a keyed digest
 
 
 def _probe_all(client: redis.Redis, prefix: str, key: str) -> dict[str, dict[str, Any]]:
@@ -74,7 +73,7 @@ def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> 
             answers = _probe_all(client, cluster.prefix, key)
             assert len(answers) == PROCESSES, (key, answers)
             assert {int(identity.rsplit(":", 1)[1]) for identity in answers} == pool_pids
-            assert {answer["digest"] for answer in answers.values()} == {_digest(data)}, (key, answers)
+            assert {answer["digest"] for answer in answers.values()} == {_digest(cluster, data)}, (key, answers)
 
         # Plain SQL, as an operator would: no runctx code involved in the change.
         new_config = {"model": "large", "limits": {"tokens": 4000}}
@@ -85,9 +84,9 @@ def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> 
             (Jsonb(new_config),),
         ) == 1
         config_deadline = time.monotonic() + DEADLINE_S
-        config_answers = _poll_until_all_serve(client, cluster.prefix, "config:bot:alpha", _digest(new_config), config_deadline)
+        config_answers = _poll_until_all_serve(client, cluster.prefix, "config:bot:alpha", _digest(cluster, new_config), config_deadline)
         assert len(config_answers) == PROCESSES, config_answers
-        assert {answer["digest"] for answer in config_answers.values()} == {_digest(new_config)}, config_answers
+        assert {answer["digest"] for answer in config_answers.values()} == {_digest(cluster, new_config)}, config_answers
         # The trigger gave the plain-SQL change a new version, which is what processes serve now.
         assert {answer["version"] for answer in config_answers.values()} == {config_version + 1}
 
@@ -105,11 +104,11 @@ def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> 
             (routine_version + 1, Jsonb(new_routine)),
         ) == 1
         routine_deadline = time.monotonic() + DEADLINE_S
-        routine_answers = _poll_until_all_serve(client, cluster.prefix, "routine:inv-routine", _digest(new_routine), routine_deadline)
+        routine_answers = _poll_until_all_serve(client, cluster.prefix, "routine:inv-routine", _digest(cluster, new_routine), routine_deadline)
         assert len(routine_answers) == PROCESSES, routine_answers
-        assert {answer["digest"] for answer in routine_answers.values()} == {_digest(new_routine)}, routine_answers
+        assert {answer["digest"] for answer in routine_answers.values()} == {_digest(cluster, new_routine)}, routine_answers
         old_answers = _probe_all(client, cluster.prefix, f"routine:inv-routine@{routine_version}")
-        assert {answer["digest"] for answer in old_answers.values()} == {_digest(old_routine)}, old_answers
+        assert {answer["digest"] for answer in old_answers.values()} == {_digest(cluster, old_routine)}, old_answers
     finally:
         client.close()
         store.close()
@@ -127,7 +126,7 @@ def test_every_process_drops_a_traced_configuration_within_a_second(make_cluster
     try:
         version = store.put_config(kind, name, {"v": 1})
         answers = _probe_all(client, cluster.prefix, key)
-        assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest({"v": 1})}, answers
+        assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest(cluster, {"v": 1})}, answers
 
         with psycopg.connect(libpq_url(cluster.database_url)) as conn:
             conn.execute("UPDATE configurations SET data = %s WHERE kind = %s AND name = %s", (Jsonb({"v": 2}), kind, name))
@@ -143,7 +142,7 @@ def test_every_process_drops_a_traced_configuration_within_a_second(make_cluster
         late = {identity: round(at - committed_at, 3) for identity, at in dropped.items() if at - committed_at > DEADLINE_S}
         assert not late, f"processes that dropped the old configuration more than {DEADLINE_S}s after the commit: {late}"
         answers = _probe_all(client, cluster.prefix, key)  # ... and serves the new one
-        assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest({"v": 2})}, answers
+        assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest(cluster, {"v": 2})}, answers
     finally:
         client.close()
         store.close()

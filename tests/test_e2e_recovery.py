@@ -712,10 +712,8 @@ HOSTILE_PAYLOADS = [
 ]
 
 
-def _digest(data: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+def _digest(cluster: Any, data: Any) -> str:
+    return cluster.keyring().mac(canonical_json(data).encode())  # what the probe answers: a keyed digest
 
 
 def _notify_garbage(database_url: str, payloads: list[str]) -> None:
@@ -740,7 +738,7 @@ def _garbage_then_traced_change(cluster: Cluster, payloads: list[str], label: st
     try:
         version = store.put_config(kind, name, {"v": 1})
         answers = probe(client, cluster.prefix, key, load=True, wait_s=2.0)
-        assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest({"v": 1})}, answers
+        assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest(cluster, {"v": 1})}, answers
 
         if not same_transaction:
             _notify_garbage(cluster.database_url, payloads)
@@ -759,14 +757,14 @@ def _garbage_then_traced_change(cluster: Cluster, payloads: list[str], label: st
         served = probe(client, cluster.prefix, key, load=True, wait_s=2.0)
         print(
             f"\n[{label}] drop latency per process (s): {dropped or 'none dropped it'}; "
-            f"serving now: {sorted({a['digest'] == _digest({'v': 2}) and 'new' or 'OLD' for a in served.values()})}; "
+            f"serving now: {sorted({a['digest'] == _digest(cluster, {'v': 2}) and 'new' or 'OLD' for a in served.values()})}; "
             f"'ignoring malformed' lines: {len(log_lines(cluster, 'ignoring malformed change event'))}, "
             f"listener reconnects: {len(log_lines(cluster, 'change listener lost its connection'))}"
         )
         assert set(dropped) == set(answers), f"processes that never dropped the old configuration: {set(answers) - set(dropped)}"
         late = {identity: at for identity, at in dropped.items() if at > DROP_DEADLINE_S}
         assert not late, f"dropped more than {DROP_DEADLINE_S}s after the commit: {late}"
-        assert len(served) == PROCESSES and {a["digest"] for a in served.values()} == {_digest({"v": 2})}, served
+        assert len(served) == PROCESSES and {a["digest"] for a in served.values()} == {_digest(cluster, {"v": 2})}, served
         assert all(process.poll() is None for process in cluster.nodes.values())
     finally:
         client.close()

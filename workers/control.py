@@ -18,7 +18,6 @@ decide what is fresh. An invalidation only makes a stale entry go away sooner.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ class ControlChannel:
         self.store = store
         self.client: redis.Redis = redis_tier.client
         self.keys: RedisKeys = redis_tier.keys
+        self.codec = redis_tier.codec
         self.channel = self.keys.control_channel
         self.identity = identity or process_identity()
         self.health: Callable[[], dict[str, Any]] = lambda: {}  # the runtime plugs in its listener's state
@@ -176,7 +176,8 @@ class ControlChannel:
                 entry = None
         answer = {"version": None, "digest": None}
         if entry is not None:
-            answer = {"version": entry.version, "digest": hashlib.sha256(canonical_json(entry.data).encode()).hexdigest()[:16]}
+            # Keyed: a digest anyone on the channel could compare with guesses would tell them the value.
+            answer = {"version": entry.version, "digest": self.codec.checksum(canonical_json(entry.data).encode())}
         reply = self.keys.probe_reply(message["id"])
         self.client.hset(reply, self.identity, json.dumps(answer))
         self.client.expire(reply, REPLY_TTL_S)

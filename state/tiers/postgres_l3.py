@@ -66,6 +66,13 @@ def _refused(operation: str, exc: DBAPIError) -> RefusedByDatabase:
     return RefusedByDatabase(operation, getattr(exc.orig, "sqlstate", None), reason)
 
 
+def _reason(exc: DBAPIError) -> str:
+    """What went wrong, without DETAIL or CONTEXT (PostgreSQL quotes the offending data there)."""
+    diag = getattr(exc.orig, "diag", None)
+    primary = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+    return f"{primary} [{getattr(exc.orig, 'sqlstate', None) or '-'}]"
+
+
 def _is_connection_error(exc: DBAPIError) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) and (
         exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) in (None, "08000", "08001", "08006", "57P01")
@@ -120,10 +127,10 @@ class PostgresTier:
                     raise _refused(operation, exc) from None
                 if attempt == self.retry_attempts:
                     if _is_connection_error(exc):
-                        raise CommunicationFailure("L3 (PostgreSQL)", exc) from exc
-                    raise TransactionFailed(operation, attempt, exc) from exc
+                        raise CommunicationFailure("L3 (PostgreSQL)", _reason(exc)) from None
+                    raise TransactionFailed(operation, attempt, RuntimeError(_reason(exc))) from None
                 delay = self.retry_base_delay_s * (2 ** (attempt - 1)) * (1 + random.random())
-                log.warning("L3 %s failed (attempt %d), retrying in %.2fs: %s", operation, attempt, delay, exc.orig)
+                log.warning("L3 %s failed (attempt %d), retrying in %.2fs: %s", operation, attempt, delay, _reason(exc))
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -133,7 +140,7 @@ class PostgresTier:
                 return work(conn)
         except DBAPIError as exc:
             if _is_connection_error(exc):
-                raise CommunicationFailure("L3 (PostgreSQL)", exc) from exc
+                raise CommunicationFailure("L3 (PostgreSQL)", _reason(exc)) from None
             raise _refused("L3 read", exc) from None
 
     # ---- contexts ------------------------------------------------------------------------

@@ -16,6 +16,8 @@ STEP_QUEUE = f"{_settings.key_prefix}.steps"
 PERSIST_QUEUE = f"{_settings.key_prefix}.persist"
 
 broker_url = broker_url_for(_settings)
+# TLS (rediss://, amqps://): certificates and host names verified unless RUNCTX_BROKER_TLS says otherwise.
+broker_use_ssl = _settings.broker_tls_options(broker_url)
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     # Redis broker only: a message held by a worker whose main process died comes back after this

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from state.errors import SettingsError
 from state.models import ResourceLimits, StateCacheConfig
 from state.sealing import KEY_FILE, Keyring
 
@@ -38,6 +41,10 @@ class Settings(BaseSettings):
     # Confidential and secret values at rest: "id:base64-key,..." newest first; unset: a key file
     # runctx makes in data_dir (fine on one machine; give every machine the same keys otherwise).
     encryption_keys: SecretStr | None = Field(default=None, description="keys sealing sensitive values, newest first")
+    # TLS options of the broker connection, as JSON (Celery's broker_use_ssl): for amqps:// e.g.
+    # {"ca_certs": "/etc/ssl/ca.pem"}, for rediss:// {"ssl_ca_certs": "..."}. With a TLS broker URL
+    # and no options, certificates and host names are verified against the system's CAs.
+    broker_tls: str | None = Field(default=None, description="broker TLS options (JSON object)")
     # The modules whose functions routines may name as actions (comma-separated prefixes); besides
     # them only the built-ins. A worker imports what a routine names: this is what it may import.
     action_modules: str = Field(default="", description="module prefixes user actions may come from")
@@ -78,6 +85,28 @@ class Settings(BaseSettings):
         if self.encryption_keys is not None:
             return Keyring.parse(self.encryption_keys.get_secret_value())
         return Keyring.from_file(self.data_dir.expanduser() / KEY_FILE)
+
+    def broker_tls_options(self, broker_url: str) -> dict[str, Any] | None:
+        """Celery's ``broker_use_ssl`` for ``broker_url``: None for a plain connection; for TLS the
+        options given, verifying certificates (and host names) unless they say otherwise."""
+        scheme = broker_url.split("://", 1)[0].lower()
+        if scheme not in ("rediss", "amqps") and self.broker_tls is None:
+            return None
+        try:
+            given = json.loads(self.broker_tls) if self.broker_tls else {}
+        except json.JSONDecodeError as exc:
+            raise SettingsError("RUNCTX_BROKER_TLS", f"not JSON ({exc.msg} at {exc.pos})") from None
+        if not isinstance(given, dict):
+            raise SettingsError("RUNCTX_BROKER_TLS", "expected a JSON object of TLS options")
+        required = ssl.CERT_REQUIRED
+        if scheme.startswith("redis"):
+            given.setdefault("ssl_cert_reqs", required)
+        else:
+            given.setdefault("cert_reqs", required)
+        for name in ("ssl_cert_reqs", "cert_reqs"):  # "CERT_NONE" etc. as the ssl module spells them
+            if isinstance(given.get(name), str):
+                given[name] = getattr(ssl, given[name], required)
+        return given
 
     def allowed_action_modules(self) -> tuple[str, ...]:
         return tuple(part.strip() for part in self.action_modules.split(",") if part.strip())

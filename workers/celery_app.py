@@ -57,3 +57,4 @@ def _resolve_servers(conf: Any = None, **_: Any) -> None:
     check_keys(servers)
     if conf is not None:
         conf.broker_url = servers.broker_url
+        conf.broker_use_ssl = get_settings().broker_tls_options(servers.broker_url)

@@ -125,8 +125,8 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RUNCTX_KEY_PREFIX", f"bench{uuid.uuid4().hex[:6]}")
-    from runctx.local_workers import LocalWorkers
     from runctx.embedded import embedded_released, resolve
+    from runctx.local_workers import LocalWorkers
     from state.settings import get_settings
 
     settings = get_settings()

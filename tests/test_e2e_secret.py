@@ -230,3 +230,129 @@ steps:
             problems.append(f"output shows {name} = {shown.get(name)!r}, not '***'")
     assert shown["user"] == "alice" and shown["message"] == "hello alice" and sorted(shown["log"]) == ["a", "b"]
     assert not problems, "\n".join(problems)
+
+
+# ---- every place at once --------------------------------------------------------------------------
+
+
+def _needles(value: str) -> list[bytes]:
+    """A value as it could appear: plain, JSON-escaped, base64 (of the value and of its JSON)."""
+    raw = value.encode()
+    forms = {raw, json.dumps(value).encode(), json.dumps(value)[1:-1].encode()}
+    for data in (raw, json.dumps(value).encode()):
+        encoded = base64.b64encode(data)
+        forms |= {encoded, encoded.rstrip(b"="), base64.urlsafe_b64encode(data).rstrip(b"=")}
+    return sorted(forms)
+
+
+def _everything_in_redis(redis_url: str, prefix: str) -> list[tuple[bytes, bytes]]:
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url)
+    found = []
+    try:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key)
+            if kind == b"string":
+                values = [client.get(key) or b""]
+            elif kind == b"hash":
+                values = [b"%s=%s" % item for item in client.hgetall(key).items()]
+            elif kind == b"list":
+                values = client.lrange(key, 0, -1)
+            elif kind == b"set":
+                values = list(client.smembers(key))
+            elif kind == b"zset":
+                values = [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+            else:
+                values = []
+            found += [(key, value) for value in [key, *values]]
+    finally:
+        client.close()
+    return found
+
+
+def _everything_in_postgres(database_url: str) -> list[tuple[str, str]]:
+    import psycopg
+
+    from state.change_events import libpq_url
+
+    rows = []
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        tables = [name for (name,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        for table in tables:
+            for row in conn.execute(f'SELECT * FROM "{table}"'):
+                rows.append((table, repr(row)))
+    return rows
+
+
+@pytest.mark.slow
+def test_confidential_and_secret_values_are_nowhere_in_plain_text(make_cluster, tmp_path: Path) -> None:
+    """A confidential and a secret variable given by --var-file; one step derives a new value from
+    the secret, one copies the confidential one, one step (not declaring the secret) tries to read
+    it, and a second run fails with the secret in its exception text. Then every Redis key and
+    value, every row of every runctx table, every command Redis ran (MONITOR: the broker too), every
+    worker log line at DEBUG and all CLI output: neither value, plain, base64 or JSON-escaped."""
+    secret = f"sk-{uuid.uuid4().hex}"
+    email = f"carol+{uuid.uuid4().hex[:8]}@example.com"
+    (tmp_path / "ntk_actions.py").write_text(
+        "from tasks.changes import Change\n"
+        "def derive(view, args):\n"
+        "    return {'derived': view.get('token')[::-1] + '!'}\n"
+        "def nosy(view, args):\n"
+        "    return {'nosy_saw': view.get('token', 'nothing'), 'nosy_listed': 'token' in view.names()}\n"
+        "def leak(view, args):\n"
+        "    raise RuntimeError('upstream refused ' + view.get('token') + ' for ' + view.get('email'))\n"
+    )
+    variables = {"token": {"sensitivity": "secret"}, "email": {"sensitivity": "confidential"}, "user": "carol"}
+    good = {
+        "name": "leak-good",
+        "variables": variables,
+        "steps": [
+            {"id": "derive", "action": "ntk_actions:derive", "reads": ["token"]},
+            {"id": "copy-email", "action": "copy", "args": {"from": "email", "to": "email_copy"}},
+            {"id": "nosy", "action": "ntk_actions:nosy"},
+        ],
+        "exports": [{"variable": "derived", "destination": "blackboard", "scope": "team:leak"}],
+    }
+    bad = {"name": "leak-bad", "variables": variables, "steps": [{"id": "leak", "action": "ntk_actions:leak", "reads": ["token"]}]}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "vars.yaml").write_text(f"token: {secret}\nemail: {email}\n")
+
+    cluster = make_cluster("redis", PYTHONPATH=str(tmp_path), RUNCTX_ACTION_MODULES="ntk_actions,tests")
+    cluster.start_nodes("n1", "n2", concurrency=2, loglevel="DEBUG")
+    monitor = RedisMonitor(cluster.redis_url)
+    try:
+        outputs = [
+            cluster.runctx("run", str(tmp_path / name), "--json", "--timeout", "60", "--var-file", str(tmp_path / "vars.yaml"), timeout_s=90)
+            for name in ("good.json", "bad.json")
+        ]
+        time.sleep(3.0)  # the write-behind of the last changes
+    finally:
+        commands = monitor.stop()
+    cluster.stop()
+
+    good_result, bad_result = (json.loads(done.stdout.strip().splitlines()[-1]) for done in outputs)
+    assert good_result["status"] == "succeeded", outputs[0].stderr
+    assert bad_result["status"] == "failed"
+    assert bad_result["error"] == "step 'leak': action 'ntk_actions:leak' raised RuntimeError: <hidden: the step read secret values>"
+    store = cluster.store()
+    try:
+        final = store.l3.get_context(good_result["run_id"])
+        assert final.variables["derived"] == secret[::-1] + "!" and final.sensitivity_of("derived").value == "secret"
+        assert final.variables["email_copy"] == email and final.sensitivity_of("email_copy").value == "confidential"
+        assert final.variables["nosy_saw"] == "nothing" and final.variables["nosy_listed"] is False  # it saw nothing
+    finally:
+        store.close()
+
+    problems = []
+    places = [(f"redis {key[:80]!r}", value) for key, value in _everything_in_redis(cluster.redis_url, cluster.prefix)]
+    places += [(f"postgres {table}", row.encode()) for table, row in _everything_in_postgres(cluster.database_url)]
+    places += [(f"redis command {command[0][:20]!r}", form) for command in commands for arg in command for form in _decoded_forms(arg)]
+    places += [("worker log", line.encode()) for line in cluster.logs().splitlines()]
+    places += [("cli output", (done.stdout + done.stderr).encode()) for done in outputs]
+    assert "DEBUG" in cluster.logs() and len(places) > 100
+    for value in (secret, email, secret[::-1] + "!"):
+        for needle in _needles(value):
+            problems += [f"{where} holds {needle[:40]!r}" for where, text in places if needle in text]
+    assert not problems, "\n".join(sorted(set(problems))[:40])

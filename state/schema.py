@@ -27,6 +27,8 @@ routines = Table(
     Column("version", Integer, primary_key=True),
     Column("definition", JSONB, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # sha256 of the stored JSONB text, computed by the database on insert (migration 0005).
+    Column("content_hash", String(64)),
 )
 
 # The ids of the keys that sealed values (migration 0004): a process without one refuses to start.

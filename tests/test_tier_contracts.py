@@ -733,6 +733,35 @@ def test_l3_put_routine_versions_and_get_routine(l3: L3Tier) -> None:
     assert l3.put_routine("other", {"steps": []}) == 1
 
 
+def test_l3_a_routine_version_is_its_content(l3: L3Tier) -> None:
+    first = l3.put_routine("greet", {"steps": ["a"], "n": 1})
+    assert l3.put_routine("greet", {"n": 1, "steps": ["a"]}) == first  # the same definition: the same version
+    second = l3.put_routine("greet", {"steps": ["b"]})
+    assert second == first + 1
+    assert l3.put_routine("greet", {"steps": ["a"], "n": 1}) == first  # runs of it keep meaning one thing
+
+
+def test_postgres_hashes_every_stored_version_and_refuses_to_change_one(database_url: str) -> None:
+    import hashlib
+
+    import psycopg
+
+    from state.change_events import libpq_url
+
+    tier = PostgresTier.from_url(database_url, config=StateCacheConfig())
+    try:
+        tier.put_routine("hashed", {"steps": ["a"]})
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+            conn.execute("""INSERT INTO routines (name, version, definition) VALUES ('hashed', 2, '{"steps": ["b"]}')""")
+            rows = conn.execute("SELECT version, definition::text, content_hash FROM routines WHERE name = 'hashed' ORDER BY version").fetchall()
+            assert [row[2] for row in rows] == [hashlib.sha256(row[1].encode()).hexdigest() for row in rows]
+            with pytest.raises(psycopg.errors.RestrictViolation, match="immutable"):
+                conn.execute("UPDATE routines SET definition = '{}' WHERE name = 'hashed' AND version = 1")
+        assert tier.get_routine("hashed", 1).data == {"steps": ["a"]}
+    finally:
+        tier.close()
+
+
 # ---- where a careless twin would differ: copies, refusals and number types --------------------------------
 
 

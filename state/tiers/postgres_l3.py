@@ -9,6 +9,7 @@ places that speak SQL to the tables.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import time
@@ -256,6 +257,15 @@ class PostgresTier:
 
         def work(conn: Connection) -> int:
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"routine:{name}"})
+            same = conn.execute(  # a version is its content: the same definition is the same version
+                select(routines.c.version).where(
+                    routines.c.name == name,
+                    routines.c.content_hash == text("encode(sha256(convert_to(CAST(:definition AS jsonb)::text, 'UTF8')), 'hex')"),
+                ).order_by(routines.c.version.desc()).limit(1),
+                {"definition": json.dumps(definition)},
+            ).scalar()
+            if same is not None:
+                return int(same)
             latest = conn.execute(select(routines.c.version).where(routines.c.name == name).order_by(routines.c.version.desc()).limit(1)).scalar()
             version = (latest or 0) + 1
             conn.execute(insert(routines).values(name=name, version=version, definition=definition))

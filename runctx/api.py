@@ -85,6 +85,10 @@ class Client:
         from workers.runtime import runtime
 
         servers = resolve()
+        if servers.embedded:  # its URLs carry the passwords the embedded stack made when it started
+            from workers import app
+
+            app.conf.broker_url = servers.broker_url
         check_broker(servers)
         upgrade(servers.database_url)
         self.runtime = runtime()

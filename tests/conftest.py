@@ -55,6 +55,19 @@ def embedded_servers() -> Iterator[Servers]:
         yield Servers(redis_url=stack.redis_url, database_url=stack.database_url, embedded=True)
     finally:
         stack.stop(wait=True)
+        remove_data_dir(data_dir)
+
+
+def remove_data_dir(data_dir: Path) -> None:
+    """A throwaway data dir and, as root, the PostgreSQL cluster kept for it under /var/lib/runctx."""
+    import shutil
+
+    from runctx.embedded import supervisor as sup
+
+    pg_base = sup.Layout(data_dir.resolve()).pg_base
+    if sup.ROOT_PG_BASE in pg_base.parents:
+        shutil.rmtree(pg_base, ignore_errors=True)
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

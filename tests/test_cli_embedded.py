@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import remove_data_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,6 +53,7 @@ def data_dir():
     path = Path(tempfile.mkdtemp(prefix="rctx-cli-"))  # short: it holds Unix sockets
     yield path
     _assert_nothing_left(path)
+    remove_data_dir(path)
 
 
 @pytest.mark.embedded

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from runctx.embedded import EmbeddedStack, admin_database_url
 from runctx.embedded import supervisor as sup
 from state.errors import EmbeddedStackError
+from tests.conftest import remove_data_dir
 
 pytestmark = [pytest.mark.embedded, pytest.mark.timeout(120)]
 
@@ -64,7 +65,7 @@ def alive(pid: int) -> bool:
 def stack_processes(data_dir: Path) -> list[psutil.Process]:
     """Live processes of the stack on ``data_dir``: supervisor, redis-server, postgres and its backends."""
     layout = sup.Layout(data_dir.resolve())
-    marks = (str(layout.data_dir), str(layout.socket_dir))
+    marks = (str(layout.data_dir), str(layout.socket_dir), str(layout.pg_dir))
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
@@ -74,7 +75,7 @@ def stack_processes(data_dir: Path) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             cwd = ""
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(mark in cmdline for mark in marks) or cwd == str(layout.data_dir) or cwd.startswith(str(layout.data_dir) + "/"):
+        if any(mark in cmdline for mark in marks) or any(cwd == root or cwd.startswith(root + "/") for root in (str(layout.data_dir), str(layout.pg_dir))):
             found.append(proc)
     return found
 
@@ -92,6 +93,7 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     leftovers = stack_processes(path)
     for proc in leftovers:
         proc.kill()
+    remove_data_dir(path)
     assert not leftovers, f"servers left running: {leftovers}"
 
 
@@ -195,6 +197,7 @@ def test_long_data_dir_puts_sockets_in_a_short_directory(tmp_path: Path) -> None
     finally:
         for proc in stack_processes(data_dir):
             proc.kill()
+        remove_data_dir(data_dir)
 
 
 def test_admin_database_url_reaches_other_databases(data_dir: Path) -> None:
@@ -334,3 +337,43 @@ def test_start_failure_raises_with_the_log_tail(data_dir: Path) -> None:
     assert time.monotonic() - started < 30
     assert "redis.log" in str(error.value) and "append only file" in str(error.value).lower()
     assert wait_until(lambda: no_stack_left(data_dir), timeout=5)
+
+
+# ---- hardening ----------------------------------------------------------------------------------
+
+
+def _modes(path: Path) -> dict[str, int]:
+    return {str(p): os.stat(p).st_mode & 0o7777 for p in [path, *path.parents]}
+
+
+def test_the_stack_changes_no_permission_outside_its_directories_and_locks_its_servers(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    home.chmod(0o700)
+    data_dir = home / "runctx"
+    before = _modes(home)
+    try:
+        with EmbeddedStack(data_dir) as stack:
+            assert _modes(home) == before  # no o+x added on the way to the data dir
+            layout = stack.layout
+            assert os.stat(layout.secrets_file).st_mode & 0o777 == 0o600
+            assert os.stat(layout.socket_dir).st_mode & 0o777 == 0o700
+            passwords = layout.passwords()
+            assert set(passwords) == {"redis", "postgres"} and all(len(value) >= 24 for value in passwords.values())
+
+            with pytest.raises(redis.exceptions.AuthenticationError):  # no password: refused
+                redis.Redis(unix_socket_path=str(layout.redis_socket)).ping()
+            assert redis.Redis.from_url(stack.redis_url).ping()
+
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(host=str(layout.pg_socket_dir), port=sup.PG_PORT, user=sup.PG_SUPERUSER, dbname=sup.DB_NAME)
+            engine = sa.create_engine(stack.database_url)
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            engine.dispose()
+            if os.geteuid() == 0:  # postgres runs as another user: its cluster lives where that user may go
+                assert sup.ROOT_PG_BASE in layout.pg_dir.parents
+        assert _modes(home) == before
+    finally:
+        wait_until(lambda: no_stack_left(data_dir), timeout=10)
+        remove_data_dir(data_dir)

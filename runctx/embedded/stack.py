@@ -48,10 +48,22 @@ class EmbeddedStack:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.layout = sup.Layout(self.data_dir)
         self.timeout = timeout
-        self.redis_url: str = self.layout.redis_url
-        self.database_url: str = self.layout.database_url
-        self.broker_url: str = self.layout.broker_url  # for Celery: "redis+socket:///…/redis.sock"
         self._lease_pid: int | None = None  # the pid that started this object, while started
+
+    # The URLs carry the servers' generated passwords, which exist once the supervisor made them.
+
+    @property
+    def redis_url(self) -> str:
+        return self.layout.redis_url
+
+    @property
+    def database_url(self) -> str:
+        return self.layout.database_url
+
+    @property
+    def broker_url(self) -> str:
+        """For Celery: "redis+socket://:<password>@/…/redis.sock"."""
+        return self.layout.broker_url
 
     def __repr__(self) -> str:
         return f"EmbeddedStack({str(self.data_dir)!r}, started={self._lease_pid == os.getpid()})"

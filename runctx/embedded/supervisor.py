@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import pwd
+import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -35,6 +37,7 @@ from urllib.parse import quote
 
 import psutil
 
+ROOT_PG_BASE = Path("/var/lib/runctx")  # as root: postgres clusters, and a copy of its binaries
 PG_PORT = 5432  # only names the socket file; postgres listens on no TCP port
 PG_SUPERUSER = "postgres"
 DB_NAME = "runctx"
@@ -61,7 +64,7 @@ class Layout:
 
     @property
     def pg_dir(self) -> Path:
-        return self.data_dir / "pg"
+        return self.pg_base / "pg"
 
     @property
     def log_dir(self) -> Path:
@@ -85,6 +88,39 @@ class Layout:
         """Serializes adding an owner against the supervisor deciding to stop."""
         return self.data_dir / "owners.lock"
 
+    @property
+    def secrets_file(self) -> Path:
+        """The servers' generated passwords (mode 0600): {"redis": ..., "postgres": ...}."""
+        return self.data_dir / "secrets.json"
+
+    def passwords(self) -> dict[str, str]:
+        """The passwords, or {} before the supervisor made them (and for a stack made before it did)."""
+        try:
+            data = json.loads(self.secrets_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {name: value for name, value in data.items() if isinstance(value, str)} if isinstance(data, dict) else {}
+
+    def ensure_passwords(self) -> dict[str, str]:
+        """Make the passwords once (mode 0600, never readable by anyone else)."""
+        if not self.passwords():
+            fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump({"redis": secrets.token_urlsafe(24), "postgres": secrets.token_urlsafe(24)}, out)
+        os.chmod(self.secrets_file, 0o600)
+        return self.passwords()
+
+    @cached_property
+    def pg_base(self) -> Path:
+        """Where postgres keeps its cluster and socket. As root, postgres runs as a system user that
+        must reach them: under /var/lib/runctx (a directory of our own, traversable as /var/lib is)
+        rather than under a home directory, so that no permission outside our directories changes.
+        A cluster made before that (``DATA_DIR/pg``) stays where it is."""
+        if os.geteuid() != 0 or (self.data_dir / "pg" / "PG_VERSION").exists():
+            return self.data_dir
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        return ROOT_PG_BASE / digest
+
     @cached_property
     def socket_dir(self) -> Path:
         """``DATA_DIR/run``, or a short directory under /tmp when socket paths would be too long."""
@@ -100,20 +136,26 @@ class Layout:
 
     @property
     def pg_socket_dir(self) -> Path:
-        return self.socket_dir / "pg"
+        return self.socket_dir / "pg" if self.pg_base == self.data_dir else self.pg_base / "sock"
+
+    def _credentials(self, name: str) -> str:
+        password = self.passwords().get(name)
+        return f":{quote(password, safe='')}@" if password else ""
 
     @property
     def redis_url(self) -> str:
-        return f"unix://{quote(str(self.redis_socket))}"
+        return f"unix://{self._credentials('redis')}{quote(str(self.redis_socket))}"
 
     @property
     def broker_url(self) -> str:
         """The Redis socket in the form Celery/kombu want (they don't accept ``unix://``)."""
-        return f"redis+socket://{quote(str(self.redis_socket))}"
+        return f"redis+socket://{self._credentials('redis')}{quote(str(self.redis_socket))}"
 
     @property
     def database_url(self) -> str:
-        return f"postgresql+psycopg://{PG_SUPERUSER}@/{DB_NAME}?host={quote(str(self.pg_socket_dir), safe='/')}"
+        password = self.passwords().get("postgres")
+        user = f"{PG_SUPERUSER}:{quote(password, safe='')}" if password else PG_SUPERUSER
+        return f"postgresql+psycopg://{user}@/{DB_NAME}?host={quote(str(self.pg_socket_dir), safe='/')}"
 
     def log_file(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -295,6 +337,22 @@ def ensure_pg_install_readable(bin_dir: Path) -> None:
             _add_mode(p, stat.S_IROTH | (stat.S_IXOTH if p.stat().st_mode & stat.S_IXUSR else 0))
 
 
+OWNER_FILE = "data-dir"  # in a cluster's directory under ROOT_PG_BASE: the data dir it belongs to
+
+
+def collect_orphaned_clusters() -> None:
+    """Remove the clusters under ROOT_PG_BASE whose data directory was deleted (a user removing
+    the data dir means to remove its database; the cluster is kept elsewhere only for postgres)."""
+    for base in ROOT_PG_BASE.glob("[0-9a-f]" * 16):
+        try:
+            owner = Path((base / OWNER_FILE).read_text().strip())
+        except OSError:
+            continue
+        if owner.is_absolute() and not owner.exists() and not (base / "pg" / "postmaster.pid").exists():
+            log.info("removing the cluster of deleted data dir %s (%s)", owner, base)
+            shutil.rmtree(base, ignore_errors=True)
+
+
 def ensure_owned_dir(path: Path, user: pwd.struct_passwd | None, mode: int = 0o700) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
     st = path.lstat()
@@ -445,6 +503,8 @@ class Supervisor:
             "protected-mode yes",
             f"unixsocket {q(self.layout.redis_socket)}",
             "unixsocketperm 700",
+            # The generated password (URL-safe characters only) from the 0600 secrets file.
+            *([f'requirepass "{self.layout.passwords()["redis"]}"'] if self.layout.passwords().get("redis") else []),
             f"dir {q(self.layout.redis_dir)}",
             # It holds write-behind records not yet in PostgreSQL: keep them across restarts.
             "appendonly yes",
@@ -454,37 +514,92 @@ class Supervisor:
             "always-show-logo no",
             "",
         ]))
-        ensure_owned_dir(self.layout.socket_dir, None, 0o711)
+        # 0700: only we reach the sockets; a cluster made by an older runctx keeps its socket in
+        # here, which postgres (another user when we are root) must traverse to.
+        legacy_root = self.user is not None and self.layout.pg_base == self.layout.data_dir
+        ensure_owned_dir(self.layout.socket_dir, None, 0o711 if legacy_root else 0o700)
         self.redis = self._spawn("redis", [str(redis_server_bin()), str(conf)], self.layout.redis_dir,
                                  None, signal.SIGTERM)
 
     def start_postgres(self) -> None:
         pg_dir = self.layout.pg_dir
+        legacy_root = self.user is not None and self.layout.pg_base == self.layout.data_dir
+        if self.user is not None and not legacy_root:
+            ensure_owned_dir(ROOT_PG_BASE, None, 0o755)  # ours: made here, changed nowhere else
+            collect_orphaned_clusters()
+            ensure_owned_dir(self.layout.pg_base, self.user, 0o700)
+            (self.layout.pg_base / OWNER_FILE).write_text(str(self.layout.data_dir))
         ensure_owned_dir(pg_dir, self.user)
         ensure_owned_dir(self.layout.pg_socket_dir, self.user)
-        if self.user is not None:
+        if legacy_root:  # a cluster an older runctx made under the data dir: as it was set up then
             ensure_traversable(self.layout.socket_dir)
             ensure_traversable(self.layout.data_dir)
             ensure_pg_install_readable(pg_bin("postgres").parent)
         if not (pg_dir / "PG_VERSION").exists():
-            log.info("initdb %s", pg_dir)
-            initdb = self._spawn("postgres", [str(pg_bin("initdb")), "-D", str(pg_dir), "--auth=trust",
-                                              "--auth-local=trust", "--encoding=utf8", "--no-locale",
-                                              "-U", PG_SUPERUSER], pg_dir, self.user, signal.SIGKILL)
-            try:
-                initdb.wait(START_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                initdb.kill()
-                initdb.wait()
-            if initdb.returncode != 0:
-                raise StartupError(f"initdb failed with code {initdb.returncode}; see {self.layout.log_file('postgres')}")
+            self.initdb(pg_dir)
         self.postgres = self._spawn("postgres", [
-            str(pg_bin("postgres")), "-D", str(pg_dir), "-p", str(PG_PORT),
+            str(self.pg_bin("postgres")), "-D", str(pg_dir), "-p", str(PG_PORT),
             "-h", "",  # listen_addresses='': no TCP at all
             "-k", str(self.layout.pg_socket_dir),
             "-c", "unix_socket_permissions=0700",
             "-c", "logging_collector=off",
         ], pg_dir, self.user, signal.SIGINT)  # SIGINT = fast shutdown
+
+    def pg_bin(self, name: str) -> Path:
+        """A postgres binary the server's user can run: as root, a copy under ROOT_PG_BASE (the
+        installed one may sit under a home directory no other user may enter)."""
+        if self.user is None or self.layout.pg_base == self.layout.data_dir:
+            return pg_bin(name)
+        # The binaries find their libraries at $ORIGIN/../../../pgserver.libs: the copy keeps that shape.
+        install = pg_bin(name).parent.parent  # .../site-packages/pgserver/pginstall
+        libs = install.parent.parent / "pgserver.libs"
+        digest = hashlib.sha256(f"{install}:{install.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        copy = ROOT_PG_BASE / f"pginstall-{digest}"
+        if not copy.exists():
+            staging = ROOT_PG_BASE / f".pginstall-{digest}-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(install, staging / "pgserver" / "pginstall", symlinks=True)
+            if libs.is_dir():
+                shutil.copytree(libs, staging / "pgserver.libs", symlinks=True)
+            for root, dirs, files in os.walk(staging):  # readable and runnable by the server's user
+                for entry in dirs:
+                    os.chmod(Path(root, entry), 0o755)
+                for entry in files:
+                    path = Path(root, entry)
+                    if not path.is_symlink():
+                        os.chmod(path, 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644)
+            os.chmod(staging, 0o755)
+            try:
+                staging.rename(copy)
+            except OSError:  # another supervisor made it first
+                shutil.rmtree(staging, ignore_errors=True)
+        return copy / "pgserver" / "pginstall" / "bin" / name
+
+    def initdb(self, pg_dir: Path) -> None:
+        """A new cluster whose superuser logs in with the generated password (scram-sha-256)."""
+        log.info("initdb %s", pg_dir)
+        password = self.layout.passwords().get("postgres")
+        pwfile = pg_dir.parent / f".pwfile-{os.getpid()}"
+        auth = ["--auth=trust", "--auth-local=trust"]
+        if password:
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(password + "\n")
+            if self.user is not None:
+                os.chown(pwfile, self.user.pw_uid, self.user.pw_gid)
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            initdb = self._spawn("postgres", [str(self.pg_bin("initdb")), "-D", str(pg_dir), *auth, "--encoding=utf8",
+                                              "--no-locale", "-U", PG_SUPERUSER], pg_dir, self.user, signal.SIGKILL)
+            try:
+                initdb.wait(START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                initdb.kill()
+                initdb.wait()
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if initdb.returncode != 0:
+            raise StartupError(f"initdb failed with code {initdb.returncode}; see {self.layout.log_file('postgres')}")
 
     def _spawn(self, log_name: str, args: list[str], cwd: Path, user: pwd.struct_passwd | None,
                death_signal: int) -> subprocess.Popen[bytes]:
@@ -497,6 +612,11 @@ class Supervisor:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(1)
                 s.connect(str(self.layout.redis_socket))
+                password = self.layout.passwords().get("redis")
+                if password:
+                    s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(password.encode()), password.encode()))
+                    if not s.recv(64).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith(b"+PONG")  # -LOADING while it replays the AOF
         except OSError:
@@ -513,9 +633,10 @@ class Supervisor:
     def ensure_database(self) -> None:
         sql = f"SELECT 'CREATE DATABASE {DB_NAME}' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DB_NAME}')\\gexec\n"
         result = subprocess.run(
-            [str(pg_bin("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.layout.pg_socket_dir),
+            [str(self.pg_bin("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.layout.pg_socket_dir),
              "-p", str(PG_PORT), "-U", PG_SUPERUSER, "-d", "postgres"],
-            input=sql.encode(), capture_output=True, env=self.env, timeout=30)
+            input=sql.encode(), capture_output=True, timeout=30,
+            env={**self.env, "PGPASSWORD": self.layout.passwords().get("postgres", "")})
         if result.returncode != 0:
             raise StartupError(f"creating database {DB_NAME} failed: {result.stderr.decode(errors='replace')}")
 
@@ -560,6 +681,7 @@ def main(argv: list[str]) -> int:
     lock_fd = try_lock(layout.supervisor_lock)
     if lock_fd is None:
         return EXIT_ALREADY_RUNNING
+    layout.ensure_passwords()  # under the lock: one supervisor makes them
     # Daemonize; the child inherits the locked descriptor, so the lock is held once our launcher
     # (which waits for this process) returns. We already are in a new session without a terminal.
     if os.fork() > 0:

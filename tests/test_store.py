@@ -362,3 +362,36 @@ def test_changes_after_a_flushed_version_get_a_window_of_their_own(store: Tiered
     assert due is not None and now < due <= now + store.config.write_behind_debounce_s + 0.01
     store.mark_flushed(ctx.context_id, 3)
     assert store.l2.due_time(ctx.context_id) is None and store.l2.pending_flushes() == 0
+
+
+def test_a_plain_sql_session_cannot_pass_its_edit_for_runctx_own(store: TieredStore, database_url: str) -> None:
+    """runctx's transactions run as the role runctx_writer; an operator's session (not a member)
+    that sets the old marker is still seen as plain SQL: its edit raises the version and evicts."""
+    import uuid
+
+    from psycopg import sql
+
+    ctx = new_context(store)
+    operator = f"rctx_operator_{uuid.uuid4().hex[:8]}"
+    _plain_sql(database_url, sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(operator)).as_string(None))
+    _plain_sql(database_url, sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(operator)).as_string(None))
+    events: list[ChangeEvent] = []
+    listener = ChangeListener(database_url, events.append).start()
+    try:
+        as_operator = psycopg.conninfo.make_conninfo(libpq_url(database_url), user=operator)
+        with psycopg.connect(as_operator, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SET ROLE runctx_writer")
+            with conn.transaction():
+                conn.execute("SELECT set_config('runctx.origin', 'runctx', true)")
+                conn.execute(
+                    "UPDATE context_snapshots SET document = jsonb_set(document, '{variables,greeting}', '\"hola\"') WHERE context_id = %s",
+                    (ctx.context_id,),
+                )
+        assert wait_for(lambda: any(e.key == f"context:{ctx.context_id}" and e.op == "UPDATE" for e in events), timeout=3)
+        event = next(e for e in events if e.key == f"context:{ctx.context_id}" and e.op == "UPDATE")
+        assert event.origin == "" and event.version == ctx.version + 1  # plain SQL: bumped, not runctx's
+    finally:
+        listener.stop()
+        _plain_sql(database_url, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(operator)).as_string(None))
+        _plain_sql(database_url, sql.SQL("DROP ROLE {}").format(sql.Identifier(operator)).as_string(None))

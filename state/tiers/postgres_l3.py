@@ -1,7 +1,8 @@
 """L3 on PostgreSQL, the authoritative record (SQLAlchemy 2 Core over psycopg 3).
 
-Every write runs in one transaction marked ``runctx.origin = 'runctx'`` (so change-event
-listeners can tell runctx's writes from plain SQL), with optimistic locking on versions and
+Every write runs in one transaction as the role ``runctx_writer`` (migration 0006; only its members
+may take it, so change-event listeners can tell runctx's writes from plain SQL and a plain-SQL
+session cannot pass for runctx), with optimistic locking on versions and
 retries with backoff for transient failures. This module and `state/schema.py` are the only
 places that speak SQL to the tables.
 """
@@ -50,6 +51,8 @@ from state.schema import (
 from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
 
 log = logging.getLogger(__name__)
+
+WRITER_ROLE = "runctx_writer"  # migration 0006: the role runctx's own transactions run as
 T = TypeVar("T")
 
 # SQLSTATEs worth another try: serialization failure, deadlock, lock timeout.
@@ -94,6 +97,7 @@ class PostgresTier:
 
     def __init__(self, engine: Engine, *, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC) -> None:
         self.engine = engine
+        self._as_writer: bool | None = None  # whether transactions run as WRITER_ROLE (found out once)
         self.codec = codec
         self.retry_attempts = config.l3_retry_attempts
         self.retry_base_delay_s = config.l3_retry_base_delay_s
@@ -111,9 +115,20 @@ class PostgresTier:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """One L3 transaction, marked as runctx's own."""
+        """One L3 transaction, marked as runctx's own: run as the role runctx_writer (which only
+        its members may take), or, where there is no such role, by the runctx.origin setting."""
         with self.engine.begin() as conn:
-            conn.execute(text("SELECT set_config('runctx.origin', 'runctx', true)"))
+            if self._as_writer is None:
+                self._as_writer = bool(
+                    conn.execute(
+                        text("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = :role) AND pg_has_role(:role, 'MEMBER')"),
+                        {"role": WRITER_ROLE},
+                    ).scalar()
+                )
+            if self._as_writer:
+                conn.execute(text(f"SET LOCAL ROLE {WRITER_ROLE}"))
+            else:
+                conn.execute(text("SELECT set_config('runctx.origin', 'runctx', true)"))
             yield conn
 
     def run(self, operation: str, work: Callable[[Connection], T]) -> T:

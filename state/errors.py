@@ -226,9 +226,17 @@ class MergeConflict(RoutineError):
 
 
 class StepFailed(RoutineError):
-    """A step's action failed (or was the `fail` action): the run fails, the step is not retried."""
+    """A step's action failed (or was the `fail` action): the run fails, the step is not retried.
+
+    ``hidden``: the action's own error text when the step read confidential or secret values: it
+    is never in the message, only stored sealed with the run.
+    """
 
     code = "STEP_FAILED"
+
+    def __init__(self, message: str, *, hidden: str | None = None) -> None:
+        super().__init__(message)
+        self.hidden = hidden
 
 
 class RefusedByDatabase(RoutineError):

@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal
 
-RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "l3_writes", "done", "progress")
+RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "hidden_error", "l3_writes", "done", "progress")
 
 # Contexts and their write-behind schedule are spread over this many hash tags (a cluster's slots).
 L2_SHARDS = 16

@@ -31,7 +31,7 @@ from state.errors import (
 )
 from state.keys import CacheKey, config_key, routine_key
 from state.models import RunContext, RunContextInit, StateCacheConfig
-from state.sealing import Keyring
+from state.sealing import Keyring, binding
 from state.settings import Settings
 from state.tiers.contracts import (
     CommitResult,
@@ -489,6 +489,15 @@ class TieredStore:
                 "have: give it the same keys as the others (newest first)",
             )
         self.l3.record_key(keyring.newest)
+
+    def keep_hidden_error(self, run_id: str, step_id: str, text: str) -> None:
+        """Keep the real error text of a step that read sensitive values, sealed (only with keys: an
+        in-memory store without them keeps nothing), for `runs.meta` at finalize."""
+        keyring = getattr(self.l2, "codec", None) and self.l2.codec.keyring  # type: ignore[attr-defined]
+        if keyring is None:
+            return
+        sealed = keyring.seal({"step": step_id, "error": text}, binding(run_id, run_id, "error", step_id, "secret"))
+        self.l2.keep_hidden_error(run_id, sealed)
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed in L2 (True for the first flag) and in this process's L1."""

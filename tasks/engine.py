@@ -361,6 +361,9 @@ class RunEngine:
     # ---- failing and finishing ----------------------------------------------------------------
 
     def _fail(self, message: StepMessage, node: Node, worker: str, error: str, cause: BaseException | None = None) -> None:
+        hidden = getattr(cause, "hidden", None)
+        if hidden:  # the text the step's error really had: kept with the run, sealed, never shown
+            self.store.keep_hidden_error(message.run_id, node.step_id, hidden)
         if cause is not None:
             log_error(log, cause, f"run {message.run_id} failed at {node.step_id} on {worker}")
         else:
@@ -403,6 +406,8 @@ class RunEngine:
             return False
         summary = self.store.l2.run_summary(message.run_id)
         meta = {"steps": summary["steps"], "l3_writes": summary["l3_writes"] + 1}
+        if summary.get("hidden_error"):
+            meta["hidden_error"] = summary["hidden_error"]  # sealed
         exports = export_records(contexts[0]) if message.status == "succeeded" else []
         epoch = message.epoch if message.status == "succeeded" else None  # a failure ends any epoch
         try:

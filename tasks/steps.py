@@ -88,7 +88,9 @@ class StepExecutor:
             # A step that read confidential or secret values may have put them in its error: its
             # text is never shown or stored, only its type and the step.
             if view.highest_read.masked:
-                raise StepFailed(f"action {node.action!r} raised {type(exc).__name__}: {HIDDEN}") from None
+                raise StepFailed(
+                    f"action {node.action!r} raised {type(exc).__name__}: {HIDDEN}", hidden=f"{type(exc).__name__}: {exc}"
+                ) from None
             if isinstance(exc, RoutineError):
                 raise
             raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc

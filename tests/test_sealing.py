@@ -250,3 +250,31 @@ def test_rotation_seals_everything_again_under_the_newest_key_and_forgets_the_ol
         assert after.l3.get_context(dirty.context_id).variables["email"] == EMAIL
     finally:
         after.close()
+
+
+def test_the_hidden_error_of_a_step_that_read_a_secret_is_kept_sealed_with_the_run(servers, database_url: str, key_prefix: str) -> None:
+    from state.store import TieredStore
+    from tasks.engine import RunEngine
+    from tasks.in_process import InProcessDispatcher
+    from tasks.routine import parse_routine
+
+    keys = keyring()
+    store = TieredStore.connect(servers.redis_url, database_url, config=StateCacheConfig(), prefix=key_prefix, keyring=keys)
+    dispatcher = InProcessDispatcher()
+    engine = RunEngine(store, dispatcher, max_attempts=3)
+    try:
+        routine = parse_routine({
+            "name": "hidden-error",
+            "variables": {"token": {"sensitivity": "secret"}},
+            "steps": [{"id": "call", "action": "tests.test_engine:leak_secret", "reads": ["token"]}],
+        })
+        run_id = engine.submit(routine, variables={"token": TOKEN})
+        dispatcher.settle(engine)
+        row = store.get_run(run_id)
+        assert row.status == "failed" and TOKEN not in row.error and "<hidden" in row.error
+        sealed = row.meta["hidden_error"]
+        assert is_sealed(sealed) and TOKEN not in json.dumps(row.meta)
+        opened = keys.open(sealed, binding(run_id, run_id, "error", "call", "secret"), where="t")
+        assert opened == {"step": "call", "error": f"RuntimeError: upstream refused token {TOKEN}"}
+    finally:
+        store.close()

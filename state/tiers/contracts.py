@@ -209,6 +209,9 @@ class L2Tier(Protocol):
     ) -> None:
         """Record a step's outcome (``record``: as a step's commit would have written it)."""
 
+    def keep_hidden_error(self, run_id: str, sealed: dict[str, str]) -> None:
+        """Keep the (sealed) real error of the step that failed the run; run_summary gives it back."""
+
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed; True for the first flag, which is also broadcast to every process."""
 

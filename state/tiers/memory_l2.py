@@ -48,6 +48,7 @@ class _Run:
     step_attempts: dict[str, int] = field(default_factory=dict)
     steps: dict[str, str] = field(default_factory=dict)
     failed: str | None = None
+    hidden_error: dict | None = None
     l3_writes: int = 0
     done: bool = False
     progress: float | None = None
@@ -275,6 +276,12 @@ class MemoryL2:
             self._run(run_id).steps[step_id] = json.dumps(record)
             self._run(run_id).progress = now
 
+    def keep_hidden_error(self, run_id: str, sealed: dict[str, str]) -> None:
+        with self._lock:
+            run = self._run(run_id)
+            if run.hidden_error is None:
+                run.hidden_error = dict(sealed)
+
     def mark_failed(self, run_id: str, error: str) -> bool:
         with self._lock:
             run = self._run(run_id)
@@ -301,8 +308,12 @@ class MemoryL2:
                 record["attempts"] = max(record.get("attempts", 1), 1 if counted is None else counted + 1)
                 steps.append({"id": step_id, **record})
             l3_writes = run.l3_writes
+            hidden_error = run.hidden_error
         steps.sort(key=lambda step: step["finished_at"])
-        return {"steps": steps, "l3_writes": l3_writes}
+        summary: dict[str, Any] = {"steps": steps, "l3_writes": l3_writes}
+        if hidden_error is not None:
+            summary["hidden_error"] = dict(hidden_error)
+        return summary
 
     def announce_done(self, run_id: str) -> None:
         with self._done:

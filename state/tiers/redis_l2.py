@@ -363,6 +363,10 @@ class RedisTier:
     def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         return bool(self._script("lease", [self.keys.lease(name)], [holder, int(ttl_s * 1000)]))
 
+    def keep_hidden_error(self, run_id: str, sealed: dict[str, str]) -> None:
+        key = self._record(run_id, "hidden_error")
+        self._call(lambda: self.client.set(key, json.dumps(sealed), nx=True, ex=RECORD_TTL_S))
+
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run as failed; True for the first flag (only that one finalizes), which is
         announced on the control channel so that no process starts more of the run's steps."""
@@ -385,6 +389,7 @@ class RedisTier:
     def run_summary(self, run_id: str) -> dict[str, Any]:
         step_keys = self.keys.step_records(run_id)
         step_attempts, l3_writes = self._record(run_id, "step_attempts"), self._record(run_id, "l3_writes")
+        hidden = self._record(run_id, "hidden_error")
 
         def read() -> list[Any]:
             with self.client.pipeline(transaction=False) as pipe:
@@ -392,9 +397,12 @@ class RedisTier:
                     pipe.hgetall(key)
                 pipe.hgetall(step_attempts)
                 pipe.get(l3_writes)
+                pipe.get(hidden)
                 return pipe.execute()
 
-        *step_parts, attempts, writes = self._records(run_id, [*step_keys, step_attempts, l3_writes], read)
+        *step_parts, attempts, writes, hidden_error = self._records(
+            run_id, [*step_keys, step_attempts, l3_writes, hidden], read
+        )
         out = []
         for steps in step_parts:
             for raw_id, raw in steps.items():
@@ -406,7 +414,13 @@ class RedisTier:
                 record["attempts"] = max(record.get("attempts", 1), 1 if counted is None else _count(counted) + 1)
                 out.append({"id": raw_id.decode(errors="replace"), **record})
         out.sort(key=lambda step: step["finished_at"])
-        return {"steps": out, "l3_writes": _count(writes, 0)}
+        summary: dict[str, Any] = {"steps": out, "l3_writes": _count(writes, 0)}
+        try:
+            if hidden_error is not None:
+                summary["hidden_error"] = json.loads(hidden_error)
+        except ValueError:
+            pass  # damaged: a report, dropped
+        return summary
 
     def announce_done(self, run_id: str) -> None:
         done = self._record(run_id, "done")

@@ -173,6 +173,26 @@ class Client:
             except CommunicationFailure:
                 time.sleep(min(1.0, max(left, 0.01)))  # Redis is away: ask the ledger again soon
 
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
+        return self.engine.cancel(run_id)
+
+    def runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Runs, newest first, as the ``runctx runs --json`` objects."""
+        return [
+            {
+                "run_id": row.run_id,
+                "routine": row.routine_name,
+                "version": row.routine_version,
+                "status": row.status,
+                "created_at": row.created_at.isoformat() if row.created_at else None,
+                "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+                "steps": len(row.meta.get("steps", [])),
+                "error": row.error,
+            }
+            for row in self.store.list_runs(status=status, routine=routine, limit=limit)
+        ]
+
     def context(self, run_id: str) -> RunContext:
         """The run's root context: the newest version (this process's L1 copy may be older)."""
         self.store.l1.evict_context(run_id)

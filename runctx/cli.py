@@ -240,6 +240,59 @@ def migrate() -> None:
     typer.echo(f"schema is up to date ({'embedded' if servers.embedded else 'configured'} database)")
 
 
+RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+EXIT_ALREADY_ENDED = 3  # `runctx cancel` of a run that had ended
+
+
+@app.command()
+def runs(
+    status: str | None = typer.Option(None, "--status", help=f"Only runs of this status ({', '.join(RUN_STATUSES)})."),
+    routine: str | None = typer.Option(None, "--routine", help="Only runs of this routine."),
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000, help="At most this many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """List runs, newest first."""
+    from runctx.api import Client
+
+    if status is not None and status not in RUN_STATUSES:
+        _fail(f"--status {status!r}: expected one of {', '.join(RUN_STATUSES)}")
+    with embedded_released():
+        try:
+            found = Client().runs(status=status, routine=routine, limit=limit)
+        except RunctxError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"runs": found}))
+        return
+    for run in found:
+        typer.echo(f"{run['run_id']:<34} {run['status']:<10} {run['routine']}@{run['version']}  {run['created_at']}  steps={run['steps']}")
+
+
+@app.command()
+def cancel(
+    run_id: str = typer.Argument(..., help="The run to cancel."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Cancel a running run: no further step starts, and it ends cancelled (exit 3 if it had ended)."""
+    from runctx.api import Client
+
+    with embedded_released():
+        try:
+            client = Client()
+            cancelled = client.cancel(run_id)
+            status = "cancelled" if cancelled else (client.engine.run_status(run_id).status)  # type: ignore[union-attr]
+        except RunctxError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"run_id": run_id, "cancelled": cancelled, "status": status}))
+    elif cancelled:
+        typer.echo(f"run {run_id}: cancelled")
+    else:
+        typer.echo(f"runctx: run {run_id} had ended ({status}): nothing to cancel", err=True)
+    if not cancelled:
+        raise typer.Exit(EXIT_ALREADY_ENDED)
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys of confidential and secret values.")
 app.add_typer(keys_app, name="keys")
 

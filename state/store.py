@@ -505,6 +505,9 @@ class TieredStore:
         self.l1.note_run_ended(run_id)
         return first
 
+    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
+        return self.l3.list_runs(status=status, routine=routine, limit=limit)
+
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         return self.l3.running_runs(limit)
 

@@ -35,7 +35,13 @@ from state.models import (
     RunContextInit,
 )
 from state.store import StepCommit, TieredStore
-from state.tiers.contracts import FINAL_STATUSES, ExportRecord, RunRow, StepReport
+from state.tiers.contracts import (
+    CANCELLED,
+    FINAL_STATUSES,
+    ExportRecord,
+    RunRow,
+    StepReport,
+)
 from tasks.advance import next_work, resume_points
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Node, Plan, compile_plan
@@ -286,8 +292,9 @@ class RunEngine:
         if run is None or run.status in FINAL_STATUSES or run.routine_version is None:
             return False
         error = self.store.l2.failure_of(run_id)
-        if error is not None:  # the run failed; only its failure finalize is missing
-            self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, "failed", error))
+        if error is not None:  # the run failed (or was cancelled); only its finalize is missing
+            status = "cancelled" if error == CANCELLED else "failed"
+            self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, status, error))
             return True
         contexts = self.store.rebuild_lineage(run_id, from_epoch)
         if contexts is None:
@@ -387,6 +394,20 @@ class RunEngine:
     def _fail_run(self, run_id: str, routine: str, routine_version: int, versions: dict[str, int], error: str) -> None:
         if self.store.mark_failed(run_id, error):
             self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, versions, "failed", error))
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a running run: no further step starts (a step running now commits nothing) and the
+        run ends ``cancelled``. False if it had ended already (or was failing)."""
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        if run.status in FINAL_STATUSES or run.routine_version is None:
+            return False
+        if not self.store.mark_failed(run_id, CANCELLED):
+            return False
+        log.warning("run %s cancelled", run_id)
+        self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, "cancelled", CANCELLED))
+        return True
 
     def finalize(self, message: FinalizeMessage) -> bool:
         """Final contexts, exports and the run's status in one L3 transaction; False if already final.

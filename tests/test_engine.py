@@ -780,3 +780,26 @@ def test_ten_branches_of_ten_steps_join_once_with_every_increment_counted(h: Har
     branches = [[inc(f"b{b}-{i}") for i in range(10)] for b in range(10)]
     run_id, row = h.run({"name": "hundred", "variables": {"counter": 0}, "steps": [{"id": "fan", "parallel": branches}, log_step("after")]})
     assert row.status == "succeeded" and h.final(run_id).variables == {"counter": 100, "log": [100]}
+
+
+# ---- cancelling --------------------------------------------------------------------------------------
+
+
+def test_a_cancelled_run_starts_no_further_step_and_ends_cancelled(h: Harness) -> None:
+    run_id = h.submit(sequence(5))
+    for _ in range(2):
+        h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())
+    assert h.engine.cancel(run_id) is True
+    row = h.settle(run_id)
+    assert row.status == "cancelled" and row.error == "cancelled by request"
+    assert h.final(run_id).variables["counter"] == 2 and h.final(run_id).applied_steps == ["s1", "s2"]
+    assert len(h.finalizes(run_id)) == 1
+    assert h.engine.cancel(run_id) is False  # ended: nothing to cancel
+    assert [run.run_id for run in h.store.list_runs(status="cancelled")] == [run_id]
+
+
+def test_cancelling_an_unknown_run_says_so(h: Harness) -> None:
+    from state.errors import NotFound
+
+    with pytest.raises(NotFound, match="does not exist"):
+        h.engine.cancel("no-such-run")

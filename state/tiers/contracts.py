@@ -110,7 +110,8 @@ class ExportRecord:
     sensitivity: str
 
 
-FINAL_STATUSES = ("succeeded", "failed")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+CANCELLED = "cancelled by request"  # the failed flag's text of a cancelled run: it finalizes as cancelled
 
 
 @runtime_checkable
@@ -266,6 +267,9 @@ class L3Tier(Protocol):
         final, or (with ``epoch``) if the run has been rewound past that epoch."""
 
     def get_run(self, run_id: str) -> RunRow | None: ...
+
+    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
+        """Runs, newest first, optionally of one status and one routine."""
 
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         """Runs that are not finished, oldest change first."""

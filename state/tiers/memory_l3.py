@@ -174,6 +174,15 @@ class MemoryL3:
             self.writes += 1
             return True
 
+    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
+        with self._lock:
+            found = [
+                run for run in self._runs.values()
+                if (status is None or run.status == status) and (routine is None or run.routine_name == routine)
+            ]
+        found.sort(key=lambda run: (run.created_at or _now(), run.run_id), reverse=True)
+        return found[:limit]
+
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         with self._lock:
             running = [run for run in self._runs.values() if run.status not in FINAL_STATUSES]

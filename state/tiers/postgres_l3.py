@@ -373,6 +373,15 @@ class PostgresTier:
         row = self.read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first())
         return None if row is None else self._run_of(row)
 
+    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
+        query = select(runs)
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        if routine is not None:
+            query = query.where(runs.c.routine_name == routine)
+        query = query.order_by(runs.c.created_at.desc(), runs.c.run_id).limit(limit)
+        return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
+
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         query = select(runs).where(runs.c.status.notin_(FINAL_STATUSES)).order_by(runs.c.updated_at).limit(limit)
         return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]

@@ -1,0 +1,70 @@
+"""`runctx runs` and `runctx cancel` on real worker processes: --json shapes and exit codes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.test_e2e_crash import step_records, wait_for
+
+
+def _write(path: Path, name: str, steps: list[dict]) -> Path:
+    path.write_text(json.dumps({"name": name, "variables": {"counter": 0}, "steps": steps}))
+    return path
+
+
+@pytest.mark.slow
+def test_runs_lists_runs_newest_first_and_filters_them(make_cluster, tmp_path: Path) -> None:
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", concurrency=1)
+    first = cluster.run(_write(tmp_path / "a.json", "alpha", [{"id": "s", "action": "increment", "args": {"name": "counter"}}]))
+    second = cluster.run(_write(tmp_path / "b.json", "beta", [{"id": "s", "action": "increment", "args": {"name": "counter"}}]))
+    assert first["status"] == second["status"] == "succeeded"
+
+    listed = cluster.runctx("runs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    runs = json.loads(listed.stdout)["runs"]
+    assert [run["run_id"] for run in runs] == [second["run_id"], first["run_id"]]  # newest first
+    assert set(runs[0]) == {"run_id", "routine", "version", "status", "created_at", "finished_at", "steps", "error"}
+    assert (runs[0]["routine"], runs[0]["status"], runs[0]["steps"], runs[0]["error"]) == ("beta", "succeeded", 1, None)
+
+    only_alpha = json.loads(cluster.runctx("runs", "--routine", "alpha", "--json").stdout)["runs"]
+    assert [run["run_id"] for run in only_alpha] == [first["run_id"]]
+    assert len(json.loads(cluster.runctx("runs", "--status", "succeeded", "--limit", "1", "--json").stdout)["runs"]) == 1
+    assert json.loads(cluster.runctx("runs", "--status", "cancelled", "--json").stdout)["runs"] == []
+
+    bad = cluster.runctx("runs", "--status", "sideways")
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "--status 'sideways'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_run_and_says_what_happened(make_cluster, tmp_path: Path) -> None:
+    steps = [{"id": f"s{n:02d}", "action": "sleep", "args": {"seconds": 0.1}} for n in range(40)]
+    path = _write(tmp_path / "slow.json", "slow", steps)
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", concurrency=1)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        run_id = cluster.submit(path)
+        wait_for(lambda: len(step_records(client, cluster.prefix, run_id)) >= 3, 60, "three steps done")
+
+        done = cluster.runctx("cancel", run_id, "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"run_id": run_id, "cancelled": True, "status": "cancelled"}
+        at_cancel = len(step_records(client, cluster.prefix, run_id))
+
+        result = cluster.wait(run_id, timeout_s=60)
+        assert result["status"] == "cancelled" and result["error"] == "cancelled by request"
+        time.sleep(1.0)  # a step that was running when the run was cancelled commits nothing
+        assert len(step_records(client, cluster.prefix, run_id)) <= at_cancel + 1 < len(steps)
+
+        again = cluster.runctx("cancel", run_id)
+        assert again.returncode == 3 and "had ended (cancelled)" in again.stderr
+        unknown = cluster.runctx("cancel", "no-such-run")
+        assert unknown.returncode == 1 and unknown.stderr.strip() == "runctx: run 'no-such-run' does not exist"
+    finally:
+        client.close()

@@ -299,6 +299,16 @@ def pg_bin(name: str) -> Path:
     return _package_dir("pgserver") / "pginstall" / "bin" / name
 
 
+def _pgserver_release(install: Path) -> str:
+    """pgserver's version (from its dist-info), else a digest of where it is installed."""
+    try:
+        from importlib.metadata import version
+
+        return "pgserver-" + version("pgserver")
+    except Exception:  # not installed as a distribution
+        return hashlib.sha256(str(install).encode()).hexdigest()[:12]
+
+
 def ensure_system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -553,10 +563,10 @@ class Supervisor:
         # The binaries find their libraries at $ORIGIN/../../../pgserver.libs: the copy keeps that shape.
         install = pg_bin(name).parent.parent  # .../site-packages/pgserver/pginstall
         libs = install.parent.parent / "pgserver.libs"
-        digest = hashlib.sha256(f"{install}:{install.stat().st_mtime_ns}".encode()).hexdigest()[:12]
-        copy = ROOT_PG_BASE / f"pginstall-{digest}"
+        # One copy per pgserver release (the same wheel, the same binaries), whichever venv has it.
+        copy = ROOT_PG_BASE / f"pginstall-{_pgserver_release(install)}"
         if not copy.exists():
-            staging = ROOT_PG_BASE / f".pginstall-{digest}-{os.getpid()}"
+            staging = ROOT_PG_BASE / f".{copy.name}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(install, staging / "pgserver" / "pginstall", symlinks=True)
             if libs.is_dir():

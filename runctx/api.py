@@ -173,6 +173,10 @@ class Client:
             except CommunicationFailure:
                 time.sleep(min(1.0, max(left, 0.01)))  # Redis is away: ask the ledger again soon
 
+    def step_states(self, run_id: str) -> dict[str, Any]:
+        """The ``runctx status --json`` object: each step's state, worker, attempts, duration; totals."""
+        return self.engine.step_states(run_id)
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
         return self.engine.cancel(run_id)

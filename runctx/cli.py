@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -266,6 +267,47 @@ def runs(
         return
     for run in found:
         typer.echo(f"{run['run_id']:<34} {run['status']:<10} {run['routine']}@{run['version']}  {run['created_at']}  steps={run['steps']}")
+
+
+@app.command()
+def status(
+    run_id: str = typer.Argument(..., help="The run to show."),
+    watch: bool = typer.Option(False, "--watch", help="Show the totals as they change, until the run ends."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Where a run stands: each step's state, worker, attempts and duration, and the totals."""
+    from runctx.api import Client
+
+    with embedded_released():
+        try:
+            client = Client()
+            states = client.step_states(run_id)
+            last = None
+            while watch and states["status"] == "running":
+                line = _totals_line(states)
+                if line != last and not as_json:
+                    typer.echo(line)
+                    last = line
+                time.sleep(0.5)
+                states = client.step_states(run_id)
+        except RunctxError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(states))
+        return
+    typer.echo(f"run {run_id}: {states['status']} ({states['routine']}@{states['version']})")
+    for step in states["steps"]:
+        duration = "" if step["duration_s"] is None else f"{step['duration_s'] * 1000:.1f} ms"
+        typer.echo(f"  {step['id']:<30} {step['state']:<8} {step['worker'] or '-':<28} attempts={step['attempts']} {duration}")
+    typer.echo(_totals_line(states))
+    if states["error"]:
+        typer.echo(f"error: {one_line(states['error'])}")
+
+
+def _totals_line(states: dict[str, Any]) -> str:
+    totals = states["totals"]
+    return (f"done {totals['done']} / running {totals['running']} / pending {totals['pending']} / "
+            f"failed {totals['failed']} (of {totals['total']})")
 
 
 @app.command()

@@ -482,6 +482,69 @@ class RunEngine:
     def run_status(self, run_id: str) -> RunRow | None:
         return self.store.get_run(run_id)
 
+    def step_states(self, run_id: str) -> dict[str, Any]:
+        """Where a run stands: each real step's state (done, running, pending or failed) with its
+        worker, attempts and duration, and the totals. "running": dispatched (the run's frontier:
+        every step before it is applied) and not finished yet."""
+        row = self.store.get_run(run_id)
+        if row is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        if row.routine_version is None:
+            raise NotFound(f"run {run_id!r} has no routine version")
+        plan = self.plans.get(row.routine_name, row.routine_version)
+        final = row.status in FINAL_STATUSES
+        records = row.meta.get("steps", []) if final else self.store.l2.run_summary(run_id)["steps"]
+        by_id = {record["id"]: record for record in records}
+        frontier: set[str] = set()
+        if not final:
+            contexts = {}
+            for path in plan.contexts:
+                try:
+                    contexts[path] = self.store.get_context(context_id(run_id, path))
+                except NotFound:
+                    continue
+            if "" in contexts:
+                frontier = {plan.node(i).step_id for i in resume_points(plan, contexts).points if plan.node(i).kind in ("action", "child_end")}
+        steps = []
+        for node in _in_order(plan):
+            record = by_id.get(node.step_id)
+            if record is not None:
+                state = "failed" if record.get("status") == "failed" else "done"
+            else:
+                state = "running" if node.step_id in frontier else "pending"
+            steps.append({
+                "id": node.step_id,
+                "state": state,
+                "worker": record.get("worker") if record else None,
+                "attempts": record.get("attempts", 1) if record else 0,
+                "duration_s": record.get("duration_s") if record else None,
+            })
+        totals = {state: sum(1 for step in steps if step["state"] == state) for state in ("done", "running", "pending", "failed")}
+        return {
+            "run_id": run_id, "routine": row.routine_name, "version": row.routine_version, "status": row.status,
+            "error": row.error, "steps": steps, "totals": {**totals, "total": len(steps)},
+        }
+
+
+def _in_order(plan: Plan) -> list[Node]:
+    """The real steps in the order a reader expects: a sequence in order, each branch whole."""
+    out: list[Node] = []
+
+    def walk(index: int | None, stop: int | None = None) -> None:
+        while index is not None and index != stop:
+            node = plan.node(index)
+            if node.kind in ("action", "child_end"):
+                out.append(node)
+            if node.kind == "fork":
+                for start in node.branch_starts:
+                    walk(start, stop=node.next)
+                index = plan.node(node.next).next if node.next is not None else None
+            else:
+                index = node.next
+
+    walk(plan.start)
+    return out
+
 
 def _path_in_run(run_id: str, context_id_: str) -> str:
     return "" if context_id_ == run_id else context_id_[len(run_id) + 1 :]

@@ -68,3 +68,35 @@ def test_cancel_stops_a_running_run_and_says_what_happened(make_cluster, tmp_pat
         assert unknown.returncode == 1 and unknown.stderr.strip() == "runctx: run 'no-such-run' does not exist"
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_status_shows_each_step_and_the_totals_of_a_running_and_a_finished_run(make_cluster, tmp_path: Path) -> None:
+    steps = [{"id": f"s{n:02d}", "action": "sleep", "args": {"seconds": 0.15}} for n in range(12)]
+    path = _write(tmp_path / "status.json", "status-demo", steps)
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", concurrency=1)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        run_id = cluster.submit(path)
+        wait_for(lambda: len(step_records(client, cluster.prefix, run_id)) >= 2, 60, "two steps done")
+        shown = cluster.runctx("status", run_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        states = json.loads(shown.stdout)
+        assert states["status"] == "running" and states["routine"] == "status-demo"
+        assert [step["id"] for step in states["steps"]] == [step["id"] for step in steps]
+        totals = states["totals"]
+        assert totals["total"] == 12 and totals["done"] >= 2 and totals["running"] <= 1 and totals["failed"] == 0
+        assert totals["done"] + totals["running"] + totals["pending"] == 12
+        done = [step for step in states["steps"] if step["state"] == "done"]
+        assert all(step["worker"].startswith("n1-") and step["attempts"] == 1 and step["duration_s"] > 0.1 for step in done)
+
+        watched = cluster.runctx("status", run_id, "--watch", timeout_s=60)  # returns when the run ends
+        assert watched.returncode == 0 and "done 12 / running 0 / pending 0 / failed 0 (of 12)" in watched.stdout
+        final = json.loads(cluster.runctx("status", run_id, "--json").stdout)
+        assert final["status"] == "succeeded" and final["totals"]["done"] == 12
+
+        unknown = cluster.runctx("status", "no-such-run")
+        assert unknown.returncode == 1 and unknown.stderr.strip() == "runctx: run 'no-such-run' does not exist"
+    finally:
+        client.close()

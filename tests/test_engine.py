@@ -803,3 +803,18 @@ def test_cancelling_an_unknown_run_says_so(h: Harness) -> None:
 
     with pytest.raises(NotFound, match="does not exist"):
         h.engine.cancel("no-such-run")
+
+
+def test_step_states_show_where_a_run_stands(h: Harness) -> None:
+    run_id = h.submit(sequence(4))
+    h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())  # s1 done, s2 dispatched
+    states = h.engine.step_states(run_id)
+    assert states["status"] == "running"
+    assert [(step["id"], step["state"]) for step in states["steps"]] == [
+        ("s1", "done"), ("s2", "running"), ("s3", "pending"), ("s4", "pending")
+    ]
+    assert states["totals"] == {"done": 1, "running": 1, "pending": 2, "failed": 0, "total": 4}
+    assert states["steps"][0]["worker"] == "in-process" and states["steps"][0]["attempts"] == 1
+    h.settle(run_id)
+    final = h.engine.step_states(run_id)
+    assert final["status"] == "succeeded" and final["totals"]["done"] == 4 and final["totals"]["running"] == 0

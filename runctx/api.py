@@ -173,6 +173,10 @@ class Client:
             except CommunicationFailure:
                 time.sleep(min(1.0, max(left, 0.01)))  # Redis is away: ask the ledger again soon
 
+    def context_tree(self, run_id: str) -> dict[str, Any]:
+        """The ``runctx context --json`` object: the run's contexts with their versions in L2 and L3."""
+        return self.engine.context_tree(run_id)
+
     def step_states(self, run_id: str) -> dict[str, Any]:
         """The ``runctx status --json`` object: each step's state, worker, attempts, duration; totals."""
         return self.engine.step_states(run_id)

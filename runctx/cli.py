@@ -311,6 +311,32 @@ def _totals_line(states: dict[str, Any]) -> str:
 
 
 @app.command()
+def context(
+    run_id: str = typer.Argument(..., help="The run whose contexts to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The tree of a run's contexts: each with its version in L2 and L3, pending write-behind and
+    its values (confidential and secret ones masked)."""
+    from runctx.api import Client
+
+    with embedded_released():
+        try:
+            tree = Client().context_tree(run_id)
+        except RunctxError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(tree))
+        return
+    typer.echo(f"run {run_id}: {tree['status']}")
+    for ctx in tree["contexts"]:
+        indent = "  " * (1 + (ctx["path"].count("/") + 1 if ctx["path"] else 0))
+        pending = ", write-behind pending" if ctx["pending_write"] else ""
+        typer.echo(f"{indent}{ctx['path'] or '(root)'} [{ctx['routine']}] L2 v{ctx['version_l2']} L3 v{ctx['version_l3']}{pending}")
+        for name, value in sorted(ctx["variables"].items()):
+            typer.echo(f"{indent}  {name} = {one_line(json.dumps(value))[:200]}")
+
+
+@app.command()
 def cancel(
     run_id: str = typer.Argument(..., help="The run to cancel."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

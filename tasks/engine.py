@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Mapping
 
 from state.errors import (
+    ContextCorruption,
     InfrastructureError,
     InvalidRoutine,
     InvalidValue,
@@ -481,6 +482,39 @@ class RunEngine:
 
     def run_status(self, run_id: str) -> RunRow | None:
         return self.store.get_run(run_id)
+
+    def context_tree(self, run_id: str) -> dict[str, Any]:
+        """The run's contexts, root first then each sub-routine's under its parent: each with its
+        version in L2 and in L3, whether it waits for its write-behind, and its variables with
+        confidential and secret values masked."""
+        row = self.store.get_run(run_id)
+        if row is None or row.routine_version is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        plan = self.plans.get(row.routine_name, row.routine_version)
+        contexts = []
+        for path in sorted(plan.contexts, key=lambda p: (p.count("/") if p else -1, p)):
+            ctx_id = context_id(run_id, path)
+            stored = None
+            try:
+                stored = self.store.l2.get_context(ctx_id)
+            except ContextCorruption:
+                stored = None
+            in_l3 = self.store.l3.get_context(ctx_id)
+            newest = stored.context if stored is not None else in_l3
+            if newest is None:
+                continue  # a sub-routine the run has not reached
+            contexts.append({
+                "id": ctx_id,
+                "path": path,
+                "parent": newest.parent_id,
+                "routine": plan.contexts[path],
+                "version_l2": stored.version if stored is not None else None,
+                "version_l3": in_l3.version if in_l3 is not None else None,
+                "pending_write": bool(stored is not None and stored.dirty),
+                "variables": newest.masked_variables(),
+                "sensitivity": {name: level.value for name, level in newest.sensitivity_map.items() if level.value != "public"},
+            })
+        return {"run_id": run_id, "status": row.status, "contexts": contexts}
 
     def step_states(self, run_id: str) -> dict[str, Any]:
         """Where a run stands: each real step's state (done, running, pending or failed) with its

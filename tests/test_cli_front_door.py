@@ -100,3 +100,34 @@ def test_status_shows_each_step_and_the_totals_of_a_running_and_a_finished_run(m
         assert unknown.returncode == 1 and unknown.stderr.strip() == "runctx: run 'no-such-run' does not exist"
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_context_shows_the_tree_of_a_run_with_sensitive_values_masked(make_cluster, tmp_path: Path) -> None:
+    routine = {
+        "name": "tree-demo",
+        "variables": {"counter": 0, "token": {"sensitivity": "secret"}},
+        "steps": [
+            {"id": "s1", "action": "increment", "args": {"name": "counter"}},
+            {"id": "sub", "routine": {"name": "kid", "steps": [{"id": "k1", "action": "increment", "args": {"name": "counter"}}]},
+             "inherit": ["counter", "token"]},
+        ],
+    }
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps(routine))
+    (tmp_path / "vars.json").write_text('{"token": "tree-secret-123"}')
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", concurrency=1)
+    result = cluster.run(path, "--var-file", str(tmp_path / "vars.json"))
+    assert result["status"] == "succeeded", result
+
+    shown = cluster.runctx("context", result["run_id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    tree = json.loads(shown.stdout)
+    assert [ctx["path"] for ctx in tree["contexts"]] == ["", "sub"]
+    root, child = tree["contexts"]
+    assert root["variables"] == {"counter": 2, "token": "***"} and child["variables"]["token"] == "***"
+    assert child["parent"] == result["run_id"] and root["version_l3"] >= 2
+    human = cluster.runctx("context", result["run_id"])
+    assert human.returncode == 0 and "(root)" in human.stdout and "tree-secret-123" not in shown.stdout + human.stdout
+    assert cluster.runctx("context", "no-such-run").stderr.strip() == "runctx: run 'no-such-run' does not exist"

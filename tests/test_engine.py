@@ -818,3 +818,19 @@ def test_step_states_show_where_a_run_stands(h: Harness) -> None:
     h.settle(run_id)
     final = h.engine.step_states(run_id)
     assert final["status"] == "succeeded" and final["totals"]["done"] == 4 and final["totals"]["running"] == 0
+
+
+def test_the_context_tree_shows_each_context_its_tiers_and_masks_sensitive_values(h: Harness) -> None:
+    routine = {
+        "name": "tree",
+        "variables": {"counter": 0, "token": {"sensitivity": "secret"}},
+        "steps": [inc("s1"), {"id": "sub", "routine": {"name": "kid", "steps": [inc("k1")]}, "inherit": ["counter"]}],
+    }
+    run_id, row = h.run(routine, {"token": SECRET})
+    tree = h.engine.context_tree(run_id)
+    assert [ctx["path"] for ctx in tree["contexts"]] == ["", "sub"]
+    root, child = tree["contexts"]
+    assert root["variables"]["token"] == "***" and root["sensitivity"] == {"token": "secret"}
+    assert root["version_l2"] == root["version_l3"] and root["pending_write"] is False
+    assert child["parent"] == run_id and child["routine"] == "kid" and child["variables"]["counter"] == 2
+    assert SECRET not in repr(tree)

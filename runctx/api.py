@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -184,6 +185,11 @@ class Client:
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
         return self.engine.cancel(run_id)
+
+    def prune(self, older_than_s: float) -> dict[str, int]:
+        """Delete finished runs older than ``older_than_s`` (see ``runctx prune``); what was deleted."""
+        report = self.store.prune(older_than_s)
+        return {"runs": report.runs, "contexts": report.contexts}
 
     def runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Runs, newest first, as the ``runctx runs --json`` objects."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,34 @@ from state.settings import get_settings
 
 if TYPE_CHECKING:
     from runctx.api import RunResult
+
+def _plain_help_labels() -> None:
+    """Typer 0.29 labels each parameter in ``--help`` with its Python annotation (``<bool>``,
+    ``<list[str]>``) and braces required arguments (``{file}``); show what click shows instead:
+    the metavar we give or the value's kind (PATH, INTEGER), nothing for a flag, ``FILE`` bare."""
+    from typer import core
+
+    kinds = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
+
+    def display_type(self: Any, ctx: Any) -> str | None:
+        described = self.type_descriptor
+        if described.annotation is bool:
+            return None
+        if self.metavar:
+            return str(self.metavar)
+        if described.is_path:
+            return "PATH"
+        return kinds.get(described.annotation, "VALUE")
+
+    def usage_name(self: Any) -> str:
+        name = self.display_name_raw.upper()
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    core._TyperParameter.display_type = display_type  # type: ignore[method-assign]
+    core.TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
+
+
+_plain_help_labels()
 
 app = typer.Typer(
     add_completion=False,
@@ -141,7 +170,7 @@ def _warn_sensitive_on_command_line(routine: Any, pairs: list[str]) -> None:
             )
 
 
-def _print_result(result: "RunResult", as_json: bool) -> None:
+def _print_result(result: RunResult, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.as_json()))
     else:
@@ -161,14 +190,14 @@ def _print_result(result: "RunResult", as_json: bool) -> None:
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="A routine file (YAML or JSON)."),
-    var: list[str] = typer.Option([], "--var", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A routine file (YAML or JSON)."),
+    var: list[str] = typer.Option([], "--var", metavar="NAME=VALUE", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
     var_file: Path | None = typer.Option(
-        None, "--var-file", help="Variables from a YAML or JSON mapping (the way to give secrets)."
+        None, "--var-file", metavar="FILE", help="Variables from a YAML or JSON mapping (the way to give secrets)."
     ),
-    workers: int = typer.Option(0, "--workers", min=0, help="Start N local worker processes for this run."),
+    workers: int = typer.Option(0, "--workers", min=0, metavar="N", help="Start N local worker processes for this run."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting after this many seconds."),
+    timeout: float | None = typer.Option(None, "--timeout", metavar="SECONDS", help="Give up waiting after this many seconds."),
 ) -> None:
     """Submit a routine, wait for it, and print its outcome (exit 0 only if it succeeded)."""
     from runctx.api import Client
@@ -185,19 +214,65 @@ def run(
             with LocalWorkers(workers, servers, settings) if workers else contextlib.nullcontext():
                 run_id = client.submit(routine, variables=variables)
                 if not workers and not client.workers_alive():
-                    typer.echo(f"runctx: run {run_id} waits for a worker: start some (celery -A workers worker) or pass --workers N", err=True)
+                    typer.echo(f"runctx: run {run_id} waits for a worker: start some (runctx worker) or pass --workers N", err=True)
+                if not as_json:
+                    _show_progress(client, run_id, timeout)
                 result = client.wait(run_id, timeout)
         except RunctxError as exc:
             _fail(str(exc))
     _print_result(result, as_json)
 
 
+PROGRESS_POLL_S = 0.25
+
+
+def _show_progress(client: Any, run_id: str, timeout: float | None) -> None:
+    """Until the run ends (or ``timeout``): a live bar on a terminal, else a line per change on stderr."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        columns = (
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"), TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=Console(file=sys.stdout), refresh_per_second=8) as bar:
+            task = bar.add_task(f"run {run_id}", total=None, running=0, failed=0)
+            for states in _states_until_end(client, run_id, deadline):
+                totals = states["totals"]
+                bar.update(task, total=totals["total"], completed=totals["done"], running=totals["running"], failed=totals["failed"])
+        return
+    last = None
+    for states in _states_until_end(client, run_id, deadline):
+        line = f"run {run_id}: {_totals_line(states)}"
+        if line != last:
+            typer.echo(line, err=True)
+            last = line
+
+
+def _states_until_end(client: Any, run_id: str, deadline: float | None) -> Any:
+    """The run's step states every PROGRESS_POLL_S, the last one once it has ended."""
+    while True:
+        states = client.step_states(run_id)
+        yield states
+        if states["status"] != "running" or (deadline is not None and time.monotonic() >= deadline):
+            return
+        time.sleep(PROGRESS_POLL_S)
+
+
 @app.command()
 def submit(
-    file: Path = typer.Argument(..., help="A routine file (YAML or JSON)."),
-    var: list[str] = typer.Option([], "--var", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A routine file (YAML or JSON)."),
+    var: list[str] = typer.Option([], "--var", metavar="NAME=VALUE", help="Set a variable: NAME=VALUE (VALUE as JSON, else a string)."),
     var_file: Path | None = typer.Option(
-        None, "--var-file", help="Variables from a YAML or JSON mapping (the way to give secrets)."
+        None, "--var-file", metavar="FILE", help="Variables from a YAML or JSON mapping (the way to give secrets)."
     ),
 ) -> None:
     """Submit a routine to the running workers and print its run id without waiting."""
@@ -217,9 +292,9 @@ def submit(
 
 @app.command()
 def wait(
-    run_id: str,
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to wait for."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    timeout: float | None = typer.Option(None, "--timeout"),
+    timeout: float | None = typer.Option(None, "--timeout", metavar="SECONDS", help="Give up waiting after this many seconds."),
 ) -> None:
     """Wait for a run submitted earlier (by any process) and print its outcome."""
     from runctx.api import Client
@@ -243,13 +318,14 @@ def migrate() -> None:
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
 EXIT_ALREADY_ENDED = 3  # `runctx cancel` of a run that had ended
+EXIT_STACK_DOWN = 3  # `runctx stack status` when the servers do not run
 
 
 @app.command()
 def runs(
-    status: str | None = typer.Option(None, "--status", help=f"Only runs of this status ({', '.join(RUN_STATUSES)})."),
-    routine: str | None = typer.Option(None, "--routine", help="Only runs of this routine."),
-    limit: int = typer.Option(50, "--limit", min=1, max=10_000, help="At most this many, newest first."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS", help=f"Only runs of this status ({', '.join(RUN_STATUSES)})."),
+    routine: str | None = typer.Option(None, "--routine", metavar="NAME", help="Only runs of this routine."),
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000, metavar="N", help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """List runs, newest first."""
@@ -271,7 +347,7 @@ def runs(
 
 @app.command()
 def status(
-    run_id: str = typer.Argument(..., help="The run to show."),
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to show."),
     watch: bool = typer.Option(False, "--watch", help="Show the totals as they change, until the run ends."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -312,7 +388,7 @@ def _totals_line(states: dict[str, Any]) -> str:
 
 @app.command()
 def context(
-    run_id: str = typer.Argument(..., help="The run whose contexts to show."),
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run whose contexts to show."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The tree of a run's contexts: each with its version in L2 and L3, pending write-behind and
@@ -338,7 +414,7 @@ def context(
 
 @app.command()
 def cancel(
-    run_id: str = typer.Argument(..., help="The run to cancel."),
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to cancel."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Cancel a running run: no further step starts, and it ends cancelled (exit 3 if it had ended)."""
@@ -361,6 +437,123 @@ def cancel(
         raise typer.Exit(EXIT_ALREADY_ENDED)
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (or a plain number of seconds) in seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None:
+        raise typer.BadParameter(f"{text!r}: expected a number and a unit (s, m, h, d or w), e.g. 30d", param_hint=option)
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+@app.command()
+def prune(
+    older_than: str = typer.Option(..., "--older-than", metavar="DURATION", help="Finished longer ago than this: 30d, 12h, 90m."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Delete finished runs older than DURATION: their ledger rows, contexts and Redis records.
+    Exports and blackboard entries stay. Running runs are never touched."""
+    from runctx.api import Client
+
+    seconds = parse_duration(older_than, "--older-than")
+    with embedded_released():
+        try:
+            report = Client().prune(seconds)
+        except RunctxError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"older_than_s": seconds, **report}))
+    else:
+        typer.echo(f"pruned {report['runs']} run(s) and {report['contexts']} context(s) that finished over {older_than} ago")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, metavar="N", help="Pool processes (default: one per CPU)."),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR."),
+    hostname: str | None = typer.Option(None, "--hostname", "-n", metavar="NAME", help="The node's name (default celery@HOST)."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=1, max=65535, metavar="PORT", help="Serve Prometheus metrics here (RUNCTX_METRICS_PORT)."
+    ),
+) -> None:
+    """Run a worker node: Celery's worker with runctx's settings (RUNCTX_*). Anything after the
+    options goes to `celery worker` as it is (e.g. `runctx worker -- --max-tasks-per-child 100`)."""
+    import os
+
+    command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-l", loglevel]
+    if concurrency is not None:
+        command += ["-c", str(concurrency)]
+    if hostname is not None:
+        command += ["-n", hostname]
+    command += list(ctx.args)
+    if metrics_port is not None:
+        os.environ["RUNCTX_METRICS_PORT"] = str(metrics_port)
+    sys.stdout.flush()
+    os.execv(sys.executable, command)  # the node is Celery's own process: its signals, its exit code
+
+
+stack_app = typer.Typer(no_args_is_help=True, help="The embedded Redis and PostgreSQL, kept up between commands.")
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("up")
+def stack_up(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Start the embedded servers and keep them up after this command (until `runctx stack down`)."""
+    from runctx.embedded import describe, keep_up
+
+    settings = get_settings()
+    try:
+        stack, started = keep_up(settings.data_dir)
+        upgrade(stack.database_url)
+        stack.stop()  # this command's lease; the keeper holds its own
+    except RunctxError as exc:
+        _fail(str(exc))
+    state = describe(settings.data_dir)
+    if as_json:
+        typer.echo(json.dumps(state))
+    else:
+        typer.echo(f"embedded stack {'up' if started else 'was up already'} in {state['data_dir']}; "
+                   "runctx commands and workers with no RUNCTX_REDIS_URL/RUNCTX_DATABASE_URL use it")
+
+
+@stack_app.command("down")
+def stack_down(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Let the embedded servers stop: at once, or when the last process using them (a worker) exits."""
+    from runctx.embedded import describe, release_keeper, wait_stopped
+
+    settings = get_settings()
+    released = release_keeper(settings.data_dir)
+    stopped = wait_stopped(settings.data_dir)
+    state = describe(settings.data_dir)
+    if as_json:
+        typer.echo(json.dumps({**state, "released": released}))
+    elif stopped:
+        typer.echo(f"embedded stack in {state['data_dir']} is down")
+    else:
+        typer.echo(f"embedded stack in {state['data_dir']} stays up while {state['owners']} process(es) use it; "
+                   "it stops when the last one exits")
+
+
+@stack_app.command("status")
+def stack_status(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Whether the embedded servers run, for how many processes, and where their sockets are (exit 3 if down)."""
+    from runctx.embedded import describe
+
+    state = describe(get_settings().data_dir)
+    if as_json:
+        typer.echo(json.dumps(state))
+    elif state["status"] == "up":
+        typer.echo(f"embedded stack up in {state['data_dir']}: redis pid {state['redis_pid']}, postgres pid "
+                   f"{state['postgres_pid']}, used by {state['owners']} process(es){', kept up' if state['kept_up'] else ''}")
+    else:
+        typer.echo(f"embedded stack down in {state['data_dir']}")
+    if state["status"] != "up":
+        raise typer.Exit(EXIT_STACK_DOWN)
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys of confidential and secret values.")
 app.add_typer(keys_app, name="keys")
 
@@ -375,7 +568,7 @@ def keys_new() -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(
-    batch: int = typer.Option(100, "--batch", min=1, help="Rows sealed again per transaction."),
+    batch: int = typer.Option(100, "--batch", min=1, metavar="N", help="Rows sealed again per transaction."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Seal every stored value again under the newest key, while runs go on (run it again to resume).
@@ -404,10 +597,22 @@ def keys_rotate(
         typer.echo(f"sealed again under key {keyring.newest}: {counts['l3']} rows in L3, {counts['l2']} entries in L2")
 
 
+# Typer's own usage errors (a missing or malformed option), to be printed as one line.
+_UsageError = typer.BadParameter.__mro__[1]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except _UsageError as exc:  # one line naming the option, not a framed box
+        where = f"runctx {exc.ctx.command_path.removeprefix('runctx').strip()}".strip() if exc.ctx else "runctx"  # type: ignore[attr-defined]
+        typer.echo(f"{where}: {one_line(exc.format_message())} (see --help)", err=True)  # type: ignore[attr-defined]
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("runctx: aborted", err=True)
+        sys.exit(130)
     except RunctxError as exc:  # a command that did not catch its own
         typer.echo(f"runctx: {one_line(str(exc))}", err=True)
         sys.exit(1)

@@ -41,7 +41,7 @@ class LocalWorkers:
         env["RUNCTX_DATA_DIR"] = str(self.settings.data_dir)
         return env
 
-    def start(self, timeout_s: float = 60.0) -> "LocalWorkers":
+    def start(self, timeout_s: float = 60.0) -> LocalWorkers:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in self.names:
             log_file = open(self.log_dir / f"worker-{name.split('@')[0]}.log", "ab")
@@ -89,7 +89,7 @@ class LocalWorkers:
                 process.wait()
         self.processes.clear()
 
-    def __enter__(self) -> "LocalWorkers":
+    def __enter__(self) -> LocalWorkers:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

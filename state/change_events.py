@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -63,7 +63,7 @@ class ChangeEvent:
         return []
 
     @classmethod
-    def parse(cls, payload: str) -> "ChangeEvent":
+    def parse(cls, payload: str) -> ChangeEvent:
         """Parse a NOTIFY payload; ValueError for anything that is not a runctx change event."""
         try:
             data = json.loads(payload)
@@ -120,7 +120,7 @@ class ChangeListener:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, wait_s: float = 10.0) -> "ChangeListener":
+    def start(self, wait_s: float = 10.0) -> ChangeListener:
         self._thread = threading.Thread(target=self._run, name="runctx-change-listener", daemon=True)
         self._thread.start()
         if wait_s > 0 and not self._ready.wait(wait_s):

@@ -6,9 +6,10 @@ Pure functions over plain mappings: deterministic, no clocks read, no I/O.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import BaseModel
 

@@ -24,7 +24,8 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     │   ├── NotFound                   no such run, context, routine or configuration
     │   ├── RunTimeout                 a run did not finish within the time a caller waited
     │   └── SettingsError              RUNCTX_* settings that cannot work together (the setting named)
-    └── RunFailed                  a step's commit found its run failed: nothing written, the step ends
+    ├── RunFailed                  a step's commit found its run failed: nothing written, the step ends
+    └── StepFailedItsRun           this step failed its run: its Celery task ends FAILURE with the reason
 
 Which branch an error is on decides what happens to the work that raised it: Celery's autoretry
 retries ``InfrastructureError`` (see ``tasks.celery_tasks``), the engine fails the run on a
@@ -157,6 +158,27 @@ class RunFailed(RunctxError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"run {run_id} failed; the step's changes were not written")
+
+
+class StepFailedItsRun(RunctxError):
+    """Raised by a step's task after its step failed the run (the run is failed and finalized already),
+    so that Celery, Flower and ``celery events`` show the task as FAILURE with the reason.
+
+    The reason is the run's error as stored: a step that read secret values has its text hidden.
+    Celery neither retries it nor logs a traceback for it (the task declares it in ``throws``).
+    """
+
+    code = "STEP_FAILED_ITS_RUN"
+    severity = Severity.WARNING
+
+    def __init__(self, run_id: str, step_id: str, reason: str) -> None:
+        self.run_id = run_id
+        self.step_id = step_id
+        self.reason = reason
+        super().__init__(f"run {run_id} failed at step {step_id!r}: {reason}")
+
+    def __reduce__(self) -> tuple:  # Celery pickles nothing, but a result backend may serialize it
+        return (type(self), (self.run_id, self.step_id, self.reason))
 
 
 class WorkersDidNotStart(InfrastructureError):

@@ -63,7 +63,7 @@ class CacheKey:
     config_kind: str | None = None
 
     @classmethod
-    def parse(cls, key: str) -> "CacheKey":
+    def parse(cls, key: str) -> CacheKey:
         kind, _, rest = key.partition(":")
         if kind == "routine" and rest:
             name, at, version = rest.partition("@")
@@ -134,6 +134,10 @@ class RedisKeys:
     def due_sets(self) -> list[str]:
         """Every shard's due set."""
         return [f"{self.prefix}:{{c{shard}}}:wb:due" for shard in range(L2_SHARDS)]
+
+    def first_change_sets(self) -> list[str]:
+        """Every shard's hash of oldest unwritten changes."""
+        return [f"{self.prefix}:{{c{shard}}}:wb:first" for shard in range(L2_SHARDS)]
 
     def config(self, cache_key: str) -> str:
         return f"{self.prefix}:cfg:{cache_key}"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from enum import Enum
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -38,7 +39,7 @@ class DataSensitivity(str, Enum):
         return _SENSITIVITY_ORDER.index(self)
 
     @classmethod
-    def highest(cls, *levels: "DataSensitivity") -> "DataSensitivity":
+    def highest(cls, *levels: DataSensitivity) -> DataSensitivity:
         return max(levels, key=lambda level: level.rank)
 
     @property
@@ -162,7 +163,7 @@ class RunContext(BaseModel):
     # ---- creation -------------------------------------------------------------------------
 
     @classmethod
-    def from_init(cls, init: RunContextInit) -> "RunContext":
+    def from_init(cls, init: RunContextInit) -> RunContext:
         ctx = cls(
             context_id=init.context_id or init.run_id,
             run_id=init.run_id,
@@ -207,7 +208,7 @@ class RunContext(BaseModel):
             name: ("***" if self.sensitivity_of(name).masked else value) for name, value in self.variables.items()
         }
 
-    def working_copy(self) -> "RunContext":
+    def working_copy(self) -> RunContext:
         """A copy to change: containers are copied, values shared (every change replaces a value, never edits it)."""
         copy_ = self.model_copy(
             update={
@@ -239,7 +240,7 @@ class RunContext(BaseModel):
             frozen, recent = frozen | frozenset(recent), ()
         self._applied_index = (self.applied_steps, len(self.applied_steps), frozen, recent)
 
-    def continues(self, previous: "RunContext", *step_ids: str) -> None:
+    def continues(self, previous: RunContext, *step_ids: str) -> None:
         """This context is ``previous`` plus steps ``step_ids`` (commits heard from other processes):
         take its applied steps and their lookup, then the steps."""
         self.applied_steps = list(previous.applied_steps)
@@ -247,7 +248,7 @@ class RunContext(BaseModel):
         for step_id in step_ids:
             self.mark_applied(step_id)
 
-    def _adopt_applied_index(self, other: "RunContext") -> None:
+    def _adopt_applied_index(self, other: RunContext) -> None:
         index = other._applied_index
         if index is not None and index[0] is other.applied_steps and index[1] == len(other.applied_steps) == len(self.applied_steps):
             self._applied_index = (self.applied_steps, index[1], index[2], index[3])
@@ -333,7 +334,7 @@ class RunContext(BaseModel):
         inherit: Iterable[str] = (),
         context_id: str | None = None,
         limits: ResourceLimits | None = None,
-    ) -> "RunContext":
+    ) -> RunContext:
         """A child context for a sub-routine. Only the named variables pass down, as copies."""
         if self.depth + 1 > self.limits.max_child_depth:
             raise LimitExceeded(routine_id, "max_child_depth", self.depth + 1, self.limits.max_child_depth)
@@ -366,7 +367,7 @@ class RunContext(BaseModel):
 
     def merge_child(
         self,
-        child: "RunContext",
+        child: RunContext,
         *,
         default: ConflictResolutionStrategy | str = ConflictResolutionStrategy.CHILD_WINS,
         per_variable: Mapping[str, ConflictResolutionStrategy | str] | None = None,

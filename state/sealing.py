@@ -58,7 +58,7 @@ class Keyring:
     # ---- where keys come from ----------------------------------------------------------------
 
     @classmethod
-    def parse(cls, spec: str, *, source: str = KEYS_SETTING) -> "Keyring":
+    def parse(cls, spec: str, *, source: str = KEYS_SETTING) -> Keyring:
         keys = []
         for number, entry in enumerate(part.strip() for part in spec.split(",") if part.strip()):
             key_id, sep, encoded = entry.partition(":")
@@ -81,7 +81,7 @@ class Keyring:
         return f"k{secrets.token_hex(4)}:{base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()}"
 
     @classmethod
-    def from_file(cls, path: Path) -> "Keyring":
+    def from_file(cls, path: Path) -> Keyring:
         """The keys in a key file, made (mode 0600, one fresh key) if there is none."""
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

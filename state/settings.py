@@ -80,6 +80,15 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="a running run with no progress for this long is resumed from the tiers"
     )
 
+    # Operating
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="a worker node serves Prometheus metrics on this port (unset: none)"
+    )
+    metrics_address: str = Field(default="0.0.0.0", description="the address the metrics port listens on")
+    retention_days: float | None = Field(
+        default=None, gt=0, description="finished runs older than this are pruned by the workers (unset: kept)"
+    )
+
     def keyring(self) -> Keyring:
         """The keys that seal and open sensitive values (RUNCTX_ENCRYPTION_KEYS, or the data dir's key file)."""
         if self.encryption_keys is not None:

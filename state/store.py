@@ -12,8 +12,9 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from state.change_events import ChangeEvent
 from state.codec import Codec
@@ -30,6 +31,7 @@ from state.errors import (
     log_error,
 )
 from state.keys import CacheKey, config_key, routine_key
+from state.metrics import metrics
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.sealing import Keyring, binding
 from state.settings import Settings
@@ -60,7 +62,7 @@ class StepCommit:
 
 @dataclass
 class StoreStats:
-    """What the tiers did, for `runctx check`, metrics and tests."""
+    """What the tiers did, for `runctx check`, tests and (through ``state.metrics``) Prometheus."""
 
     l1_hits: int = 0
     l2_hits: int = 0
@@ -69,6 +71,42 @@ class StoreStats:
     l3_writes: int = 0
     conflicts: int = 0
     corruptions_healed: int = 0
+
+    def served(self, tier: str) -> None:
+        """A read was served by ``tier`` ("l1", "l2" or "l3"); the tiers above it missed."""
+        reads = metrics().cache_reads
+        if tier == "l1":
+            self.l1_hits += 1
+            reads.labels("l1", "hit").inc()
+            return
+        reads.labels("l1", "miss").inc()
+        if tier == "l2":
+            self.l2_hits += 1
+            reads.labels("l2", "hit").inc()
+            return
+        self.l3_hits += 1
+        reads.labels("l2", "miss").inc()
+        reads.labels("l3", "hit").inc()
+
+    def committed(self) -> None:
+        self.l2_commits += 1
+        metrics().l2_commits.inc()
+
+    def conflicted(self) -> None:
+        self.conflicts += 1
+        metrics().l2_conflicts.inc()
+
+    def wrote_l3(self, kind: str) -> None:
+        self.l3_writes += 1
+        metrics().l3_writes.labels(kind).inc()
+
+
+@dataclass
+class PruneReport:
+    """What a prune deleted."""
+
+    runs: int = 0
+    contexts: int = 0
 
 
 class TieredStore:
@@ -97,7 +135,7 @@ class TieredStore:
     @classmethod
     def connect(
         cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str, keyring: Keyring | None = None
-    ) -> "TieredStore":
+    ) -> TieredStore:
         """A store on a real Redis and PostgreSQL; with ``keyring``, sensitive values are sealed."""
         from state.tiers.postgres_l3 import PostgresTier
         from state.tiers.redis_l2 import RedisTier
@@ -111,14 +149,14 @@ class TieredStore:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, redis_url: str, database_url: str) -> "TieredStore":
+    def from_settings(cls, settings: Settings, redis_url: str, database_url: str) -> TieredStore:
         """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries, keys)."""
         return cls.connect(
             redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix, keyring=settings.keyring()
         )
 
     @classmethod
-    def in_memory(cls, *, config: StateCacheConfig | None = None, prefix: str = "mem") -> "TieredStore":
+    def in_memory(cls, *, config: StateCacheConfig | None = None, prefix: str = "mem") -> TieredStore:
         """A store on the in-memory twins of L2 and L3: one process, no servers (engine tests)."""
         from state.tiers.memory_l2 import MemoryL2
         from state.tiers.memory_l3 import MemoryL3
@@ -136,12 +174,12 @@ class TieredStore:
         """The context and the tier that served it ("L1", "L2" or "L3"). Treat it as read-only."""
         ctx = self.l1.get_context(context_id, at_least)
         if ctx is not None:
-            self.stats.l1_hits += 1
+            self.stats.served("l1")
             return ctx, "L1"
         stored = self._read_l2(context_id)
         if stored is not None and stored.version >= at_least:
             self.l1.put_context(stored)
-            self.stats.l2_hits += 1
+            self.stats.served("l2")
             return stored, "L2"
         ctx = self.l3.get_context(context_id)
         if ctx is None:
@@ -151,7 +189,7 @@ class TieredStore:
             raise NotFound(f"context {context_id!r}: asked for version >= {at_least}, the newest stored is {newest}")
         self.l2.fill_context(ctx)
         self.l1.put_context(ctx)
-        self.stats.l3_hits += 1
+        self.stats.served("l3")
         return ctx, "L3"
 
     def get_context(self, context_id: str, *, at_least: int = 0) -> RunContext:
@@ -167,7 +205,7 @@ class TieredStore:
         """
         ctx = self.l1.get_context(context_id, at_least, epoch)
         if ctx is not None:
-            self.stats.l1_hits += 1
+            self.stats.served("l1")
             return ctx
         try:
             stored = self.l2.get_context(context_id)
@@ -188,7 +226,7 @@ class TieredStore:
                 + ("" if stored.live else " (a reader's copy)"),
             )
         self.l1.put_context(stored.context)
-        self.stats.l2_hits += 1
+        self.stats.served("l2")
         return stored.context
 
     def _read_l2(self, context_id: str) -> RunContext | None:
@@ -218,7 +256,7 @@ class TieredStore:
             self.l3.create_context(ctx)
         else:
             self.l3.create_run(run, ctx)
-        self.stats.l3_writes += 1
+        self.stats.wrote_l3("context")
         self.l2.fill_context(ctx, live=True)
         self.l1.put_context(ctx)
         return ctx
@@ -234,12 +272,12 @@ class TieredStore:
             # The L2 entry expired: refill it from L3, the version the caller started from must be there.
             base = self.l3.get_context(ctx.context_id)
             if base is None or base.version != expected_version:
-                self.stats.conflicts += 1
+                self.stats.conflicted()
                 raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, base.version if base else None)
             self.l2.fill_context(base)
             if not self._commit_l2(ctx, expected_version):
                 raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, None)
-        self.stats.l2_commits += 1
+        self.stats.committed()
         self.l1.put_context(ctx)
         return ctx
 
@@ -264,7 +302,7 @@ class TieredStore:
                 report=report,
             )
         except VersionConflict:
-            self.stats.conflicts += 1
+            self.stats.conflicted()
             self.l1.evict_context(ctx.context_id, up_to_version=expected_version)
             raise
 
@@ -300,7 +338,7 @@ class TieredStore:
                     raise RunFailed(base.run_id)
                 if not result:
                     raise LineageLost(context_id, "its L2 entry disappeared while the step ran")
-                self.stats.l2_commits += 1
+                self.stats.committed()
                 self.l1.put_context(working)
                 return StepCommit(working, applied=True)
             except (VersionConflict, LineageLost) as conflict:
@@ -341,7 +379,7 @@ class TieredStore:
         # A running run's contexts keep no TTL: losing one would cost a rewind.
         self.mark_flushed(context_id, ctx.version, epoch=ctx.epoch, expire=not stored.live)
         if written:
-            self.stats.l3_writes += 1
+            self.stats.wrote_l3("snapshot")
         return written
 
     def give_up_flush(self, context_id: str) -> None:
@@ -373,7 +411,7 @@ class TieredStore:
             run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
         )
         if finished:
-            self.stats.l3_writes += 1
+            self.stats.wrote_l3("run")
             for ctx in contexts:
                 self.mark_flushed(ctx.context_id, ctx.version, epoch=ctx.epoch, expire=True)
         return finished
@@ -391,7 +429,7 @@ class TieredStore:
         new_epoch = self.l3.begin_rewind(run_id, from_epoch)
         if new_epoch is None:
             return None
-        self.stats.l3_writes += 1
+        self.stats.wrote_l3("rewind")
         rebuilt = []
         for snapshot in self.l3.run_contexts(run_id):
             rebuilt.append(self._move_to_epoch(snapshot, from_epoch, new_epoch))
@@ -430,6 +468,25 @@ class TieredStore:
             except (VersionConflict, LineageLost):
                 continue  # a step of the old epoch committed meanwhile: take that one
         raise TransactionFailed(f"rewind of context {context_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
+
+    # ---- retention --------------------------------------------------------------------------------
+
+    def prune(self, older_than_s: float, *, batch: int = 500) -> PruneReport:
+        """Delete the runs that finished more than ``older_than_s`` ago: their ledger rows and context
+        snapshots (L3), their L2 entries and run records, and L1 copies. Exports and blackboard
+        entries stay. In batches, each one L3 transaction, so a prune may stop anywhere and run again."""
+        report = PruneReport()
+        while True:
+            pruned = self.l3.prune_runs(older_than_s, limit=batch)
+            for run_id, context_ids in pruned.items():
+                for context_id in context_ids:
+                    self.l2.evict_context(context_id)
+                    self.l1.evict_context(context_id)
+                self.l2.forget_run(run_id)
+                report.runs += 1
+                report.contexts += len(context_ids)
+            if len(pruned) < batch:
+                return report
 
     def discard_context(self, context_id: str) -> None:
         """Forget a context everywhere (a child whose creation the rebuilt lineage has not reached)."""
@@ -592,7 +649,7 @@ class TieredStore:
     def _cached_config(self, key: str, load: Callable[[], ConfigEntry | None]) -> ConfigEntry:
         entry = self.l1.get_config(key)
         if entry is not None:
-            self.stats.l1_hits += 1
+            self.stats.served("l1")
             return entry
         try:
             entry = self.l2.get_config(key)
@@ -601,12 +658,12 @@ class TieredStore:
             self.stats.corruptions_healed += 1
             entry = None
         if entry is not None:
-            self.stats.l2_hits += 1
+            self.stats.served("l2")
         else:
             entry = load()
             if entry is None:
                 raise NotFound(f"{key} is in no tier")
-            self.stats.l3_hits += 1
+            self.stats.served("l3")
             self.l2.put_config(entry)
         self.l1.put_config(entry)
         return entry
@@ -616,6 +673,7 @@ class TieredStore:
 
     def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
         version = self.l3.put_config(kind, name, data, expected_version=expected_version)
+        self.stats.wrote_l3("config")
         self._forget_config(config_key(kind, name))
         return version
 
@@ -625,6 +683,7 @@ class TieredStore:
 
     def put_routine(self, name: str, definition: Any) -> int:
         version = self.l3.put_routine(name, definition)
+        self.stats.wrote_l3("routine")
         self._forget_config(routine_key(name))
         return version
 

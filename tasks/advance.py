@@ -8,8 +8,8 @@ creates the child context.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from state.models import RunContext
 from tasks.plan import Node, Plan

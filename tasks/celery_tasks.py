@@ -9,11 +9,12 @@ fails for good (retries used up, or a bug) fails its run in ``on_failure``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery import Task, shared_task
 
-from state.errors import InfrastructureError
+from state.errors import InfrastructureError, StepFailedItsRun
 from state.settings import get_settings
 from tasks.engine import RunEngine
 from tasks.messages import FinalizeMessage, StepMessage
@@ -48,10 +49,17 @@ def _engine() -> RunEngine:
 
 
 class StepTask(Task):
-    """A step task that failed for good (retries used up, or a bug) fails its run instead of leaving it running."""
+    """A step task that failed for good (retries used up, or a bug) fails its run instead of leaving it running.
+
+    A step that failed its run raises ``StepFailedItsRun`` (the run is failed already): declared in
+    ``throws``, Celery records FAILURE with the reason and logs it without a traceback.
+    """
+
+    throws = (StepFailedItsRun,)
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
-        _engine().step_failed_for_good(StepMessage(**kwargs), exc)
+        if not isinstance(exc, StepFailedItsRun):
+            _engine().step_failed_for_good(StepMessage(**kwargs), exc)
 
 
 @shared_task(
@@ -118,4 +126,6 @@ class CeleryDispatcher:
     def flush(self, context_id: str) -> None:
         # Sent when due, not with a countdown: a worker holding ETA tasks raises its prefetch and
         # would reserve steps that an idle worker could run.
-        write_behind.apply_async(args=[context_id], shadow=f"write-behind: {context_id}")
+        # One name for all: Flower labels its metrics by task name, so a name per context or run
+        # would make its series grow without bound.
+        write_behind.apply_async(args=[context_id], shadow="runctx: write-behind")

@@ -8,7 +8,8 @@ meanwhile is resolved by the variable's declared strategy.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,19 +27,19 @@ class Change(BaseModel):
     sensitivity: DataSensitivity | None = None
 
     @classmethod
-    def set(cls, name: str, value: Any, sensitivity: DataSensitivity | str | None = None) -> "Change":
+    def set(cls, name: str, value: Any, sensitivity: DataSensitivity | str | None = None) -> Change:
         return cls(op="set", name=name, value=value, sensitivity=sensitivity)
 
     @classmethod
-    def increment(cls, name: str, by: int | float = 1) -> "Change":
+    def increment(cls, name: str, by: float = 1) -> Change:
         return cls(op="increment", name=name, value=by)
 
     @classmethod
-    def append(cls, name: str, value: Any) -> "Change":
+    def append(cls, name: str, value: Any) -> Change:
         return cls(op="append", name=name, value=value)
 
     @classmethod
-    def delete(cls, name: str) -> "Change":
+    def delete(cls, name: str) -> Change:
         return cls(op="delete", name=name)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from state.errors import (
     ContextCorruption,
@@ -23,11 +24,13 @@ from state.errors import (
     RoutineError,
     RunFailed,
     StaleEpoch,
+    StepFailedItsRun,
     VersionConflict,
     log_error,
 )
 from state.keys import context_id, run_of_context
 from state.limits import MAX_CONTEXT_ID_LENGTH, check_name, check_run_id
+from state.metrics import metrics
 from state.models import (
     ExportDeclaration,
     ExportDestination,
@@ -239,13 +242,16 @@ class RunEngine:
                 attempts = start.attempt
                 if start.attempt - retries > self.max_attempts:
                     starts = start.attempt - retries - 1
-                    self._fail(message, node, worker, f"step {node.step_id!r} was started {starts} times without finishing")
-                    return None
+                    error = f"step {node.step_id!r} was started {starts} times without finishing"
+                    self._fail(message, node, worker, error)
+                    raise StepFailedItsRun(message.run_id, node.step_id, error)
 
             def report() -> StepReport:  # the step's record, written by its commit
                 return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started, attempts)
 
-            return self.steps.run(message, node, report)
+            commit = self.steps.run(message, node, report)
+            self._count_step(message.routine, "succeeded" if commit.applied else "skipped", started)
+            return commit
         except RunFailed:  # another step failed the run while this one ran: nothing was written
             return None
         except StaleEpoch as exc:
@@ -259,10 +265,19 @@ class RunEngine:
             self.store.l2.finish_step(
                 message.run_id, node.step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started
             )
-            self._fail(message, node, worker, f"step {node.step_id!r}: {exc}", exc)
-            return None
+            error = f"step {node.step_id!r}: {exc}"
+            self._count_step(message.routine, "failed", started)
+            self._fail(message, node, worker, error, exc)
+            raise StepFailedItsRun(message.run_id, node.step_id, error) from None
         finally:
             self.running.pop(task_id, None)
+
+    @staticmethod
+    def _count_step(routine: str, status: str, started: float) -> None:
+        instruments = metrics()
+        instruments.steps.labels(routine, status).inc()
+        if status != "skipped":
+            instruments.step_duration.labels(routine).observe(time.perf_counter() - started)
 
     def _go_on(
         self, plan: Plan, message: StepMessage, node: Node, versions: dict[str, int], ctx: RunContext, worker: str
@@ -315,6 +330,7 @@ class RunEngine:
             run_id, epoch, len(by_path), len(resume.points),
         )
         self.rewinds += 1
+        metrics().rewinds.inc()
         for index in resume.points:
             self._dispatch(plan, run_id, run.routine_name, run.routine_version, index, versions, by_path, epoch)
         return True
@@ -432,6 +448,7 @@ class RunEngine:
             meta["hidden_error"] = summary["hidden_error"]  # sealed
         exports = export_records(contexts[0]) if message.status == "succeeded" else []
         epoch = message.epoch if message.status == "succeeded" else None  # a failure ends any epoch
+        status = message.status
         try:
             finished = self.store.finish_run(
                 message.run_id, status=message.status, error=message.error, meta=meta, contexts=contexts,
@@ -439,11 +456,13 @@ class RunEngine:
             )
         except RoutineError as exc:  # L3 refuses the final data for good: the run fails, saying why
             log_error(log, exc, f"run {message.run_id}: finalize")
+            status = "failed"
             finished = self.store.finish_run(
-                message.run_id, status="failed", error=f"finalize: {exc}", meta=meta, contexts=[], exports=[]
+                message.run_id, status=status, error=f"finalize: {exc}", meta=meta, contexts=[], exports=[]
             )
         if finished:
             self.store.l2.count_l3_write(message.run_id)
+            metrics().runs.labels(message.routine, status).inc()
         self.store.l2.announce_done(message.run_id)
         return finished
 

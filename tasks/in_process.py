@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from state.errors import InfrastructureError
+from state.errors import InfrastructureError, StepFailedItsRun
 from tasks.messages import FinalizeMessage, StepMessage
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class InProcessDispatcher:
 
     # ---- running what was sent ----------------------------------------------------------------------
 
-    def deliver(self, engine: "RunEngine", delivery: Delivery) -> None:
+    def deliver(self, engine: RunEngine, delivery: Delivery) -> None:
         """Run one delivery as a worker would, retrying infrastructure errors by requeueing it."""
         delivery.deliveries += 1
         try:
@@ -82,6 +82,8 @@ class InProcessDispatcher:
             else:
                 assert isinstance(delivery.message, str)
                 engine.flush(delivery.message)
+        except StepFailedItsRun:  # the step failed its run, which the engine finalized: the task ends
+            pass
         except InfrastructureError as exc:
             if delivery.retries < self.max_retries:
                 delivery.retries += 1
@@ -97,7 +99,7 @@ class InProcessDispatcher:
             assert isinstance(delivery.message, StepMessage)
             engine.step_failed_for_good(delivery.message, exc)
 
-    def drain(self, engine: "RunEngine", *, limit: int = 1_000_000) -> int:
+    def drain(self, engine: RunEngine, *, limit: int = 1_000_000) -> int:
         """Run queued messages (and those they send) until none is left; returns how many ran."""
         ran = 0
         while self.queue:
@@ -107,7 +109,7 @@ class InProcessDispatcher:
             ran += 1
         return ran
 
-    def settle(self, engine: "RunEngine") -> int:
+    def settle(self, engine: RunEngine) -> int:
         """Drain, then write every pending context to L3 (as the write-behind would); returns messages run."""
         ran = self.drain(engine)
         far_future = time.time() + 10 * 365 * 24 * 3600  # everything pending is due

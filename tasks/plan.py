@@ -9,8 +9,9 @@ end is applied: the count is the context's own ``applied_steps``, committed with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from state.errors import InvalidRoutine
 from tasks.routine import (
@@ -60,7 +61,7 @@ class Plan:
     def node(self, index: int) -> Node:
         return self.nodes[index]
 
-    def is_done(self, index: int, applied: "set[str] | Callable[[str], bool]") -> bool:
+    def is_done(self, index: int, applied: set[str] | Callable[[str], bool]) -> bool:
         """Whether a branch end is complete, judged from the applied steps of its context (a set,
         or a context's ``has_applied``)."""
         node = self.nodes[index]

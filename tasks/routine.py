@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -67,14 +67,14 @@ class ActionStep(_Strict):
     declassify: list[Annotated[str, Field(pattern=NAME_PATTERN.pattern)]] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _known_action(self) -> "ActionStep":
+    def _known_action(self) -> ActionStep:
         check_action(self.action, self.args)
         return self
 
 
 class ParallelStep(_Strict):
     id: str = Field(pattern=STEP_ID)
-    parallel: list[Annotated[list["Step"], Field(min_length=1)]] = Field(min_length=1)
+    parallel: list[Annotated[list[Step], Field(min_length=1)]] = Field(min_length=1)
 
 
 def _routine_kind(raw: Any) -> str:
@@ -85,7 +85,7 @@ class SubRoutineStep(_Strict):
     id: str = Field(pattern=STEP_ID)
     # A file or stored name (replaced by its definition when loaded), or the definition inline.
     routine: Annotated[
-        Union[Annotated[str, Tag("reference")], Annotated["Routine", Tag("definition")]],
+        Annotated[str, Tag("reference")] | Annotated[Routine, Tag("definition")],
         Discriminator(_routine_kind),
     ]
     inherit: list[str] = Field(default_factory=list)
@@ -105,11 +105,7 @@ def _step_kind(raw: Any) -> str | None:
 _STEP_KEYS = {"action": "ActionStep", "parallel": "ParallelStep", "routine": "SubRoutineStep"}
 
 Step = Annotated[
-    Union[
-        Annotated[ActionStep, Tag("ActionStep")],
-        Annotated[ParallelStep, Tag("ParallelStep")],
-        Annotated[SubRoutineStep, Tag("SubRoutineStep")],
-    ],
+    Annotated[ActionStep, Tag("ActionStep")] | Annotated[ParallelStep, Tag("ParallelStep")] | Annotated[SubRoutineStep, Tag("SubRoutineStep")],
     Discriminator(
         _step_kind,
         custom_error_type="step_kind",
@@ -127,7 +123,7 @@ class ExportSpec(_Strict):
 
 class Routine(_Strict):
     name: str = Field(pattern=NAME_PATTERN.pattern)
-    variables: dict[str, Union[VariableSpec, Any]] = Field(default_factory=dict)
+    variables: dict[str, VariableSpec | Any] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
     exports: list[ExportSpec] = Field(default_factory=list)
     # How concurrent `set`s of one variable (parallel branches) are resolved.
@@ -173,7 +169,7 @@ class Routine(_Strict):
         return specs
 
     @model_validator(mode="after")
-    def _unique_step_ids(self) -> "Routine":
+    def _unique_step_ids(self) -> Routine:
         seen: set[str] = set()
         for step in iter_steps(self.steps):
             if step.id in seen:

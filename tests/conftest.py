@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import psycopg
 import pytest
@@ -20,10 +20,10 @@ import redis
 # The test suite's own user actions (tests.test_engine:..., tests.fault_actions:...) are allowed.
 os.environ.setdefault("RUNCTX_ACTION_MODULES", "tests")
 
-from state.change_events import libpq_url  # noqa: E402
-from state.migrate import upgrade  # noqa: E402
-from state.models import StateCacheConfig  # noqa: E402
-from state.store import TieredStore  # noqa: E402
+from state.change_events import libpq_url
+from state.migrate import upgrade
+from state.models import StateCacheConfig
+from state.store import TieredStore
 
 
 @dataclass(frozen=True)

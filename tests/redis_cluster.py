@@ -44,7 +44,7 @@ class RedisCluster:
         """What a user sets RUNCTX_REDIS_URL to: any one node of the cluster."""
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
-    def start(self, primaries: int = 3) -> "RedisCluster":
+    def start(self, primaries: int = 3) -> RedisCluster:
         for n in range(primaries):
             port = free_port()
             node_dir = self.directory / f"node-{port}"

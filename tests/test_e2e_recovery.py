@@ -35,10 +35,11 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -82,7 +83,7 @@ class RedisServer:
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.starts += 1
         log = open(self.work_dir / f"redis-{self.starts}.log", "ab")
         self.process = subprocess.Popen(
@@ -793,7 +794,7 @@ def test_hostile_notify_payloads_do_not_cost_the_next_change(make_cluster) -> No
 def test_the_change_listener_delivers_the_change_behind_any_payload(database_url: str, payload: str) -> None:
     """One listener (no workers): a payload, then in the same transaction a plain-SQL change; the change
     must arrive within a second, without a reconnection."""
-    events: "queue.Queue[ChangeEvent]" = queue.Queue()
+    events: queue.Queue[ChangeEvent] = queue.Queue()
     connects: list[float] = []
     listener = ChangeListener(database_url, events.put, on_connected=lambda: connects.append(time.time())).start(wait_s=10)
     try:

@@ -77,7 +77,7 @@ class RedisMonitor:
         while not self._stop.is_set():
             try:
                 chunk = self.sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -49,10 +49,11 @@ import subprocess
 import tempfile
 import types
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import psycopg
 import pytest
@@ -939,7 +940,7 @@ odd_names = st.sampled_from(["", "1a", "a b", "a\x00", "\x00", "a/b", "ü", "\ud
 non_string_names = st.one_of(
     st.integers(), st.none(), st.booleans(), st.floats(), st.binary(max_size=3), st.tuples(valid_names),
     st.frozensets(st.integers(), max_size=2),
-    st.sampled_from([10**300, b"a", 1 + 2j, Decimal("1"), dt.date(2020, 1, 1)]),
+    st.sampled_from([10**300, b"a", 1 + 2j, Decimal(1), dt.date(2020, 1, 1)]),
 )
 variable_mappings = st.dictionaries(
     weighted((8, valid_names), (4, st.from_regex(NAME_PATTERN, fullmatch=True)), (2, odd_names), (1, non_string_names)),

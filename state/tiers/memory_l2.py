@@ -228,6 +228,10 @@ class MemoryL2:
         with self._lock:
             return min(self._due.values(), default=None)
 
+    def oldest_unwritten(self) -> float | None:
+        with self._lock:
+            return min(self._first.values(), default=None)
+
     # ---- routine definitions and configurations ------------------------------------------------
 
     def get_config(self, key: str) -> ConfigEntry | None:
@@ -293,6 +297,10 @@ class MemoryL2:
     def failure_of(self, run_id: str) -> str | None:
         with self._lock:
             return self._runs[run_id].failed if run_id in self._runs else None
+
+    def forget_run(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
 
     def count_l3_write(self, run_id: str, count: int = 1) -> None:
         with self._lock:

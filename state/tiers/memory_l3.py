@@ -21,7 +21,7 @@ from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, Run
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _as_jsonb(value: Any) -> Any:
@@ -203,6 +203,23 @@ class MemoryL3:
             stored = list(self._snapshots.values())
         contexts = [self._context_of(entry) for entry in stored]
         return [ctx for ctx in contexts if ctx.run_id == run_id]
+
+    def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
+        cutoff = _now() - dt.timedelta(seconds=older_than_s)
+        with self._lock:
+            doomed = sorted(
+                (run for run in self._runs.values()
+                 if run.status in FINAL_STATUSES and run.finished_at is not None and run.finished_at < cutoff),
+                key=lambda run: run.finished_at or cutoff,
+            )[:limit]
+            pruned: dict[str, list[str]] = {}
+            for run in doomed:
+                del self._runs[run.run_id]
+                contexts = [cid for cid, entry in self._snapshots.items() if self._context_of(entry).run_id == run.run_id]
+                for context_id in contexts:
+                    del self._snapshots[context_id]
+                pruned[run.run_id] = contexts
+            return pruned
 
     def discard_context(self, context_id: str) -> None:
         with self._lock:

@@ -14,7 +14,8 @@ import json
 import logging
 import random
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -103,7 +104,7 @@ class PostgresTier:
         self.retry_base_delay_s = config.l3_retry_base_delay_s
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> "PostgresTier":
+    def from_url(cls, url: str, **kwargs: Any) -> PostgresTier:
         # hide_parameters: an error never carries the values it was about to write.
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True)
         return cls(engine, **kwargs)
@@ -401,6 +402,36 @@ class PostgresTier:
         table = context_snapshots
         query = select(table.c.version, table.c.epoch, table.c.document).where(table.c.run_id == run_id)
         return [self._context_of(row) for row in self.read(lambda conn: conn.execute(query).all())]
+
+    def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
+        # The database's clock decides what is old: every node agrees whatever its own clock says.
+        doomed = (
+            select(runs.c.run_id)
+            .where(
+                runs.c.status.in_(FINAL_STATUSES),
+                runs.c.finished_at < text("now() - make_interval(secs => :age)").bindparams(age=older_than_s),
+            )
+            .order_by(runs.c.finished_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+
+        def work(conn: Connection) -> dict[str, list[str]]:
+            run_ids = list(conn.execute(doomed).scalars())
+            if not run_ids:
+                return {}
+            pruned: dict[str, list[str]] = {run_id: [] for run_id in run_ids}
+            gone = conn.execute(
+                context_snapshots.delete()
+                .where(context_snapshots.c.run_id.in_(run_ids))
+                .returning(context_snapshots.c.run_id, context_snapshots.c.context_id)
+            )
+            for run_id, context_id in gone:
+                pruned[run_id].append(context_id)
+            conn.execute(runs.delete().where(runs.c.run_id.in_(run_ids)))
+            return pruned
+
+        return self.run("prune finished runs", work)
 
     def discard_context(self, context_id: str) -> None:
         self.run(

@@ -23,7 +23,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from redis.cluster import RedisCluster
@@ -68,7 +69,7 @@ class RedisTier:
 
     def __init__(
         self,
-        client: "redis.Redis | RedisCluster",
+        client: redis.Redis | RedisCluster,
         *,
         prefix: str,
         config: StateCacheConfig,
@@ -90,7 +91,7 @@ class RedisTier:
         self._scripts = {name: client.register_script(lua(name)) for name in SCRIPTS}
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> "RedisTier":
+    def from_url(cls, url: str, **kwargs: Any) -> RedisTier:
         return cls(connect(url), **kwargs)
 
     def _call(self, operation: Callable[[], T]) -> T:
@@ -254,6 +255,14 @@ class RedisTier:
     def pending_flushes(self) -> int:
         return sum(n for n in self._each_due_set(lambda pipe, key: pipe.zcard(key)) if isinstance(n, int))
 
+    def oldest_unwritten(self) -> float | None:
+        with self.client.pipeline(transaction=False) as pipe:
+            for first in self.keys.first_change_sets():
+                pipe.hvals(first)
+            shards = self._call(lambda: pipe.execute(raise_on_error=False))
+        times = [float(t) for values in shards if isinstance(values, list) for t in values]
+        return min(times, default=None)
+
     def next_due(self) -> float | None:
         firsts = self._each_due_set(lambda pipe, key: pipe.zrange(key, 0, 0, withscores=True))
         return min((first[0][1] for first in firsts if isinstance(first, list) and first), default=None)
@@ -382,6 +391,10 @@ class RedisTier:
             return "the run failed (its error record was damaged)"
         return None if raw is None else raw.decode(errors="replace")
 
+    def forget_run(self, run_id: str) -> None:
+        for key in self.keys.run_records(run_id):  # one by one: on a cluster they live in different slots
+            self._call(lambda: self.client.delete(key))
+
     def count_l3_write(self, run_id: str, count: int = 1) -> None:
         key = self._record(run_id, "l3_writes")
         self._records(run_id, [key], lambda: self.client.incrby(key, count))
@@ -449,7 +462,7 @@ class RedisTier:
         self.client.close()
 
 
-def connect(url: str) -> "redis.Redis | RedisCluster":
+def connect(url: str) -> redis.Redis | RedisCluster:
     """A client for the Redis at ``url``; a cluster client when that server is a node of a cluster."""
     # Named connections: CLIENT LIST shows which process holds which (runctx-<pid>).
     options: dict[str, Any] = {"socket_timeout": 10, "client_name": f"runctx-{os.getpid()}"}

@@ -64,7 +64,7 @@ if KEYS[5] then
 end
 if ARGV[9] ~= '' then
   -- Small contexts travel with the broadcast, so the next step finds them in its process's L1.
-  local event = {type = 'context', id = ARGV[8], version = tonumber(ARGV[2]), epoch = tonumber(ARGV[11])}
+  local event = {type = 'context', id = ARGV[8], version = tonumber(ARGV[2]), epoch = tonumber(ARGV[11]), t = tonumber(ARGV[5])}
   if step ~= '' and #ARGV[3] <= tonumber(ARGV[16]) then
     event.step = step
     event.d = ARGV[3]

@@ -135,3 +135,26 @@ def test_a_variable_over_its_limit_is_refused_naming_the_variable_and_the_limit(
     done = _runctx(data_dir, "run", str(routine), "--var", 'a="a value longer than ten bytes"', RUNCTX_MAX_VALUE_BYTES="10")
     assert done.returncode == 1
     assert done.stderr.strip() == "runctx: variable 'a': max_value_bytes is 10, got 31"
+
+
+@pytest.mark.embedded
+def test_stack_up_keeps_the_servers_between_commands_until_stack_down(data_dir: Path) -> None:
+    up = _runctx(data_dir, "stack", "up", "--json")
+    assert up.returncode == 0, up.stderr
+    state = json.loads(up.stdout)
+    assert (state["status"], state["kept_up"]) == ("up", True)
+    servers = (state["redis_pid"], state["postgres_pid"])
+    assert json.loads(_runctx(data_dir, "stack", "up", "--json").stdout)["redis_pid"] == servers[0]  # up already
+
+    ran = _runctx(data_dir, "run", str(ROOT / "examples" / "welcome.yaml"), "--workers", "1", "--json")
+    assert ran.returncode == 0, ran.stderr
+    after = _runctx(data_dir, "stack", "status", "--json")
+    assert after.returncode == 0 and (json.loads(after.stdout)["redis_pid"], json.loads(after.stdout)["postgres_pid"]) == servers
+    listed = _runctx(data_dir, "runs", "--json")  # another command finds the run on the same servers
+    assert [run["status"] for run in json.loads(listed.stdout)["runs"]] == ["succeeded"]
+
+    down = _runctx(data_dir, "stack", "down")
+    assert down.returncode == 0 and "is down" in down.stdout, down.stdout + down.stderr
+    status = _runctx(data_dir, "stack", "status")
+    assert status.returncode == 3 and "down" in status.stdout
+    assert not any(psutil.pid_exists(pid) for pid in servers)

@@ -57,6 +57,10 @@ class StepTask(Task):
 
     throws = (StepFailedItsRun,)
 
+    def shadow_name(self, args: tuple, kwargs: dict, options: dict) -> str:
+        """The name Flower and the logs show, for every send (a Celery retry too)."""
+        return f"{kwargs.get('routine', '?')}: {kwargs.get('step_id', '?')}"
+
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
         if not isinstance(exc, StepFailedItsRun):
             _engine().step_failed_for_good(StepMessage(**kwargs), exc)
@@ -81,8 +85,19 @@ def step(
     )
 
 
+def _finalize_name(task: Any, args: tuple, kwargs: dict, options: dict) -> str:
+    return f"{kwargs.get('routine', '?')}: finalize ({kwargs.get('status', '?')})"
+
+
+def _write_behind_name(task: Any, args: tuple, kwargs: dict, options: dict) -> str:
+    # One name for all: Flower labels its metrics by task name, so a name per context or run
+    # would make its series grow without bound.
+    return "runctx: write-behind"
+
+
 @shared_task(
     name="runctx.write_behind",
+    shadow_name=_write_behind_name,
     bind=True,
     max_retries=20,
     **RETRY_OPTIONS,
@@ -94,6 +109,7 @@ def write_behind(self: Any, context_id: str) -> str:
 
 @shared_task(
     name="runctx.finalize",
+    shadow_name=_finalize_name,
     bind=True,
     max_retries=50,
     **RETRY_OPTIONS,
@@ -115,17 +131,16 @@ def noop_chain(self: Any, remaining: int, done_run_id: str) -> None:
 
 
 class CeleryDispatcher:
-    """Sends the engine's next pieces of work as Celery tasks, named for Flower by their step."""
+    """Sends the engine's next pieces of work as Celery tasks; each task names itself for Flower
+    (``shadow_name``: "<routine>: <step>", "<routine>: finalize (<status>)", "runctx: write-behind")."""
 
     def step(self, message: StepMessage) -> None:
-        step.apply_async(kwargs=message.as_kwargs(), shadow=f"{message.routine}: {message.step_id}")
+        step.apply_async(kwargs=message.as_kwargs())
 
     def finalize(self, message: FinalizeMessage) -> None:
-        finalize.apply_async(kwargs=message.as_kwargs(), shadow=f"{message.routine}: finalize ({message.status})")
+        finalize.apply_async(kwargs=message.as_kwargs())
 
     def flush(self, context_id: str) -> None:
         # Sent when due, not with a countdown: a worker holding ETA tasks raises its prefetch and
         # would reserve steps that an idle worker could run.
-        # One name for all: Flower labels its metrics by task name, so a name per context or run
-        # would make its series grow without bound.
-        write_behind.apply_async(args=[context_id], shadow="runctx: write-behind")
+        write_behind.apply_async(args=[context_id])

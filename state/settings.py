@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     )
 
     # Operating
+    task_events: bool = Field(
+        default=True, description="workers send Celery task events from the start (Flower turns them on anyway)"
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="a worker node serves Prometheus metrics on this port (unset: none)"
     )

@@ -31,6 +31,16 @@ def _increments(n: int) -> list[dict]:
     return [{"id": f"s{i:03d}", "action": "increment", "args": {"name": "counter"}} for i in range(n)]
 
 
+def _naps(n: int) -> list[dict]:
+    return [{"id": f"s{i:02d}", "action": "sleep", "args": {"seconds": 0.1}} for i in range(n)]
+
+
+def _one_node(make_cluster):  # noqa: ANN001, ANN202 - the fixture's factory
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", concurrency=1)
+    return cluster
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,10 +107,8 @@ def test_workers_apply_the_retention_setting_without_celery_beat(make_cluster, t
 
 @pytest.mark.slow
 def test_run_on_a_terminal_shows_a_progress_bar_that_advances(make_cluster, tmp_path: Path) -> None:
-    steps = [{"id": f"s{n:02d}", "action": "sleep", "args": {"seconds": 0.1}} for n in range(30)]
-    path = _routine(tmp_path / "slow.json", "slow-bar", steps)
-    cluster = make_cluster("redis")
-    cluster.start_nodes("n1", concurrency=1)
+    path = _routine(tmp_path / "slow.json", "slow-bar", _naps(30))
+    cluster = _one_node(make_cluster)
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: `runctx run` with a terminal for its output
@@ -131,10 +139,8 @@ def test_run_on_a_terminal_shows_a_progress_bar_that_advances(make_cluster, tmp_
 
 @pytest.mark.slow
 def test_run_without_a_terminal_prints_plain_progress_lines_and_json_only_with_json(make_cluster, tmp_path: Path) -> None:
-    steps = [{"id": f"s{n:02d}", "action": "sleep", "args": {"seconds": 0.1}} for n in range(10)]
-    path = _routine(tmp_path / "plain.json", "plain", steps)
-    cluster = make_cluster("redis")
-    cluster.start_nodes("n1", concurrency=1)
+    path = _routine(tmp_path / "plain.json", "plain", _naps(10))
+    cluster = _one_node(make_cluster)
 
     plain = cluster.runctx("run", str(path))
     assert plain.returncode == 0, plain.stderr

@@ -89,7 +89,7 @@ def test_prune_removes_an_old_run_and_keeps_a_recent_one_and_the_exports(make_cl
 @pytest.mark.slow
 def test_workers_apply_the_retention_setting_without_celery_beat(make_cluster, tmp_path: Path) -> None:
     cluster = make_cluster("redis")
-    cluster.extra_env["RUNCTX_RETENTION_DAYS"] = str(2.0 / 86400)  # two seconds
+    cluster.extra_env["RUNCTX_RETENTION_DAYS"] = str(10.0 / 86400)  # ten seconds
     cluster.start_nodes("n1", concurrency=1)
     done = cluster.run(_routine(tmp_path / "r.json", "kept-briefly", _increments(2)))
     assert done["status"] == "succeeded"

@@ -134,11 +134,15 @@ class CeleryDispatcher:
     """Sends the engine's next pieces of work as Celery tasks; each task names itself for Flower
     (``shadow_name``: "<routine>: <step>", "<routine>: finalize (<status>)", "runctx: write-behind")."""
 
+    # The arguments' text for Flower and the logs: plain repr (ids and versions only) instead of
+    # Celery's saferepr, which costs a step ~0.1 ms of CPU for the same string.
     def step(self, message: StepMessage) -> None:
-        step.apply_async(kwargs=message.as_kwargs())
+        kwargs = message.as_kwargs()
+        step.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
 
     def finalize(self, message: FinalizeMessage) -> None:
-        finalize.apply_async(kwargs=message.as_kwargs())
+        kwargs = message.as_kwargs()
+        finalize.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
 
     def flush(self, context_id: str) -> None:
         # Sent when due, not with a countdown: a worker holding ETA tasks raises its prefetch and

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -19,7 +20,7 @@ from state.migrate import upgrade
 from state.settings import get_settings
 
 if TYPE_CHECKING:
-    from runctx.api import RunResult
+    from runctx.api import Client, RunResult
 
 def _plain_help_labels() -> None:
     """Typer 0.29 labels each parameter in ``--help`` with its Python annotation (``<bool>``,
@@ -64,6 +65,18 @@ def one_line(message: str) -> str:
 def _fail(message: str) -> None:
     typer.echo(f"runctx: {one_line(message)}", err=True)
     raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _client() -> Iterator[Client]:
+    """A client for one command: the embedded stack released at the end, runctx's errors as one line."""
+    from runctx.api import Client
+
+    with embedded_released():
+        try:
+            yield Client()
+        except RunctxError as exc:
+            _fail(str(exc))
 
 
 @app.command()
@@ -276,17 +289,11 @@ def submit(
     ),
 ) -> None:
     """Submit a routine to the running workers and print its run id without waiting."""
-    from runctx.api import Client
-
     variables = _variables(var, var_file)
-    with embedded_released():
-        try:
-            client = Client()
-            routine = client.load(Path(file))
-            _warn_sensitive_on_command_line(routine, var)
-            run_id = client.submit(routine, variables=variables)
-        except RunctxError as exc:
-            _fail(str(exc))
+    with _client() as client:
+        routine = client.load(Path(file))
+        _warn_sensitive_on_command_line(routine, var)
+        run_id = client.submit(routine, variables=variables)
     typer.echo(run_id)
 
 
@@ -297,13 +304,8 @@ def wait(
     timeout: float | None = typer.Option(None, "--timeout", metavar="SECONDS", help="Give up waiting after this many seconds."),
 ) -> None:
     """Wait for a run submitted earlier (by any process) and print its outcome."""
-    from runctx.api import Client
-
-    with embedded_released():
-        try:
-            result = Client().wait(run_id, timeout)
-        except RunctxError as exc:
-            _fail(str(exc))
+    with _client() as client:
+        result = client.wait(run_id, timeout)
     _print_result(result, as_json)
 
 
@@ -329,15 +331,10 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """List runs, newest first."""
-    from runctx.api import Client
-
     if status is not None and status not in RUN_STATUSES:
         _fail(f"--status {status!r}: expected one of {', '.join(RUN_STATUSES)}")
-    with embedded_released():
-        try:
-            found = Client().runs(status=status, routine=routine, limit=limit)
-        except RunctxError as exc:
-            _fail(str(exc))
+    with _client() as client:
+        found = client.runs(status=status, routine=routine, limit=limit)
     if as_json:
         typer.echo(json.dumps({"runs": found}))
         return
@@ -352,22 +349,16 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Where a run stands: each step's state, worker, attempts and duration, and the totals."""
-    from runctx.api import Client
-
-    with embedded_released():
-        try:
-            client = Client()
+    with _client() as client:
+        states = client.step_states(run_id)
+        last = None
+        while watch and states["status"] == "running":
+            line = _totals_line(states)
+            if line != last and not as_json:
+                typer.echo(line)
+                last = line
+            time.sleep(0.5)
             states = client.step_states(run_id)
-            last = None
-            while watch and states["status"] == "running":
-                line = _totals_line(states)
-                if line != last and not as_json:
-                    typer.echo(line)
-                    last = line
-                time.sleep(0.5)
-                states = client.step_states(run_id)
-        except RunctxError as exc:
-            _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(states))
         return
@@ -393,13 +384,8 @@ def context(
 ) -> None:
     """The tree of a run's contexts: each with its version in L2 and L3, pending write-behind and
     its values (confidential and secret ones masked)."""
-    from runctx.api import Client
-
-    with embedded_released():
-        try:
-            tree = Client().context_tree(run_id)
-        except RunctxError as exc:
-            _fail(str(exc))
+    with _client() as client:
+        tree = client.context_tree(run_id)
     if as_json:
         typer.echo(json.dumps(tree))
         return
@@ -418,15 +404,9 @@ def cancel(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Cancel a running run: no further step starts, and it ends cancelled (exit 3 if it had ended)."""
-    from runctx.api import Client
-
-    with embedded_released():
-        try:
-            client = Client()
-            cancelled = client.cancel(run_id)
-            status = "cancelled" if cancelled else (client.engine.run_status(run_id).status)  # type: ignore[union-attr]
-        except RunctxError as exc:
-            _fail(str(exc))
+    with _client() as client:
+        cancelled = client.cancel(run_id)
+        status = "cancelled" if cancelled else (client.engine.run_status(run_id).status)  # type: ignore[union-attr]
     if as_json:
         typer.echo(json.dumps({"run_id": run_id, "cancelled": cancelled, "status": status}))
     elif cancelled:
@@ -455,14 +435,9 @@ def prune(
 ) -> None:
     """Delete finished runs older than DURATION: their ledger rows, contexts and Redis records.
     Exports and blackboard entries stay. Running runs are never touched."""
-    from runctx.api import Client
-
     seconds = parse_duration(older_than, "--older-than")
-    with embedded_released():
-        try:
-            report = Client().prune(seconds)
-        except RunctxError as exc:
-            _fail(str(exc))
+    with _client() as client:
+        report = client.prune(seconds)
     if as_json:
         typer.echo(json.dumps({"older_than_s": seconds, **report}))
     else:

@@ -177,7 +177,9 @@ class StepFailedItsRun(RunctxError):
         self.reason = reason
         super().__init__(f"run {run_id} failed: {reason}")  # the reason names the step
 
-    def __reduce__(self) -> tuple:  # Celery pickles nothing, but a result backend may serialize it
+    def __reduce__(self) -> tuple:
+        # The prefork pool hands a task's exception to the node's main process as a copy, rebuilt
+        # from these arguments (messages themselves are JSON only).
         return (type(self), (self.run_id, self.step_id, self.reason))
 
 

@@ -9,6 +9,7 @@ changes as one compare-and-set on L2, which also schedules the debounced write-b
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -60,6 +61,12 @@ class StepCommit:
     applied: bool  # False: the step had been applied already (a duplicate delivery)
 
 
+@functools.cache
+def _cache_reads(tier: str, result: str) -> Any:
+    """The counter of one (tier, result): resolved once, not at every read (an L1 hit is a dict lookup)."""
+    return metrics().cache_reads.labels(tier, result)
+
+
 @dataclass
 class StoreStats:
     """What the tiers did, for `runctx check`, tests and (through ``state.metrics``) Prometheus."""
@@ -74,19 +81,18 @@ class StoreStats:
 
     def served(self, tier: str) -> None:
         """A read was served by ``tier`` ("l1", "l2" or "l3"); the tiers above it missed."""
-        reads = metrics().cache_reads
         if tier == "l1":
             self.l1_hits += 1
-            reads.labels("l1", "hit").inc()
+            _cache_reads("l1", "hit").inc()
             return
-        reads.labels("l1", "miss").inc()
+        _cache_reads("l1", "miss").inc()
         if tier == "l2":
             self.l2_hits += 1
-            reads.labels("l2", "hit").inc()
+            _cache_reads("l2", "hit").inc()
             return
         self.l3_hits += 1
-        reads.labels("l2", "miss").inc()
-        reads.labels("l3", "hit").inc()
+        _cache_reads("l2", "miss").inc()
+        _cache_reads("l3", "hit").inc()
 
     def committed(self) -> None:
         self.l2_commits += 1

@@ -166,6 +166,10 @@ class RedisKeys:
     def probe_reply(self, probe_id: str) -> str:
         return f"{self.prefix}:probe:{probe_id}"
 
+    def server_token(self, token: str) -> str:
+        """A short-lived key written through one client and looked for through another."""
+        return f"{self.prefix}:server-token:{token}"
+
     def trace(self, identity: str) -> str:
         return f"{self.prefix}:trace:{identity}"
 

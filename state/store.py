@@ -43,6 +43,7 @@ from state.tiers.contracts import (
     L1Tier,
     L2Tier,
     L3Tier,
+    Outbox,
     RunRow,
     StepReport,
 )
@@ -59,6 +60,7 @@ class StepCommit:
 
     context: RunContext
     applied: bool  # False: the step had been applied already (a duplicate delivery)
+    dispatched: bool = False  # the commit carried what follows the step (its outbox message)
 
 
 @functools.cache
@@ -294,6 +296,7 @@ class TieredStore:
         *,
         step_id: str | None = None,
         report: StepReport | None = None,
+        outbox: Outbox | None = None,
     ) -> CommitResult:
         try:
             return self.l2.commit_context(
@@ -306,6 +309,7 @@ class TieredStore:
                 require_live=step_id is not None,
                 step_id=step_id,
                 report=report,
+                outbox=outbox,
             )
         except VersionConflict:
             self.stats.conflicted()
@@ -319,13 +323,16 @@ class TieredStore:
         step_id: str,
         mutate: Callable[[RunContext], None],
         report: Callable[[], StepReport] | None = None,
+        follow: Callable[[RunContext], Outbox | None] | None = None,
     ) -> StepCommit:
         """Apply a step's changes (``mutate``) with its id in ``applied_steps``, as one compare-and-set.
 
         A refused write (another writer committed first) is re-applied to the newer version; a step
         that L2 holds already (a duplicate delivery) changes nothing. ``base`` is the version the
-        step read. ``report`` gives the step's record, written by the same compare-and-set. Raises
-        RunFailed if the run failed meanwhile (nothing is written).
+        step read. ``report`` gives the step's record, written by the same compare-and-set;
+        ``follow``, given the context as it will be committed, the message of what follows, pushed
+        by it too where L2 can (``StepCommit.dispatched``). Raises RunFailed if the run failed
+        meanwhile (nothing is written).
         """
         if base.has_applied(step_id):
             return StepCommit(base, applied=False)
@@ -335,8 +342,10 @@ class TieredStore:
             mutate(working)
             working.mark_applied(step_id)
             working.version = latest.version + 1
+            step_report = report() if report else None
+            outbox = follow(working) if follow and step_report and self.l2.carries_outbox else None
             try:
-                result = self._commit_l2(working, latest.version, step_id=step_id, report=report() if report else None)
+                result = self._commit_l2(working, latest.version, step_id=step_id, report=step_report, outbox=outbox)
                 if result is CommitResult.ALREADY_APPLIED:
                     self.l1.evict_context(context_id, up_to_version=latest.version)
                     return StepCommit(self.read_for_step(context_id, epoch=base.epoch, at_least=latest.version), applied=False)
@@ -346,7 +355,7 @@ class TieredStore:
                     raise LineageLost(context_id, "its L2 entry disappeared while the step ran")
                 self.stats.committed()
                 self.l1.put_context(working)
-                return StepCommit(working, applied=True)
+                return StepCommit(working, applied=True, dispatched=outbox is not None)
             except (VersionConflict, LineageLost) as conflict:
                 # Someone committed first, or the lineage changed: read again (which may refuse the
                 # step as stale, or ask for a rewind) and re-apply the changes to what is there now.

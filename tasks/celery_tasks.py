@@ -16,7 +16,9 @@ from celery import Task, shared_task
 
 from state.errors import InfrastructureError, StepFailedItsRun
 from state.settings import get_settings
+from state.tiers.contracts import Outbox
 from tasks.engine import RunEngine
+from tasks.envelopes import StepEnvelopes
 from tasks.messages import FinalizeMessage, StepMessage
 
 _settings = get_settings()
@@ -132,7 +134,16 @@ def noop_chain(self: Any, remaining: int, done_run_id: str) -> None:
 
 class CeleryDispatcher:
     """Sends the engine's next pieces of work as Celery tasks; each task names itself for Flower
-    (``shadow_name``: "<routine>: <step>", "<routine>: finalize (<status>)", "runctx: write-behind")."""
+    (``shadow_name``: "<routine>: <step>", "<routine>: finalize (<status>)", "runctx: write-behind").
+
+    With ``envelopes`` (a worker whose broker is L2's Redis), a step's successor is pushed by the
+    step's own commit instead (`tasks.envelopes`)."""
+
+    def __init__(self, envelopes: StepEnvelopes | None = None) -> None:
+        self.envelopes = envelopes
+
+    def outbox(self, message: StepMessage) -> Outbox | None:
+        return self.envelopes.outbox(message) if self.envelopes is not None else None
 
     # The arguments' text for Flower and the logs: plain repr (ids and versions only) instead of
     # Celery's saferepr, which costs a step ~0.1 ms of CPU for the same string.

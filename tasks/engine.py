@@ -43,6 +43,7 @@ from state.tiers.contracts import (
     CANCELLED,
     FINAL_STATUSES,
     ExportRecord,
+    Outbox,
     RunRow,
     StepReport,
 )
@@ -50,7 +51,7 @@ from tasks.advance import next_work, resume_points
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Node, Plan, compile_plan
 from tasks.routine import Routine, check_definition, parse_routine
-from tasks.steps import StepExecutor
+from tasks.steps import Follow, StepExecutor
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class RunEngine:
             # first run died before it dispatched what follows.
             if not (outcome.applied or again):
                 return outcome
+            if outcome.dispatched:  # the commit sent what follows
+                return outcome
             versions = {**message.versions, node.context: outcome.context.version}
             successor = self._inline_successor(plan, node, task_started)
             if successor is None:
@@ -251,7 +254,7 @@ class RunEngine:
             def report() -> StepReport:  # the step's record, written by its commit
                 return StepReport(message.run_id, node.step_id, worker, time.perf_counter() - started, attempts)
 
-            commit = self.steps.run(message, node, report)
+            commit = self.steps.run(message, node, report, self._follow(plan, node, message))
             self._count_step(message.routine, "succeeded" if commit.applied else "skipped", started)
             return commit
         except RunFailed:  # another step failed the run while this one ran: nothing was written
@@ -273,6 +276,28 @@ class RunEngine:
             raise StepFailedItsRun(message.run_id, node.step_id, error) from None
         finally:
             self.running.pop(task_id, None)
+
+    def _follow(self, plan: Plan, node: Node, message: StepMessage) -> Follow | None:
+        """When one real step follows ``node`` as a task of its own (not inline, not a fork, join,
+        sub-routine start or the finalize), its message, to ride in ``node``'s commit."""
+        if node.next is None:
+            return None
+        successor = plan.node(node.next)
+        if successor.kind not in ("action", "child_end"):
+            return None
+        if successor.kind == "action" and successor.inline and successor.context == node.context:
+            return None  # runs in this task while the inline budget lasts
+
+        def follow(committed: RunContext) -> Outbox | None:
+            versions = {**message.versions, node.context: committed.version}
+            return self.dispatcher.outbox(
+                StepMessage(
+                    message.run_id, message.routine, message.routine_version, successor.index, versions,
+                    step_id=successor.step_id, epoch=message.epoch,
+                )
+            )
+
+        return follow
 
     @staticmethod
     def _count_step(routine: str, status: str, started: float) -> None:

@@ -9,6 +9,7 @@ is what the engine tests use; on the real tiers it runs a routine without Celery
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import deque
@@ -16,12 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from state.errors import InfrastructureError, StepFailedItsRun
+from state.tiers.contracts import Outbox
+from state.tiers.memory_l2 import MemoryL2
 from tasks.messages import FinalizeMessage, StepMessage
 
 if TYPE_CHECKING:
     from tasks.engine import RunEngine
 
 Kind = Literal["step", "finalize", "flush"]
+
+OUTBOX_QUEUE = "in-process:steps"
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Delivery:
     task_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     retries: int = 0
     deliveries: int = 0  # more than one: a redelivery (as a broker flags it)
+    pushed: bool = False  # sent by the commit of the step before it (the outbox)
 
 
 class InProcessDispatcher:
@@ -43,16 +49,31 @@ class InProcessDispatcher:
     ``InfrastructureError`` is retried up to ``max_retries`` times, then the step fails its run.
     """
 
-    def __init__(self, *, max_retries: int = 5, worker: str = "in-process") -> None:
+    def __init__(self, *, max_retries: int = 5, worker: str = "in-process", outbox_via: MemoryL2 | None = None) -> None:
         self.queue: deque[Delivery] = deque()
         self.sent: list[Delivery] = []
         self.max_retries = max_retries
         self.worker = worker
+        # With the in-memory L2 of the engine's store: a step's successor rides in its commit (as on
+        # a Redis broker that is L2's Redis), and is taken from there into the queue.
+        self.outbox_via = outbox_via
 
     # ---- the Dispatcher protocol ------------------------------------------------------------------
 
     def step(self, message: StepMessage) -> None:
         self._send(Delivery("step", message))
+
+    def outbox(self, message: StepMessage) -> Outbox | None:
+        if self.outbox_via is None:
+            return None
+        return Outbox(OUTBOX_QUEUE, json.dumps(message.as_kwargs()).encode())
+
+    def _take_pushed(self) -> None:
+        """Move what commits pushed onto the outbox queue into the delivery queue, oldest first."""
+        if self.outbox_via is None:
+            return
+        for raw in self.outbox_via.take_pushed(OUTBOX_QUEUE):
+            self._send(Delivery("step", StepMessage(**json.loads(raw)), pushed=True))
 
     def finalize(self, message: FinalizeMessage) -> None:
         self._send(Delivery("finalize", message))
@@ -68,6 +89,12 @@ class InProcessDispatcher:
 
     def deliver(self, engine: RunEngine, delivery: Delivery) -> None:
         """Run one delivery as a worker would, retrying infrastructure errors by requeueing it."""
+        try:
+            self._deliver(engine, delivery)
+        finally:
+            self._take_pushed()
+
+    def _deliver(self, engine: RunEngine, delivery: Delivery) -> None:
         delivery.deliveries += 1
         try:
             if delivery.kind == "step":
@@ -102,6 +129,7 @@ class InProcessDispatcher:
     def drain(self, engine: RunEngine, *, limit: int = 1_000_000) -> int:
         """Run queued messages (and those they send) until none is left; returns how many ran."""
         ran = 0
+        self._take_pushed()
         while self.queue:
             if ran >= limit:
                 raise RuntimeError(f"still {len(self.queue)} messages queued after {limit}")

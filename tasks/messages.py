@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from state.tiers.contracts import Outbox
+
 
 @dataclass(frozen=True)
 class StepMessage:
@@ -19,7 +21,11 @@ class StepMessage:
     epoch: int = 1
 
     def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies field by field, ~8 us, paid twice by every step.
+        return {
+            "run_id": self.run_id, "routine": self.routine, "routine_version": self.routine_version, "node": self.node,
+            "versions": dict(self.versions), "step_id": self.step_id, "epoch": self.epoch,
+        }
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ class Dispatcher(Protocol):
     """Sends the next pieces of work; the Celery implementation lives in tasks.celery_tasks."""
 
     def step(self, message: StepMessage) -> None: ...
+
+    def outbox(self, message: StepMessage) -> Outbox | None:
+        """``message`` as a broker message a step's commit can push (None: send it with `step`)."""
 
     def finalize(self, message: FinalizeMessage) -> None: ...
 

@@ -16,13 +16,15 @@ from state.errors import RoutineError, StepFailed
 from state.keys import context_id
 from state.models import RunContext
 from state.store import StepCommit, TieredStore
-from state.tiers.contracts import StepReport
+from state.tiers.contracts import Outbox, StepReport
 from tasks.actions import run_action
 from tasks.changes import ContextView, apply_changes
 from tasks.messages import StepMessage
 from tasks.plan import Node
 
 log = logging.getLogger(__name__)
+
+Follow = Callable[[RunContext], Outbox | None]  # the message of what follows a step, given its committed context
 
 
 HIDDEN = "<hidden: the step read secret values>"
@@ -46,11 +48,18 @@ class StepExecutor:
     def __init__(self, store: TieredStore) -> None:
         self.store = store
 
-    def run(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None = None) -> StepCommit:
-        """Run the node; ``report`` gives the step's record, committed with its changes."""
+    def run(
+        self,
+        message: StepMessage,
+        node: Node,
+        report: Callable[[], StepReport] | None = None,
+        follow: Follow | None = None,
+    ) -> StepCommit:
+        """Run the node; ``report`` gives the step's record and ``follow`` the message of what follows
+        it, both committed with its changes (see `TieredStore.commit_step`)."""
         if node.kind == "action":
-            return self._apply_action(message, node, report)
-        return self._merge_child(message, node, report)
+            return self._apply_action(message, node, report, follow)
+        return self._merge_child(message, node, report, follow)
 
     def is_applied(self, message: StepMessage, node: Node) -> bool:
         """Whether the node's context holds the step already (read from the step's lineage)."""
@@ -60,7 +69,9 @@ class StepExecutor:
         ctx_id = context_id(message.run_id, path)
         return ctx_id, self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=message.versions.get(path, 1))
 
-    def _apply_action(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:
+    def _apply_action(
+        self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None, follow: Follow | None
+    ) -> StepCommit:
         ctx_id, base = self._read(message, node.context)
         if base.has_applied(node.step_id):
             return StepCommit(base, applied=False)
@@ -79,7 +90,7 @@ class StepExecutor:
                 now=time.time(), raise_to=read, declassify=node.declassify,
             )
 
-        return self.store.commit_step(ctx_id, base, node.step_id, mutate, report)
+        return self.store.commit_step(ctx_id, base, node.step_id, mutate, report, follow)
 
     def _changes_of(self, node: Node, view: ContextView, base: RunContext) -> list[Any]:
         assert node.action is not None
@@ -96,7 +107,9 @@ class StepExecutor:
                 raise
             raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
 
-    def _merge_child(self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None) -> StepCommit:
+    def _merge_child(
+        self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None, follow: Follow | None
+    ) -> StepCommit:
         assert node.child_context is not None and node.merge is not None
         parent_id, parent = self._read(message, node.context)
         if parent.has_applied(node.step_id):
@@ -109,4 +122,4 @@ class StepExecutor:
             for conflict in conflicts:  # names and strategies only: values may be sensitive
                 log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
 
-        return self.store.commit_step(parent_id, parent, node.step_id, mutate, report)
+        return self.store.commit_step(parent_id, parent, node.step_id, mutate, report, follow)

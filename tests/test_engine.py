@@ -30,6 +30,7 @@ from state.models import ResourceLimits, RunContext
 from state.store import TieredStore
 from state.tiers.contracts import RunRow
 from state.tiers.local import LocalCache
+from state.tiers.memory_l2 import MemoryL2
 from tasks.changes import Change
 from tasks.engine import RunEngine
 from tasks.in_process import Delivery, InProcessDispatcher
@@ -71,9 +72,13 @@ def as_mapping(view, args: dict[str, Any]) -> dict[str, Any]:
 class Harness:
     """One store on the in-memory tiers, one in-process dispatcher and the engine between them."""
 
-    def __init__(self, *, max_attempts: int = 3, max_retries: int = 5, limits: ResourceLimits | None = None) -> None:
+    def __init__(
+        self, *, max_attempts: int = 3, max_retries: int = 5, limits: ResourceLimits | None = None, outbox: bool = False
+    ) -> None:
         self.store = TieredStore.in_memory()
-        self.dispatcher = InProcessDispatcher(max_retries=max_retries)
+        assert isinstance(self.store.l2, MemoryL2)
+        # outbox: a step's successor rides in its commit, as on workers whose broker is L2's Redis.
+        self.dispatcher = InProcessDispatcher(max_retries=max_retries, outbox_via=self.store.l2 if outbox else None)
         self.engine = RunEngine(self.store, self.dispatcher, max_attempts=max_attempts, limits=limits)
 
     def submit(self, routine: dict[str, Any], variables: dict[str, Any] | None = None, *, run_id: str | None = None) -> str:
@@ -102,9 +107,10 @@ class Harness:
         return next(d for d in self.dispatcher.sent if d.kind == "step" and d.message.step_id == step_id)
 
 
-@pytest.fixture
-def h() -> Harness:
-    return Harness()
+@pytest.fixture(params=["sent", "outbox"])
+def h(request: pytest.FixtureRequest) -> Harness:
+    """Every engine test twice: successors sent after the commit, and carried by it (the outbox)."""
+    return Harness(outbox=request.param == "outbox")
 
 
 def steps_of(row: RunRow) -> dict[str, dict[str, Any]]:
@@ -373,6 +379,7 @@ def test_a_redelivery_recovers_a_step_whose_first_run_died_before_dispatching_it
     delivery = h.dispatcher.queue.popleft()
     with monkeypatch.context() as m:
         m.setattr(h.dispatcher, "step", lambda message: None)  # committed, then the worker died
+        m.setattr(h.dispatcher, "outbox", lambda message: None)  # (a successor no commit carries)
         h.dispatcher.deliver(h.engine, delivery)
     assert not h.dispatcher.queue and h.store.get_run(run_id).status == "running"
 
@@ -380,6 +387,45 @@ def test_a_redelivery_recovers_a_step_whose_first_run_died_before_dispatching_it
     row = h.settle(run_id)
     assert row.status == "succeeded"
     assert h.final(run_id).variables["counter"] == 3
+
+
+def test_with_the_outbox_a_step_that_committed_has_sent_its_successor_whatever_happens_after() -> None:
+    h = Harness(outbox=True)
+    run_id = h.submit(sequence(3))
+    delivery = h.dispatcher.queue.popleft()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(h.dispatcher, "step", lambda message: pytest.fail("sent apart from the commit"))
+        h.dispatcher.deliver(h.engine, delivery)  # the commit carried s2: nothing is left to send
+    assert [d.message.step_id for d in h.dispatcher.queue] == ["s2"]
+    assert h.dispatcher.queue[0].message.versions == {"": 2}  # the version s1 committed
+
+    h.dispatcher.queue.append(delivery)  # delivered again anyway: applies nothing, sends s2 again
+    row = h.settle(run_id)
+    assert row.status == "succeeded" and h.final(run_id).variables["counter"] == 3
+    assert sum(1 for d in h.dispatcher.sent if d.kind == "step" and d.message.step_id == "s2") == 2
+
+
+def test_the_outbox_carries_only_a_single_real_successor() -> None:
+    h = Harness(outbox=True)
+    routine = {
+        "name": "shapes", "variables": {"counter": 0},
+        "steps": [
+            inc("a"),
+            {"id": "fan", "parallel": [[inc("b1")], [inc("b2")]]},
+            inc("c"),
+        ],
+    }
+    run_id, row = h.run(routine)
+    assert row.status == "succeeded" and h.final(run_id).variables["counter"] == 4
+    # a is followed by a fork (two steps), b1 and b2 by a join (c goes only once both are in), c by
+    # the finalize: each sent after its commit, none pushed by it.
+    assert [d.message.step_id for d in h.dispatcher.sent if d.kind == "step"] == ["a", "b1", "b2", "c"]
+    assert not any(d.pushed for d in h.dispatcher.sent)
+
+    run_id, row = h.run(sequence(4))
+    assert row.status == "succeeded"
+    steps = [d for d in h.dispatcher.sent if d.kind == "step" and d.message.run_id == run_id]
+    assert [(d.message.step_id, d.pushed) for d in steps] == [("s1", False), ("s2", True), ("s3", True), ("s4", True)]
 
 
 def test_a_redelivered_last_step_sends_a_second_finalize_that_changes_nothing(h: Harness) -> None:

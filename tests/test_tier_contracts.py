@@ -476,6 +476,55 @@ def test_l2_a_step_commit_of_a_failed_run_writes_nothing(l2: L2Tier) -> None:
     assert l2.run_summary("run-1")["steps"] == []
 
 
+# ---- the outbox: a message that rides in a step's commit ------------------------------------------
+
+
+def pushed(l2: L2Tier, queue: str) -> list[bytes]:
+    """What commits pushed onto ``queue``, oldest first (the queue is emptied)."""
+    if isinstance(l2, MemoryL2):
+        return l2.take_pushed(queue)
+    assert isinstance(l2, RedisTier)
+    messages = l2.client.lrange(queue, 0, -1)
+    l2.client.delete(queue)
+    return list(reversed(messages))
+
+
+def test_l2_a_step_commit_pushes_its_outbox_message_only_when_it_commits(l2: L2Tier) -> None:
+    from state.errors import VersionConflict
+    from state.tiers.contracts import CommitResult, Outbox, StepReport
+
+    if not l2.carries_outbox:  # a cluster: the broker's queue is on no context's shard
+        assert isinstance(l2, RedisTier) and l2.cluster
+        return
+    queue = f"{l2.prefix}.steps"
+
+    def report(step_id: str) -> StepReport:
+        return StepReport(run_id="run-1", step_id=step_id, worker="w1", duration_s=0.1)
+
+    commit(l2, context(version=1), 0)
+    assert step_commit(l2, context(version=2), 1, "s1", report=report("s1"), outbox=Outbox(queue, b"after s1")) is CommitResult.COMMITTED
+    assert step_commit(l2, context(version=3), 2, "s2", report=report("s2"), outbox=Outbox(queue, b"after s2")) is CommitResult.COMMITTED
+    assert pushed(l2, queue) == [b"after s1", b"after s2"]  # in commit order, as the broker delivers
+
+    # A duplicate, a stale write and a commit of a failed run push nothing.
+    assert step_commit(l2, context(version=4), 3, "s1", report=report("s1"), outbox=Outbox(queue, b"dup")) is CommitResult.ALREADY_APPLIED
+    with pytest.raises(VersionConflict):
+        step_commit(l2, context(version=3), 1, "s3", report=report("s3"), outbox=Outbox(queue, b"stale"))
+    l2.mark_failed("run-1", "boom")
+    assert step_commit(l2, context(version=4), 3, "s3", report=report("s3"), outbox=Outbox(queue, b"failed")) is CommitResult.RUN_FAILED
+    assert pushed(l2, queue) == []
+    assert l2.get_context("run-1").version == 3
+
+
+def test_l2_an_outbox_message_rides_only_in_a_step_commit(l2: L2Tier) -> None:
+    from state.tiers.contracts import Outbox
+
+    commit(l2, context(version=1), 0)
+    with pytest.raises(ValueError, match="outbox"):
+        step_commit(l2, context(version=2), 1, "s1", outbox=Outbox(f"{l2.prefix}.steps", b"no report"))
+    assert l2.get_context("run-1").version == 1
+
+
 def test_l2_fill_keeps_the_applied_steps_and_a_step_commit_goes_on_from_them(l2: L2Tier) -> None:
     ctx = context(version=5)
     ctx.applied_steps = ["a", "b", "c"]

@@ -21,8 +21,9 @@ from state.metrics import metrics
 from state.settings import get_settings
 from state.store import TieredStore
 from state.tiers.redis_l2 import RedisTier
-from tasks.celery_tasks import CeleryDispatcher, provide_engine
+from tasks.celery_tasks import CeleryDispatcher, provide_engine, step
 from tasks.engine import RunEngine
+from tasks.envelopes import StepEnvelopes
 from tasks.watchdog import Watchdog
 from workers.control import ControlChannel, process_identity
 
@@ -51,9 +52,10 @@ class ProcessRuntime:
         self.store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
         assert isinstance(self.store.l2, RedisTier)
         self.redis: RedisTier = self.store.l2
+        self.dispatcher = CeleryDispatcher()
         self.engine = RunEngine(
             self.store,
-            CeleryDispatcher(),
+            self.dispatcher,
             max_attempts=settings.step_max_attempts,
             limits=settings.resource_limits(),
         )
@@ -69,7 +71,11 @@ class ProcessRuntime:
         self._watcher: threading.Thread | None = None
 
     def start_background(self) -> None:
-        """Subscribe to the control channel, listen to L3 change events, dispatch due write-behinds."""
+        """Subscribe to the control channel, listen to L3 change events, dispatch due write-behinds;
+        and, when the broker is L2's Redis, let each step's commit send its successor."""
+        self.dispatcher.envelopes = StepEnvelopes.for_broker(step, self.redis)
+        if self.dispatcher.envelopes is None:
+            log.info("a step's successor is sent after its commit (the broker is not L2's Redis)")
         self.control.start()
         self.listener = ChangeListener(
             self.database_url, self.control.relay_change, on_connected=self.store.l1.clear
@@ -84,6 +90,8 @@ class ProcessRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.control.stop()
+        if self.dispatcher.envelopes is not None:
+            self.dispatcher.envelopes.close()
         if self.listener is not None:
             self.listener.stop()
 

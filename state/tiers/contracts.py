@@ -59,6 +59,16 @@ class CommitResult(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Outbox:
+    """A broker message that rides in a step's commit (a transactional outbox): pushed onto the list
+    ``queue`` in the same atomic step as the commit, or not at all. What follows a step is then
+    sent exactly when the step commits, in the commit's one round trip."""
+
+    queue: str  # the key of the broker's queue (a Redis list on the server that holds L2)
+    message: bytes  # the message as the broker's transport stores it
+
+
+@dataclass(frozen=True)
 class StepStart:
     attempt: int  # how many times this task message has started (more than 1: redelivered or retried)
     run_failed: bool
@@ -155,6 +165,7 @@ class L2Tier(Protocol):
         require_live: bool = False,
         step_id: str | None = None,
         report: StepReport | None = None,
+        outbox: Outbox | None = None,
     ) -> CommitResult:
         """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write.
 
@@ -164,8 +175,13 @@ class L2Tier(Protocol):
         its run's progress) in the same write. NO_ENTRY: no
         entry though a version was expected. Raises VersionConflict on a stale write, and
         LineageLost when the entry is of another epoch than ``expected_epoch``, (with
-        ``require_live``) a reader's copy rather than a live lineage, or damaged.
+        ``require_live``) a reader's copy rather than a live lineage, or damaged. ``outbox`` (only
+        with ``report``, only where ``carries_outbox``) is pushed if, and only if, it COMMITTED.
         """
+
+    @property
+    def carries_outbox(self) -> bool:
+        """Whether a step's commit can push an `Outbox` message in the same atomic step."""
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
         """A context from a payload as this tier stores it (a commit broadcast carries one); raises

@@ -20,6 +20,7 @@ from state.models import RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
     ConfigEntry,
+    Outbox,
     StepReport,
     StepStart,
     StoredContext,
@@ -74,6 +75,7 @@ class MemoryL2:
         self._first: dict[str, float] = {}
         self._runs: dict[str, _Run] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self.queues: dict[str, list[bytes]] = {}  # outbox messages pushed by commits, newest first (as LPUSH)
         self._lock = threading.RLock()
         self._done = threading.Condition(self._lock)
 
@@ -127,9 +129,12 @@ class MemoryL2:
         require_live: bool = False,
         step_id: str | None = None,
         report: StepReport | None = None,
+        outbox: Outbox | None = None,
     ) -> CommitResult:
         if report is not None and step_id is None:  # a step's record is a step's commit
             step_id = report.step_id
+        if outbox is not None and report is None:
+            raise ValueError("an outbox message rides only in a step's commit")
         payload = self.codec.dump_state(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
@@ -157,7 +162,18 @@ class MemoryL2:
                 run.progress = now
             first = self._first.setdefault(ctx.context_id, now)
             self._due[ctx.context_id] = min(now + debounce_s, first + max_delay_s)
+            if outbox is not None:
+                self.queues.setdefault(outbox.queue, []).insert(0, outbox.message)
             return CommitResult.COMMITTED
+
+    @property
+    def carries_outbox(self) -> bool:
+        return True
+
+    def take_pushed(self, queue: str) -> list[bytes]:
+        """The messages commits pushed onto ``queue``, oldest first; the queue is left empty."""
+        with self._lock:
+            return list(reversed(self.queues.pop(queue, [])))
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
         if not self.codec.verify(payload, payload_checksum):

@@ -44,6 +44,7 @@ from state.models import RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
     ConfigEntry,
+    Outbox,
     StepReport,
     StepStart,
     StoredContext,
@@ -150,9 +151,12 @@ class RedisTier:
         require_live: bool = False,
         step_id: str | None = None,
         report: StepReport | None = None,
+        outbox: Outbox | None = None,
     ) -> CommitResult:
         if report is not None and step_id is None:  # a step's record is a step's commit
             step_id = report.step_id
+        if outbox is not None and (report is None or self.cluster):
+            raise ValueError("an outbox message rides only in a step's commit on one Redis (see carries_outbox)")
         payload = self.codec.dump_state(ctx)
         keys = self._context_keys(ctx.context_id)
         args: list[Any] = [
@@ -168,6 +172,9 @@ class RedisTier:
             run_id = report.run_id
             keys += [self._record(run_id, "steps", report.step_id), self._record(run_id, "progress"), self._record(run_id, "failed")]
             args[13] = json.dumps(report.record(now))
+            if outbox is not None:
+                keys.append(outbox.queue)
+                args.append(outbox.message)
         elif report is not None and self.run_failed(report.run_id):  # on a cluster the flag lives elsewhere
             return CommitResult.RUN_FAILED
         status, actual = self._script("commit", keys, args)
@@ -182,6 +189,26 @@ class RedisTier:
         if result is CommitResult.COMMITTED and report is not None and not together:
             self.finish_step(report.run_id, report.step_id, record=report.record(now))
         return result
+
+    @property
+    def carries_outbox(self) -> bool:
+        # On a cluster the broker's queue is on no context's shard.
+        return not self.cluster
+
+    def shares_server_with(self, client: redis.Redis) -> bool:
+        """Whether ``client`` (e.g. the broker's) talks to the same Redis server and database as this
+        tier, so that a commit's outbox lands in the broker's queue: asked of the servers (a key
+        written here is read there), not guessed from their URLs."""
+        if self.cluster:
+            return False
+        key = self.keys.server_token(os.urandom(8).hex())
+        try:
+            self.client.set(key, "1", ex=30)
+            same = bool(client.get(key))
+            self.client.delete(key)
+        except redis.RedisError:
+            return False
+        return same
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
         if not self.codec.verify(payload, payload_checksum):

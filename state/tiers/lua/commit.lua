@@ -5,11 +5,13 @@
 -- of rewriting the run's history); n counts them, so a lost or damaged set is seen, never trusted.
 -- KEYS: 1 context entry, 2 its applied steps, 3 write-behind due set, 4 write-behind first-change hash,
 --       [5 the step's record hash, 6 the run's progress record, 7 the run's failed flag: present when
---       they share the context's node (always on one Redis; never on a cluster)]
+--       they share the context's node (always on one Redis; never on a cluster),
+--       8 a broker queue (a list) to push ARGV[17] onto: the successor's message (with KEYS 5-7 only)]
 -- ARGV: 1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
 --       11 new epoch, 12 '1' if the entry must be live, 13 step id ('' = not a step's commit),
---       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 largest payload a broadcast carries
+--       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 largest payload a broadcast carries,
+--       17 the message to push onto KEYS[8] (with it)
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
 -- a version was expected; -2 the entry is of another epoch, or not live though it had to be;
 -- -3 the entry is damaged; 2 the step is applied already; 3 the run failed (nothing written).
@@ -21,6 +23,7 @@ end
 expect(KEYS[3], 'zset')
 expect(KEYS[4], 'hash')
 if KEYS[5] then expect(KEYS[5], 'hash') end
+if KEYS[8] then expect(KEYS[8], 'list') end  -- a push that fails would leave the commit half done
 local cur = redis.call('HMGET', KEYS[1], 'v', 'e', 'o', 'n')
 local expected = tonumber(ARGV[1])
 local step = ARGV[13]
@@ -61,6 +64,10 @@ redis.call('ZADD', KEYS[3], math.min(now + tonumber(ARGV[6]), first + tonumber(A
 if KEYS[5] then
   redis.call('HSET', KEYS[5], step, ARGV[14])
   redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[15])
+end
+if KEYS[8] then
+  -- The transactional outbox: what follows the step is sent if, and only if, the step committed.
+  redis.call('LPUSH', KEYS[8], ARGV[17])
 end
 if ARGV[9] ~= '' then
   -- Small contexts travel with the broadcast, so the next step finds them in its process's L1.

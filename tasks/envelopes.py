@@ -1,0 +1,101 @@
+"""A step task's message as the broker stores it, built in the worker, so that the step before it
+can push it in its own commit: the transactional outbox (`state.tiers.contracts.Outbox`).
+
+What follows a committed step is then sent in the commit's one round trip, and exactly when the
+step commits: "committed, but the worker died before it sent the successor" cannot happen (it was
+covered before by the broker delivering the step again; it still is, for everything else).
+
+Only where the broker is a Redis that is the same server and database as L2 (asked of the
+servers, `RedisTier.shares_server_with`), and the step task's route ends in a queue of the
+direct exchange, as runctx's `celeryconfig` routes it; anywhere else (RabbitMQ, another Redis, an
+L2 on a cluster) steps are sent by ``apply_async`` as before. The message is the one
+``step.apply_async(kwargs=...)`` publishes: Celery's task message (``app.amqp.as_task_v2``, with
+the same shadow name, reprs, root and parent ids), serialized as kombu's producer does, in the
+envelope kombu's virtual channel makes (``prepare_message``, ``_inplace_augment_message``), on
+the list kombu's ``_put`` pushes to. ``tests/test_outbox.py`` compares it with a real publish.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.utils import uuid
+from kombu import Connection
+from kombu.serialization import dumps as serialize
+from kombu.utils.json import dumps as kombu_json
+
+from state.tiers.contracts import Outbox
+from state.tiers.redis_l2 import RedisTier
+from tasks.messages import StepMessage
+
+log = logging.getLogger(__name__)
+
+PRIORITY = 0  # as apply_async sends a step: no priority; kombu's queue key for 0 is the queue's name
+PERSISTENT = 2  # kombu's delivery mode for a durable exchange
+
+
+class StepEnvelopes:
+    """Builds the broker messages of one task (the step task) for one broker connection.
+
+    Owns that connection (a channel of it supplies kombu's own envelope code); promises messages
+    a worker cannot tell from ``apply_async``'s, each with a new task id and delivery tag.
+    """
+
+    def __init__(self, task: Task, connection: Connection, queue_key: str, routing_key: str) -> None:
+        self.task = task
+        self.app = task.app
+        self.connection = connection
+        self.channel = connection.default_channel
+        self.queue_key = queue_key
+        self.routing_key = routing_key
+        self.serializer = self.app.conf.task_serializer
+        self.reply_to = self.app.thread_oid
+
+    @classmethod
+    def for_broker(cls, task: Task, l2: RedisTier) -> StepEnvelopes | None:
+        """Envelopes for ``task`` if its commits can push them onto the broker's queue, else None."""
+        app = task.app
+        route = app.amqp.router.route({}, task.name, (), {})
+        queue = route.get("queue")
+        if queue is None or getattr(queue.exchange, "type", "direct") != "direct" or route.get("exchange"):
+            return None  # sent through an exchange that routes: only kombu knows where it lands
+        connection = app.connection_for_write()
+        unreachable = (OSError, *connection.connection_errors, *connection.channel_errors)
+        try:
+            if connection.transport.driver_type != "redis" or connection.transport_options.get("global_keyprefix"):
+                connection.release()
+                return None
+            channel = connection.default_channel
+            if not l2.carries_outbox or not l2.shares_server_with(channel.client):
+                connection.release()
+                return None
+            envelopes = cls(task, connection, channel._q_for_pri(queue.name, PRIORITY), queue.name)
+            log.info("a step's commit sends its successor (outbox onto %s)", envelopes.queue_key)
+            return envelopes
+        except unreachable as exc:  # the broker is not reachable now: steps go by apply_async
+            log.warning("steps are sent by apply_async: the broker could not be asked (%s: %s)", type(exc).__name__, exc)
+            connection.release()
+            return None
+
+    def outbox(self, message: StepMessage) -> Outbox:
+        kwargs = message.as_kwargs()
+        reprs = {"argsrepr": "()", "kwargsrepr": repr(kwargs)}  # as CeleryDispatcher.step gives them
+        task_id = uuid()
+        parent = self.app.current_worker_task
+        parent_id = parent.request.id if parent is not None else None
+        root_id = (parent.request.root_id or parent_id) if parent is not None else None
+        headers, properties, body, _ = self.app.amqp.as_task_v2(
+            task_id, self.task.name, (), kwargs,
+            shadow=self.task.shadow_name((), kwargs, {}), **reprs,
+            root_id=root_id, parent_id=parent_id, reply_to=self.reply_to, ignore_result=self.task.ignore_result,
+        )
+        properties.update(reprs, delivery_mode=PERSISTENT)  # apply_async's options end up there too
+        content_type, content_encoding, data = serialize(body, serializer=self.serializer)
+        envelope: dict[str, Any] = self.channel.prepare_message(data, PRIORITY, content_type, content_encoding, headers, properties)
+        self.channel._inplace_augment_message(envelope, "", self.routing_key)
+        return Outbox(self.queue_key, kombu_json(envelope).encode())
+
+    def close(self) -> None:
+        self.connection.release()

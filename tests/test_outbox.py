@@ -1,0 +1,127 @@
+"""The transactional outbox on real servers: a step's successor pushed by the step's own commit.
+
+What the commit pushes must be the message ``step.apply_async`` would have published (a worker
+cannot tell them apart), and it is pushed only where the broker is L2's own Redis server and
+database; elsewhere steps go by ``apply_async`` as before. The commit's push-if-and-only-if-
+committed is in the L2 contract suite (tests/test_tier_contracts.py), the engine's use of it in
+tests/test_engine.py (every engine test runs with and without it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Exchange, Queue
+
+from runctx.embedded import celery_broker_url
+from state.models import StateCacheConfig
+from state.tiers.redis_l2 import RedisTier
+from tasks.celery_tasks import CeleryDispatcher
+from tasks.envelopes import StepEnvelopes
+from tasks.messages import StepMessage
+from tests.conftest import Servers
+
+
+def app_for(broker_url: str, prefix: str) -> Celery:
+    """runctx's Celery configuration with queues of this test's own."""
+    import tasks.celery_tasks  # noqa: F401  (registers runctx's tasks with every app)
+
+    app = Celery(f"outbox-{prefix}", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    queue = f"{prefix}.steps"
+    app.conf.update(
+        broker_url=broker_url,
+        task_queues=[Queue(queue, Exchange(queue, type="direct"), routing_key=queue)],
+        task_default_queue=queue,
+        task_routes={"runctx.step": {"queue": queue, "routing_key": queue}},
+    )
+    return app
+
+
+def decoded(raw: bytes) -> dict[str, Any]:
+    """A message as kombu's Redis transport stores it, with its body decoded and its ids blanked."""
+    message = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    ids = {message["headers"]["id"], message["properties"]["delivery_tag"]}
+    return json.loads(re.sub("|".join(ids), "<id>", json.dumps(message)))
+
+
+@pytest.fixture
+def l2(servers: Servers, key_prefix: str) -> RedisTier:
+    tier = RedisTier.from_url(servers.redis_url, prefix=key_prefix, config=StateCacheConfig())
+    yield tier
+    tier.close()
+
+
+def test_the_pushed_message_is_the_one_apply_async_publishes(servers: Servers, key_prefix: str, l2: RedisTier) -> None:
+    app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+    task = app.tasks["runctx.step"]
+    envelopes = StepEnvelopes.for_broker(task, l2)
+    assert envelopes is not None and envelopes.queue_key == f"{key_prefix}.steps"
+    message = StepMessage("run-1", "greet", 3, 7, {"": 12, "child": 2}, step_id="child/greet", epoch=2)
+    try:
+        kwargs = message.as_kwargs()
+        task.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))  # as CeleryDispatcher.step sends it
+        published = l2.client.rpop(envelopes.queue_key)
+        assert published is not None
+        outbox = envelopes.outbox(message)
+        assert outbox.queue == envelopes.queue_key
+        ours, theirs = decoded(outbox.message), decoded(published)
+        assert ours == theirs
+        assert ours["headers"]["shadow"] == "greet: child/greet"  # Flower's name for it
+        assert ours["body"][1] == kwargs
+        # Each message is its own task: new id and delivery tag.
+        again = json.loads(envelopes.outbox(message).message)
+        assert again["headers"]["id"] != json.loads(outbox.message)["headers"]["id"]
+    finally:
+        envelopes.close()
+        l2.client.delete(f"{key_prefix}.steps")
+
+
+def test_no_outbox_when_the_broker_is_another_redis_database(servers: Servers, key_prefix: str) -> None:
+    pool = redis.Redis.from_url(servers.redis_url).connection_pool
+    kwargs = {**pool.connection_kwargs, "db": (pool.connection_kwargs.get("db") or 0) + 1}
+    other_db = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+    tier = RedisTier(other_db, prefix=key_prefix, config=StateCacheConfig())
+    try:
+        app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+        assert StepEnvelopes.for_broker(app.tasks["runctx.step"], tier) is None
+    finally:
+        tier.close()
+
+
+@pytest.mark.skipif(not os.environ.get("RUNCTX_TEST_AMQP_URL"), reason="needs RUNCTX_TEST_AMQP_URL")
+def test_no_outbox_with_a_rabbitmq_broker(key_prefix: str, l2: RedisTier) -> None:
+    app = app_for(os.environ["RUNCTX_TEST_AMQP_URL"], key_prefix)
+    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
+    assert CeleryDispatcher().outbox(StepMessage("run-1", "greet", 1, 1)) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cluster, tmp_path: Path, broker: str) -> None:
+    if broker == "amqp" and not os.environ.get("RUNCTX_TEST_AMQP_URL"):
+        pytest.skip("needs RUNCTX_TEST_AMQP_URL")
+    cluster = make_cluster(broker)
+    cluster.start_nodes("n1", "n2", concurrency=1)
+    routine = tmp_path / "seq.yaml"
+    steps = "\n".join(f"  - {{id: s{i}, action: increment, args: {{name: counter}}}}" for i in range(40))
+    routine.write_text(f"name: outbox-seq\nvariables: {{counter: 0}}\nsteps:\n{steps}\n")
+    result = cluster.run(routine)
+    assert result["status"] == "succeeded", result
+    assert result["variables"]["counter"] == 40
+    assert all(step["attempts"] == 1 and step["status"] == "succeeded" for step in result["steps"])
+    assert {step["worker"].split("-")[0] for step in result["steps"]} == {"n1", "n2"}
+    logs = cluster.logs()
+    pushing = len(re.findall(r"a step's commit sends its successor \(outbox onto " + re.escape(cluster.prefix), logs))
+    sending = logs.count("a step's successor is sent after its commit")
+    assert (pushing, sending) == ((2, 0) if broker == "redis" else (0, 2))

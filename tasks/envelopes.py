@@ -22,7 +22,8 @@ from typing import Any
 
 from celery import Task
 from celery.utils import uuid
-from kombu import Connection
+from kombu import Connection, Queue
+from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as kombu_json
 
@@ -33,7 +34,6 @@ from tasks.messages import StepMessage
 log = logging.getLogger(__name__)
 
 PRIORITY = 0  # as apply_async sends a step: no priority; kombu's queue key for 0 is the queue's name
-PERSISTENT = 2  # kombu's delivery mode for a durable exchange
 
 
 class StepEnvelopes:
@@ -43,13 +43,14 @@ class StepEnvelopes:
     a worker cannot tell from ``apply_async``'s, each with a new task id and delivery tag.
     """
 
-    def __init__(self, task: Task, connection: Connection, queue_key: str, routing_key: str) -> None:
+    def __init__(self, task: Task, connection: Connection, queue: Queue) -> None:
         self.task = task
         self.app = task.app
         self.connection = connection
         self.channel = connection.default_channel
-        self.queue_key = queue_key
-        self.routing_key = routing_key
+        self.queue_key = self.channel._q_for_pri(queue.name, PRIORITY)
+        self.routing_key = queue.name  # Celery sends to the anonymous exchange, routed by queue name
+        self.delivery_mode = maybe_delivery_mode(queue.exchange.delivery_mode or self.app.conf.task_default_delivery_mode)
         self.serializer = self.app.conf.task_serializer
         self.reply_to = self.app.thread_oid
 
@@ -61,6 +62,8 @@ class StepEnvelopes:
         queue = route.get("queue")
         if queue is None or getattr(queue.exchange, "type", "direct") != "direct" or route.get("exchange"):
             return None  # sent through an exchange that routes: only kombu knows where it lands
+        if route.get("priority") or app.conf.task_default_priority:
+            return None  # a priority of its own: kombu keeps such messages on other lists
         connection = app.connection_for_write()
         unreachable = (OSError, *connection.connection_errors, *connection.channel_errors)
         try:
@@ -71,7 +74,7 @@ class StepEnvelopes:
             if not l2.carries_outbox or not l2.shares_server_with(channel.client):
                 connection.release()
                 return None
-            envelopes = cls(task, connection, channel._q_for_pri(queue.name, PRIORITY), queue.name)
+            envelopes = cls(task, connection, queue)
             log.info("a step's commit sends its successor (outbox onto %s)", envelopes.queue_key)
             return envelopes
         except unreachable as exc:  # the broker is not reachable now: steps go by apply_async
@@ -91,7 +94,7 @@ class StepEnvelopes:
             shadow=self.task.shadow_name((), kwargs, {}), **reprs,
             root_id=root_id, parent_id=parent_id, reply_to=self.reply_to, ignore_result=self.task.ignore_result,
         )
-        properties.update(reprs, delivery_mode=PERSISTENT)  # apply_async's options end up there too
+        properties.update(reprs, delivery_mode=self.delivery_mode)  # apply_async's options end up there too
         content_type, content_encoding, data = serialize(body, serializer=self.serializer)
         envelope: dict[str, Any] = self.channel.prepare_message(data, PRIORITY, content_type, content_encoding, headers, properties)
         self.channel._inplace_augment_message(envelope, "", self.routing_key)

@@ -62,8 +62,12 @@ def l2(servers: Servers, key_prefix: str) -> RedisTier:
     tier.close()
 
 
-def test_the_pushed_message_is_the_one_apply_async_publishes(servers: Servers, key_prefix: str, l2: RedisTier) -> None:
+@pytest.mark.parametrize("delivery_mode", ["persistent", "transient"])
+def test_the_pushed_message_is_the_one_apply_async_publishes(
+    servers: Servers, key_prefix: str, l2: RedisTier, delivery_mode: str
+) -> None:
     app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+    app.conf.task_default_delivery_mode = delivery_mode
     task = app.tasks["runctx.step"]
     envelopes = StepEnvelopes.for_broker(task, l2)
     assert envelopes is not None and envelopes.queue_key == f"{key_prefix}.steps"
@@ -97,6 +101,12 @@ def test_no_outbox_when_the_broker_is_another_redis_database(servers: Servers, k
         assert StepEnvelopes.for_broker(app.tasks["runctx.step"], tier) is None
     finally:
         tier.close()
+
+
+def test_no_outbox_for_steps_sent_with_a_priority(servers: Servers, key_prefix: str, l2: RedisTier) -> None:
+    app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+    app.conf.task_default_priority = 5  # kombu keeps such messages on a list of their own
+    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
 
 
 @pytest.mark.skipif(not os.environ.get("RUNCTX_TEST_AMQP_URL"), reason="needs RUNCTX_TEST_AMQP_URL")

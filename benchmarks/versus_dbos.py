@@ -4,6 +4,7 @@ performance issue measured at once.
     pip install -e '.[bench]'      # adds dbos
     python benchmarks/versus_dbos.py [--steps 1000] [--branches 20 --per-branch 50] [--long 10000]
                                      [--nodes 2] [--concurrency 1] [--invalidations 200]
+                                     [--hot-study] [--outbox-study]
 
 The same work on both: a sequence of ``--steps`` increments, and ``--branches`` branches of
 ``--per-branch`` increments (runctx: one routine with a parallel group; DBOS: workflows on a queue
@@ -122,6 +123,10 @@ def main() -> None:
         "--hot-study", action="store_true",
         help="also run the sequence with commit broadcasts that carry no state (every step then reads L2)",
     )
+    parser.add_argument(
+        "--outbox-study", action="store_true",
+        help="also run the sequence with RUNCTX_STEP_OUTBOX=false (successors sent by apply_async after the commit)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RUNCTX_KEY_PREFIX", f"vsdbos{uuid.uuid4().hex[:6]}")
@@ -148,6 +153,13 @@ def main() -> None:
                 bench_noop(50)
                 cold, _, _ = bench_routine(paths["sequence"], args.steps)
             del os.environ["RUNCTX_L1_UPDATE_MAX_BYTES"]
+        sent = None
+        if args.outbox_study:  # the same workers' setup, but a step's successor is sent after its commit
+            os.environ["RUNCTX_STEP_OUTBOX"] = "false"
+            with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+                bench_noop(50)
+                sent, _, _ = bench_routine(paths["sequence"], args.steps)
+            del os.environ["RUNCTX_STEP_OUTBOX"]
         peer = dbos_rates(servers.database_url, args)
 
     fan = f"{args.branches} x {args.per_branch}"
@@ -167,6 +179,9 @@ def main() -> None:
     if cold is not None:
         print(f"  {args.steps}-step sequence, commits carrying the context to other processes' L1: {sequence:8.1f} steps/s;"
               f" only invalidating it: {cold:8.1f} steps/s   ratio {sequence / cold:5.2f}")
+    if sent is not None:
+        print(f"  {args.steps}-step sequence, successors pushed by the step's commit: {sequence:8.1f} steps/s;"
+              f" sent after it: {sent:8.1f} steps/s   ratio {sequence / sent:5.2f}")
     print(f"  L3 writes per changed step: {l3_writes / args.steps:.4f}   (goal <= 0.01)")
     print(f"  plain-SQL L3 commit -> last process dropped the stale entry ({len(latencies)} commits): "
           f"p50 {percentile(latencies, 0.5):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms   (goal p99 <= 10 ms)")

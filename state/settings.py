@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="a running run with no progress for this long is resumed from the tiers"
     )
 
+    step_outbox: bool = Field(
+        default=True,
+        description="a step's commit pushes its successor's task message when the broker is L2's Redis "
+        "(false: sent by apply_async after the commit, with Celery's publish signals)",
+    )
+
     # Operating
     task_events: bool = Field(
         default=True, description="workers send Celery task events from the start (Flower turns them on anyway)"

@@ -117,11 +117,12 @@ def test_no_outbox_with_a_rabbitmq_broker(key_prefix: str, l2: RedisTier) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "redis, RUNCTX_STEP_OUTBOX=false", "amqp"])
 def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cluster, tmp_path: Path, broker: str) -> None:
     if broker == "amqp" and not os.environ.get("RUNCTX_TEST_AMQP_URL"):
         pytest.skip("needs RUNCTX_TEST_AMQP_URL")
-    cluster = make_cluster(broker)
+    outbox_off = broker.endswith("=false")
+    cluster = make_cluster(broker.split(",")[0], **({"runctx_step_outbox": "false"} if outbox_off else {}))
     cluster.start_nodes("n1", "n2", concurrency=1)
     routine = tmp_path / "seq.yaml"
     steps = "\n".join(f"  - {{id: s{i}, action: increment, args: {{name: counter}}}}" for i in range(40))
@@ -135,3 +136,5 @@ def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cl
     pushing = len(re.findall(r"a step's commit sends its successor \(outbox onto " + re.escape(cluster.prefix), logs))
     sending = logs.count("a step's successor is sent after its commit")
     assert (pushing, sending) == ((2, 0) if broker == "redis" else (0, 2))
+    if outbox_off:
+        assert logs.count("RUNCTX_STEP_OUTBOX is off") == 2

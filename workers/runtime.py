@@ -53,6 +53,7 @@ class ProcessRuntime:
         assert isinstance(self.store.l2, RedisTier)
         self.redis: RedisTier = self.store.l2
         self.dispatcher = CeleryDispatcher()
+        self.step_outbox = settings.step_outbox
         self.engine = RunEngine(
             self.store,
             self.dispatcher,
@@ -73,9 +74,11 @@ class ProcessRuntime:
     def start_background(self) -> None:
         """Subscribe to the control channel, listen to L3 change events, dispatch due write-behinds;
         and, when the broker is L2's Redis, let each step's commit send its successor."""
-        self.dispatcher.envelopes = StepEnvelopes.for_broker(step, self.redis)
+        if self.step_outbox:
+            self.dispatcher.envelopes = StepEnvelopes.for_broker(step, self.redis)
         if self.dispatcher.envelopes is None:
-            log.info("a step's successor is sent after its commit (the broker is not L2's Redis)")
+            why = "the broker is not L2's Redis" if self.step_outbox else "RUNCTX_STEP_OUTBOX is off"
+            log.info("a step's successor is sent after its commit (%s)", why)
         self.control.start()
         self.listener = ChangeListener(
             self.database_url, self.control.relay_change, on_connected=self.store.l1.clear

@@ -2,7 +2,9 @@
 
 A run advances without the process that submitted it: the worker that finishes a node works out
 what comes next (`tasks.advance`) and dispatches it through a `Dispatcher` (Celery, or the
-in-process one of `tasks.in_process`). Steps themselves run in `tasks.steps`; every read and
+in-process one of `tasks.in_process`); a single plain step that follows rides in the step's own
+commit where the dispatcher can build its message (`Dispatcher.outbox`), so it is sent exactly
+when the step commits. Steps themselves run in `tasks.steps`; every read and
 write goes through the `TieredStore`, so this module speaks neither SQL nor Redis.
 """
 

@@ -62,7 +62,7 @@ class StepEnvelopes:
         queue = route.get("queue")
         if queue is None or getattr(queue.exchange, "type", "direct") != "direct" or route.get("exchange"):
             return None  # sent through an exchange that routes: only kombu knows where it lands
-        if route.get("priority") or app.conf.task_default_priority:
+        if route.get("priority") or app.conf.task_default_priority or app.conf.task_inherit_parent_priority:
             return None  # a priority of its own: kombu keeps such messages on other lists
         connection = app.connection_for_write()
         unreachable = (OSError, *connection.connection_errors, *connection.channel_errors)

@@ -107,6 +107,9 @@ def test_no_outbox_for_steps_sent_with_a_priority(servers: Servers, key_prefix: 
     app = app_for(celery_broker_url(servers.redis_url), key_prefix)
     app.conf.task_default_priority = 5  # kombu keeps such messages on a list of their own
     assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
+    app.conf.task_default_priority = None
+    app.conf.task_inherit_parent_priority = True  # a step would take its predecessor's
+    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
 
 
 @pytest.mark.skipif(not os.environ.get("RUNCTX_TEST_AMQP_URL"), reason="needs RUNCTX_TEST_AMQP_URL")

@@ -75,7 +75,7 @@ class MemoryL2:
         self._first: dict[str, float] = {}
         self._runs: dict[str, _Run] = {}
         self._leases: dict[str, tuple[str, float]] = {}
-        self.queues: dict[str, list[bytes]] = {}  # outbox messages pushed by commits, newest first (as LPUSH)
+        self._queues: dict[str, list[bytes]] = {}  # outbox messages pushed by commits, newest first (as LPUSH)
         self._lock = threading.RLock()
         self._done = threading.Condition(self._lock)
 
@@ -163,7 +163,7 @@ class MemoryL2:
             first = self._first.setdefault(ctx.context_id, now)
             self._due[ctx.context_id] = min(now + debounce_s, first + max_delay_s)
             if outbox is not None:
-                self.queues.setdefault(outbox.queue, []).insert(0, outbox.message)
+                self._queues.setdefault(outbox.queue, []).insert(0, outbox.message)
             return CommitResult.COMMITTED
 
     @property
@@ -173,7 +173,7 @@ class MemoryL2:
     def take_pushed(self, queue: str) -> list[bytes]:
         """The messages commits pushed onto ``queue``, oldest first; the queue is left empty."""
         with self._lock:
-            return list(reversed(self.queues.pop(queue, [])))
+            return list(reversed(self._queues.pop(queue, [])))
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
         if not self.codec.verify(payload, payload_checksum):

@@ -21,6 +21,9 @@ from state.models import DataSensitivity, RunContext
 from state.sealing import Keyring, binding, is_sealed
 
 _SEALED_SCOPES = ("variables", "intermediate", "inherited")
+_MASKED = (DataSensitivity.CONFIDENTIAL.value, DataSensitivity.SECRET.value)
+_STATE_SERIALIZER = RunContext.__pydantic_serializer__
+_APPLIED = {"applied_steps"}
 
 
 def checksum(payload: bytes) -> str:
@@ -74,7 +77,7 @@ class Codec:
             out = dict(values)
             for name, value in values.items():
                 level = levels.get(name, "public")
-                masked = level in (DataSensitivity.CONFIDENTIAL.value, DataSensitivity.SECRET.value)
+                masked = level in _MASKED
                 if not masked and not is_sealed(value):
                     continue
                 if self.keyring is None:
@@ -121,15 +124,35 @@ class Codec:
 
     def dump_state(self, ctx: RunContext) -> bytes:
         """L2's payload: the context without its applied steps (L2 keeps those beside it, in a set
-        that each commit adds one to, so a commit's size does not grow with the run)."""
-        return self.dump_document(self.to_document(ctx, with_applied=False))
+        that each commit adds one to, so a commit's size does not grow with the run).
+
+        Encoded by pydantic itself, leaving out what equals its default (fields in their order, not
+        the canonical form L3 and the limits use: a payload is only ever compared by its checksum),
+        unless values must be sealed. Small, because a step's message may carry it.
+        """
+        if self.keyring is not None and ctx.holds_sensitive:
+            return self.dump_document(self.to_document(ctx, with_applied=False))
+        return _STATE_SERIALIZER.to_json(ctx, exclude=_APPLIED, exclude_defaults=True)
 
     def load_state(self, payload: bytes, applied: list[str], *, key: str = "?") -> RunContext:
-        document = self.load_document(payload, key=key)
-        if not isinstance(document, dict):
-            raise ContextCorruption(key, "document does not describe a RunContext (not a mapping)")
-        document["applied_steps"] = applied
-        return self.from_document(document, key=key)
+        """A context from L2's payload and its applied steps; sealed values opened, plain values
+        where sealed ones belong refused (as ``from_document``)."""
+        try:
+            ctx = RunContext.model_validate_json(payload)
+        except ValidationError as exc:
+            if any(error["type"] == "json_invalid" for error in exc.errors(include_url=False)):
+                raise ContextCorruption(key, "not JSON") from None
+            raise ContextCorruption(key, f"document does not describe a RunContext ({exc.error_count()} errors)") from None
+        if ctx.applied_steps:
+            raise ContextCorruption(key, "a payload holds no applied steps (L2 keeps them beside it)")
+        ctx.applied_steps = applied
+        levels = {name: level.value for name, level in ctx.sensitivity_map.items()}
+        for scope in _SEALED_SCOPES:
+            values = getattr(ctx, scope)
+            if any(levels.get(name) in _MASKED or is_sealed(value) for name, value in values.items()):
+                opened = self._opened({"sensitivity_map": levels, "run_id": ctx.run_id, "context_id": ctx.context_id, scope: values}, key)
+                setattr(ctx, scope, opened[scope])
+        return ctx
 
     def dump_document(self, document: Any) -> bytes:
         return canonical_json(document).encode()

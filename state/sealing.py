@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -127,17 +128,18 @@ class Keyring:
 
     # ---- authenticating payloads ---------------------------------------------------------------
 
-    def _mac_key(self, key: bytes) -> bytes:
-        return hashlib.sha256(b"runctx/mac/v1\0" + key).digest()
+    @functools.cached_property
+    def _mac_keys(self) -> dict[str, bytes]:
+        """Each key's MAC key (derived once: every step's commit and read MACs a payload)."""
+        return {key_id: hashlib.sha256(b"runctx/mac/v1\0" + key).digest() for key_id, key in self.keys}
 
     def mac(self, payload: bytes) -> str:
-        key_id, key = self.keys[0]
-        return f"{key_id}:{hmac.new(self._mac_key(key), payload, hashlib.sha256).hexdigest()[:40]}"
+        key_id = self.keys[0][0]
+        return f"{key_id}:{hmac.digest(self._mac_keys[key_id], payload, 'sha256').hex()[:40]}"
 
     def verify(self, payload: bytes, stored: str) -> bool:
         key_id, _, digest = stored.partition(":")
-        key = self.key(key_id)
-        if key is None or not digest:
+        mac_key = self._mac_keys.get(key_id)
+        if mac_key is None or not digest:
             return False
-        expected = hmac.new(self._mac_key(key), payload, hashlib.sha256).hexdigest()[:40]
-        return hmac.compare_digest(expected, digest)
+        return hmac.compare_digest(hmac.digest(mac_key, payload, "sha256").hex()[:40], digest)

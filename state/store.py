@@ -38,6 +38,7 @@ from state.sealing import Keyring, binding
 from state.settings import Settings
 from state.tiers.contracts import (
     CommitResult,
+    CommittedState,
     ConfigEntry,
     ExportRecord,
     L1Tier,
@@ -52,6 +53,10 @@ from state.tiers.local import LocalCache
 log = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 200  # a step's compare-and-set may lose this many times to concurrent writers
+
+# Given the context a step's commit will store and the state its successor's message may carry,
+# the message of that successor (None: it is sent after the commit instead).
+Follow = Callable[[RunContext, "CommittedState | None"], "Outbox | None"]
 
 
 @dataclass(frozen=True)
@@ -297,6 +302,7 @@ class TieredStore:
         step_id: str | None = None,
         report: StepReport | None = None,
         outbox: Outbox | None = None,
+        encoded: tuple[bytes, str] | None = None,
     ) -> CommitResult:
         try:
             return self.l2.commit_context(
@@ -310,6 +316,7 @@ class TieredStore:
                 step_id=step_id,
                 report=report,
                 outbox=outbox,
+                encoded=encoded,
             )
         except VersionConflict:
             self.stats.conflicted()
@@ -323,15 +330,16 @@ class TieredStore:
         step_id: str,
         mutate: Callable[[RunContext], None],
         report: Callable[[], StepReport] | None = None,
-        follow: Callable[[RunContext], Outbox | None] | None = None,
+        follow: Follow | None = None,
     ) -> StepCommit:
         """Apply a step's changes (``mutate``) with its id in ``applied_steps``, as one compare-and-set.
 
         A refused write (another writer committed first) is re-applied to the newer version; a step
         that L2 holds already (a duplicate delivery) changes nothing. ``base`` is the version the
         step read. ``report`` gives the step's record, written by the same compare-and-set;
-        ``follow``, given the context as it will be committed, the message of what follows, pushed
-        by it too where L2 can (``StepCommit.dispatched``). Raises RunFailed if the run failed
+        ``follow``, given the context as it will be committed and the `CommittedState` its message
+        may carry (None for a context that may not travel), the message of what follows, pushed by
+        the same commit where L2 can (``StepCommit.dispatched``). Raises RunFailed if the run failed
         meanwhile (nothing is written).
         """
         if base.has_applied(step_id):
@@ -343,9 +351,14 @@ class TieredStore:
             working.mark_applied(step_id)
             working.version = latest.version + 1
             step_report = report() if report else None
-            outbox = follow(working) if follow and step_report and self.l2.carries_outbox else None
+            encoded = outbox = None
+            if follow and step_report and self.l2.carries_outbox:
+                encoded = self.l2.encode_state(working)  # once: for the commit and for the message
+                outbox = follow(working, self._travelling(working, step_id, encoded))
             try:
-                result = self._commit_l2(working, latest.version, step_id=step_id, report=step_report, outbox=outbox)
+                result = self._commit_l2(
+                    working, latest.version, step_id=step_id, report=step_report, outbox=outbox, encoded=encoded
+                )
                 if result is CommitResult.ALREADY_APPLIED:
                     self.l1.evict_context(context_id, up_to_version=latest.version)
                     return StepCommit(self.read_for_step(context_id, epoch=base.epoch, at_least=latest.version), applied=False)
@@ -366,6 +379,14 @@ class TieredStore:
                     return StepCommit(latest, applied=False)
                 time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
         raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
+
+    def _travelling(self, ctx: RunContext, step_id: str, encoded: tuple[bytes, str]) -> CommittedState | None:
+        """The state a step's commit lets the next step's message carry: a small context without
+        confidential or secret values (a broker message is no place for those, sealed or not)."""
+        payload, payload_checksum = encoded
+        if ctx.holds_sensitive or len(payload) > self.config.l1_update_max_bytes:
+            return None
+        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, step_id, payload, payload_checksum)
 
     @contextlib.contextmanager
     def edit(self, context_id: str, *, at_least: int = 0) -> Iterator[RunContext]:
@@ -592,16 +613,14 @@ class TieredStore:
         self.l2.evict_context(context_id, up_to_version)
         self.l1.evict_context(context_id, up_to_version)
 
-    def take_commit(
-        self, context_id: str, version: int, *, epoch: int | None = None, step_id: str | None = None,
-        payload: bytes | None = None, payload_checksum: str | None = None,
-    ) -> bool:
-        """Another process committed ``version`` (its broadcast): drop older L1 copies, or, when the
-        broadcast carries the new state and this L1 holds the version just before it, take it, so
-        that the next step here finds it in L1. Returns whether L1 now holds ``version``."""
-        if payload is not None and step_id and epoch is not None and payload_checksum is not None:
+    def take_commit(self, context_id: str, version: int, *, state: CommittedState | None = None) -> bool:
+        """Another process committed ``version`` (heard from its broadcast, or carried by the message
+        of the step that follows it): drop older L1 copies, or, given its ``state`` while this L1
+        holds the version just before it, take it, so that a step here finds it in L1. Returns
+        whether L1 now holds ``version``."""
+        if state is not None and state.context_id == context_id and state.version == version:
             decode = self._decode_followed(context_id)
-            return self.l1.follow(context_id, version, epoch, step_id, payload, payload_checksum, decode)
+            return self.l1.follow(context_id, version, state.epoch, state.step_id, state.payload, state.checksum, decode)
         self.l1.evict_context(context_id, up_to_version=version - 1)
         return False
 
@@ -610,7 +629,7 @@ class TieredStore:
             try:
                 return self.l2.decode_state(payload, payload_checksum, [], key=context_id)
             except ContextCorruption as exc:
-                log_error(log, exc, "ignoring the broadcast")
+                log_error(log, exc, "ignoring the state another process committed (a read from L2 takes its place)")
                 raise
 
         return decode
@@ -695,6 +714,19 @@ class TieredStore:
     def get_routine(self, name: str, version: int | None = None) -> ConfigEntry:
         """A routine definition: the newest or one stored version."""
         return self._cached_config(routine_key(name, version), lambda: self.l3.get_routine(name, version))
+
+    def cache_routine(self, name: str, version: int, definition: Any) -> ConfigEntry:
+        """``definition``, which L3 holds as ``version`` (just stored, or found there), cached in L2
+        and L1 under that version's key: its next reads (this process compiling it, a worker's
+        first step of a run) cost no L3 read. A stored version never changes."""
+        key = routine_key(name, version)
+        entry = self.l1.get_config(key)
+        if entry is not None and entry.data == definition:
+            return entry
+        entry = ConfigEntry(key=key, version=version, data=definition)
+        self.l2.put_config(entry)
+        self.l1.put_config(entry)
+        return entry
 
     def put_routine(self, name: str, definition: Any) -> int:
         version = self.l3.put_routine(name, definition)

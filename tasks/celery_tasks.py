@@ -16,10 +16,10 @@ from celery import Task, shared_task
 
 from state.errors import InfrastructureError, StepFailedItsRun
 from state.settings import get_settings
-from state.tiers.contracts import Outbox
+from state.tiers.contracts import CommittedState, Outbox
 from tasks.engine import RunEngine
 from tasks.envelopes import StepEnvelopes
-from tasks.messages import FinalizeMessage, StepMessage
+from tasks.messages import STATE_HEADER, FinalizeMessage, StepMessage, state_from_header
 
 _settings = get_settings()
 
@@ -79,11 +79,12 @@ def step(
     self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "", epoch: int = 1
 ) -> None:
     message = StepMessage(run_id, routine, routine_version, node, versions, step_id, epoch)
+    request = self.request
     # The broker flags a message it delivers again (its worker died before acknowledging it).
-    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
     _engine().execute_step(
-        message, task_id=self.request.id, worker=self.request.hostname or "?", retries=self.request.retries or 0,
-        redelivered=redelivered,
+        message, task_id=request.id, worker=request.hostname or "?", retries=request.retries or 0,
+        redelivered=redelivered, carried=state_from_header(getattr(request, STATE_HEADER, None)),
     )
 
 
@@ -137,13 +138,13 @@ class CeleryDispatcher:
     (``shadow_name``: "<routine>: <step>", "<routine>: finalize (<status>)", "runctx: write-behind").
 
     With ``envelopes`` (a worker whose broker is L2's Redis), a step's successor is pushed by the
-    step's own commit instead (`tasks.envelopes`)."""
+    step's own commit instead (`tasks.envelopes`), carrying the state that commit stored."""
 
     def __init__(self, envelopes: StepEnvelopes | None = None) -> None:
         self.envelopes = envelopes
 
-    def outbox(self, message: StepMessage) -> Outbox | None:
-        return self.envelopes.outbox(message) if self.envelopes is not None else None
+    def outbox(self, message: StepMessage, state: CommittedState | None = None) -> Outbox | None:
+        return self.envelopes.outbox(message, state) if self.envelopes is not None else None
 
     # The arguments' text for Flower and the logs: plain repr (ids and versions only) instead of
     # Celery's saferepr, which costs a step ~0.1 ms of CPU for the same string.

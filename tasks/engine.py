@@ -10,11 +10,14 @@ write goes through the `TieredStore`, so this module speaks neither SQL nor Redi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
+
+from cachetools import LRUCache
 
 from state.errors import (
     ContextCorruption,
@@ -31,7 +34,7 @@ from state.errors import (
     log_error,
 )
 from state.keys import context_id, run_of_context
-from state.limits import MAX_CONTEXT_ID_LENGTH, check_name, check_run_id
+from state.limits import MAX_CONTEXT_ID_LENGTH, canonical_json, check_name, check_run_id
 from state.metrics import metrics
 from state.models import (
     ExportDeclaration,
@@ -40,10 +43,12 @@ from state.models import (
     RunContext,
     RunContextInit,
 )
-from state.store import StepCommit, TieredStore
+from state.store import Follow, StepCommit, TieredStore
 from state.tiers.contracts import (
     CANCELLED,
     FINAL_STATUSES,
+    CommittedState,
+    ConfigEntry,
     ExportRecord,
     Outbox,
     RunRow,
@@ -53,7 +58,7 @@ from tasks.advance import next_work, resume_points
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Node, Plan, compile_plan
 from tasks.routine import Routine, check_definition, parse_routine
-from tasks.steps import Follow, StepExecutor
+from tasks.steps import StepExecutor
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +76,14 @@ class PlanCache:
         if cached is not None and cached[0] is entry:
             return cached[1]
         plan = compile_plan(parse_routine(entry.data, source=f"stored routine {name}@{version}"))
+        self.seed(entry, name, version, plan)
+        return plan
+
+    def seed(self, entry: ConfigEntry, name: str, version: int, plan: Plan) -> None:
+        """Keep ``plan``, compiled from ``entry`` (as `get` would have compiled it)."""
         if len(self._plans) > 256:
             self._plans.clear()
         self._plans[(name, version)] = (entry, plan)
-        return plan
 
 
 class RunEngine:
@@ -99,6 +108,9 @@ class RunEngine:
         self.max_attempts = max_attempts
         self.limits = limits or ResourceLimits()
         self.plans = PlanCache(store)
+        # (routine name, digest of its definition) -> the version it is stored as: a definition
+        # registered once is not compared with L3 again (a stored version never changes).
+        self._registered: LRUCache[tuple[str, str], int] = LRUCache(maxsize=256)
         self.steps = StepExecutor(store)
         self.running: dict[str, str] = {}  # task id -> run id of the steps this process runs now
         self.rewinds = 0
@@ -107,20 +119,33 @@ class RunEngine:
 
     def register(self, routine: Routine) -> int:
         """Store the routine definition (a new version only if it changed); returns its version."""
+        return self._register(routine).version
+
+    def _register(self, routine: Routine) -> ConfigEntry:
+        """The stored version of ``routine``'s definition (stored now if no version holds it),
+        cached in this process's tiers under that version's key."""
         try:
             # Defaults left out: what the user wrote is what is stored (and measured against the
             # size limit), so a routine file within the limit is never refused for runctx's defaults.
             definition = routine.model_dump(mode="json", exclude_defaults=True)
         except (ValueError, TypeError) as exc:  # e.g. bytes that are not UTF-8, from a Routine built in Python
             raise InvalidRoutine(f"{routine.name}: the definition is not JSON ({type(exc).__name__})") from None
-        check_definition(definition, routine.name)
         try:
-            latest = self.store.get_routine(routine.name)
-            if latest.data == definition:
-                return latest.version
-        except NotFound:
-            pass
-        return self.store.put_routine(routine.name, definition)
+            digest = hashlib.blake2b(canonical_json(definition).encode(), digest_size=16).hexdigest()
+        except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+            digest = ""  # not JSON: check_definition says why
+        version = self._registered.get((routine.name, digest))  # registered before: checked then
+        if version is None:
+            check_definition(definition, routine.name)
+            try:
+                latest = self.store.get_routine(routine.name)
+                version = latest.version if latest.data == definition else None
+            except NotFound:
+                pass
+            if version is None:
+                version = self.store.put_routine(routine.name, definition)
+            self._registered[(routine.name, digest)] = version
+        return self.store.cache_routine(routine.name, version, definition)
 
     def submit(self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         """Create the run and its root context in one L3 transaction, then dispatch its first steps.
@@ -162,9 +187,10 @@ class RunEngine:
                     f"{routine.name}: sub-routine {path[:80]!r}...: its context id would be longer than "
                     f"{MAX_CONTEXT_ID_LENGTH} characters (shorter step ids, or less nesting)"
                 )
-        version = self.register(routine)
+        entry = self._register(routine)
+        version = entry.version
         root.routine_id = f"{routine.name}@{version}"
-        plan = self.plans.get(routine.name, version)
+        self.plans.seed(entry, routine.name, version, plan)  # compiled from what is stored as that version
         run = RunRow(
             run_id=run_id, routine_name=routine.name, routine_version=version, root_context_id=run_id, status="running"
         )
@@ -180,17 +206,23 @@ class RunEngine:
     # ---- executing a step ---------------------------------------------------------------------
 
     def execute_step(
-        self, message: StepMessage, *, task_id: str, worker: str, retries: int = 0, redelivered: bool = False
+        self, message: StepMessage, *, task_id: str, worker: str, retries: int = 0, redelivered: bool = False,
+        carried: CommittedState | None = None,
     ) -> StepCommit | None:
         """Run one step message (and, in an inline routine, the sequential successors that fit in its
         budget). Returns the last step's commit, or None when the first was skipped (run failed,
         attempts used up, a message from before a rewind) or its state was lost (the run is rewound).
+
+        ``carried``: the state the step before it committed, which its message carries (a small
+        context without sensitive values): this process's L1 takes it, so the step reads no tier.
 
         A message's first start costs no bookkeeping: the step's commit is its one Redis round trip.
         A later start (``redelivered`` after a worker died, or ``retries`` of an infrastructure
         error) is counted; a step started more than ``max_attempts`` times (retries aside: the cap
         is for steps whose process keeps dying) fails its run.
         """
+        if carried is not None:
+            self.store.take_commit(carried.context_id, carried.version, state=carried)
         plan = self.plans.get(message.routine, message.routine_version)
         again = redelivered or retries > 0
         task_started = time.perf_counter()
@@ -290,13 +322,14 @@ class RunEngine:
         if successor.kind == "action" and successor.inline and successor.context == node.context:
             return None  # runs in this task while the inline budget lasts
 
-        def follow(committed: RunContext) -> Outbox | None:
+        def follow(committed: RunContext, state: CommittedState | None) -> Outbox | None:
             versions = {**message.versions, node.context: committed.version}
             return self.dispatcher.outbox(
                 StepMessage(
                     message.run_id, message.routine, message.routine_version, successor.index, versions,
                     step_id=successor.step_id, epoch=message.epoch,
-                )
+                ),
+                state,
             )
 
         return follow

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from state.errors import InfrastructureError, StepFailedItsRun
-from state.tiers.contracts import Outbox
+from state.tiers.contracts import CommittedState, Outbox
 from state.tiers.memory_l2 import MemoryL2
-from tasks.messages import FinalizeMessage, StepMessage
+from tasks.messages import STATE_HEADER, FinalizeMessage, StepMessage, state_from_header, state_header
 
 if TYPE_CHECKING:
     from tasks.engine import RunEngine
@@ -39,6 +39,7 @@ class Delivery:
     retries: int = 0
     deliveries: int = 0  # more than one: a redelivery (as a broker flags it)
     pushed: bool = False  # sent by the commit of the step before it (the outbox)
+    carried: CommittedState | None = None  # the state that commit stored, which the message carries
 
 
 class InProcessDispatcher:
@@ -63,17 +64,20 @@ class InProcessDispatcher:
     def step(self, message: StepMessage) -> None:
         self._send(Delivery("step", message))
 
-    def outbox(self, message: StepMessage) -> Outbox | None:
+    def outbox(self, message: StepMessage, state: CommittedState | None = None) -> Outbox | None:
         if self.outbox_via is None:
             return None
-        return Outbox(OUTBOX_QUEUE, json.dumps(message.as_kwargs()).encode())
+        carried = state_header(state) if state is not None else None
+        return Outbox(OUTBOX_QUEUE, json.dumps({"kwargs": message.as_kwargs(), STATE_HEADER: carried}).encode())
 
     def _take_pushed(self) -> None:
         """Move what commits pushed onto the outbox queue into the delivery queue, oldest first."""
         if self.outbox_via is None:
             return
         for raw in self.outbox_via.take_pushed(OUTBOX_QUEUE):
-            self._send(Delivery("step", StepMessage(**json.loads(raw)), pushed=True))
+            pushed = json.loads(raw)
+            message = StepMessage(**pushed["kwargs"])
+            self._send(Delivery("step", message, pushed=True, carried=state_from_header(pushed[STATE_HEADER])))
 
     def finalize(self, message: FinalizeMessage) -> None:
         self._send(Delivery("finalize", message))
@@ -101,7 +105,7 @@ class InProcessDispatcher:
                 assert isinstance(delivery.message, StepMessage)
                 engine.execute_step(
                     delivery.message, task_id=delivery.task_id, worker=self.worker, retries=delivery.retries,
-                    redelivered=delivery.deliveries > delivery.retries + 1,
+                    redelivered=delivery.deliveries > delivery.retries + 1, carried=delivery.carried,
                 )
             elif delivery.kind == "finalize":
                 assert isinstance(delivery.message, FinalizeMessage)

@@ -1,11 +1,12 @@
-"""What travels through the broker: ids and versions only, never a context value."""
+"""What travels through the broker: ids and versions, and (in a header of a step's message) the
+state the step before it committed, for a small context without confidential or secret values."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from state.tiers.contracts import Outbox
+from state.tiers.contracts import CommittedState, Outbox
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,30 @@ class StepMessage:
         }
 
 
+# The message header that carries the state the step before committed (`CommittedState`). Celery
+# hands a message's headers to the task as its request, and shows them nowhere: not in task
+# events (so not in Flower), not in `celery inspect`, not in its log lines but DEBUG ones.
+STATE_HEADER = "runctx_state"
+
+
+def state_header(state: CommittedState) -> dict[str, Any]:
+    return {"id": state.context_id, "v": state.version, "e": state.epoch, "s": state.step_id, "d": state.payload.decode(), "c": state.checksum}
+
+
+def state_from_header(raw: Any) -> CommittedState | None:
+    """The state a message carries, if it carries a well-formed one. Whoever can write to the broker
+    can write anything here: the checksum (a keyed MAC) is checked before the state is used."""
+    if not isinstance(raw, dict):
+        return None
+    context_id, version, epoch, step_id, payload, checksum = (raw.get(key) for key in ("id", "v", "e", "s", "d", "c"))
+    if not (
+        isinstance(context_id, str) and isinstance(step_id, str) and isinstance(payload, str) and isinstance(checksum, str)
+        and type(version) is int and type(epoch) is int
+    ):
+        return None
+    return CommittedState(context_id, version, epoch, step_id, payload.encode(), checksum)
+
+
 @dataclass(frozen=True)
 class FinalizeMessage:
     run_id: str
@@ -47,8 +72,9 @@ class Dispatcher(Protocol):
 
     def step(self, message: StepMessage) -> None: ...
 
-    def outbox(self, message: StepMessage) -> Outbox | None:
-        """``message`` as a broker message a step's commit can push (None: send it with `step`)."""
+    def outbox(self, message: StepMessage, state: CommittedState | None = None) -> Outbox | None:
+        """``message`` as a broker message a step's commit can push (None: send it with `step`),
+        carrying ``state`` (what that commit stores) for the process that runs it."""
 
     def finalize(self, message: FinalizeMessage) -> None: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -227,10 +228,14 @@ def check_definition(data: Any, source: str) -> int:
     sizes: dict[int, int] = {}
     depths: dict[int, int] = {}
 
-    def refuse(where: str, problem: str) -> InvalidRoutine:
-        return InvalidRoutine(f"{source}: {where or '(top level)'}: {problem}")
+    # Where a value is, as (parent, key) links: turned into text only for an error (building a
+    # path string for every value would double the cost of checking a large routine).
+    Where = tuple[Any, Any] | None
 
-    def text(value: str, where: str) -> int:
+    def refuse(where: Where, problem: str) -> InvalidRoutine:
+        return InvalidRoutine(f"{source}: {_path_text(where) or '(top level)'}: {problem}")
+
+    def text(value: str, where: Where) -> int:
         if "\x00" in value:
             raise refuse(where, "a string holds a NUL character (\\u0000)")
         try:
@@ -238,7 +243,7 @@ def check_definition(data: Any, source: str) -> int:
         except UnicodeEncodeError:
             raise refuse(where, "a string is not valid Unicode text (a lone surrogate)") from None
 
-    def scalar(value: Any, where: str) -> int:
+    def scalar(value: Any, where: Where) -> int:
         if value is None or isinstance(value, bool):
             return 5
         if isinstance(value, int):
@@ -251,7 +256,7 @@ def check_definition(data: Any, source: str) -> int:
             return len(repr(value))
         raise refuse(where, f"a {type(value).__name__} value is not JSON (YAML dates, binary data and sets are not allowed)")
 
-    def measure(value: Any, level: int, where: str) -> int:
+    def measure(value: Any, level: int, where: Where) -> int:
         if isinstance(value, str):
             return text(value, where)
         if not isinstance(value, (list, dict)):
@@ -265,16 +270,15 @@ def check_definition(data: Any, source: str) -> int:
             return sizes[known]
         total, deepest = 2, 0
         if isinstance(value, dict):
-            items = []
-            for key, item in value.items():
+            for key in value:
                 if not isinstance(key, str):
                     raise refuse(where, f"a key ({type(key).__name__} {shown(key, 40)}) is not a string")
                 total += text(key, where) + 1
-                items.append((f"{where}.{key[:40]}" if where else key[:40], item))
+            items: Iterable[tuple[Any, Any]] = value.items()
         else:
-            items = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
-        for path, item in items:
-            total += measure(item, level + 1, path) + 1
+            items = enumerate(value)
+        for key, item in items:
+            total += measure(item, level + 1, (where, key)) + 1
             if isinstance(item, (list, dict)):
                 deepest = max(deepest, 1 + depths[id(item)])
             if total > MAX_DEFINITION_BYTES:
@@ -284,7 +288,19 @@ def check_definition(data: Any, source: str) -> int:
         sizes[known], depths[known] = total, deepest
         return total
 
-    return measure(data, 1, "")
+    return measure(data, 1, None)
+
+
+def _path_text(where: tuple[Any, Any] | None) -> str:
+    """A value's place as errors show it: ``steps[1].args.name`` (keys cut to 40 characters)."""
+    keys = []
+    while where is not None:
+        where, key = where
+        keys.append(key)
+    out = ""
+    for key in reversed(keys):
+        out += f"[{key}]" if isinstance(key, int) else (f".{key[:40]}" if out else key[:40])
+    return out
 
 
 def parse_routine(data: Any, *, source: str = "<routine>") -> Routine:

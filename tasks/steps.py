@@ -15,8 +15,8 @@ from typing import Any
 from state.errors import RoutineError, StepFailed
 from state.keys import context_id
 from state.models import RunContext
-from state.store import StepCommit, TieredStore
-from state.tiers.contracts import Outbox, StepReport
+from state.store import Follow, StepCommit, TieredStore
+from state.tiers.contracts import StepReport
 from tasks.actions import run_action
 from tasks.changes import ContextView, apply_changes
 from tasks.messages import StepMessage
@@ -24,7 +24,6 @@ from tasks.plan import Node
 
 log = logging.getLogger(__name__)
 
-Follow = Callable[[RunContext], Outbox | None]  # the message of what follows a step, given its committed context
 
 
 HIDDEN = "<hidden: the step read secret values>"

@@ -379,7 +379,7 @@ def test_a_redelivery_recovers_a_step_whose_first_run_died_before_dispatching_it
     delivery = h.dispatcher.queue.popleft()
     with monkeypatch.context() as m:
         m.setattr(h.dispatcher, "step", lambda message: None)  # committed, then the worker died
-        m.setattr(h.dispatcher, "outbox", lambda message: None)  # (a successor no commit carries)
+        m.setattr(h.dispatcher, "outbox", lambda message, state=None: None)  # (a successor no commit carries)
         h.dispatcher.deliver(h.engine, delivery)
     assert not h.dispatcher.queue and h.store.get_run(run_id).status == "running"
 

@@ -6,7 +6,8 @@ own subscription (started from ``worker_process_init``). Messages are JSON:
 - ``{"type": "context", "id", "version", "epoch", "t", ["step", "d", "c"]}``: a context was committed at
   ``version`` (at time ``t``); drop older L1 copies, or (a step's commit of a small context carries its
   payload ``d`` and checksum ``c``) move this process's copy forward, so the next step finds it in L1.
-  ``"src": "l3"``: the change was made in L3 by someone else, and relayed.
+  ``"src": "l3"``: the change was made in L3 by someone else, and relayed. A step's commit that
+  pushes its successor's message is not broadcast: that message carries the state instead.
 - ``{"type": "config", "keys": [...], "identity", "t"}``: routine definitions or configurations changed in L3.
 - ``{"type": "run_ended", "run"}``: the run failed; start none of its queued steps.
 - ``{"type": "clear"}``: drop the whole L1.
@@ -36,6 +37,7 @@ from state.keys import RedisKeys, config_key
 from state.limits import canonical_json
 from state.metrics import metrics
 from state.store import TieredStore
+from state.tiers.contracts import CommittedState
 from state.tiers.redis_l2 import RedisTier
 
 log = logging.getLogger(__name__)
@@ -157,11 +159,8 @@ class ControlChannel:
         if kind in _SOURCES:
             self._count(message, _SOURCES[kind](message))
         if kind == "context":
-            payload = message.get("d")
-            self.store.take_commit(
-                str(message["id"]), int(message["version"]), epoch=message.get("epoch"), step_id=message.get("step"),
-                payload=payload.encode() if isinstance(payload, str) else None, payload_checksum=message.get("c"),
-            )
+            context_id, version = str(message["id"]), int(message["version"])
+            self.store.take_commit(context_id, version, state=_carried_state(context_id, version, message))
         elif kind == "run_ended":
             l1.note_run_ended(str(message["run"]))
         elif kind == "config":
@@ -203,6 +202,14 @@ class ControlChannel:
         reply = self.keys.probe_reply(message["id"])
         self.client.hset(reply, self.identity, json.dumps(answer))
         self.client.expire(reply, REPLY_TTL_S)
+
+
+def _carried_state(context_id: str, version: int, message: dict[str, Any]) -> CommittedState | None:
+    """The state a commit broadcast carries (a step's commit of a small context), if it does."""
+    payload, checksum, step_id, epoch = message.get("d"), message.get("c"), message.get("step"), message.get("epoch")
+    if not (isinstance(payload, str) and isinstance(checksum, str) and isinstance(step_id, str) and type(epoch) is int):
+        return None
+    return CommittedState(context_id, version, epoch, step_id, payload.encode(), checksum)
 
 
 def probe(client: redis.Redis, prefix: str, key: str, *, load: bool = False, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:

@@ -69,6 +69,23 @@ class Outbox:
 
 
 @dataclass(frozen=True)
+class CommittedState:
+    """A context as a step's commit stored it in L2: its payload under its checksum (a keyed MAC).
+
+    The message of the step that follows carries it (`TieredStore.commit_step`), so the process that
+    runs that step finds ``version`` in its L1 without a read; a commit broadcast may carry one too.
+    Only a context without confidential or secret values travels so, of at most
+    ``StateCacheConfig.l1_update_max_bytes``. Whoever receives one checks the checksum before use."""
+
+    context_id: str
+    version: int
+    epoch: int
+    step_id: str  # the step whose commit made ``version`` out of ``version - 1``
+    payload: bytes
+    checksum: str
+
+
+@dataclass(frozen=True)
 class StepStart:
     attempt: int  # how many times this task message has started (more than 1: redelivered or retried)
     run_failed: bool
@@ -135,7 +152,7 @@ class L1Tier(Protocol):
         self, context_id: str, version: int, epoch: int, step_id: str, payload: bytes, checksum: str,
         decode: Callable[[bytes, str], RunContext],
     ) -> bool:
-        """Move the cached copy forward by a commit heard from another process (decoded when read)."""
+        """Move the cached copy forward by another process's commit (its `CommittedState`; decoded when read)."""
 
     def note_run_ended(self, run_id: str) -> None: ...
     def run_ended(self, run_id: str) -> bool:
@@ -166,6 +183,7 @@ class L2Tier(Protocol):
         step_id: str | None = None,
         report: StepReport | None = None,
         outbox: Outbox | None = None,
+        encoded: tuple[bytes, str] | None = None,
     ) -> CommitResult:
         """CAS ``ctx`` (carrying its new version and epoch) over ``expected_version`` and schedule its L3 write.
 
@@ -176,15 +194,20 @@ class L2Tier(Protocol):
         entry though a version was expected. Raises VersionConflict on a stale write, and
         LineageLost when the entry is of another epoch than ``expected_epoch``, (with
         ``require_live``) a reader's copy rather than a live lineage, or damaged. ``outbox`` (only
-        with ``report``, only where ``carries_outbox``) is pushed if, and only if, it COMMITTED.
+        with ``report``, only where ``carries_outbox``) is pushed if, and only if, it COMMITTED; a
+        commit that pushes one is not broadcast (what follows it carries the state, or reads it).
+        ``encoded``: ``encode_state(ctx)``, when the caller needed the payload already.
         """
+
+    def encode_state(self, ctx: RunContext) -> tuple[bytes, str]:
+        """The payload a commit of ``ctx`` stores (applied steps aside) and its checksum."""
 
     @property
     def carries_outbox(self) -> bool:
         """Whether a step's commit can push an `Outbox` message in the same atomic step."""
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
-        """A context from a payload as this tier stores it (a commit broadcast carries one); raises
+        """A context from a payload as this tier stores it (a `CommittedState` carries one); raises
         ContextCorruption if it does not match its checksum or does not describe a context."""
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:

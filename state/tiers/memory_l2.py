@@ -130,12 +130,13 @@ class MemoryL2:
         step_id: str | None = None,
         report: StepReport | None = None,
         outbox: Outbox | None = None,
+        encoded: tuple[bytes, str] | None = None,
     ) -> CommitResult:
         if report is not None and step_id is None:  # a step's record is a step's commit
             step_id = report.step_id
         if outbox is not None and report is None:
             raise ValueError("an outbox message rides only in a step's commit")
-        payload = self.codec.dump_state(ctx)
+        payload, payload_checksum = encoded or self.encode_state(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
             if current is None and expected_version != 0:
@@ -155,7 +156,7 @@ class MemoryL2:
                 raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
             live = True if current is None else current.live
             applied = applied + [step_id] if step_id else list(applied)
-            self._contexts[ctx.context_id] = _Entry(ctx.version, self.codec.checksum(payload), payload, None, ctx.epoch, live, applied)
+            self._contexts[ctx.context_id] = _Entry(ctx.version, payload_checksum, payload, None, ctx.epoch, live, applied)
             if report is not None:
                 run = self._run(report.run_id)
                 run.steps[report.step_id] = json.dumps(report.record(now))
@@ -174,6 +175,10 @@ class MemoryL2:
         """The messages commits pushed onto ``queue``, oldest first; the queue is left empty."""
         with self._lock:
             return list(reversed(self._queues.pop(queue, [])))
+
+    def encode_state(self, ctx: RunContext) -> tuple[bytes, str]:
+        payload = self.codec.dump_state(ctx)
+        return payload, self.codec.checksum(payload)
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
         if not self.codec.verify(payload, payload_checksum):

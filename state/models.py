@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Literal
 
@@ -126,6 +126,7 @@ class RunContextInit(BaseModel):
 
 
 _RECENT_APPLIED = 64
+LINEAGE_KEPT = 16  # commits a context remembers the steps of: how far behind a process may follow it
 
 
 class RunContext(BaseModel):
@@ -160,7 +161,10 @@ class RunContext(BaseModel):
     # canonical JSON, filled on the first change; ``_applied_index``, a lookup of applied_steps, so
     # that "was this step applied?" does not scan a list that grows with the run: (the list it
     # covers, its length, a frozen set, the few ids added since). Unset means not computed yet.
-    __slots__ = ("_sizes", "_applied_index")
+    # ``_lineage``: the steps whose commits made the last few versions, as (version, step id),
+    # oldest first and ending at ``version``: what lets a process holding one of those versions
+    # follow to this one from its payload alone (`RunContext.continues`).
+    __slots__ = ("_sizes", "_applied_index", "_lineage")
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -225,6 +229,7 @@ class RunContext(BaseModel):
         sizes = getattr(self, "_sizes", None)
         copy_._sizes = None if sizes is None else dict(sizes)
         copy_._adopt_applied_index(self)
+        copy_._lineage = self.lineage()
         return copy_
 
     # ---- applied steps --------------------------------------------------------------------
@@ -243,13 +248,37 @@ class RunContext(BaseModel):
             frozen, recent = frozen | frozenset(recent), ()
         self._applied_index = (self.applied_steps, len(self.applied_steps), frozen, recent)
 
-    def continues(self, previous: RunContext, *step_ids: str) -> None:
-        """This context is ``previous`` plus steps ``step_ids`` (commits heard from other processes):
-        take its applied steps and their lookup, then the steps."""
+    def continues(self, previous: RunContext, steps: Sequence[tuple[int, str]]) -> None:
+        """This context is ``previous`` plus ``steps`` ((version, step id) of each commit since, other
+        processes' commits): take its applied steps and their lookup, then the steps."""
         self.applied_steps = list(previous.applied_steps)
         self._adopt_applied_index(previous)
-        for step_id in step_ids:
+        for _, step_id in steps:
             self.mark_applied(step_id)
+        self._lineage = (previous.lineage() + tuple(steps))[-LINEAGE_KEPT:]
+
+    def lineage(self) -> tuple[tuple[int, str], ...]:
+        """The steps whose commits made the last versions of this context, (version, step id) oldest
+        first, ending at ``version`` (empty if unknown, e.g. read from a tier)."""
+        lineage = getattr(self, "_lineage", ())
+        return lineage if lineage and lineage[-1][0] == self.version else ()
+
+    def take_lineage(self, scored: Sequence[tuple[int, str]]) -> None:
+        """Take the lineage a tier keeps: its newest applied steps with the versions their commits
+        made, oldest first; the ones that follow one another up to ``version`` count."""
+        chain: list[tuple[int, str]] = []
+        for version, step_id in reversed(scored):
+            if version != self.version - len(chain) or len(chain) == LINEAGE_KEPT:
+                break
+            chain.append((version, step_id))
+        self._lineage = tuple(reversed(chain))
+
+    def note_step_commit(self, step_id: str) -> None:
+        """This (working) context becomes ``version`` by committing ``step_id``."""
+        base = getattr(self, "_lineage", ())
+        if not base or base[-1][0] != self.version - 1:  # a commit without a step came between
+            base = ()
+        self._lineage = (*base[1 - LINEAGE_KEPT :], (self.version, step_id))
 
     def _adopt_applied_index(self, other: RunContext) -> None:
         index = getattr(other, "_applied_index", None)

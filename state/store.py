@@ -350,6 +350,7 @@ class TieredStore:
             mutate(working)
             working.mark_applied(step_id)
             working.version = latest.version + 1
+            working.note_step_commit(step_id)
             step_report = report() if report else None
             encoded = outbox = None
             if follow and step_report and self.l2.carries_outbox:
@@ -386,7 +387,7 @@ class TieredStore:
         payload, payload_checksum = encoded
         if ctx.holds_sensitive or len(payload) > self.config.l1_update_max_bytes:
             return None
-        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, step_id, payload, payload_checksum)
+        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, ctx.lineage() or ((ctx.version, step_id),), payload, payload_checksum)
 
     @contextlib.contextmanager
     def edit(self, context_id: str, *, at_least: int = 0) -> Iterator[RunContext]:
@@ -619,8 +620,7 @@ class TieredStore:
         holds the version just before it, take it, so that a step here finds it in L1. Returns
         whether L1 now holds ``version``."""
         if state is not None and state.context_id == context_id and state.version == version:
-            decode = self._decode_followed(context_id)
-            return self.l1.follow(context_id, version, state.epoch, state.step_id, state.payload, state.checksum, decode)
+            return self.l1.follow(state, self._decode_followed(context_id))
         self.l1.evict_context(context_id, up_to_version=version - 1)
         return False
 

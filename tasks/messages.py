@@ -36,7 +36,10 @@ STATE_HEADER = "runctx_state"
 
 
 def state_header(state: CommittedState) -> dict[str, Any]:
-    return {"id": state.context_id, "v": state.version, "e": state.epoch, "s": state.step_id, "d": state.payload.decode(), "c": state.checksum}
+    return {
+        "id": state.context_id, "v": state.version, "e": state.epoch, "s": [list(pair) for pair in state.steps],
+        "d": state.payload.decode(), "c": state.checksum,
+    }
 
 
 def state_from_header(raw: Any) -> CommittedState | None:
@@ -44,13 +47,14 @@ def state_from_header(raw: Any) -> CommittedState | None:
     can write anything here: the checksum (a keyed MAC) is checked before the state is used."""
     if not isinstance(raw, dict):
         return None
-    context_id, version, epoch, step_id, payload, checksum = (raw.get(key) for key in ("id", "v", "e", "s", "d", "c"))
+    context_id, version, epoch, steps, payload, checksum = (raw.get(key) for key in ("id", "v", "e", "s", "d", "c"))
     if not (
-        isinstance(context_id, str) and isinstance(step_id, str) and isinstance(payload, str) and isinstance(checksum, str)
-        and type(version) is int and type(epoch) is int
+        isinstance(context_id, str) and isinstance(payload, str) and isinstance(checksum, str)
+        and type(version) is int and type(epoch) is int and isinstance(steps, list) and steps
+        and all(isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and isinstance(pair[1], str) for pair in steps)
     ):
         return None
-    return CommittedState(context_id, version, epoch, step_id, payload.encode(), checksum)
+    return CommittedState(context_id, version, epoch, tuple((v, s) for v, s in steps), payload.encode(), checksum)
 
 
 @dataclass(frozen=True)

@@ -10,102 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import pytest
 
-# ---- MONITOR -----------------------------------------------------------------------------------
-
-_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "a": b"\a", "b": b"\b", '"': b'"', "\\": b"\\"}
-_TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
-
-
-def _unrepr(quoted: bytes) -> bytes:
-    """Undo Redis' sdscatrepr quoting of one MONITOR argument."""
-    out = bytearray()
-    i = 0
-    while i < len(quoted):
-        char = quoted[i : i + 1]
-        if char == b"\\":
-            nxt = quoted[i + 1 : i + 2].decode()
-            if nxt == "x":
-                out += bytes([int(quoted[i + 2 : i + 4], 16)])
-                i += 4
-                continue
-            out += _ESCAPES.get(nxt, nxt.encode())
-            i += 2
-            continue
-        out += char
-        i += 1
-    return bytes(out)
-
-
-class RedisMonitor:
-    """A raw MONITOR connection read by a thread: every command the server runs, as argument lists."""
-
-    def __init__(self, redis_url: str) -> None:
-        url = urlparse(redis_url)
-        if url.scheme == "unix":
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(unquote(url.path))
-        else:
-            self.sock = socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), timeout=10)
-        if url.password:
-            user = unquote(url.username) if url.username else None
-            self._command(*(["AUTH", user, unquote(url.password)] if user else ["AUTH", unquote(url.password)]))
-        self._command("MONITOR")
-        self.sock.settimeout(0.2)
-        self.commands: list[list[bytes]] = []
-        self._buffer = b""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
-        self._thread.start()
-
-    def _command(self, *args: str) -> None:
-        self.sock.sendall(f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            reply += self.sock.recv(1)
-        assert reply.startswith(b"+OK"), reply
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not chunk:
-                return
-            self._buffer += chunk
-            *lines, self._buffer = self._buffer.split(b"\r\n")
-            for line in lines:
-                if line.startswith(b"+"):
-                    # +<time> [<db> <client>] "CMD" "arg" ...
-                    _, _, rest = line.partition(b"] ")
-                    self.commands.append([_unrepr(token) for token in _TOKEN.findall(rest)])
-
-    def stop(self) -> list[list[bytes]]:
-        time.sleep(0.5)  # let the last commands of the run arrive
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-        return self.commands
-
-
-def _keys_of(command: list[bytes]) -> list[bytes]:
-    """The keys (or channel) a command works on, as far as this test needs to know."""
-    name = command[0].upper()
-    if name in (b"EVAL", b"EVALSHA", b"EVALSHA_RO", b"EVAL_RO", b"FCALL"):
-        count = int(command[2])
-        return command[3 : 3 + count]
-    return command[1:2]
+from tests.redis_monitor import RedisMonitor, keys_of
 
 
 def _decoded_forms(value: bytes) -> list[bytes]:
@@ -188,14 +99,14 @@ steps:
     assert step_messages, "MONITOR saw no step message of this run"
     assert any(result["run_id"].encode() in form for c in step_messages for form in _decoded_forms(c[-1]))
     assert any(
-        any(key.startswith(ctx_prefix) for key in _keys_of(c)) and any(b"$sealed" in arg for arg in c) for c in commands
+        any(key.startswith(ctx_prefix) for key in keys_of(c)) and any(b"$sealed" in arg for arg in c) for c in commands
     ), "MONITOR never saw a sealed value going into L2: the capture proves nothing"
 
     # Every problem is collected first, so that one failure shows all the places the secret went.
     problems: list[str] = []
     for secret in (inline_secret, var_secret):  # L2 holds them sealed only
         for command in commands:
-            if any(key.startswith(ctx_prefix) for key in _keys_of(command)) and any(
+            if any(key.startswith(ctx_prefix) for key in keys_of(command)) and any(
                 secret.encode() in form for arg in command[1:] for form in _decoded_forms(arg)
             ):
                 problems.append(f"L2 context entry holds {secret} in plain: {repr(command)[:300]}")
@@ -205,7 +116,7 @@ steps:
             name = command[0].upper()
             if name not in BROKER_WRITES and not (name == b"HSET" and command[1].endswith(b"unacked")):
                 continue  # (HSET ...unacked: kombu's copy of a message a worker holds)
-            if any(key.startswith(ctx_prefix) for key in _keys_of(command)):
+            if any(key.startswith(ctx_prefix) for key in keys_of(command)):
                 continue
             if any(needle in form for arg in command[2:] for form in _decoded_forms(arg)):
                 problems.append(f"broker message holds {secret}: {repr(command)[:300]}")

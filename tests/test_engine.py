@@ -19,6 +19,7 @@ the engine).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -403,6 +404,89 @@ def test_with_the_outbox_a_step_that_committed_has_sent_its_successor_whatever_h
     row = h.settle(run_id)
     assert row.status == "succeeded" and h.final(run_id).variables["counter"] == 3
     assert sum(1 for d in h.dispatcher.sent if d.kind == "step" and d.message.step_id == "s2") == 2
+
+
+class Processes:
+    """Worker processes on one L2 and L3, each with its own L1 and engine; a commit's outbox carries
+    its successor, and deliveries go round the processes in turn, as worker nodes of one process
+    each take turns on a sequence."""
+
+    def __init__(self, count: int = 2) -> None:
+        first = TieredStore.in_memory()
+        assert isinstance(first.l2, MemoryL2)
+        self.stores = [first] + [
+            TieredStore(LocalCache(first.config), first.l2, first.l3, config=first.config) for _ in range(count - 1)
+        ]
+        self.dispatcher = InProcessDispatcher(outbox_via=first.l2)
+        self.engines = [RunEngine(store, self.dispatcher, max_attempts=3) for store in self.stores]
+        self.l2_reads: list[str] = []
+        original = first.l2.get_context
+
+        def get_context(context_id: str):
+            self.l2_reads.append(context_id)
+            return original(context_id)
+
+        first.l2.get_context = get_context  # type: ignore[method-assign]
+
+    def run(self, routine: dict[str, Any], variables: dict[str, Any] | None = None) -> RunRow:
+        run_id = self.engines[0].submit(parse_routine(routine), variables=variables)
+        turn = 0
+        while self.dispatcher.queue:
+            self.dispatcher.deliver(self.engines[turn % len(self.engines)], self.dispatcher.queue.popleft())
+            turn += 1
+        self.step_reads = self.l2_reads.count(run_id)  # the run's steps and finalize; not the write-behind
+        self.dispatcher.settle(self.engines[0])
+        row = self.stores[0].get_run(run_id)
+        assert row is not None
+        return row
+
+
+@pytest.mark.parametrize("processes", [2, 3, 5])
+def test_the_next_step_finds_the_state_its_predecessor_committed_elsewhere_in_its_own_l1(processes: int) -> None:
+    many = Processes(processes)
+    row = many.run(sequence(30))
+    assert row.status == "succeeded"
+    assert many.stores[0].l3.get_context(row.run_id).variables["counter"] == 30
+    pushed = [d for d in many.dispatcher.sent if d.pushed]
+    assert len(pushed) == 29 and all(d.carried is not None for d in pushed)
+    assert [d.carried.version for d in pushed] == [d.message.versions[""] for d in pushed]
+    # Each process but the submitter's reads the context once, at its first step; after that each
+    # state it is carried names the steps since the version it holds, and it follows to it. One
+    # read more: the finalize's (no message carries a state to it, and no broadcast runs here).
+    assert many.step_reads == processes, many.l2_reads
+
+
+def test_no_message_carries_the_state_of_a_context_holding_sensitive_values() -> None:
+    two = Processes()
+    routine = {**sequence(6), "variables": {"counter": 0, "token": {"sensitivity": "secret"}}}
+    row = two.run(routine, {"token": SECRET})
+    assert row.status == "succeeded"
+    pushed = [d for d in two.dispatcher.sent if d.pushed]
+    assert len(pushed) == 5 and all(d.carried is None for d in pushed)
+    assert not any(SECRET in raw for raw in map(repr, two.dispatcher.sent))
+    assert two.step_reads >= 4  # each step reads what the other process committed
+
+
+def test_a_carried_state_that_fails_its_checksum_is_not_used() -> None:
+    two = Processes()
+    original = two.dispatcher._send
+
+    forged: list[Delivery] = []
+
+    def tamper(delivery: Delivery) -> None:
+        if delivery.carried is not None:  # another counter value under the old checksum
+            payload = delivery.carried.payload.replace(b'"counter":', b'"counter":9', 1)
+            assert payload != delivery.carried.payload
+            delivery.carried = dataclasses.replace(delivery.carried, payload=payload)
+            forged.append(delivery)
+        original(delivery)
+
+    two.dispatcher._send = tamper  # type: ignore[method-assign]
+    row = two.run(sequence(8))
+    assert row.status == "succeeded"
+    assert len(forged) == 7
+    assert two.stores[0].l3.get_context(row.run_id).variables["counter"] == 8  # no forged value counted
+    assert two.step_reads >= 6  # each forged state was dropped: the step read L2
 
 
 def test_the_outbox_carries_only_a_single_real_successor() -> None:

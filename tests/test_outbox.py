@@ -10,10 +10,12 @@ tests/test_engine.py (every engine test runs with and without it).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,19 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from runctx.embedded import celery_broker_url
+from state.keys import RedisKeys
 from state.models import StateCacheConfig
+from state.tiers.contracts import CommittedState
 from state.tiers.redis_l2 import RedisTier
+from state.tiers.scripts import lua
 from tasks.celery_tasks import CeleryDispatcher
 from tasks.envelopes import StepEnvelopes
-from tasks.messages import StepMessage
+from tasks.messages import STATE_HEADER, StepMessage, state_from_header
 from tests.conftest import Servers
+from tests.redis_monitor import RedisMonitor, keys_of
+
+
+SHA = {name: hashlib.sha1(lua(name).encode()).hexdigest().encode() for name in ("commit", "read", "mark_flushed")}
 
 
 def app_for(broker_url: str, prefix: str) -> Celery:
@@ -91,6 +100,39 @@ def test_the_pushed_message_is_the_one_apply_async_publishes(
         l2.client.delete(f"{key_prefix}.steps")
 
 
+def test_a_pushed_message_carries_the_state_its_commit_stored_in_a_header_celery_shows_nowhere(
+    servers: Servers, key_prefix: str, l2: RedisTier
+) -> None:
+    app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+    task = app.tasks["runctx.step"]
+    envelopes = StepEnvelopes.for_broker(task, l2)
+    assert envelopes is not None
+    message = StepMessage("run-1", "greet", 3, 7, {"": 12}, step_id="greet", epoch=2)
+    state = CommittedState("run-1", 12, 2, ((11, "hello"), (12, "before-greet")), b'{"variables":{"greeting":"hi \\"there\\""}}', "k1:" + "0" * 40)
+    try:
+        kwargs = message.as_kwargs()
+        task.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
+        theirs = decoded(l2.client.rpop(envelopes.queue_key))
+        ours = decoded(envelopes.outbox(message, state).message)
+        carried = ours["headers"].pop(STATE_HEADER)
+        assert ours == theirs  # the same message, and one header more
+        assert state_from_header(carried) == state
+        # Celery hands a message's headers to the task as its request, and puts them in no event.
+        assert STATE_HEADER not in json.dumps(ours["properties"]) and carried["d"] not in ours["headers"]["kwargsrepr"]
+    finally:
+        envelopes.close()
+        l2.client.delete(f"{key_prefix}.steps")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "text", {}, {"id": "run-1", "v": "12", "e": 1, "s": "a", "d": "{}", "c": "k"},
+     {"id": "run-1", "v": 12, "e": 1, "s": "a", "d": b"{}", "c": "k"}, {"id": "run-1", "v": True, "e": 1, "s": "a", "d": "{}", "c": "k"}],
+)
+def test_a_malformed_state_header_is_no_state(header: Any) -> None:
+    assert state_from_header(header) is None
+
+
 def test_no_outbox_when_the_broker_is_another_redis_database(servers: Servers, key_prefix: str) -> None:
     pool = redis.Redis.from_url(servers.redis_url).connection_pool
     kwargs = {**pool.connection_kwargs, "db": (pool.connection_kwargs.get("db") or 0) + 1}
@@ -130,7 +172,11 @@ def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cl
     routine = tmp_path / "seq.yaml"
     steps = "\n".join(f"  - {{id: s{i}, action: increment, args: {{name: counter}}}}" for i in range(40))
     routine.write_text(f"name: outbox-seq\nvariables: {{counter: 0}}\nsteps:\n{steps}\n")
-    result = cluster.run(routine)
+    monitor = RedisMonitor(cluster.redis_url)
+    try:
+        result = cluster.run(routine)
+    finally:
+        commands = monitor.stop()
     assert result["status"] == "succeeded", result
     assert result["variables"]["counter"] == 40
     assert all(step["attempts"] == 1 and step["status"] == "succeeded" for step in result["steps"])
@@ -141,3 +187,12 @@ def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cl
     assert (pushing, sending) == ((2, 0) if broker == "redis" else (0, 2))
     if outbox_off:
         assert logs.count("RUNCTX_STEP_OUTBOX is off") == 2
+    # Each step's one round trip is its commit; with the outbox, each step's message carries what
+    # the step before committed, so each worker process reads the context from Redis at most once
+    # (before the first state it is carried follows one it holds). The other reads: one for each
+    # write-behind flush (each ends in mark_flushed, as the finalize does) and the command's own.
+    context_key = RedisKeys(cluster.prefix).context(result["run_id"]).encode()
+    by_script = Counter(c[1] for c in commands if c[0].upper() == b"EVALSHA" and context_key in keys_of(c))
+    assert by_script[SHA["commit"]] == 40
+    if broker == "redis":
+        assert by_script[SHA["read"]] <= 2 + by_script[SHA["mark_flushed"]] + 1, by_script

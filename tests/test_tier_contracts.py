@@ -32,7 +32,9 @@ from state.tiers.contracts import (
     L1Tier,
     L2Tier,
     L3Tier,
+    Outbox,
     RunRow,
+    StepReport,
     StepStart,
 )
 from state.tiers.local import LocalCache
@@ -516,6 +518,22 @@ def test_l2_a_step_commit_pushes_its_outbox_message_only_when_it_commits(l2: L2T
     assert l2.get_context("run-1").version == 3
 
 
+def test_l2_a_commit_stores_the_payload_encode_state_gave_and_decode_state_reads_it_back(l2: L2Tier) -> None:
+    from state.tiers.contracts import StepReport
+
+    commit(l2, context(version=1), 0)
+    ctx = context(version=2, n=2, label="two")
+    payload, payload_checksum = l2.encode_state(ctx)
+    report = StepReport(run_id="run-1", step_id="s1", worker="w1", duration_s=0.1)
+    assert step_commit(l2, ctx, 1, "s1", report=report, encoded=(payload, payload_checksum))
+    stored = l2.get_context("run-1")
+    assert data(stored.context) == data(ctx.model_copy(update={"applied_steps": ["s1"]}))
+    # The payload travels (a step's message carries it): whoever holds it decodes the same context.
+    assert data(l2.decode_state(payload, payload_checksum, ["s1"], key="run-1")) == data(stored.context)
+    with pytest.raises(ContextCorruption):
+        l2.decode_state(payload.replace(b'"two"', b'"owt"'), payload_checksum, ["s1"], key="run-1")
+
+
 def test_l2_an_outbox_message_rides_only_in_a_step_commit(l2: L2Tier) -> None:
     from state.tiers.contracts import Outbox
 
@@ -523,6 +541,26 @@ def test_l2_an_outbox_message_rides_only_in_a_step_commit(l2: L2Tier) -> None:
     with pytest.raises(ValueError, match="outbox"):
         step_commit(l2, context(version=2), 1, "s1", outbox=Outbox(f"{l2.prefix}.steps", b"no report"))
     assert l2.get_context("run-1").version == 1
+
+
+def test_l2_a_read_gives_the_steps_of_the_last_commits_that_led_to_the_version(l2: L2Tier) -> None:
+    from state.models import LINEAGE_KEPT
+
+    commit(l2, context(version=1), 0)
+    for version in range(2, 5):
+        step_commit(l2, context(version=version), version - 1, f"s{version}")
+    assert l2.get_context("run-1").context.lineage() == ((2, "s2"), (3, "s3"), (4, "s4"))
+    for version in range(5, 6 + LINEAGE_KEPT):
+        step_commit(l2, context(version=version), version - 1, f"s{version}")
+    assert len(l2.get_context("run-1").context.lineage()) == LINEAGE_KEPT
+    commit(l2, context(version=6 + LINEAGE_KEPT), 5 + LINEAGE_KEPT)  # a commit without a step
+    assert l2.get_context("run-1").context.lineage() == ()
+    filled = context(version=30)
+    filled.applied_steps = [f"f{n}" for n in range(29)]  # as many as a context of version 30 can hold
+    assert l2.fill_context(filled, live=True)
+    assert l2.get_context("run-1").context.lineage() == ()  # a fill knows no versions of its steps
+    step_commit(l2, context(version=31), 30, "next")
+    assert l2.get_context("run-1").context.lineage() == ((31, "next"),)
 
 
 def test_l2_fill_keeps_the_applied_steps_and_a_step_commit_goes_on_from_them(l2: L2Tier) -> None:
@@ -1020,43 +1058,73 @@ def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitiv
             assert events[1]["step"] == "s1" and "tok-value-123" in events[1]["d"]
         else:  # pub/sub is in clear: only the version travels
             assert "d" not in events[1] and all("tok-value-123" not in message["data"].decode() for message in messages)
+        # A commit that pushes its successor's message is not broadcast: that message carries the
+        # state to the one process that runs the successor (or that process reads it).
+        last = nxt.working_copy()
+        last.version = 3
+        report = StepReport(run_id="run-1", step_id="s2", worker="w1", duration_s=0.1)
+        outbox = Outbox(f"{key_prefix}.steps", b"the successor")
+        assert step_commit(tier, last, 2, "s2", report=report, outbox=outbox)
+        assert pubsub.get_message(timeout=1) is None
+        assert tier.client.rpop(f"{key_prefix}.steps") == b"the successor"
     finally:
         pubsub.close()
         tier.close()
 
 
-def test_l1_follows_commits_heard_from_other_processes_and_decodes_only_when_read(l1: LocalCache) -> None:
+def committed(version: int, steps: tuple[tuple[int, str], ...] | None = None, context_id: str = "run-1", payload: bytes | None = None):
+    """Another process's commit of ``context(version)``, led to by ``steps`` (by default its one step)."""
     from state.codec import DEFAULT_CODEC, checksum
+    from state.tiers.contracts import CommittedState
 
-    decoded: list[int] = []
+    payload = DEFAULT_CODEC.dump_state(context(context_id, version=version)) if payload is None else payload
+    return CommittedState(context_id, version, 1, steps or ((version, f"s{version}"),), payload, checksum(payload))
+
+
+def decoder(decoded: list[int] | None = None):
+    from state.codec import DEFAULT_CODEC, checksum
 
     def decode(payload: bytes, payload_checksum: str) -> RunContext:
         assert checksum(payload) == payload_checksum
         ctx = DEFAULT_CODEC.load_state(payload, [])
-        decoded.append(ctx.version)
+        if decoded is not None:
+            decoded.append(ctx.version)
         return ctx
 
+    return decode
+
+
+def test_l1_follows_commits_heard_from_other_processes_and_decodes_only_when_read(l1: LocalCache) -> None:
+    decoded: list[int] = []
     base = context(version=1)
     base.applied_steps = ["s0"]
     l1.put_context(base)
     for version in (2, 3, 4):  # three commits by another process, each one step
-        payload = DEFAULT_CODEC.dump_state(context(version=version))
-        assert l1.follow("run-1", version, 1, f"s{version}", payload, checksum(payload), decode) is True
+        assert l1.follow(committed(version), decoder(decoded)) is True
     assert decoded == [] and l1.context_version("run-1") == 4  # nothing decoded yet
     ctx = l1.get_context("run-1", at_least=4, epoch=1)
     assert decoded == [4]  # only the newest, once
     assert ctx.variables == {"n": 4} and ctx.applied_steps == ["s0", "s2", "s3", "s4"] and ctx.has_applied("s3")
+    assert ctx.lineage() == ((2, "s2"), (3, "s3"), (4, "s4"))  # what it passes on, if it commits next
     assert l1.get_context("run-1", at_least=4) is ctx and decoded == [4]
 
 
-def test_l1_a_commit_it_cannot_follow_drops_the_older_copy(l1: LocalCache) -> None:
-    from state.codec import DEFAULT_CODEC, checksum
+def test_l1_follows_a_state_whose_steps_lead_from_the_version_it_holds(l1: LocalCache) -> None:
+    l1.put_context(context(version=2))
+    # Versions 3 and 4 were committed elsewhere, unheard of here; version 5 names the steps of all three.
+    assert l1.follow(committed(5, ((3, "a"), (4, "b"), (5, "c"))), decoder()) is True
+    ctx = l1.get_context("run-1", at_least=5)
+    assert ctx.applied_steps == ["a", "b", "c"] and ctx.lineage() == ((3, "a"), (4, "b"), (5, "c"))
+    # Steps that skip a version do not lead anywhere: the copy is dropped and the next read goes to L2.
+    assert l1.follow(committed(8, ((6, "d"), (8, "f"))), decoder()) is False
+    assert l1.get_context("run-1") is None
 
+
+def test_l1_a_commit_it_cannot_follow_drops_the_older_copy(l1: LocalCache) -> None:
     l1.put_context(context(version=1))
-    payload = DEFAULT_CODEC.dump_state(context(version=3))
-    assert l1.follow("run-1", 3, 1, "s3", payload, checksum(payload), lambda p, c: DEFAULT_CODEC.load_state(p, [])) is False
+    assert l1.follow(committed(3), decoder()) is False
     assert l1.get_context("run-1") is None  # a version was missed: the next read goes to L2
-    assert l1.follow("run-2", 2, 1, "s2", payload, checksum(payload), lambda p, c: DEFAULT_CODEC.load_state(p, [])) is False
+    assert l1.follow(committed(2, context_id="run-2"), decoder()) is False
 
 
 def test_l1_a_damaged_followed_commit_is_a_miss(l1: LocalCache) -> None:
@@ -1064,5 +1132,7 @@ def test_l1_a_damaged_followed_commit_is_a_miss(l1: LocalCache) -> None:
         raise ContextCorruption("run-1", "checksum does not match payload")
 
     l1.put_context(context(version=1))
-    assert l1.follow("run-1", 2, 1, "s2", b"garbage", "x", broken) is True
+    assert l1.follow(committed(2, payload=b"garbage"), broken) is True
     assert l1.get_context("run-1", at_least=2) is None and l1.context_version("run-1") is None
+
+

@@ -80,7 +80,9 @@ class CommittedState:
     context_id: str
     version: int
     epoch: int
-    step_id: str  # the step whose commit made ``version`` out of ``version - 1``
+    # The steps whose commits made the last versions up to ``version``, (version, step id) oldest
+    # first: a process holding any version before them follows to this one without a read.
+    steps: tuple[tuple[int, str], ...]
     payload: bytes
     checksum: str
 
@@ -148,11 +150,8 @@ class L1Tier(Protocol):
     def put_context(self, ctx: RunContext) -> None: ...
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def context_version(self, context_id: str) -> int | None: ...
-    def follow(
-        self, context_id: str, version: int, epoch: int, step_id: str, payload: bytes, checksum: str,
-        decode: Callable[[bytes, str], RunContext],
-    ) -> bool:
-        """Move the cached copy forward by another process's commit (its `CommittedState`; decoded when read)."""
+    def follow(self, state: CommittedState, decode: Callable[[bytes, str], RunContext]) -> bool:
+        """Move the cached copy forward to another process's commit (decoded when read)."""
 
     def note_run_ended(self, run_id: str) -> None: ...
     def run_ended(self, run_id: str) -> bool:

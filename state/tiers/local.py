@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache, TTLCache
 
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import ConfigEntry
+from state.tiers.contracts import CommittedState, ConfigEntry
 
 ENDED_RUNS_KEPT = 10_000  # failed runs a process remembers, so their queued steps do not start
 
@@ -19,14 +19,14 @@ Decode = Callable[[bytes, str], RunContext]  # (payload, checksum) -> the contex
 @dataclass(frozen=True)
 class _Followed:
     """A context another process committed, kept as its payload until a step here reads it: most
-    broadcasts are never read in a given process, so decoding each would cost every process CPU
-    for every commit. ``base`` is the last decoded version; ``steps`` the ids applied since (a
-    chain, newest first, so that following a commit is O(1))."""
+    states a process follows are never read there, so decoding each would cost it CPU for every
+    commit. ``base`` is the last decoded version; ``steps`` the (version, step id) committed since
+    (a chain of tuples, newest first, so that following another commit is O(1))."""
 
     version: int
     epoch: int
     base: RunContext
-    steps: tuple  # (step id, older chain) or ()
+    steps: tuple  # ((version, step id), ..., older chain) or ()
     payload: bytes
     checksum: str
     decode: Decode
@@ -34,17 +34,25 @@ class _Followed:
     def materialize(self) -> RunContext | None:
         try:
             ctx = self.decode(self.payload, self.checksum)
-        except Exception:  # a damaged broadcast: as good as none (the read goes to L2)
+        except Exception:  # a damaged payload: as good as none (the read goes to L2)
             return None
         if ctx.version != self.version or ctx.epoch != self.epoch:
             return None
-        newer: list[str] = []
+        newer: list[tuple[int, str]] = []
         chain = self.steps
         while chain:
-            newer.append(chain[0])
-            chain = chain[1]
-        ctx.continues(self.base, *reversed(newer))
+            *pairs, chain = chain
+            newer[:0] = pairs
+        ctx.continues(self.base, newer)
         return ctx
+
+
+def _since(state: CommittedState, version: int) -> tuple[tuple[int, str], ...] | None:
+    """The steps of ``state`` after ``version``, if they lead from it to the state's version one by one."""
+    steps = tuple(pair for pair in state.steps if pair[0] > version)
+    if not steps or steps[0][0] != version + 1 or steps[-1][0] != state.version or len(steps) != state.version - version:
+        return None
+    return steps
 
 
 class LocalCache:
@@ -82,25 +90,27 @@ class LocalCache:
                         self._contexts[context_id] = ctx
         return ctx
 
-    def follow(self, context_id: str, version: int, epoch: int, step_id: str, payload: bytes, checksum: str, decode: Decode) -> bool:
-        """Another process committed ``version`` = the cached version before it + step ``step_id``,
-        whose state is ``payload``: move the cached copy forward (decoded only when read). Returns
-        whether L1 now holds ``version``; if it held an older one that this does not follow, that
-        one is dropped."""
+    def follow(self, state: CommittedState, decode: Decode) -> bool:
+        """Another process committed ``state``: move the cached copy forward to it (decoded only when
+        read), if the cached version is one of those the state's steps lead from. Returns whether L1
+        now holds that version; if it held an older one that this does not follow, that one is
+        dropped."""
+        context_id, version, epoch = state.context_id, state.version, state.epoch
         with self._lock:
             cached = self._contexts.get(context_id)
             if cached is None:
                 return False
             if (cached.epoch, cached.version) >= (epoch, version):
                 return True
-            if cached.epoch != epoch or cached.version != version - 1:
+            steps = _since(state, cached.version) if cached.epoch == epoch else None
+            if steps is None:
                 del self._contexts[context_id]
                 return False
             if isinstance(cached, _Followed):
-                base, steps = cached.base, (step_id, cached.steps)
+                base, chain = cached.base, (*steps, cached.steps)
             else:
-                base, steps = cached, (step_id, ())
-            self._contexts[context_id] = _Followed(version, epoch, base, steps, payload, checksum, decode)
+                base, chain = cached, (*steps, ())
+            self._contexts[context_id] = _Followed(version, epoch, base, chain, state.payload, state.checksum, decode)
             return True
 
     def put_context(self, ctx: RunContext) -> None:

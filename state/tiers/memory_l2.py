@@ -16,7 +16,7 @@ from typing import Any
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
-from state.models import RunContext, StateCacheConfig
+from state.models import LINEAGE_KEPT, RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
     ConfigEntry,
@@ -37,6 +37,8 @@ class _Entry:
     live: bool = True  # a live lineage, or a reader's copy filled from L3
     applied: list[str] = field(default_factory=list)  # beside the payload, as Redis keeps them
     applied_count: int = -1  # how many there are (-1: as many as the list holds), as the entry's n field
+    # The newest applied steps with the version each one's commit made (as Redis scores them).
+    scored: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.applied_count < 0:
@@ -115,6 +117,7 @@ class MemoryL2:
         ctx = self.codec.load_state(entry.payload, list(entry.applied), key=key)
         if ctx.version != entry.version:
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
+        ctx.take_lineage(entry.scored)
         return StoredContext(context=ctx, version=ctx.version, dirty=dirty, live=entry.live)
 
     def commit_context(
@@ -156,7 +159,12 @@ class MemoryL2:
                 raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
             live = True if current is None else current.live
             applied = applied + [step_id] if step_id else list(applied)
-            self._contexts[ctx.context_id] = _Entry(ctx.version, payload_checksum, payload, None, ctx.epoch, live, applied)
+            scored = () if current is None else current.scored
+            if step_id:
+                scored = (*scored[1 - LINEAGE_KEPT :], (ctx.version, step_id))
+            self._contexts[ctx.context_id] = _Entry(
+                ctx.version, payload_checksum, payload, None, ctx.epoch, live, applied, scored=scored
+            )
             if report is not None:
                 run = self._run(report.run_id)
                 run.steps[report.step_id] = json.dumps(report.record(now))

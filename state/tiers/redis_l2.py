@@ -40,7 +40,7 @@ from state.errors import (
     VersionConflict,
 )
 from state.keys import RedisKeys
-from state.models import RunContext, StateCacheConfig
+from state.models import LINEAGE_KEPT, RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
     ConfigEntry,
@@ -151,7 +151,9 @@ class RedisTier:
     def get_context(self, context_id: str) -> StoredContext | None:
         key, applied_key, due_key, _ = self._context_keys(context_id)
         try:
-            entry, applied, due = self._call(lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id]))
+            entry, applied, due, newest = self._call(
+                lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id, LINEAGE_KEPT])
+            )
         except ResponseError as exc:
             raise ContextCorruption(key, f"not a context entry ({exc})") from None
         version, stored_sum, payload, origin, count = entry
@@ -166,6 +168,7 @@ class RedisTier:
         ctx = self.codec.load_state(payload, [step.decode() for step in applied], key=key)
         if ctx.version != int(version):
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {int(version)}")
+        ctx.take_lineage([(int(float(score)), step.decode()) for step, score in zip(newest[::2], newest[1::2])])
         return StoredContext(context=ctx, version=ctx.version, dirty=due is not None, live=origin == b"l")
 
     def commit_context(

@@ -126,7 +126,7 @@ class RunContextInit(BaseModel):
 
 
 _RECENT_APPLIED = 64
-LINEAGE_KEPT = 16  # commits a context remembers the steps of: how far behind a process may follow it
+LAST_STEPS_KEPT = 8  # commits a context remembers the steps of: how far behind a process may follow it
 
 
 class RunContext(BaseModel):
@@ -161,10 +161,10 @@ class RunContext(BaseModel):
     # canonical JSON, filled on the first change; ``_applied_index``, a lookup of applied_steps, so
     # that "was this step applied?" does not scan a list that grows with the run: (the list it
     # covers, its length, a frozen set, the few ids added since). Unset means not computed yet.
-    # ``_lineage``: the steps whose commits made the last few versions, as (version, step id),
-    # oldest first and ending at ``version``: what lets a process holding one of those versions
-    # follow to this one from its payload alone (`RunContext.continues`).
-    __slots__ = ("_sizes", "_applied_index", "_lineage")
+    # ``_last_steps``: (a version, the ids of the steps whose commits made the versions up to it,
+    # oldest first): what lets a process holding one of the versions before follow to this one
+    # from its payload alone (`RunContext.continues`).
+    __slots__ = ("_sizes", "_applied_index", "_last_steps")
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class RunContext(BaseModel):
         sizes = getattr(self, "_sizes", None)
         copy_._sizes = None if sizes is None else dict(sizes)
         copy_._adopt_applied_index(self)
-        copy_._lineage = self.lineage()
+        copy_._last_steps = getattr(self, "_last_steps", None)
         return copy_
 
     # ---- applied steps --------------------------------------------------------------------
@@ -248,37 +248,36 @@ class RunContext(BaseModel):
             frozen, recent = frozen | frozenset(recent), ()
         self._applied_index = (self.applied_steps, len(self.applied_steps), frozen, recent)
 
-    def continues(self, previous: RunContext, steps: Sequence[tuple[int, str]]) -> None:
-        """This context is ``previous`` plus ``steps`` ((version, step id) of each commit since, other
-        processes' commits): take its applied steps and their lookup, then the steps."""
+    def continues(self, previous: RunContext, steps: Sequence[str]) -> None:
+        """This context is ``previous`` plus the commits of ``steps`` (other processes' commits, one
+        version each): take its applied steps and their lookup, then the steps."""
         self.applied_steps = list(previous.applied_steps)
         self._adopt_applied_index(previous)
-        for _, step_id in steps:
+        for step_id in steps:
             self.mark_applied(step_id)
-        self._lineage = (previous.lineage() + tuple(steps))[-LINEAGE_KEPT:]
+        self._last_steps = (self.version, (*previous.last_steps(), *steps)[-LAST_STEPS_KEPT:])
 
-    def lineage(self) -> tuple[tuple[int, str], ...]:
-        """The steps whose commits made the last versions of this context, (version, step id) oldest
-        first, ending at ``version`` (empty if unknown, e.g. read from a tier)."""
-        lineage = getattr(self, "_lineage", ())
-        return lineage if lineage and lineage[-1][0] == self.version else ()
+    def last_steps(self) -> tuple[str, ...]:
+        """The ids of the steps whose commits made the last versions of this context, oldest first,
+        the last one's commit made ``version`` (empty if unknown, e.g. read from a tier)."""
+        known = getattr(self, "_last_steps", None)
+        return known[1] if known is not None and known[0] == self.version else ()
 
-    def take_lineage(self, scored: Sequence[tuple[int, str]]) -> None:
-        """Take the lineage a tier keeps: its newest applied steps with the versions their commits
-        made, oldest first; the ones that follow one another up to ``version`` count."""
-        chain: list[tuple[int, str]] = []
+    def take_last_steps(self, scored: Sequence[tuple[int, str]]) -> None:
+        """Take what a tier keeps: its newest applied steps with the version each one's commit made,
+        oldest first; those whose versions lead one by one to ``version`` count."""
+        steps: list[str] = []
         for version, step_id in reversed(scored):
-            if version != self.version - len(chain) or len(chain) == LINEAGE_KEPT:
+            if version != self.version - len(steps) or len(steps) == LAST_STEPS_KEPT:
                 break
-            chain.append((version, step_id))
-        self._lineage = tuple(reversed(chain))
+            steps.append(step_id)
+        self._last_steps = (self.version, tuple(reversed(steps)))
 
     def note_step_commit(self, step_id: str) -> None:
-        """This (working) context becomes ``version`` by committing ``step_id``."""
-        base = getattr(self, "_lineage", ())
-        if not base or base[-1][0] != self.version - 1:  # a commit without a step came between
-            base = ()
-        self._lineage = (*base[1 - LINEAGE_KEPT :], (self.version, step_id))
+        """This (working) context becomes ``version`` by the commit of ``step_id``."""
+        known = getattr(self, "_last_steps", None)
+        before = known[1][1 - LAST_STEPS_KEPT :] if known is not None and known[0] == self.version - 1 else ()
+        self._last_steps = (self.version, (*before, step_id))
 
     def _adopt_applied_index(self, other: RunContext) -> None:
         index = getattr(other, "_applied_index", None)

@@ -387,7 +387,7 @@ class TieredStore:
         payload, payload_checksum = encoded
         if ctx.holds_sensitive or len(payload) > self.config.l1_update_max_bytes:
             return None
-        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, ctx.lineage() or ((ctx.version, step_id),), payload, payload_checksum)
+        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, ctx.last_steps() or (step_id,), payload, payload_checksum)
 
     @contextlib.contextmanager
     def edit(self, context_id: str, *, at_least: int = 0) -> Iterator[RunContext]:

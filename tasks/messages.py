@@ -37,7 +37,7 @@ STATE_HEADER = "runctx_state"
 
 def state_header(state: CommittedState) -> dict[str, Any]:
     return {
-        "id": state.context_id, "v": state.version, "e": state.epoch, "s": [list(pair) for pair in state.steps],
+        "id": state.context_id, "v": state.version, "e": state.epoch, "s": list(state.steps),
         "d": state.payload.decode(), "c": state.checksum,
     }
 
@@ -51,10 +51,10 @@ def state_from_header(raw: Any) -> CommittedState | None:
     if not (
         isinstance(context_id, str) and isinstance(payload, str) and isinstance(checksum, str)
         and type(version) is int and type(epoch) is int and isinstance(steps, list) and steps
-        and all(isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and isinstance(pair[1], str) for pair in steps)
+        and all(isinstance(step_id, str) for step_id in steps)
     ):
         return None
-    return CommittedState(context_id, version, epoch, tuple((v, s) for v, s in steps), payload.encode(), checksum)
+    return CommittedState(context_id, version, epoch, tuple(steps), payload.encode(), checksum)
 
 
 @dataclass(frozen=True)

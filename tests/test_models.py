@@ -705,25 +705,25 @@ def test_applied_steps_lookup_follows_marks_copies_and_replacements() -> None:
     ctx.applied_steps.append("appended")  # appended to directly: seen too
     assert ctx.has_applied("appended")
     follower = RunContext.from_init(RunContextInit(run_id="r", routine_id="x"))
-    follower.continues(copy_, [(1, "s201")])
+    follower.continues(copy_, ["s201"])
     assert follower.applied_steps == [*copy_.applied_steps, "s201"] and follower.has_applied("s150")
 
 
 def test_a_context_remembers_the_steps_of_its_last_commits_while_they_follow_one_another() -> None:
-    from state.models import LINEAGE_KEPT
+    from state.models import LAST_STEPS_KEPT
 
     ctx = RunContext.from_init(RunContextInit(run_id="r", routine_id="x"))
     ctx.version = 1
-    assert ctx.lineage() == ()  # as read from a tier: nothing known
-    for version in range(2, 4 + LINEAGE_KEPT):
+    assert ctx.last_steps() == ()  # as read from a tier: nothing known
+    for version in range(2, 4 + LAST_STEPS_KEPT):
         ctx = ctx.working_copy()
         ctx.version = version
         ctx.note_step_commit(f"s{version}")
-    assert ctx.lineage() == tuple((v, f"s{v}") for v in range(4, 4 + LINEAGE_KEPT))  # the last LINEAGE_KEPT
+    assert ctx.last_steps() == tuple(f"s{v}" for v in range(4, 4 + LAST_STEPS_KEPT))  # the last LAST_STEPS_KEPT
     later = ctx.working_copy()
-    later.version += 1  # a commit without a step (an edit): the lineage no longer ends where the context is
-    assert later.lineage() == ()
+    later.version += 1  # a commit without a step (an edit): what it knew no longer leads to this version
+    assert later.last_steps() == ()
     later = later.working_copy()
     later.version += 1
     later.note_step_commit("after")
-    assert later.lineage() == ((later.version, "after"),)
+    assert later.last_steps() == ("after",)

@@ -108,7 +108,7 @@ def test_a_pushed_message_carries_the_state_its_commit_stored_in_a_header_celery
     envelopes = StepEnvelopes.for_broker(task, l2)
     assert envelopes is not None
     message = StepMessage("run-1", "greet", 3, 7, {"": 12}, step_id="greet", epoch=2)
-    state = CommittedState("run-1", 12, 2, ((11, "hello"), (12, "before-greet")), b'{"variables":{"greeting":"hi \\"there\\""}}', "k1:" + "0" * 40)
+    state = CommittedState("run-1", 12, 2, ("hello", "before-greet"), b'{"variables":{"greeting":"hi \\"there\\""}}', "k1:" + "0" * 40)
     try:
         kwargs = message.as_kwargs()
         task.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
@@ -126,8 +126,10 @@ def test_a_pushed_message_carries_the_state_its_commit_stored_in_a_header_celery
 
 @pytest.mark.parametrize(
     "header",
-    [None, "text", {}, {"id": "run-1", "v": "12", "e": 1, "s": "a", "d": "{}", "c": "k"},
-     {"id": "run-1", "v": 12, "e": 1, "s": "a", "d": b"{}", "c": "k"}, {"id": "run-1", "v": True, "e": 1, "s": "a", "d": "{}", "c": "k"}],
+    [None, "text", {}, {"id": "run-1", "v": "12", "e": 1, "s": ["a"], "d": "{}", "c": "k"},
+     {"id": "run-1", "v": 12, "e": 1, "s": ["a"], "d": b"{}", "c": "k"}, {"id": "run-1", "v": True, "e": 1, "s": ["a"], "d": "{}", "c": "k"},
+     {"id": "run-1", "v": 12, "e": 1, "s": [], "d": "{}", "c": "k"}, {"id": "run-1", "v": 12, "e": 1, "s": "a", "d": "{}", "c": "k"},
+     {"id": "run-1", "v": 12, "e": 1, "s": [3], "d": "{}", "c": "k"}],
 )
 def test_a_malformed_state_header_is_no_state(header: Any) -> None:
     assert state_from_header(header) is None

@@ -544,23 +544,24 @@ def test_l2_an_outbox_message_rides_only_in_a_step_commit(l2: L2Tier) -> None:
 
 
 def test_l2_a_read_gives_the_steps_of_the_last_commits_that_led_to_the_version(l2: L2Tier) -> None:
-    from state.models import LINEAGE_KEPT
+    from state.models import LAST_STEPS_KEPT
 
     commit(l2, context(version=1), 0)
     for version in range(2, 5):
         step_commit(l2, context(version=version), version - 1, f"s{version}")
-    assert l2.get_context("run-1").context.lineage() == ((2, "s2"), (3, "s3"), (4, "s4"))
-    for version in range(5, 6 + LINEAGE_KEPT):
+    assert l2.get_context("run-1").context.last_steps() == ("s2", "s3", "s4")
+    for version in range(5, 6 + LAST_STEPS_KEPT):
         step_commit(l2, context(version=version), version - 1, f"s{version}")
-    assert len(l2.get_context("run-1").context.lineage()) == LINEAGE_KEPT
-    commit(l2, context(version=6 + LINEAGE_KEPT), 5 + LINEAGE_KEPT)  # a commit without a step
-    assert l2.get_context("run-1").context.lineage() == ()
+    newest = 5 + LAST_STEPS_KEPT
+    assert l2.get_context("run-1").context.last_steps() == tuple(f"s{v}" for v in range(newest - LAST_STEPS_KEPT + 1, newest + 1))
+    commit(l2, context(version=newest + 1), newest)  # a commit without a step
+    assert l2.get_context("run-1").context.last_steps() == ()
     filled = context(version=30)
     filled.applied_steps = [f"f{n}" for n in range(29)]  # as many as a context of version 30 can hold
     assert l2.fill_context(filled, live=True)
-    assert l2.get_context("run-1").context.lineage() == ()  # a fill knows no versions of its steps
+    assert l2.get_context("run-1").context.last_steps() == ()  # a fill knows no versions of its steps
     step_commit(l2, context(version=31), 30, "next")
-    assert l2.get_context("run-1").context.lineage() == ((31, "next"),)
+    assert l2.get_context("run-1").context.last_steps() == ("next",)
 
 
 def test_l2_fill_keeps_the_applied_steps_and_a_step_commit_goes_on_from_them(l2: L2Tier) -> None:
@@ -1072,13 +1073,13 @@ def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitiv
         tier.close()
 
 
-def committed(version: int, steps: tuple[tuple[int, str], ...] | None = None, context_id: str = "run-1", payload: bytes | None = None):
+def committed(version: int, steps: tuple[str, ...] | None = None, context_id: str = "run-1", payload: bytes | None = None):
     """Another process's commit of ``context(version)``, led to by ``steps`` (by default its one step)."""
     from state.codec import DEFAULT_CODEC, checksum
     from state.tiers.contracts import CommittedState
 
     payload = DEFAULT_CODEC.dump_state(context(context_id, version=version)) if payload is None else payload
-    return CommittedState(context_id, version, 1, steps or ((version, f"s{version}"),), payload, checksum(payload))
+    return CommittedState(context_id, version, 1, steps or (f"s{version}",), payload, checksum(payload))
 
 
 def decoder(decoded: list[int] | None = None):
@@ -1105,18 +1106,19 @@ def test_l1_follows_commits_heard_from_other_processes_and_decodes_only_when_rea
     ctx = l1.get_context("run-1", at_least=4, epoch=1)
     assert decoded == [4]  # only the newest, once
     assert ctx.variables == {"n": 4} and ctx.applied_steps == ["s0", "s2", "s3", "s4"] and ctx.has_applied("s3")
-    assert ctx.lineage() == ((2, "s2"), (3, "s3"), (4, "s4"))  # what it passes on, if it commits next
+    assert ctx.last_steps() == ("s2", "s3", "s4")  # what it passes on, if it commits next
     assert l1.get_context("run-1", at_least=4) is ctx and decoded == [4]
 
 
 def test_l1_follows_a_state_whose_steps_lead_from_the_version_it_holds(l1: LocalCache) -> None:
     l1.put_context(context(version=2))
     # Versions 3 and 4 were committed elsewhere, unheard of here; version 5 names the steps of all three.
-    assert l1.follow(committed(5, ((3, "a"), (4, "b"), (5, "c"))), decoder()) is True
+    assert l1.follow(committed(5, ("z", "a", "b", "c")), decoder()) is True
     ctx = l1.get_context("run-1", at_least=5)
-    assert ctx.applied_steps == ["a", "b", "c"] and ctx.lineage() == ((3, "a"), (4, "b"), (5, "c"))
-    # Steps that skip a version do not lead anywhere: the copy is dropped and the next read goes to L2.
-    assert l1.follow(committed(8, ((6, "d"), (8, "f"))), decoder()) is False
+    assert ctx.applied_steps == ["a", "b", "c"] and ctx.last_steps() == ("a", "b", "c")
+    # A state that names too few steps to lead from the version held: the copy is dropped and the
+    # next read goes to L2.
+    assert l1.follow(committed(8, ("f", "g")), decoder()) is False
     assert l1.get_context("run-1") is None
 
 

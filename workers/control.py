@@ -209,7 +209,7 @@ def _carried_state(context_id: str, version: int, message: dict[str, Any]) -> Co
     payload, checksum, step_id, epoch = message.get("d"), message.get("c"), message.get("step"), message.get("epoch")
     if not (isinstance(payload, str) and isinstance(checksum, str) and isinstance(step_id, str) and type(epoch) is int):
         return None
-    return CommittedState(context_id, version, epoch, ((version, step_id),), payload.encode(), checksum)
+    return CommittedState(context_id, version, epoch, (step_id,), payload.encode(), checksum)
 
 
 def probe(client: redis.Redis, prefix: str, key: str, *, load: bool = False, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:

@@ -80,9 +80,9 @@ class CommittedState:
     context_id: str
     version: int
     epoch: int
-    # The steps whose commits made the last versions up to ``version``, (version, step id) oldest
-    # first: a process holding any version before them follows to this one without a read.
-    steps: tuple[tuple[int, str], ...]
+    # The ids of the steps whose commits made the last versions, oldest first, the last one's made
+    # ``version``: a process holding a version before them follows to this one without a read.
+    steps: tuple[str, ...]
     payload: bytes
     checksum: str
 

@@ -26,7 +26,7 @@ class _Followed:
     version: int
     epoch: int
     base: RunContext
-    steps: tuple  # ((version, step id), ..., older chain) or ()
+    steps: tuple  # (step id, ..., older chain) or ()
     payload: bytes
     checksum: str
     decode: Decode
@@ -38,7 +38,7 @@ class _Followed:
             return None
         if ctx.version != self.version or ctx.epoch != self.epoch:
             return None
-        newer: list[tuple[int, str]] = []
+        newer: list[str] = []
         chain = self.steps
         while chain:
             *pairs, chain = chain
@@ -47,12 +47,10 @@ class _Followed:
         return ctx
 
 
-def _since(state: CommittedState, version: int) -> tuple[tuple[int, str], ...] | None:
-    """The steps of ``state`` after ``version``, if they lead from it to the state's version one by one."""
-    steps = tuple(pair for pair in state.steps if pair[0] > version)
-    if not steps or steps[0][0] != version + 1 or steps[-1][0] != state.version or len(steps) != state.version - version:
-        return None
-    return steps
+def _since(state: CommittedState, version: int) -> tuple[str, ...] | None:
+    """The steps of ``state`` whose commits came after ``version``, if it names all of them."""
+    behind = state.version - version
+    return state.steps[-behind:] if 0 < behind <= len(state.steps) else None
 
 
 class LocalCache:

@@ -16,7 +16,7 @@ from typing import Any
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import ContextCorruption, LineageLost, VersionConflict
 from state.keys import RedisKeys
-from state.models import LINEAGE_KEPT, RunContext, StateCacheConfig
+from state.models import LAST_STEPS_KEPT, RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
     ConfigEntry,
@@ -117,7 +117,7 @@ class MemoryL2:
         ctx = self.codec.load_state(entry.payload, list(entry.applied), key=key)
         if ctx.version != entry.version:
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
-        ctx.take_lineage(entry.scored)
+        ctx.take_last_steps(entry.scored)
         return StoredContext(context=ctx, version=ctx.version, dirty=dirty, live=entry.live)
 
     def commit_context(
@@ -161,7 +161,7 @@ class MemoryL2:
             applied = applied + [step_id] if step_id else list(applied)
             scored = () if current is None else current.scored
             if step_id:
-                scored = (*scored[1 - LINEAGE_KEPT :], (ctx.version, step_id))
+                scored = (*scored[1 - LAST_STEPS_KEPT :], (ctx.version, step_id))
             self._contexts[ctx.context_id] = _Entry(
                 ctx.version, payload_checksum, payload, None, ctx.epoch, live, applied, scored=scored
             )

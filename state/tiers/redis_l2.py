@@ -40,7 +40,7 @@ from state.errors import (
     VersionConflict,
 )
 from state.keys import RedisKeys
-from state.models import LINEAGE_KEPT, RunContext, StateCacheConfig
+from state.models import LAST_STEPS_KEPT, RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
     ConfigEntry,
@@ -152,7 +152,7 @@ class RedisTier:
         key, applied_key, due_key, _ = self._context_keys(context_id)
         try:
             entry, applied, due, newest = self._call(
-                lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id, LINEAGE_KEPT])
+                lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id, LAST_STEPS_KEPT])
             )
         except ResponseError as exc:
             raise ContextCorruption(key, f"not a context entry ({exc})") from None
@@ -168,7 +168,7 @@ class RedisTier:
         ctx = self.codec.load_state(payload, [step.decode() for step in applied], key=key)
         if ctx.version != int(version):
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {int(version)}")
-        ctx.take_lineage([(int(float(score)), step.decode()) for step, score in zip(newest[::2], newest[1::2])])
+        ctx.take_last_steps([(int(float(score)), step.decode()) for step, score in zip(newest[::2], newest[1::2])])
         return StoredContext(context=ctx, version=ctx.version, dirty=due is not None, live=origin == b"l")
 
     def commit_context(

@@ -27,7 +27,7 @@ from state.errors import (
 from state.migrate import upgrade
 from state.models import RunContext
 from state.settings import get_settings
-from state.tiers.contracts import FINAL_STATUSES
+from state.tiers.contracts import FINAL_STATUSES, RunRow
 from tasks.routine import Routine, check_definition, load_routine, parse_routine
 
 __all__ = ["Client", "RunResult", "RunTimeout"]
@@ -134,6 +134,10 @@ class Client:
         row = self.engine.run_status(run_id)
         if row is None:
             raise NotFound(f"run {run_id!r} does not exist")
+        return self._result(row)
+
+    def _result(self, row: RunRow) -> RunResult:
+        run_id = row.run_id
         context = self.context(run_id)
         if row.status in FINAL_STATUSES:
             steps, l3_writes = row.meta.get("steps", []), row.meta.get("l3_writes", 0)
@@ -163,7 +167,7 @@ class Client:
                     raise NotFound(f"run {run_id!r} does not exist")
                 status = row.status
                 if row.status in FINAL_STATUSES:
-                    return self.status(run_id)
+                    return self._result(row)
             except CommunicationFailure:
                 pass  # PostgreSQL is away (a restart): keep asking until the deadline
             left = 1.0 if deadline is None else deadline - time.monotonic()

@@ -137,11 +137,17 @@ def _import(reference: str) -> Action:
     return target
 
 
-def run_action(action: str, view: ContextView, args: dict[str, Any]) -> list[Change]:
-    """Run an action and return its changes as a list of Change."""
+def builtin_args(action: str, args: dict[str, Any]) -> _Args | None:
+    """A built-in action's args, validated (once, when a plan is compiled); None for a user action."""
+    return BUILTINS[action][0].model_validate(args) if action in BUILTINS else None
+
+
+def run_action(action: str, view: ContextView, args: dict[str, Any], validated: _Args | None = None) -> list[Change]:
+    """Run an action and return its changes as a list of Change (``validated``: a built-in's args
+    as `builtin_args` gave them)."""
     if action in BUILTINS:
         model, function = BUILTINS[action]
-        return function(view, model.model_validate(args))
+        return function(view, validated if validated is not None else model.model_validate(args))
     result = _import(action)(view, dict(args))
     if result is None:
         return []

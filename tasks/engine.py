@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -69,15 +70,21 @@ class PlanCache:
     def __init__(self, store: TieredStore) -> None:
         self.store = store
         self._plans: dict[tuple[str, int], tuple[Any, Plan]] = {}
+        self._compiling = threading.Lock()  # a step waits for a compile in progress (`prepare`) to end
 
     def get(self, name: str, version: int) -> Plan:
         entry = self.store.get_routine(name, version)
         cached = self._plans.get((name, version))
         if cached is not None and cached[0] is entry:
             return cached[1]
-        plan = compile_plan(parse_routine(entry.data, source=f"stored routine {name}@{version}"))
-        self.seed(entry, name, version, plan)
-        return plan
+        with self._compiling:
+            entry = self.store.get_routine(name, version)
+            cached = self._plans.get((name, version))
+            if cached is not None and cached[0] is entry:
+                return cached[1]
+            plan = compile_plan(parse_routine(entry.data, source=f"stored routine {name}@{version}"))
+            self.seed(entry, name, version, plan)
+            return plan
 
     def seed(self, entry: ConfigEntry, name: str, version: int, plan: Plan) -> None:
         """Keep ``plan``, compiled from ``entry`` (as `get` would have compiled it)."""
@@ -196,6 +203,7 @@ class RunEngine:
         )
         root = self.store.create_context(root, run=run)
         self.store.l2.count_l3_write(run_id)
+        self.store.l2.announce_run(routine.name, version)  # every process may compile the plan meanwhile
         try:
             self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root}, root.epoch)
         except RoutineError as exc:  # e.g. a first sub-routine that cannot inherit what it asks for

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from state.errors import InvalidRoutine
+from tasks.actions import builtin_args
 from tasks.routine import (
     ActionStep,
     ExportSpec,
@@ -37,6 +38,7 @@ class Node:
     next: int | None = None
     action: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    builtin_args: Any = None  # a built-in action's args, validated once (`tasks.actions.BUILTINS`)
     branch_starts: list[int] = field(default_factory=list)
     branch_ends: list[int] = field(default_factory=list)
     child_context: str | None = None
@@ -100,6 +102,7 @@ def compile_plan(routine: Routine) -> Plan:
             index = add(
                 Node(
                     0, "action", sid, ctx, next=after, action=step.action, args=dict(step.args),
+                    builtin_args=builtin_args(step.action, step.args),
                     concurrency=owner.concurrency, inline=owner.inline and step.inline is not False,
                     reads=frozenset(step.reads), declassify=frozenset(step.declassify),
                 )

@@ -94,7 +94,7 @@ class StepExecutor:
     def _changes_of(self, node: Node, view: ContextView, base: RunContext) -> list[Any]:
         assert node.action is not None
         try:
-            return run_action(node.action, view, node.args)
+            return run_action(node.action, view, node.args, node.builtin_args)
         except Exception as exc:
             # A step that read confidential or secret values may have put them in its error: its
             # text is never shown or stored, only its type and the step.

@@ -10,6 +10,7 @@ own subscription (started from ``worker_process_init``). Messages are JSON:
   pushes its successor's message is not broadcast: that message carries the state instead.
 - ``{"type": "config", "keys": [...], "identity", "t"}``: routine definitions or configurations changed in L3.
 - ``{"type": "run_ended", "run"}``: the run failed; start none of its queued steps.
+- ``{"type": "run_started", "routine", "version"}``: a run began; compile its plan before its steps come.
 - ``{"type": "clear"}``: drop the whole L1.
 - ``{"type": "probe", "id", "key", "load"}``: report what this process serves for ``key`` (diagnostics).
 - ``{"type": "status", "id"}``: report this process's health (its change listener alive or not).
@@ -75,6 +76,8 @@ class ControlChannel:
         self.channel = self.keys.control_channel
         self.identity = identity or process_identity()
         self.health: Callable[[], dict[str, Any]] = dict  # the runtime plugs in its listener's state
+        # The runtime plugs in what prepares a run's steps (compiling its plan), done off this thread.
+        self.prepare: Callable[[str, int], None] | None = None
         self.subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,6 +166,9 @@ class ControlChannel:
             self.store.take_commit(context_id, version, state=_carried_state(context_id, version, message))
         elif kind == "run_ended":
             l1.note_run_ended(str(message["run"]))
+        elif kind == "run_started":
+            if self.prepare is not None and isinstance(message.get("routine"), str) and type(message.get("version")) is int:
+                self.prepare(message["routine"], message["version"])
         elif kind == "config":
             dropped = [key for key in message.get("keys", []) if l1.evict_config(key)]
             if message.get("trace"):

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -61,6 +62,10 @@ class ProcessRuntime:
             limits=settings.resource_limits(),
         )
         self.control = ControlChannel(self.store, self.redis)
+        # Plans compiled ahead (a run started somewhere), on a thread of their own: a compile of a
+        # large routine must not hold up the invalidations the control channel carries.
+        self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runctx-plans")
+        self.control.prepare = lambda routine, version: self._preparing.submit(self._prepare, routine, version)
         self.watch_interval_s = max(0.2, min(5.0, settings.stall_timeout_s / 4))
         self.watchdog = Watchdog(
             self.engine, stall_timeout_s=settings.stall_timeout_s, confirm_after_s=1.5 * self.watch_interval_s
@@ -90,8 +95,15 @@ class ProcessRuntime:
         self._watcher = threading.Thread(target=self._watch, name="runctx-watchdog", daemon=True)
         self._watcher.start()
 
+    def _prepare(self, routine: str, version: int) -> None:
+        try:
+            self.engine.plans.get(routine, version)
+        except Exception as exc:  # a hint only: the first step will say what is wrong
+            log.debug("could not compile %s@%d ahead: %s", routine, version, exc)
+
     def stop(self) -> None:
         self._stop.set()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
         self.control.stop()
         if self.dispatcher.envelopes is not None:
             self.dispatcher.envelopes.close()

@@ -315,6 +315,9 @@ class MemoryL2:
             if run.hidden_error is None:
                 run.hidden_error = dict(sealed)
 
+    def announce_run(self, routine: str, version: int) -> None:
+        pass  # one process: nobody else to prepare
+
     def mark_failed(self, run_id: str, error: str) -> bool:
         with self._lock:
             run = self._run(run_id)

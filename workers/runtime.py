@@ -8,6 +8,7 @@ Importing this module gives the Celery tasks their engine (`tasks.celery_tasks.p
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -168,6 +169,10 @@ provide_engine(lambda: runtime().engine)
 @worker_process_init.connect
 def _start_process(**_: object) -> None:
     runtime().start_background()
+    # What the process holds now (Celery, kombu, SQLAlchemy, pydantic: ~150,000 objects) lives as
+    # long as it does: out of the collector's sight, a full collection no longer walks all of it
+    # (measured: 30-80 ms each, on the step that happens to trigger it).
+    gc.freeze()
 
 
 @worker_process_shutdown.connect

@@ -22,7 +22,8 @@ Action = Callable[[ContextView, dict[str, Any]], "list[Change] | Mapping[str, An
 
 
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Frozen: one validated instance serves every step with the same args (`builtin_args`).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
 class SetArgs(_Args):
@@ -94,9 +95,8 @@ BUILTINS: dict[str, tuple[type[_Args], Callable[[ContextView, Any], list[Change]
 def check_action(action: str, args: dict[str, Any]) -> None:
     """Raise ValueError naming the problem if a built-in's args are wrong or a reference is malformed."""
     if action in BUILTINS:
-        model, _ = BUILTINS[action]
         try:
-            model.model_validate(args)
+            builtin_args(action, args)
         except ValidationError as exc:
             first = exc.errors()[0]
             # Drop the type names pydantic adds for a union (args.by.int -> args.by).
@@ -138,8 +138,19 @@ def _import(reference: str) -> Action:
 
 
 def builtin_args(action: str, args: dict[str, Any]) -> _Args | None:
-    """A built-in action's args, validated (once, when a plan is compiled); None for a user action."""
-    return BUILTINS[action][0].model_validate(args) if action in BUILTINS else None
+    """A built-in action's args, validated (once, when a plan is compiled: the same args of many
+    steps once for all); None for a user action. Raises ValidationError for wrong args."""
+    if action not in BUILTINS:
+        return None
+    try:
+        return _validated_args(action, tuple(sorted(args.items())))
+    except TypeError:  # a value that is a list or mapping (unhashable): validated each time
+        return BUILTINS[action][0].model_validate(args)
+
+
+@lru_cache(maxsize=4096)
+def _validated_args(action: str, args: tuple[tuple[str, Any], ...]) -> _Args:
+    return BUILTINS[action][0].model_validate(dict(args))
 
 
 def run_action(action: str, view: ContextView, args: dict[str, Any], validated: _Args | None = None) -> list[Change]:

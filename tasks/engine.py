@@ -86,6 +86,11 @@ class PlanCache:
             self.seed(entry, name, version, plan)
             return plan
 
+    def compiled(self, name: str, version: int) -> Plan | None:
+        """The plan of a version compiled here already, if any (no tier is read)."""
+        cached = self._plans.get((name, version))
+        return None if cached is None else cached[1]
+
     def seed(self, entry: ConfigEntry, name: str, version: int, plan: Plan) -> None:
         """Keep ``plan``, compiled from ``entry`` (as `get` would have compiled it)."""
         if len(self._plans) > 256:
@@ -128,19 +133,10 @@ class RunEngine:
         """Store the routine definition (a new version only if it changed); returns its version."""
         return self._register(routine).version
 
-    def _register(self, routine: Routine) -> ConfigEntry:
+    def _register(self, routine: Routine, known: tuple[Any, str] | None = None) -> ConfigEntry:
         """The stored version of ``routine``'s definition (stored now if no version holds it),
-        cached in this process's tiers under that version's key."""
-        try:
-            # Defaults left out: what the user wrote is what is stored (and measured against the
-            # size limit), so a routine file within the limit is never refused for runctx's defaults.
-            definition = routine.model_dump(mode="json", exclude_defaults=True)
-        except (ValueError, TypeError) as exc:  # e.g. bytes that are not UTF-8, from a Routine built in Python
-            raise InvalidRoutine(f"{routine.name}: the definition is not JSON ({type(exc).__name__})") from None
-        try:
-            digest = hashlib.blake2b(canonical_json(definition).encode(), digest_size=16).hexdigest()
-        except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
-            digest = ""  # not JSON: check_definition says why
+        cached in this process's tiers under that version's key. ``known``: its `_definition`."""
+        definition, digest = known or self._definition(routine)
         version = self._registered.get((routine.name, digest))  # registered before: checked then
         if version is None:
             check_definition(definition, routine.name)
@@ -152,7 +148,23 @@ class RunEngine:
             if version is None:
                 version = self.store.put_routine(routine.name, definition)
             self._registered[(routine.name, digest)] = version
+            self.store.l2.announce_routine(routine.name, version)  # every process may compile it now
         return self.store.cache_routine(routine.name, version, definition)
+
+    @staticmethod
+    def _definition(routine: Routine) -> tuple[Any, str]:
+        """The definition stored for ``routine`` and a digest of it."""
+        try:
+            # Defaults left out: what the user wrote is what is stored (and measured against the
+            # size limit), so a routine file within the limit is never refused for runctx's defaults.
+            definition = routine.model_dump(mode="json", exclude_defaults=True)
+        except (ValueError, TypeError) as exc:  # e.g. bytes that are not UTF-8, from a Routine built in Python
+            raise InvalidRoutine(f"{routine.name}: the definition is not JSON ({type(exc).__name__})") from None
+        try:
+            digest = hashlib.blake2b(canonical_json(definition).encode(), digest_size=16).hexdigest()
+        except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+            digest = ""  # not JSON: check_definition says why
+        return definition, digest
 
     def submit(self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         """Create the run and its root context in one L3 transaction, then dispatch its first steps.
@@ -187,14 +199,16 @@ class RunEngine:
         )
         if unknown:
             log.info("run %s: variables given that the routine does not declare: %s", run_id, sorted(unknown))
-        plan = compile_plan(routine)
+        known = self._definition(routine)
+        version = self._registered.get((routine.name, known[1]))
+        plan = (self.plans.compiled(routine.name, version) if version is not None else None) or compile_plan(routine)
         for path in plan.contexts:  # sub-routine contexts are named by their step path
             if len(context_id(run_id, path)) > MAX_CONTEXT_ID_LENGTH:
                 raise InvalidRoutine(
                     f"{routine.name}: sub-routine {path[:80]!r}...: its context id would be longer than "
                     f"{MAX_CONTEXT_ID_LENGTH} characters (shorter step ids, or less nesting)"
                 )
-        entry = self._register(routine)
+        entry = self._register(routine, known)
         version = entry.version
         root.routine_id = f"{routine.name}@{version}"
         self.plans.seed(entry, routine.name, version, plan)  # compiled from what is stored as that version
@@ -203,7 +217,7 @@ class RunEngine:
         )
         root = self.store.create_context(root, run=run)
         self.store.l2.count_l3_write(run_id)
-        self.store.l2.announce_run(routine.name, version)  # every process may compile the plan meanwhile
+        self.store.l2.announce_routine(routine.name, version)  # for processes that started since it was stored
         try:
             self._dispatch(plan, run_id, routine.name, version, plan.start, {"": root.version}, {"": root}, root.epoch)
         except RoutineError as exc:  # e.g. a first sub-routine that cannot inherit what it asks for

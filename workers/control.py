@@ -10,7 +10,8 @@ own subscription (started from ``worker_process_init``). Messages are JSON:
   pushes its successor's message is not broadcast: that message carries the state instead.
 - ``{"type": "config", "keys": [...], "identity", "t"}``: routine definitions or configurations changed in L3.
 - ``{"type": "run_ended", "run"}``: the run failed; start none of its queued steps.
-- ``{"type": "run_started", "routine", "version"}``: a run began; compile its plan before its steps come.
+- ``{"type": "routine", "routine", "version"}``: a routine version was stored, or a run of it began:
+  compile its plan before its steps come.
 - ``{"type": "clear"}``: drop the whole L1.
 - ``{"type": "probe", "id", "key", "load"}``: report what this process serves for ``key`` (diagnostics).
 - ``{"type": "status", "id"}``: report this process's health (its change listener alive or not).
@@ -166,7 +167,7 @@ class ControlChannel:
             self.store.take_commit(context_id, version, state=_carried_state(context_id, version, message))
         elif kind == "run_ended":
             l1.note_run_ended(str(message["run"]))
-        elif kind == "run_started":
+        elif kind == "routine":
             if self.prepare is not None and isinstance(message.get("routine"), str) and type(message.get("version")) is int:
                 self.prepare(message["routine"], message["version"])
         elif kind == "config":

@@ -63,7 +63,7 @@ class ProcessRuntime:
             limits=settings.resource_limits(),
         )
         self.control = ControlChannel(self.store, self.redis)
-        # Plans compiled ahead (a run started somewhere), on a thread of their own: a compile of a
+        # Plans compiled ahead (a routine was stored, or a run of it began), on a thread of their own: a compile of a
         # large routine must not hold up the invalidations the control channel carries.
         self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runctx-plans")
         self.control.prepare = lambda routine, version: self._preparing.submit(self._prepare, routine, version)

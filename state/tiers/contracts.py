@@ -258,9 +258,9 @@ class L2Tier(Protocol):
     def forget_run(self, run_id: str) -> None:
         """Drop every record of a run (steps, progress, failed flag, counters): it was pruned."""
 
-    def announce_run(self, routine: str, version: int) -> None:
-        """Tell every process that a run of ``routine`` at ``version`` started, so that each may
-        compile its plan before a step of it arrives (a hint; nothing depends on it)."""
+    def announce_routine(self, routine: str, version: int) -> None:
+        """Tell every process that ``routine`` at ``version`` is stored (or a run of it starts), so
+        that each may compile its plan before a step of it arrives (a hint; nothing depends on it)."""
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed; True for the first flag, which is also broadcast to every process."""

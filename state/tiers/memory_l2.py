@@ -315,7 +315,7 @@ class MemoryL2:
             if run.hidden_error is None:
                 run.hidden_error = dict(sealed)
 
-    def announce_run(self, routine: str, version: int) -> None:
+    def announce_routine(self, routine: str, version: int) -> None:
         pass  # one process: nobody else to prepare
 
     def mark_failed(self, run_id: str, error: str) -> bool:

@@ -445,9 +445,9 @@ class RedisTier:
         key = self._record(run_id, "hidden_error")
         self._call(lambda: self.client.set(key, json.dumps(sealed), nx=True, ex=RECORD_TTL_S))
 
-    def announce_run(self, routine: str, version: int) -> None:
+    def announce_routine(self, routine: str, version: int) -> None:
         if self._commit_channel:
-            message = json.dumps({"type": "run_started", "routine": routine, "version": version})
+            message = json.dumps({"type": "routine", "routine": routine, "version": version})
             self._call(lambda: self.client.publish(self._commit_channel, message))
 
     def mark_failed(self, run_id: str, error: str) -> bool:

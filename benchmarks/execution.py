@@ -1,11 +1,12 @@
 """Execution benchmark, measured in one run on real worker processes:
 
 1. steps per second of a 1000-step routine, against the same Celery setup running 1000 no-op
-   tasks that dispatch each other the same way (worker to worker), as a ratio;
+   tasks that dispatch each other the same way (worker to worker), as a ratio (``--rounds`` of
+   each, one after the other: the rates printed are medians, the ratio the median of the rounds');
 2. L3 writes per changed step;
 3. time from an L3 commit (plain SQL) to the last worker process dropping the stale entry (p50, p99).
 
-    python benchmarks/execution.py [--steps 1000] [--nodes 2] [--concurrency 1] [--invalidations 200]
+    python benchmarks/execution.py [--steps 1000] [--nodes 2] [--concurrency 1] [--invalidations 200] [--rounds 3]
 
 Uses RUNCTX_REDIS_URL / RUNCTX_DATABASE_URL / RUNCTX_BROKER_URL when set, else the embedded
 stack; works under its own key prefix, so it leaves a developer's data alone.
@@ -62,6 +63,7 @@ def bench_routine(path: Path, steps: int) -> tuple[float, int, float]:
     client = Client()
     routine = client.load(path)
     client.engine.register(routine)  # stored before timing, as a deployed routine would be
+    time.sleep(0.2)  # ... and announced to the workers, which compile it (a deployed routine is compiled)
     started = time.perf_counter()
     result = client.run(routine, timeout=600)
     elapsed = time.perf_counter() - started
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--invalidations", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="no-op chain and routine this many times each, in turn")
     args = parser.parse_args()
 
     os.environ.setdefault("RUNCTX_KEY_PREFIX", f"bench{uuid.uuid4().hex[:6]}")
@@ -134,23 +137,29 @@ def main() -> None:
         servers = resolve(settings)
         with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
             bench_noop(50)  # warm up connections and imports in every process
-            noop_rate = bench_noop(args.steps)
-            routine_rate, l3_writes, elapsed = bench_routine(write_routine(Path(tmp), args.steps), args.steps)
+            path = write_routine(Path(tmp), args.steps)
+            rounds = [(bench_noop(args.steps), *bench_routine(path, args.steps)) for _ in range(args.rounds)]
             latencies = bench_invalidation(args.invalidations)
         _remove_keys(servers.redis_url, settings.key_prefix)
 
+    noop_rate = statistics.median(noop for noop, *_ in rounds)
+    routine_rate = statistics.median(rate for _, rate, _, _ in rounds)
+    l3_writes = statistics.median(writes for _, _, writes, _ in rounds)
+    elapsed = statistics.median(seconds for *_, seconds in rounds)
+    ratios = [rate / noop for noop, rate, _, _ in rounds]
     where = "embedded stack" if servers.embedded else "configured servers"
     print(f"runctx execution benchmark on {where}: {args.nodes} worker node(s) x {args.concurrency} process(es)")
     print(f"  no-op Celery tasks, worker to worker:  {noop_rate:8.1f} tasks/s ({args.steps} tasks)")
     print(f"  {args.steps}-step routine:                {routine_rate:8.1f} steps/s ({elapsed:.2f} s, incl. finalize)")
-    print(f"  ratio routine / no-op:                 {routine_rate / noop_rate:8.2f}")
-    print(f"  L3 writes: {l3_writes} for {args.steps} changed steps = {l3_writes / args.steps:.4f} per changed step")
+    print(f"  ratio routine / no-op:                 {statistics.median(ratios):8.2f}")
+    print(f"  L3 writes: {l3_writes:g} for {args.steps} changed steps = {l3_writes / args.steps:.4f} per changed step")
     ms = [latency * 1000 for latency in latencies]
     print(
         f"  L3 commit -> last worker process dropped the stale entry ({len(ms)} commits): "
         f"p50 {percentile(ms, 0.5):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms, max {max(ms):.2f} ms, "
         f"mean {statistics.fmean(ms):.2f} ms"
     )
+    print(f"  rounds: {args.rounds} (figures above: medians); ratio of each round: {' '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

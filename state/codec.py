@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from state.applied import AppliedSteps
 from state.errors import ContextCorruption
 from state.limits import canonical_json
 from state.models import DataSensitivity, RunContext
@@ -145,7 +146,7 @@ class Codec:
             raise ContextCorruption(key, f"document does not describe a RunContext ({exc.error_count()} errors)") from None
         if ctx.applied_steps:
             raise ContextCorruption(key, "a payload holds no applied steps (L2 keeps them beside it)")
-        ctx.applied_steps = applied
+        ctx.applied_steps = AppliedSteps.of(applied)
         levels = {name: level.value for name, level in ctx.sensitivity_map.items()}
         for scope in _SEALED_SCOPES:
             values = getattr(ctx, scope)

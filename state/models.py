@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from state.applied import AppliedSteps
 from state.conflicts import (
     ConflictResolutionStrategy,
     VariableConflict,
@@ -125,7 +126,6 @@ class RunContextInit(BaseModel):
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
 
 
-_RECENT_APPLIED = 64
 LAST_STEPS_KEPT = 8  # commits a context remembers the steps of: how far behind a process may follow it
 
 
@@ -154,17 +154,16 @@ class RunContext(BaseModel):
     # For a child: the values it inherited, so merge-back knows what the child changed.
     inherited: dict[str, Any] = Field(default_factory=dict)
     # Steps whose changes this context holds, committed with them: a step is applied at most once.
-    applied_steps: list[str] = Field(default_factory=list)
+    # Immutable and shared by copies (`state.applied`): extending it costs the same at any length.
+    applied_steps: AppliedSteps = Field(default_factory=AppliedSteps)
 
     # Two caches, as slots rather than pydantic private attributes (those cost ~5 us at every
     # instance pydantic builds, and every step decodes one): ``_sizes``, the values' sizes as
-    # canonical JSON, filled on the first change; ``_applied_index``, a lookup of applied_steps, so
-    # that "was this step applied?" does not scan a list that grows with the run: (the list it
-    # covers, its length, a frozen set, the few ids added since). Unset means not computed yet.
-    # ``_last_steps``: (a version, the ids of the steps whose commits made the versions up to it,
-    # oldest first): what lets a process holding one of the versions before follow to this one
-    # from its payload alone (`RunContext.continues`).
-    __slots__ = ("_sizes", "_applied_index", "_last_steps")
+    # canonical JSON, filled on the first change; ``_last_steps``: (a version, the ids of the steps
+    # whose commits made the versions up to it, oldest first): what lets a process holding one of
+    # the versions before follow to this one from its payload alone (`RunContext.continues`).
+    # Unset means not computed yet.
+    __slots__ = ("_sizes", "_last_steps")
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -223,12 +222,11 @@ class RunContext(BaseModel):
                 "exports": list(self.exports),
                 "sensitivity_map": dict(self.sensitivity_map),
                 "written_at": dict(self.written_at),
-                "applied_steps": list(self.applied_steps),
+                "applied_steps": self._applied(),  # immutable: shared, extended by plus
             }
         )
         sizes = getattr(self, "_sizes", None)
         copy_._sizes = None if sizes is None else dict(sizes)
-        copy_._adopt_applied_index(self)
         copy_._last_steps = getattr(self, "_last_steps", None)
         return copy_
 
@@ -236,26 +234,28 @@ class RunContext(BaseModel):
 
     def has_applied(self, step_id: str) -> bool:
         """Whether the context holds ``step_id``'s changes (O(1), whatever the run's length)."""
-        _, _, frozen, recent = self._applied_lookup()
-        return step_id in recent or step_id in frozen
+        return step_id in self._applied()
 
     def mark_applied(self, step_id: str) -> None:
-        """Record that this (working) context holds ``step_id``'s changes."""
-        _, _, frozen, recent = self._applied_lookup()
-        self.applied_steps.append(step_id)
-        recent += (step_id,)
-        if len(recent) > _RECENT_APPLIED:  # fold the recent ids in now and then: amortised O(1)
-            frozen, recent = frozen | frozenset(recent), ()
-        self._applied_index = (self.applied_steps, len(self.applied_steps), frozen, recent)
+        """Record that this (working) context holds ``step_id``'s changes (O(1): the ids before it
+        are shared with the context this one was copied from)."""
+        self.applied_steps = self._applied().plus(step_id)
 
     def continues(self, previous: RunContext, steps: Sequence[str]) -> None:
         """This context is ``previous`` plus the commits of ``steps`` (other processes' commits, one
-        version each): take its applied steps and their lookup, then the steps."""
-        self.applied_steps = list(previous.applied_steps)
-        self._adopt_applied_index(previous)
+        version each): take its applied steps, then the steps."""
+        applied = previous._applied()
         for step_id in steps:
-            self.mark_applied(step_id)
+            applied = applied.plus(step_id)
+        self.applied_steps = applied
         self._last_steps = (self.version, (*previous.last_steps(), *steps)[-LAST_STEPS_KEPT:])
+
+    def _applied(self) -> AppliedSteps:
+        """The applied steps as `AppliedSteps` (a list assigned to the field is taken in here)."""
+        applied = self.applied_steps
+        if not isinstance(applied, AppliedSteps):
+            applied = self.applied_steps = AppliedSteps(applied)
+        return applied
 
     def last_steps(self) -> tuple[str, ...]:
         """The ids of the steps whose commits made the last versions of this context, oldest first,
@@ -278,18 +278,6 @@ class RunContext(BaseModel):
         known = getattr(self, "_last_steps", None)
         before = known[1][1 - LAST_STEPS_KEPT :] if known is not None and known[0] == self.version - 1 else ()
         self._last_steps = (self.version, (*before, step_id))
-
-    def _adopt_applied_index(self, other: RunContext) -> None:
-        index = getattr(other, "_applied_index", None)
-        if index is not None and index[0] is other.applied_steps and index[1] == len(other.applied_steps) == len(self.applied_steps):
-            self._applied_index = (self.applied_steps, index[1], index[2], index[3])
-
-    def _applied_lookup(self) -> tuple[list[str], int, frozenset[str], tuple[str, ...]]:
-        index = getattr(self, "_applied_index", None)
-        if index is None or index[0] is not self.applied_steps or index[1] != len(self.applied_steps):
-            index = (self.applied_steps, len(self.applied_steps), frozenset(self.applied_steps), ())
-            self._applied_index = index
-        return index
 
     # ---- changing -------------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ decides the level an error is logged at (``log_error``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 from enum import Enum
 
@@ -105,8 +107,11 @@ class VersionConflict(InfrastructureError):
     code = "VERSION_CONFLICT"
     severity = Severity.WARNING
 
-    def __init__(self, tier: str, key: str, expected: int | None, actual: int | None) -> None:
+    def __init__(self, tier: str, key: str, expected: int | None, actual: int | None, newer: Any = None) -> None:
         self.tier, self.key, self.expected, self.actual = tier, key, expected, actual
+        # What beat the write, when the tier could tell it in the same reply: the newer state and the
+        # steps of the commits since ``expected`` (a `state.tiers.contracts.CommittedState`).
+        self.newer = newer
         super().__init__(f"{tier}: stale write to {key}: expected version {expected}, found {actual}")
 
 

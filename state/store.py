@@ -371,15 +371,36 @@ class TieredStore:
                 self.l1.put_context(working)
                 return StepCommit(working, applied=True, dispatched=outbox is not None)
             except (VersionConflict, LineageLost) as conflict:
-                # Someone committed first, or the lineage changed: read again (which may refuse the
-                # step as stale, or ask for a rewind) and re-apply the changes to what is there now.
+                # Someone committed first, or the lineage changed: take what is there now (told by
+                # the refusal itself, or read again, which may refuse the step as stale or ask for
+                # a rewind) and re-apply the changes to it.
                 self.l1.evict_context(context_id)
-                actual = conflict.actual if isinstance(conflict, VersionConflict) else None
-                latest = self.read_for_step(context_id, epoch=base.epoch, at_least=max(actual or 0, latest.version + 1))
+                newer = self._newer(latest, conflict.newer) if isinstance(conflict, VersionConflict) else None
+                if newer is not None:
+                    latest = newer
+                    self.l1.put_context(latest)
+                else:
+                    actual = conflict.actual if isinstance(conflict, VersionConflict) else None
+                    latest = self.read_for_step(context_id, epoch=base.epoch, at_least=max(actual or 0, latest.version + 1))
                 if latest.has_applied(step_id):
                     return StepCommit(latest, applied=False)
                 time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
         raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
+
+    def _newer(self, latest: RunContext, state: CommittedState | None) -> RunContext | None:
+        """The context a refused commit was told of: ``latest`` plus the steps since it, at the state
+        that beat it (None if it was told nothing, or what it was told does not check out)."""
+        if state is None or state.epoch != latest.epoch or state.version - latest.version != len(state.steps):
+            return None
+        try:
+            ctx = self.l2.decode_state(state.payload, state.checksum, [], key=state.context_id)
+        except ContextCorruption as exc:
+            log_error(log, exc, "reading it instead")
+            return None
+        if ctx.version != state.version or ctx.epoch != state.epoch:
+            return None
+        ctx.continues(latest, state.steps)
+        return ctx
 
     def _travelling(self, ctx: RunContext, step_id: str, encoded: tuple[bytes, str]) -> CommittedState | None:
         """The state a step's commit lets the next step's message carry: a small context without

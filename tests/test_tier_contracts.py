@@ -564,6 +564,22 @@ def test_l2_a_read_gives_the_steps_of_the_last_commits_that_led_to_the_version(l
     assert l2.get_context("run-1").context.last_steps() == ("next",)
 
 
+def test_l2_a_stale_step_commit_is_told_the_state_that_beat_it_and_the_steps_since(l2: L2Tier) -> None:
+    commit(l2, context(version=1), 0)
+    for version in (2, 3):  # two commits the stale writer did not see
+        step_commit(l2, context(version=version), version - 1, f"s{version}", expected_epoch=1, require_live=True)
+    with pytest.raises(VersionConflict) as refused:
+        step_commit(l2, context(version=2, n=99), 1, "late", expected_epoch=1, require_live=True)
+    newer = refused.value.newer
+    assert (refused.value.actual, newer.version, newer.steps) == (3, 3, ("s2", "s3"))
+    assert data(l2.decode_state(newer.payload, newer.checksum, ["s2", "s3"], key="run-1")) == data(l2.get_context("run-1").context)
+    # A commit without a step came between: the steps since no longer lead there, and nothing is told.
+    commit(l2, context(version=4), 3)
+    with pytest.raises(VersionConflict) as refused:
+        step_commit(l2, context(version=3, n=99), 2, "late", expected_epoch=1, require_live=True)
+    assert refused.value.actual == 4 and refused.value.newer is None
+
+
 def test_l2_fill_keeps_the_applied_steps_and_a_step_commit_goes_on_from_them(l2: L2Tier) -> None:
     ctx = context(version=5)
     ctx.applied_steps = ["a", "b", "c"]

@@ -19,6 +19,7 @@ from state.keys import RedisKeys
 from state.models import LAST_STEPS_KEPT, RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
+    CommittedState,
     ConfigEntry,
     Outbox,
     StepReport,
@@ -156,7 +157,8 @@ class MemoryL2:
             if report is not None and self._run(report.run_id).failed is not None:
                 return CommitResult.RUN_FAILED
             if current is not None and current.version != expected_version:
-                raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version)
+                newer = self._newer(ctx, current, expected_version) if expected_epoch is not None else None
+                raise VersionConflict("L2", self.keys.context(ctx.context_id), expected_version, current.version, newer)
             live = True if current is None else current.live
             applied = applied + [step_id] if step_id else list(applied)
             scored = () if current is None else current.scored
@@ -174,6 +176,17 @@ class MemoryL2:
             if outbox is not None:
                 self._queues.setdefault(outbox.queue, []).insert(0, outbox.message)
             return CommitResult.COMMITTED
+
+    @staticmethod
+    def _newer(ctx: RunContext, current: _Entry, expected_version: int) -> CommittedState | None:
+        """As Redis tells a stale writer: the current state, and the steps since its version (known
+        here for the last LAST_STEPS_KEPT commits)."""
+        behind = current.version - expected_version
+        since = [pair for pair in current.scored if pair[0] > expected_version]
+        if behind <= 0 or [version for version, _ in since] != list(range(expected_version + 1, current.version + 1)):
+            return None
+        steps = tuple(step_id for _, step_id in since)
+        return CommittedState(ctx.context_id, current.version, current.epoch, steps, current.payload, current.checksum)
 
     @property
     def carries_outbox(self) -> bool:

@@ -44,6 +44,7 @@ from state.keys import RedisKeys
 from state.models import LAST_STEPS_KEPT, RunContext, StateCacheConfig
 from state.tiers.contracts import (
     CommitResult,
+    CommittedState,
     ConfigEntry,
     Outbox,
     StepReport,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 RECORD_TTL_S = 7 * 24 * 3600  # run records live this long after their run finished
 DONE_TOKENS = 16  # a run's done signal wakes this many waiters (each takes one token)
 DONE_TTL_S = 60
+STALE_STEPS_TOLD = 64  # a commit up to this many versions behind is told the steps it missed
 
 
 class RedisTier:
@@ -202,7 +204,7 @@ class RedisTier:
             ctx.context_id, channel, -1 if expected_epoch is None else expected_epoch, ctx.epoch,
             "1" if require_live else "0", step_id or "", "", RECORD_TTL_S,
             # A broadcast is pub/sub, in clear: a context with sensitive values never rides in it.
-            0 if ctx.holds_sensitive else self.update_max_bytes,
+            0 if ctx.holds_sensitive else self.update_max_bytes, "", STALE_STEPS_TOLD,
         ]
         together = report is not None and not self.cluster
         if together:  # the step's record rides in the same script: one round trip
@@ -212,12 +214,13 @@ class RedisTier:
             args[13] = json.dumps(report.record(now))
             if outbox is not None:
                 keys.append(outbox.queue)
-                args.append(outbox.message)
+                args[16] = outbox.message
         elif report is not None and self.run_failed(report.run_id):  # on a cluster the flag lives elsewhere
             return CommitResult.RUN_FAILED
-        status, actual = self._commit_script(keys, args)
+        status, actual, *stale = self._commit_script(keys, args)
         if status == 0:
-            raise VersionConflict("L2", keys[0], expected_version, int(actual))
+            newer = self._newer(ctx, int(actual), *stale) if stale and expected_epoch is not None else None
+            raise VersionConflict("L2", keys[0], expected_version, int(actual), newer)
         if status == -2:
             raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
         if status == -3:
@@ -227,6 +230,17 @@ class RedisTier:
         if result is CommitResult.COMMITTED and report is not None and not together:
             self.finish_step(report.run_id, report.step_id, record=report.record(now))
         return result
+
+    @staticmethod
+    def _newer(ctx: RunContext, version: int, payload: bytes | None, checksum: bytes | None, since: list[bytes]) -> CommittedState | None:
+        """The state that beat a stale commit of ``ctx``, if its reply could name every step since."""
+        steps = [step.decode() for step in since[::2]]
+        versions = [int(float(score)) for score in since[1::2]]
+        if payload is None or checksum is None or versions != list(range(version - len(steps) + 1, version + 1)):
+            return None
+        if len(steps) != version - (ctx.version - 1):  # a commit without a step came between
+            return None
+        return CommittedState(ctx.context_id, version, ctx.epoch, tuple(steps), payload, checksum.decode())
 
     @property
     def carries_outbox(self) -> bool:

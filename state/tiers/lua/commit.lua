@@ -11,10 +11,14 @@
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
 --       11 new epoch, 12 '1' if the entry must be live, 13 step id ('' = not a step's commit),
 --       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 largest payload a broadcast carries,
---       17 the message to push onto KEYS[8] (with it)
--- Returns {status, version}: 1 committed; 0 stale write (version: the current one); -1 no entry though
--- a version was expected; -2 the entry is of another epoch, or not live though it had to be;
--- -3 the entry is damaged; 2 the step is applied already; 3 the run failed (nothing written).
+--       17 the message to push onto KEYS[8] ('' without it), 18 how many versions behind a stale writer
+--       is told the steps since its version
+-- Returns {status, version}: 1 committed; 0 stale write (version: the current one; then also the
+-- current payload, its checksum and, when at most ARGV[18] versions came since the one expected, the
+-- steps of those commits with their versions, so the writer can apply its changes again without a
+-- read); -1 no entry though a version was expected; -2 the entry is of another epoch, or not live
+-- though it had to be; -3 the entry is damaged; 2 the step is applied already; 3 the run failed
+-- (nothing written).
 -- A bookkeeping key holding another type of value (damage) is dropped and written anew where it is
 -- used, never a script error: an error after the first write would leave the commit half done. (No
 -- TYPE check up front: this script is every step's one round trip, and each call inside it costs.)
@@ -48,7 +52,14 @@ else
 end
 if step ~= '' and redis.call('ZSCORE', KEYS[2], step) then return {2, current} end
 if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 1 then return {3, current} end
-if cur[1] ~= false and current ~= expected then return {0, current} end
+if cur[1] ~= false and current ~= expected then
+  local entry = redis.call('HMGET', KEYS[1], 'd', 'c')
+  local since = {}
+  if current > expected and current - expected <= tonumber(ARGV[18]) then
+    since = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. expected, '+inf', 'WITHSCORES')
+  end
+  return {0, current, entry[1], entry[2], since}
+end
 if step ~= '' then
   redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), step)
   applied = applied + 1

@@ -57,7 +57,8 @@ class Metrics:
     succeeded / failed / cancelled. ``tier``: l1 / l2 / l3, ``result``: hit / miss. ``kind`` of an
     L3 write: context (created) / snapshot (write-behind) / run (finished, with its
     final contexts and exports) / rewind / routine / config. ``source`` of an
-    invalidation: commit (a step's broadcast) / l3 (a change made in PostgreSQL) / run_ended."""
+    invalidation: commit (a commit's broadcast) / message (the state a step's message carried) /
+    l3 (a change made in PostgreSQL) / run_ended."""
 
     steps: Counter
     step_duration: Histogram

@@ -10,6 +10,7 @@ write goes through the `TieredStore`, so this module speaks neither SQL nor Redi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -62,6 +63,12 @@ from tasks.routine import Routine, check_definition, parse_routine
 from tasks.steps import StepExecutor
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _carried_states() -> Any:
+    """The counter of states step messages carried (resolved once, not at every step)."""
+    return metrics().invalidations.labels("message")
 
 
 class PlanCache:
@@ -244,6 +251,7 @@ class RunEngine:
         is for steps whose process keeps dying) fails its run.
         """
         if carried is not None:
+            _carried_states().inc()
             self.store.take_commit(carried.context_id, carried.version, state=carried)
         plan = self.plans.get(message.routine, message.routine_version)
         again = redelivered or retries > 0

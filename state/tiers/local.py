@@ -18,10 +18,11 @@ Decode = Callable[[bytes, str], RunContext]  # (payload, checksum) -> the contex
 
 @dataclass(frozen=True)
 class _Followed:
-    """A context another process committed, kept as its payload until a step here reads it: most
-    states a process follows are never read there, so decoding each would cost it CPU for every
-    commit. ``base`` is the last decoded version; ``steps`` the (version, step id) committed since
-    (a chain of tuples, newest first, so that following another commit is O(1))."""
+    """A context another process committed, kept as its payload until a step here reads it (a
+    state carried by a step's message is read at once; most that broadcasts bring never are, and
+    decoding each would cost every process CPU for every commit). ``base`` is the last decoded
+    version; ``steps`` the ids of the steps committed since (a chain of tuples, newest first, so
+    that following another commit is O(1))."""
 
     version: int
     epoch: int

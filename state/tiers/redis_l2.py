@@ -219,7 +219,8 @@ class RedisTier:
             return CommitResult.RUN_FAILED
         status, actual, *stale = self._commit_script(keys, args)
         if status == 0:
-            newer = self._newer(ctx, int(actual), *stale) if stale and expected_epoch is not None else None
+            # The script checked the entry's epoch first: a stale step commit was of the entry's epoch.
+            newer = self._newer(ctx, expected_epoch, int(actual), *stale) if stale and expected_epoch is not None else None
             raise VersionConflict("L2", keys[0], expected_version, int(actual), newer)
         if status == -2:
             raise LineageLost(ctx.context_id, "the L2 entry is of another epoch, or not a live lineage")
@@ -232,7 +233,9 @@ class RedisTier:
         return result
 
     @staticmethod
-    def _newer(ctx: RunContext, version: int, payload: bytes | None, checksum: bytes | None, since: list[bytes]) -> CommittedState | None:
+    def _newer(
+        ctx: RunContext, epoch: int, version: int, payload: bytes | None, checksum: bytes | None, since: list[bytes]
+    ) -> CommittedState | None:
         """The state that beat a stale commit of ``ctx``, if its reply could name every step since."""
         steps = [step.decode() for step in since[::2]]
         versions = [int(float(score)) for score in since[1::2]]
@@ -240,7 +243,7 @@ class RedisTier:
             return None
         if len(steps) != version - (ctx.version - 1):  # a commit without a step came between
             return None
-        return CommittedState(ctx.context_id, version, ctx.epoch, tuple(steps), payload, checksum.decode())
+        return CommittedState(ctx.context_id, version, epoch, tuple(steps), payload, checksum.decode())
 
     @property
     def carries_outbox(self) -> bool:

@@ -35,7 +35,7 @@ from state.errors import (
     VersionConflict,
     log_error,
 )
-from state.keys import context_id, run_of_context
+from state.keys import context_id, routine_key, run_of_context
 from state.limits import MAX_CONTEXT_ID_LENGTH, canonical_json, check_name, check_run_id
 from state.metrics import metrics
 from state.models import (
@@ -80,14 +80,14 @@ class PlanCache:
         self._compiling = threading.Lock()  # a step waits for a compile in progress (`prepare`) to end
 
     def get(self, name: str, version: int) -> Plan:
-        entry = self.store.get_routine(name, version)
         cached = self._plans.get((name, version))
-        if cached is not None and cached[0] is entry:
-            return cached[1]
+        if cached is not None and self.store.l1.get_config(routine_key(name, version)) is cached[0]:
+            return cached[1]  # compiled from the definition this process holds: every step but a few
         with self._compiling:
             entry = self.store.get_routine(name, version)
             cached = self._plans.get((name, version))
-            if cached is not None and cached[0] is entry:
+            if cached is not None and (cached[0] is entry or cached[0].data == entry.data):
+                self.seed(entry, name, version, cached[1])  # read again (the L1 copy expired), unchanged
                 return cached[1]
             plan = compile_plan(parse_routine(entry.data, source=f"stored routine {name}@{version}"))
             self.seed(entry, name, version, plan)

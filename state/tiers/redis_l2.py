@@ -316,9 +316,14 @@ class RedisTier:
         return self._call(lambda: self.client.zscore(self.keys.write_behind_due(context_id), context_id))
 
     def claim_due(self, now: float, *, lease_s: float, limit: int = 100) -> list[str]:
-        # One round trip finds the shards with something due (usually none); only those are claimed,
-        # one script per shard (each touches one slot), starting at a random one so that no shard
-        # waits behind another that is always busy.
+        # Every worker process asks this ten times a second. On one server, one script looks at
+        # every shard's due set, from a random one on so that no shard waits behind a busy one.
+        if not self.cluster:
+            due_sets = self.keys.due_sets()
+            ids = self._script("claim_due", due_sets, [now, lease_s, limit, random.randrange(len(due_sets)) + 1])
+            return [raw.decode() for raw in ids]
+        # On a cluster, one round trip finds the shards with something due (usually none); only those
+        # are claimed, one script per shard (each touches one slot).
         counts = self._each_due_set(lambda pipe, key: pipe.zcount(key, "-inf", now))
         due_sets = [key for key, count in zip(self.keys.due_sets(), counts) if count]
         random.shuffle(due_sets)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -1051,6 +1052,25 @@ def test_l2_a_step_commit_over_lost_applied_steps_asks_for_a_rewind(l2: L2Tier) 
     with pytest.raises(LineageLost):
         step_commit(l2, context(version=3), 2, "s1")  # never applied twice for want of the record
     assert l2.get_context("run-1") is None
+
+
+def test_redis_a_forked_child_commits_on_a_connection_of_its_own(servers, key_prefix: str, cache_config: StateCacheConfig) -> None:
+    tier = RedisTier.from_url(servers.redis_url, prefix=key_prefix, config=cache_config)
+    try:
+        commit(tier, context(version=1), 0)  # the parent now keeps a connection for its commits
+        parent = tier._committing.connection
+        pid = os.fork()
+        if pid == 0:  # the child: exits 0 only if its commit went through a socket of its own
+            code = 1
+            try:
+                code = 0 if commit(tier, context(version=2), 1) and tier._committing.connection is not parent else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert tier.get_context("run-1").version == 2 and commit(tier, context(version=3), 2)  # the parent's still works
+    finally:
+        tier.close()
 
 
 @pytest.mark.parametrize("sensitivity", ["public", "secret"])

@@ -24,6 +24,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -94,6 +95,7 @@ class RedisTier:
         self._commit_channel = self.keys.control_channel if broadcast_commits else ""
         self._scripts = {name: client.register_script(lua(name)) for name in SCRIPTS}
         self._committing = threading.local()  # each thread's connection for the commit script
+        _TIERS.add(self)  # a forked child must not use its parent's (see _forget_connections)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisTier:
@@ -555,6 +557,19 @@ class RedisTier:
 
     def close(self) -> None:
         self.client.close()
+
+
+_TIERS: weakref.WeakSet[RedisTier] = weakref.WeakSet()
+
+
+def _forget_connections() -> None:
+    """In a forked child: the connections tiers keep for their commit script are the parent's
+    sockets; the child's first commit opens its own (redis-py's pool does the same for its own)."""
+    for tier in list(_TIERS):
+        tier._committing = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_connections)
 
 
 def connect(url: str) -> redis.Redis | RedisCluster:

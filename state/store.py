@@ -638,8 +638,8 @@ class TieredStore:
     def take_commit(self, context_id: str, version: int, *, state: CommittedState | None = None) -> bool:
         """Another process committed ``version`` (heard from its broadcast, or carried by the message
         of the step that follows it): drop older L1 copies, or, given its ``state`` while this L1
-        holds the version just before it, take it, so that a step here finds it in L1. Returns
-        whether L1 now holds ``version``."""
+        holds one of the versions its steps lead from, take it, so that a step here finds it in L1.
+        Returns whether L1 now holds ``version``."""
         if state is not None and state.context_id == context_id and state.version == version:
             return self.l1.follow(state, self._decode_followed(context_id))
         self.l1.evict_context(context_id, up_to_version=version - 1)

@@ -144,7 +144,7 @@ class RunEngine:
         """The stored version of ``routine``'s definition (stored now if no version holds it),
         cached in this process's tiers under that version's key. ``known``: its `_definition`."""
         definition, digest = known or self._definition(routine)
-        version = self._registered.get((routine.name, digest))  # registered before: checked then
+        version = self._registered.get((routine.name, digest)) if digest else None  # registered before: checked then
         if version is None:
             check_definition(definition, routine.name)
             try:

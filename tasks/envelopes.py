@@ -31,6 +31,12 @@ from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as kombu_json
 from kombu.utils.json import loads as json_loads
 
+from state.tiers.contracts import CommittedState, Outbox
+from state.tiers.redis_l2 import RedisTier
+from tasks.messages import STATE_HEADER, StepMessage, state_header
+
+log = logging.getLogger(__name__)
+
 _dumps = json.JSONEncoder().encode  # what kombu's JSON encoder writes for strings, None and plain dicts
 
 
@@ -40,11 +46,6 @@ def _uuid4() -> str:
     h = os.urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
-from state.tiers.contracts import CommittedState, Outbox
-from state.tiers.redis_l2 import RedisTier
-from tasks.messages import STATE_HEADER, StepMessage, state_header
-
-log = logging.getLogger(__name__)
 
 PRIORITY = 0  # as apply_async sends a step: no priority; kombu's queue key for 0 is the queue's name
 

@@ -36,7 +36,7 @@ import psycopg
 import yaml
 
 # The same measures as benchmarks/execution.py (this folder is on sys.path).
-from execution import bench_invalidation, bench_noop, bench_routine, percentile
+from execution import _remove_keys, bench_invalidation, bench_noop, bench_routine, percentile
 
 HERE = Path(__file__).resolve().parent
 
@@ -168,6 +168,7 @@ def main() -> None:
                 sent, _, _ = bench_routine(paths["sequence"], args.steps)
             del os.environ["RUNCTX_STEP_OUTBOX"]
         peer = dbos_rates(servers.database_url, args)
+        _remove_keys(servers.redis_url, settings.key_prefix)  # runs stay in L3, as any run does
 
     fan = f"{args.branches} x {args.per_branch}"
     dbos_sequence, dbos_fanout = peer["sequence_steps_per_s"], peer["fanout_steps_per_s"]

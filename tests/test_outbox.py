@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any

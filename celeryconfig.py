@@ -55,7 +55,6 @@ task_queues = (
 task_default_queue = STEP_QUEUE
 task_routes = {
     "runctx.step": {"queue": STEP_QUEUE, "routing_key": STEP_QUEUE},
-    "runctx.noop_chain": {"queue": STEP_QUEUE, "routing_key": STEP_QUEUE},
     "runctx.write_behind": {"queue": PERSIST_QUEUE, "routing_key": PERSIST_QUEUE},
     "runctx.finalize": {"queue": PERSIST_QUEUE, "routing_key": PERSIST_QUEUE},
 }

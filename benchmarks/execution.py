@@ -31,6 +31,10 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+# The benchmarks' worker nodes also register the no-op baseline task (`noop_task.py`, beside this file).
+BENCH_WORKERS = {"include": ("noop_task",), "pythonpath": (str(Path(__file__).resolve().parent),)}
+
+
 def write_routine(directory: Path, steps: int) -> Path:
     routine = {
         "name": f"bench-sequence-{steps}",
@@ -44,7 +48,7 @@ def write_routine(directory: Path, steps: int) -> Path:
 
 def bench_noop(steps: int) -> float:
     from runctx.api import Client
-    from tasks.celery_tasks import noop_chain
+    from noop_task import noop_chain
 
     l2 = Client().store.l2
     done_run_id = f"bench-noop-{uuid.uuid4().hex[:8]}"  # the chain's last task announces this "run" done
@@ -135,7 +139,7 @@ def main() -> None:
     settings = get_settings()
     with embedded_released(), tempfile.TemporaryDirectory() as tmp:
         servers = resolve(settings)
-        with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+        with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency, **BENCH_WORKERS):
             bench_noop(50)  # warm up connections and imports in every process
             path = write_routine(Path(tmp), args.steps)
             rounds = [(bench_noop(args.steps), *bench_routine(path, args.steps)) for _ in range(args.rounds)]

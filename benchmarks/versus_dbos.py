@@ -36,7 +36,7 @@ import psycopg
 import yaml
 
 # The same measures as benchmarks/execution.py (this folder is on sys.path).
-from execution import _remove_keys, bench_invalidation, bench_noop, bench_routine, percentile
+from execution import BENCH_WORKERS, _remove_keys, bench_invalidation, bench_noop, bench_routine, percentile
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,7 +140,7 @@ def main() -> None:
     with embedded_released(), tempfile.TemporaryDirectory() as tmp:
         servers = resolve(settings)
         paths = routine_files(Path(tmp), args.steps, args.branches, args.per_branch, args.long)
-        with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+        with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency, **BENCH_WORKERS):
             bench_noop(50)  # warm up connections and imports in every process
             rounds = []
             for _ in range(args.rounds):  # in turn, so that a slower moment of the machine hits all alike
@@ -156,14 +156,14 @@ def main() -> None:
         cold = None
         if args.hot_study:  # the same workers' setup, but no message (or broadcast) carries the committed state
             os.environ["RUNCTX_L1_UPDATE_MAX_BYTES"] = "0"
-            with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+            with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency, **BENCH_WORKERS):
                 bench_noop(50)
                 cold, _, _ = bench_routine(paths["sequence"], args.steps)
             del os.environ["RUNCTX_L1_UPDATE_MAX_BYTES"]
         sent = None
         if args.outbox_study:  # the same workers' setup, but a step's successor is sent after its commit
             os.environ["RUNCTX_STEP_OUTBOX"] = "false"
-            with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency):
+            with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency, **BENCH_WORKERS):
                 bench_noop(50)
                 sent, _, _ = bench_routine(paths["sequence"], args.steps)
             del os.environ["RUNCTX_STEP_OUTBOX"]

@@ -82,7 +82,7 @@ class Client:
 
     def __init__(self) -> None:
         import workers  # noqa: F401  - configures the Celery app the dispatcher sends through
-        from workers.celery_app import check_broker
+        from workers.node_checks import check_broker
         from workers.runtime import runtime
 
         servers = resolve()
@@ -125,10 +125,27 @@ class Client:
         variables: dict[str, Any] | None = None,
         var_file: Path | str | None = None,
         run_id: str | None = None,
+        source: str | None = None,
     ) -> str:
-        """Start a run; ``var_file`` (YAML or JSON mapping) gives variables too, ``variables`` over it."""
+        """Start a run; ``var_file`` (YAML or JSON mapping) gives variables too, ``variables`` over it.
+        ``source``: where the routine came from, for messages (a path given is its own source)."""
         given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
-        return self.engine.submit(self.load(routine), variables=given, run_id=run_id)
+        if source is None and isinstance(routine, (str, Path)):
+            source = str(routine)
+        return self.engine.submit(self.load(routine), variables=given, run_id=run_id, source=source)
+
+    def run_status(self, run_id: str) -> str:
+        """The run's status in the ledger: running, succeeded, failed or cancelled."""
+        row = self.engine.run_status(run_id)
+        if row is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        return row.status
+
+    def rotate_keys(self, *, batch: int = 100) -> tuple[str, dict[str, int]]:
+        """Seal every stored value again under the newest key (see ``runctx keys rotate``): the key, and
+        how many L3 rows and L2 entries were sealed again."""
+        keyring = get_settings().keyring()
+        return keyring.newest, self.store.rotate_keys(keyring, batch=batch)
 
     def status(self, run_id: str) -> RunResult:
         row = self.engine.run_status(run_id)

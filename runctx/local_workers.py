@@ -25,8 +25,14 @@ __all__ = ["LocalWorkers", "WorkersDidNotStart"]
 class LocalWorkers:
     """Worker nodes this command started: owns their processes and stops them (warm, then kill)."""
 
-    def __init__(self, count: int, servers: Servers, settings: Settings, *, concurrency: int = 1) -> None:
+    def __init__(
+        self, count: int, servers: Servers, settings: Settings, *, concurrency: int = 1,
+        include: tuple[str, ...] = (), pythonpath: tuple[str, ...] = (),
+    ) -> None:
+        """``include``: more task modules the nodes import (``celery -I``), found on ``pythonpath``."""
         self.count = count
+        self.include = include
+        self.pythonpath = pythonpath
         self.servers = servers
         self.settings = settings
         self.concurrency = concurrency
@@ -39,6 +45,8 @@ class LocalWorkers:
         env = {**os.environ, **self.servers.environment()}
         env["RUNCTX_KEY_PREFIX"] = self.settings.key_prefix
         env["RUNCTX_DATA_DIR"] = str(self.settings.data_dir)
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, *filter(None, [env.get("PYTHONPATH")])])
         return env
 
     def start(self, timeout_s: float = 60.0) -> LocalWorkers:
@@ -48,7 +56,7 @@ class LocalWorkers:
             command = [
                 sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", name,
                 "-c", str(self.concurrency), "-P", "prefork", "--without-gossip", "--without-mingle", "-l", "INFO",
-            ]
+            ] + (["-I", ",".join(self.include)] if self.include else [])
             self.processes.append(
                 subprocess.Popen(command, env=self.environment(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             )

@@ -40,10 +40,12 @@ class Codec:
     def checksum(self, payload: bytes) -> str:
         return self.keyring.mac(payload) if self.keyring else checksum(payload)
 
-    def verify(self, payload: bytes, stored: str) -> bool:
+    def verify(self, payload: bytes, stored: str, *, where: str = "a stored entry") -> bool:
+        """Whether ``stored`` is ``payload``'s checksum; KeyNotHeld if it is a MAC under a key this
+        process does not hold (another process's configuration, not damage)."""
         if self.keyring is None:
             return checksum(payload) == stored
-        return self.keyring.verify(payload, stored)
+        return self.keyring.verify(payload, stored, where=where)
 
     def to_document(self, ctx: RunContext, *, with_applied: bool = True) -> dict[str, Any]:
         document = ctx.model_dump(mode="json", exclude=None if with_applied else {"applied_steps"})

@@ -19,6 +19,8 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     │   ├── SensitivityViolation       an attempt to lower a variable's sensitivity
     │   ├── MergeConflict              variables that differ on both sides under the FAIL strategy
     │   ├── StepFailed                 a step's action failed (or was the `fail` action)
+    │   ├── NodeMisconfigured          this node's settings do not let it run the step (setting named)
+    │   │   └── KeyNotHeld                 a stored value sealed or signed under a key this process lacks
     │   └── RefusedByDatabase          PostgreSQL refused what it was asked to store, for good
     ├── RequestError               what a caller asked for cannot be given
     │   ├── NotFound                   no such run, context, routine or configuration
@@ -258,14 +260,46 @@ class StepFailed(RoutineError):
     """A step's action failed (or was the `fail` action): the run fails, the step is not retried.
 
     ``hidden``: the action's own error text when the step read confidential or secret values: it
-    is never in the message, only stored sealed with the run.
+    is never in the message, only stored sealed with the run. ``traceback``: a user action's
+    traceback from its own first frame (sensitive values redacted; None when hidden), and
+    ``cause`` an exception holding just those frames, for Celery to show.
     """
 
     code = "STEP_FAILED"
 
-    def __init__(self, message: str, *, hidden: str | None = None) -> None:
+    def __init__(self, message: str, *, hidden: str | None = None, traceback: str | None = None) -> None:
         super().__init__(message)
         self.hidden = hidden
+        self.traceback = traceback
+        self.cause: BaseException | None = None
+
+
+class NodeMisconfigured(RoutineError):
+    """This node's settings do not let it run a step (an action module it may not or cannot import, a
+    key it does not hold): the run fails, saying which setting of which node, instead of waiting for ever."""
+
+    code = "NODE_MISCONFIGURED"
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting, self.problem = setting, problem
+        super().__init__(problem if setting in problem else f"{setting}: {problem}")
+
+
+class KeyNotHeld(NodeMisconfigured):
+    """A stored value is sealed, or an entry signed, under a key this process does not hold: not damage
+    but a configuration mismatch (RUNCTX_ENCRYPTION_KEYS differs between processes), so the entry is
+    never dropped as corrupt: a process that holds the key reads it."""
+
+    code = "KEY_NOT_HELD"
+    severity = Severity.CRITICAL
+
+    def __init__(self, where: str, key_id: str) -> None:
+        self.where, self.key_id = where, key_id
+        super().__init__(
+            "RUNCTX_ENCRYPTION_KEYS",
+            f"{where} was sealed or signed under key {key_id[:32]!r}, which this process does not hold "
+            "(give every process the same keys, newest first)",
+        )
 
 
 class RefusedByDatabase(RoutineError):

@@ -28,7 +28,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from state.errors import ContextCorruption, SettingsError
+from state.errors import ContextCorruption, KeyNotHeld, SettingsError
 from state.limits import canonical_json
 
 SEALED = "$sealed"  # the one key of a sealed value's mapping
@@ -113,8 +113,10 @@ class Keyring:
         version, _, rest = sealed[SEALED].partition(".")
         key_id, _, blob = rest.partition(".")
         key = self.key(key_id)
-        if version != "v1" or key is None:
-            raise ContextCorruption(where, f"sealed under key {key_id[:32]!r}, which {KEYS_SETTING} does not hold")
+        if version != "v1":
+            raise ContextCorruption(where, f"a sealed value of unknown format {version[:8]!r}")
+        if key is None:
+            raise KeyNotHeld(where, key_id)
         try:
             raw = base64.urlsafe_b64decode(blob.encode())
             plain = AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], associated)
@@ -137,9 +139,14 @@ class Keyring:
         key_id = self.keys[0][0]
         return f"{key_id}:{hmac.digest(self._mac_keys[key_id], payload, 'sha256').hex()[:40]}"
 
-    def verify(self, payload: bytes, stored: str) -> bool:
+    def verify(self, payload: bytes, stored: str, *, where: str = "a stored entry") -> bool:
+        """Whether ``stored`` is ``payload``'s MAC; KeyNotHeld if it names a key this keyring lacks."""
         key_id, _, digest = stored.partition(":")
+        if not digest:
+            return False
         mac_key = self._mac_keys.get(key_id)
-        if mac_key is None or not digest:
+        if mac_key is None:
+            if key_id.isalnum() and len(key_id) <= 32:
+                raise KeyNotHeld(where, key_id)
             return False
         return hmac.compare_digest(hmac.digest(mac_key, payload, "sha256").hex()[:40], digest)

@@ -208,6 +208,18 @@ class TieredStore:
     def get_context(self, context_id: str, *, at_least: int = 0) -> RunContext:
         return self.read_context(context_id, at_least=at_least)[0]
 
+    def read_newest(self, context_id: str) -> RunContext:
+        """The newest version the shared tiers hold (L2, else L3), whatever this process's L1 holds:
+        for read models that poll a run another process moves (an L1 copy is only as fresh as the
+        invalidations this process heard)."""
+        stored = self._read_l2(context_id)
+        if stored is not None:
+            return stored
+        ctx = self.l3.get_context(context_id)
+        if ctx is None:
+            raise NotFound(f"context {context_id!r} is in no tier")
+        return ctx
+
     def read_for_step(self, context_id: str, *, epoch: int, at_least: int) -> RunContext:
         """The context a step of ``epoch`` needs: its live lineage at version ``at_least`` or newer.
 
@@ -593,6 +605,10 @@ class TieredStore:
             except (VersionConflict, LineageLost):
                 continue  # a step committed meanwhile: under the newest key already; look again
         return 0
+
+    def key_ids(self) -> set[str]:
+        """The ids of every key stored values were sealed under (L3 records them)."""
+        return self.l3.key_ids()
 
     def check_keys(self, keyring: Keyring) -> None:
         """Refuse to go on if L3 holds values sealed under a key this process lacks; record the newest."""

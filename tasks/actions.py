@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from state.errors import StepFailed
+from state.errors import NodeMisconfigured, StepFailed
 from state.settings import get_settings
 from tasks.changes import Change, ContextView
 
@@ -92,8 +92,9 @@ BUILTINS: dict[str, tuple[type[_Args], Callable[[ContextView, Any], list[Change]
 }
 
 
-def check_action(action: str, args: dict[str, Any]) -> None:
-    """Raise ValueError naming the problem if a built-in's args are wrong or a reference is malformed."""
+def check_action(action: str, args: dict[str, Any], *, allow_list: bool = True) -> None:
+    """Raise ValueError naming the problem if a built-in's args are wrong or a reference is malformed
+    (or, with ``allow_list``, names a module RUNCTX_ACTION_MODULES does not allow here)."""
     if action in BUILTINS:
         try:
             builtin_args(action, args)
@@ -106,32 +107,43 @@ def check_action(action: str, args: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown action {action!r}: use a built-in ({', '.join(sorted(BUILTINS))}) or package.module:function"
         )
-    else:
+    elif allow_list:
         refusal = _not_allowed(action)
         if refusal:
             raise ValueError(refusal)
 
 
-def _not_allowed(reference: str) -> str | None:
+def _not_allowed(reference: str, *, here: str = "") -> str | None:
     """Why a user action may not be used (its module is not in RUNCTX_ACTION_MODULES), or None."""
     module = reference.partition(":")[0]
     allowed = get_settings().allowed_action_modules()
     if any(module == prefix or module.startswith(prefix + ".") for prefix in allowed):
         return None
     listed = ", ".join(allowed) if allowed else "none: only built-ins"
-    return f"action {reference!r}: module {module!r} is not in RUNCTX_ACTION_MODULES (allowed: {listed})"
+    return f"action {reference!r}: module {module!r} is not in RUNCTX_ACTION_MODULES{here} (allowed: {listed})"
 
 
 @lru_cache(maxsize=256)
 def _import(reference: str) -> Action:
-    refusal = _not_allowed(reference)  # also here: a routine stored by plain SQL was never loaded
+    """The function a user action names. Checked against this process's RUNCTX_ACTION_MODULES (the
+    client checked its own when it loaded the routine; a worker may be set up differently): a
+    module this process may not or cannot import is its configuration's fault, said as such."""
+    refusal = _not_allowed(reference, here=" on this node")
     if refusal:
-        raise StepFailed(refusal)
+        raise NodeMisconfigured("RUNCTX_ACTION_MODULES", refusal)
     module_name, _, attribute = reference.partition(":")
     try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise StepFailed(f"action {reference!r} cannot be imported: {exc}") from exc
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise NodeMisconfigured(
+            "RUNCTX_ACTION_MODULES",
+            f"action {reference!r}: module {module_name!r} cannot be imported on this node "
+            f"({type(exc).__name__}: {exc}; install it where the workers run, or set their PYTHONPATH)",
+        ) from None
+    try:
+        target = getattr(module, attribute)
+    except AttributeError:
+        raise StepFailed(f"action {reference!r} cannot be imported: module {module_name!r} has no {attribute!r}") from None
     if not callable(target):
         raise StepFailed(f"action {reference!r} is not callable")
     return target

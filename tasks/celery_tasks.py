@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Ignore
 
-from state.errors import InfrastructureError, StepFailedItsRun
+from state.errors import InfrastructureError, RunFailed, StepFailedItsRun
 from state.settings import get_settings
 from state.tiers.contracts import CommittedState, Outbox
 from tasks.engine import RunEngine
@@ -82,10 +83,16 @@ def step(
     request = self.request
     # The broker flags a message it delivers again (its worker died before acknowledging it).
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    _engine().execute_step(
-        message, task_id=request.id, worker=request.hostname or "?", retries=request.retries or 0,
-        redelivered=redelivered, carried=state_from_header(getattr(request, STATE_HEADER, None)),
-    )
+    try:
+        _engine().execute_step(
+            message, task_id=request.id, worker=request.hostname or "?", retries=request.retries or 0,
+            redelivered=redelivered, carried=state_from_header(getattr(request, STATE_HEADER, None)),
+        )
+    except RunFailed:
+        # Its run was cancelled or failed: the step did nothing. Flower and `celery events` show it
+        # revoked (what Celery calls a task that was called off), not a success.
+        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore() from None
 
 
 def _finalize_name(task: Any, args: tuple, kwargs: dict, options: dict) -> str:
@@ -122,15 +129,6 @@ def finalize(
     error: str | None = None, epoch: int = 1,
 ) -> bool:
     return _engine().finalize(FinalizeMessage(run_id, routine, routine_version, versions, status, error, epoch))
-
-
-@shared_task(name="runctx.noop_chain", bind=True)
-def noop_chain(self: Any, remaining: int, done_run_id: str) -> None:
-    """Benchmark baseline: a no-op that dispatches the next one, the way a step dispatches its successor."""
-    if remaining > 1:
-        noop_chain.apply_async(args=[remaining - 1, done_run_id])
-    else:
-        _engine().store.l2.announce_done(done_run_id)
 
 
 class CeleryDispatcher:

@@ -27,6 +27,7 @@ from state.errors import (
     InvalidRoutine,
     InvalidValue,
     LineageLost,
+    NodeMisconfigured,
     NotFound,
     RoutineError,
     RunFailed,
@@ -89,7 +90,7 @@ class PlanCache:
             if cached is not None and (cached[0] is entry or cached[0].data == entry.data):
                 self.seed(entry, name, version, cached[1])  # read again (the L1 copy expired), unchanged
                 return cached[1]
-            plan = compile_plan(parse_routine(entry.data, source=f"stored routine {name}@{version}"))
+            plan = compile_plan(parse_routine(entry.data, source=f"stored routine {name}@{version}", stored=True))
             self.seed(entry, name, version, plan)
             return plan
 
@@ -173,10 +174,12 @@ class RunEngine:
             digest = ""  # not JSON: check_definition says why
         return definition, digest
 
-    def submit(self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None) -> str:
+    def submit(
+        self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None, source: str | None = None
+    ) -> str:
         """Create the run and its root context in one L3 transaction, then dispatch its first steps.
 
-        The context is built (and every value checked against the limits) before anything is
+        ``source``: where the routine came from (a file), named in messages. The context is built (and every value checked against the limits) before anything is
         stored, so a refused variable leaves no trace.
         """
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
@@ -188,9 +191,10 @@ class RunEngine:
         values = {name: spec.value for name, spec in specs.items() if not spec.required}
         for name, spec in specs.items():
             if spec.required and name not in (variables or {}):
+                where = f"{source} (routine {routine.name!r})" if source else f"routine {routine.name!r}"
                 raise InvalidValue(
-                    f"variables.{name}: declared {spec.sensitivity.value} without a value: give it at submit "
-                    "(runctx run --var-file FILE, or variables= in the API)"
+                    f"{where}: variables.{name}: declared {spec.sensitivity.value} without a value: give it at "
+                    "submit (runctx run --var-file FILE, or variables= in the API)"
                 )
         unknown = set(variables or {}) - set(specs)
         values.update(variables or {})
@@ -239,8 +243,9 @@ class RunEngine:
         carried: CommittedState | None = None,
     ) -> StepCommit | None:
         """Run one step message (and, in an inline routine, the sequential successors that fit in its
-        budget). Returns the last step's commit, or None when the first was skipped (run failed,
-        attempts used up, a message from before a rewind) or its state was lost (the run is rewound).
+        budget). Returns the last step's commit, or None when the first was skipped (a message from
+        before a rewind) or its state was lost (the run is rewound). Raises RunFailed when the first
+        committed nothing because its run had failed or been cancelled.
 
         ``carried``: the state the step before it committed, which its message carries (a small
         context without sensitive values): this process's L1 takes it, so the step reads no tier.
@@ -260,7 +265,12 @@ class RunEngine:
         step_task = task_id
         while True:
             node = plan.node(message.node)
-            done = self._execute_one(plan, node, message, task_id=step_task, worker=worker, retries=retries, again=again)
+            try:
+                done = self._execute_one(plan, node, message, task_id=step_task, worker=worker, retries=retries, again=again)
+            except RunFailed:
+                if outcome is None:
+                    raise  # the task itself committed nothing: its run had ended
+                return outcome
             if done is None:
                 return outcome
             outcome = done
@@ -297,7 +307,7 @@ class RunEngine:
         self, plan: Plan, node: Node, message: StepMessage, *, task_id: str, worker: str, retries: int, again: bool
     ) -> StepCommit | None:
         if self.store.l1.run_ended(message.run_id):  # heard that the run failed: start nothing more
-            return None
+            raise RunFailed(message.run_id)
         started = time.perf_counter()
         attempts = 1
         self.running[task_id] = message.run_id
@@ -307,7 +317,7 @@ class RunEngine:
             if again and not self.steps.is_applied(message, node):
                 start = self.store.l2.start_step(message.run_id, task_id, node.step_id)
                 if start.run_failed:
-                    return None
+                    raise RunFailed(message.run_id)
                 attempts = start.attempt
                 if start.attempt - retries > self.max_attempts:
                     starts = start.attempt - retries - 1
@@ -321,8 +331,6 @@ class RunEngine:
             commit = self.steps.run(message, node, report, self._follow(plan, node, message))
             self._count_step(message.routine, "succeeded" if commit.applied else "skipped", started)
             return commit
-        except RunFailed:  # another step failed the run while this one ran: nothing was written
-            return None
         except StaleEpoch as exc:
             log.info("run %s: %s refused: %s", message.run_id, node.step_id, exc)
             return None
@@ -332,12 +340,14 @@ class RunEngine:
             return None
         except RoutineError as exc:
             self.store.l2.finish_step(
-                message.run_id, node.step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started
+                message.run_id, node.step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started,
+                traceback=getattr(exc, "traceback", None),
             )
-            error = f"step {node.step_id!r}: {exc}"
+            where = f" on {worker}" if isinstance(exc, NodeMisconfigured) else ""  # which node to set up
+            error = f"step {node.step_id!r}{where}: {exc}"
             self._count_step(message.routine, "failed", started)
             self._fail(message, node, worker, error, exc)
-            raise StepFailedItsRun(message.run_id, node.step_id, error) from None
+            raise StepFailedItsRun(message.run_id, node.step_id, error) from getattr(exc, "cause", None)
         finally:
             self.running.pop(task_id, None)
 
@@ -480,7 +490,10 @@ class RunEngine:
         hidden = getattr(cause, "hidden", None)
         if hidden:  # the text the step's error really had: kept with the run, sealed, never shown
             self.store.keep_hidden_error(message.run_id, node.step_id, hidden)
-        if cause is not None:
+        trace = getattr(cause, "traceback", None)
+        if trace:  # a user action's own frames: where to look
+            log.error("run %s failed at %s on %s: %s\n%s", message.run_id, node.step_id, worker, cause, trace.rstrip())
+        elif cause is not None:
             log_error(log, cause, f"run {message.run_id} failed at {node.step_id} on {worker}")
         else:
             log.warning("run %s failed at %s on %s: %s", message.run_id, node.step_id, worker, error)
@@ -524,9 +537,8 @@ class RunEngine:
         A succeeded finalize reads its run's live lineage: from before a rewind it is refused
         (StaleEpoch); if the lineage is lost, the run is rewound (and finalized again later).
         """
-        plan = self.plans.get(message.routine, message.routine_version)
         try:
-            contexts = self._final_contexts(plan, message)
+            contexts = self._final_contexts(message)
         except StaleEpoch as exc:
             log.info("run %s: finalize refused: %s", message.run_id, exc)
             return False
@@ -558,8 +570,22 @@ class RunEngine:
         self.store.l2.announce_done(message.run_id)
         return finished
 
-    def _final_contexts(self, plan: Plan, message: FinalizeMessage) -> list[RunContext]:
-        """The run's contexts as they are now, the root first (children that never started are skipped)."""
+    def _final_contexts(self, message: FinalizeMessage) -> list[RunContext]:
+        """The run's contexts as they are now, the root first (children that never started are skipped).
+
+        The finalize of a run that failed or was cancelled never fails for its contexts' sake (a
+        routine this process cannot compile, a context it cannot open): it then ends the run with
+        the contexts L3 holds, and their write-behind goes on.
+        """
+        if message.status == "succeeded":
+            return self._contexts_of(self.plans.get(message.routine, message.routine_version), message)
+        try:
+            return self._contexts_of(self.plans.get(message.routine, message.routine_version), message)
+        except RoutineError as exc:
+            log_error(log, exc, f"run {message.run_id}: finalize ({message.status}) keeps the contexts L3 holds")
+            return []
+
+    def _contexts_of(self, plan: Plan, message: FinalizeMessage) -> list[RunContext]:
         contexts = []
         for path in plan.contexts:
             ctx_id = context_id(message.run_id, path)
@@ -644,8 +670,8 @@ class RunEngine:
         if not final:
             contexts = {}
             for path in plan.contexts:
-                try:
-                    contexts[path] = self.store.get_context(context_id(run_id, path))
+                try:  # what the tiers hold now, not this process's L1 copy (a poller's goes stale)
+                    contexts[path] = self.store.read_newest(context_id(run_id, path))
                 except NotFound:
                     continue
             if "" in contexts:
@@ -655,20 +681,28 @@ class RunEngine:
             record = by_id.get(node.step_id)
             if record is not None:
                 state = "failed" if record.get("status") == "failed" else "done"
+            elif final:
+                state = "cancelled"  # the run ended before this step finished: it never will
             else:
                 state = "running" if node.step_id in frontier else "pending"
-            steps.append({
+            step = {
                 "id": node.step_id,
                 "state": state,
                 "worker": record.get("worker") if record else None,
                 "attempts": record.get("attempts", 1) if record else 0,
                 "duration_s": record.get("duration_s") if record else None,
-            })
-        totals = {state: sum(1 for step in steps if step["state"] == state) for state in ("done", "running", "pending", "failed")}
+            }
+            if record and record.get("traceback"):
+                step["traceback"] = record["traceback"]
+            steps.append(step)
+        totals = {state: sum(1 for step in steps if step["state"] == state) for state in STEP_STATES}
         return {
             "run_id": run_id, "routine": row.routine_name, "version": row.routine_version, "status": row.status,
             "error": row.error, "steps": steps, "totals": {**totals, "total": len(steps)},
         }
+
+
+STEP_STATES = ("done", "running", "pending", "failed", "cancelled")
 
 
 def _in_order(plan: Plan) -> list[Node]:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from state.errors import InfrastructureError, StepFailedItsRun
+from state.errors import InfrastructureError, RunFailed, StepFailedItsRun
 from state.tiers.contracts import CommittedState, Outbox
 from state.tiers.memory_l2 import MemoryL2
 from tasks.messages import STATE_HEADER, FinalizeMessage, StepMessage, state_from_header, state_header
@@ -113,7 +113,7 @@ class InProcessDispatcher:
             else:
                 assert isinstance(delivery.message, str)
                 engine.flush(delivery.message)
-        except StepFailedItsRun:  # the step failed its run, which the engine finalized: the task ends
+        except (StepFailedItsRun, RunFailed):  # the step failed its run, or its run had ended: the task ends
             pass
         except InfrastructureError as exc:
             if delivery.retries < self.max_retries:

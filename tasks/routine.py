@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -68,8 +69,10 @@ class ActionStep(_Strict):
     declassify: list[Annotated[str, Field(pattern=NAME_PATTERN.pattern)]] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _known_action(self) -> ActionStep:
-        check_action(self.action, self.args)
+    def _known_action(self, info: ValidationInfo) -> ActionStep:
+        # A stored routine was checked against the allow-list of the process that loaded it; the
+        # process that runs a step checks its own when it imports the action.
+        check_action(self.action, self.args, allow_list=not (info.context or {}).get("stored"))
         return self
 
 
@@ -206,7 +209,24 @@ def _location(loc: tuple[Any, ...]) -> str:
 def _explain(source: str, error: ValidationError) -> InvalidRoutine:
     first = error.errors()[0]
     where = _location(first["loc"])
-    return InvalidRoutine(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}")
+    problem = _step_kind_problem(first["input"]) if first["type"] == "step_kind" else None
+    return InvalidRoutine(f"{source}: {where}: {problem or first['msg'].removeprefix('Value error, ')}")
+
+
+def _step_kind_problem(raw: Any) -> str | None:
+    """What is wrong with a step whose kind cannot be told: a key misspelt, or two kinds in one."""
+    *first, last = (f"'{key}'" for key in _STEP_KEYS)
+    kinds = f"{', '.join(first)} or {last}"
+    if not isinstance(raw, dict):
+        return f"a step is a mapping with one of {kinds}, not a {type(raw).__name__}"
+    present = [key for key in _STEP_KEYS if key in raw]
+    if len(present) > 1:
+        return f"a step has one of {kinds}, this one has {' and '.join(map(repr, present))}"
+    known = {name for kind in (ActionStep, ParallelStep, SubRoutineStep) for name in kind.model_fields}
+    unknown = sorted(str(key) for key in raw if key not in known)
+    if unknown:
+        return f"unknown key {', '.join(repr(key[:40]) for key in unknown)} (a step needs one of {kinds})"
+    return None
 
 
 MAX_ROUTINE_FILE_BYTES = 1 << 20  # a routine file, as read from disk
@@ -303,15 +323,19 @@ def _path_text(where: tuple[Any, Any] | None) -> str:
     return out
 
 
-def parse_routine(data: Any, *, source: str = "<routine>") -> Routine:
-    """Validate a routine definition (a mapping, as from a file or the API) into a Routine."""
+def parse_routine(data: Any, *, source: str = "<routine>", stored: bool = False) -> Routine:
+    """Validate a routine definition (a mapping, as from a file or the API) into a Routine.
+
+    ``stored``: read back from the store (by a worker, or a read model), where user actions are not
+    checked against this process's RUNCTX_ACTION_MODULES: the process that runs a step does that.
+    """
     check_definition(data, source)
-    return _validated(data, source)
+    return _validated(data, source, stored=stored)
 
 
-def _validated(data: Any, source: str) -> Routine:
+def _validated(data: Any, source: str, *, stored: bool = False) -> Routine:
     try:
-        return Routine.model_validate(data)
+        return Routine.model_validate(data, context={"stored": stored})
     except ValidationError as exc:
         raise _explain(source, exc) from None
     except RecursionError:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from state.errors import RoutineError, StepFailed
@@ -24,9 +27,17 @@ from tasks.plan import Node
 
 log = logging.getLogger(__name__)
 
-
-
 HIDDEN = "<hidden: the step read secret values>"
+
+# Frames in these directories are runctx's own; a user action's traceback shows the others.
+_RUNCTX_DIRS = tuple(str(Path(__file__).resolve().parent.parent / package) for package in ("state", "tasks", "workers", "runctx"))
+
+
+def user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback from the first frame that is not runctx's: the user's action and what it called."""
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_RUNCTX_DIRS):
+        tb = tb.tb_next
+    return tb
 
 
 def redact(text: str, ctx: RunContext) -> str:
@@ -97,14 +108,14 @@ class StepExecutor:
             return run_action(node.action, view, node.args, node.builtin_args)
         except Exception as exc:
             # A step that read confidential or secret values may have put them in its error: its
-            # text is never shown or stored, only its type and the step.
+            # text and traceback are never shown or stored, only its type and the step.
             if view.highest_read.masked:
                 raise StepFailed(
                     f"action {node.action!r} raised {type(exc).__name__}: {HIDDEN}", hidden=f"{type(exc).__name__}: {exc}"
                 ) from None
-            if isinstance(exc, RoutineError):
-                raise
-            raise StepFailed(redact(f"action {node.action!r} raised {type(exc).__name__}: {exc}", base)) from exc
+            if isinstance(exc, RoutineError) and user_frames(exc.__traceback__) is None:
+                raise  # runctx's own (a built-in action's, or a result that is not changes)
+            raise _user_failure(node.action, exc, base) from None
 
     def _merge_child(
         self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None, follow: Follow | None
@@ -122,3 +133,27 @@ class StepExecutor:
                 log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
 
         return self.store.commit_step(parent_id, parent, node.step_id, mutate, report, follow)
+
+
+def _user_failure(action: str, exc: Exception, ctx: RunContext) -> StepFailed:
+    """StepFailed for an exception a user action raised, carrying its traceback from the user's first
+    frame (``StepFailed.traceback``, sensitive values redacted) and, as ``cause``, an exception with
+    just those frames, which the task raises its failure from (what Flower shows)."""
+    if isinstance(exc, StepFailed) and not exc.hidden:
+        message = redact(str(exc), ctx)
+    else:
+        message = redact(f"action {action!r} raised {type(exc).__name__}: {exc}", ctx)
+    frames = user_frames(exc.__traceback__)
+    if frames is None:
+        return StepFailed(message)
+    text = "".join(
+        ["Traceback (most recent call last):\n", *traceback.format_tb(frames), f"{type(exc).__name__}: {exc}\n"]
+    )
+    failure = StepFailed(message, traceback=redact(text, ctx))
+    if redact(str(exc), ctx) == str(exc):
+        cause: BaseException = exc.with_traceback(frames)
+    else:  # its text holds a masked value: the same frames under the redacted text
+        cause = StepFailed(message).with_traceback(frames)
+    cause.__suppress_context__ = True
+    failure.cause = cause
+    return failure

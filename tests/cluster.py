@@ -49,6 +49,8 @@ class Cluster:
                 "RUNCTX_ACTION_MODULES": os.environ.get("RUNCTX_ACTION_MODULES", "tests"),
                 "RUNCTX_DATA_DIR": str(self.work_dir / "data"),
                 "PYTHONUNBUFFERED": "1",
+                # The test suite's own actions (RUNCTX_ACTION_MODULES=tests) are importable on the workers.
+                "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p),
             }
         )
         env.update(self.extra_env)
@@ -62,14 +64,17 @@ class Cluster:
     def log_path(self, short: str) -> Path:
         return self.work_dir / f"{short}.log"
 
-    def start_node(self, short: str, *, concurrency: int = 2, loglevel: str = "INFO") -> subprocess.Popen[bytes]:
+    def start_node(
+        self, short: str, *, concurrency: int = 2, loglevel: str = "INFO", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker node; ``env``: settings of this node only, over the cluster's."""
         log = open(self.log_path(short), "ab")
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", self.node_name(short),
                 "-c", str(concurrency), "-P", "prefork", "--without-gossip", "--without-mingle", "-l", loglevel,
             ],
-            env=self.env, cwd=self.work_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**self.env, **(env or {})}, cwd=self.work_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
         self.nodes[short] = process
@@ -144,10 +149,13 @@ class Cluster:
 
     # ---- the runctx command -----------------------------------------------------------------------
 
-    def runctx(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def runctx(self, *args: str, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """The `runctx` command with the cluster's settings (``env``: others over them; a value of None unsets)."""
+        merged = {**self.env, **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "runctx.cli", *args],
-            env=self.env, cwd=self.work_dir, capture_output=True, text=True, timeout=timeout_s,
+            env={k: v for k, v in merged.items() if v is not None}, cwd=self.work_dir, capture_output=True, text=True,
+            timeout=timeout_s,
         )
 
     def run(self, routine: Path | str, *args: str, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -24,3 +24,30 @@ def test_check_reports_every_worker_process_listener_and_warns_of_a_redis_withou
         assert report["redis_persistence"] == "none"
         assert any("keeps nothing on disk" in warning for warning in report["warnings"])
         assert "warning: Redis keeps nothing on disk" in human.stderr
+
+
+@pytest.mark.slow
+def test_check_reports_the_start_checks_of_every_running_worker_process(make_cluster) -> None:
+    from state.sealing import Keyring
+
+    cluster = make_cluster()
+    cluster.start_nodes("a", "b", concurrency=1)
+    report = json.loads(cluster.runctx("check", "--json").stdout)
+    assert len(report["workers"]) == 2
+    for process in report["workers"]:
+        assert process["checks"] == {"keys": "ok", "schema": "ok", "action_modules": "ok"}, process
+
+    # Another process seals with a key these workers do not hold (a rotation they were not told of).
+    store = cluster.store()
+    try:
+        newer = Keyring.parse(Keyring.new_entry())
+        store.check_keys(Keyring(newer.keys + cluster.keyring().keys))
+    finally:
+        store.close()
+    done = cluster.runctx("check", "--json")
+    report = json.loads(done.stdout)
+    for process in report["workers"]:
+        assert newer.newest in process["checks"]["keys"] and "RUNCTX_ENCRYPTION_KEYS" in process["checks"]["keys"]
+    assert sum(f"keys: RUNCTX_ENCRYPTION_KEYS lacks key(s) {newer.newest}" in w for w in report["warnings"]) == 2
+    human = cluster.runctx("check")
+    assert "2 answered" in human.stdout and "0 passing their checks" in human.stdout

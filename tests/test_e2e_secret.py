@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -229,7 +230,7 @@ def test_confidential_and_secret_values_are_nowhere_in_plain_text(make_cluster, 
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     (tmp_path / "vars.yaml").write_text(f"token: {secret}\nemail: {email}\n")
 
-    cluster = make_cluster("redis", PYTHONPATH=str(tmp_path), RUNCTX_ACTION_MODULES="ntk_actions,tests")
+    cluster = make_cluster("redis", PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)]), RUNCTX_ACTION_MODULES="ntk_actions,tests")
     cluster.start_nodes("n1", "n2", concurrency=2, loglevel="DEBUG")
     monitor = RedisMonitor(cluster.redis_url)
     try:

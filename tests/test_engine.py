@@ -944,11 +944,24 @@ def test_step_states_show_where_a_run_stands(h: Harness) -> None:
     assert [(step["id"], step["state"]) for step in states["steps"]] == [
         ("s1", "done"), ("s2", "running"), ("s3", "pending"), ("s4", "pending")
     ]
-    assert states["totals"] == {"done": 1, "running": 1, "pending": 2, "failed": 0, "total": 4}
+    assert states["totals"] == {"done": 1, "running": 1, "pending": 2, "failed": 0, "cancelled": 0, "total": 4}
     assert states["steps"][0]["worker"] == "in-process" and states["steps"][0]["attempts"] == 1
     h.settle(run_id)
     final = h.engine.step_states(run_id)
     assert final["status"] == "succeeded" and final["totals"]["done"] == 4 and final["totals"]["running"] == 0
+
+
+def test_the_steps_a_cancelled_run_never_finished_are_cancelled_not_pending(h: Harness) -> None:
+    run_id = h.submit(sequence(4))
+    h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())  # s1 done, s2 dispatched
+    assert h.engine.cancel(run_id)
+    h.settle(run_id)
+    states = h.engine.step_states(run_id)
+    assert states["status"] == "cancelled"
+    assert [(step["id"], step["state"]) for step in states["steps"]] == [
+        ("s1", "done"), ("s2", "cancelled"), ("s3", "cancelled"), ("s4", "cancelled")
+    ]
+    assert states["totals"] == {"done": 1, "running": 0, "pending": 0, "failed": 0, "cancelled": 3, "total": 4}
 
 
 def test_the_context_tree_shows_each_context_its_tiers_and_masks_sensitive_values(h: Harness) -> None:
@@ -965,3 +978,36 @@ def test_the_context_tree_shows_each_context_its_tiers_and_masks_sensitive_value
     assert root["version_l2"] == root["version_l3"] and root["pending_write"] is False
     assert child["parent"] == run_id and child["routine"] == "kid" and child["variables"]["counter"] == 2
     assert SECRET not in repr(tree)
+
+
+def deep_failure(view, args: dict[str, Any]) -> None:
+    _deeper()
+
+
+def _deeper() -> None:
+    raise ValueError("the user's own bug")
+
+
+def test_a_user_action_traceback_holds_the_users_frames_only(h: Harness) -> None:
+    run_id, row = h.run({"name": "bug", "steps": [{"id": "x", "action": f"{ME}:deep_failure"}]})
+    assert row.status == "failed" and row.error == f"step 'x': action '{ME}:deep_failure' raised ValueError: the user's own bug"
+    trace = steps_of(row)["x"]["traceback"]
+    assert trace.startswith("Traceback (most recent call last):\n") and trace.rstrip().endswith("ValueError: the user's own bug")
+    assert "in deep_failure" in trace and "in _deeper" in trace
+    assert "tasks/steps.py" not in trace and "tasks/actions.py" not in trace  # runctx's frames left out
+    assert h.engine.step_states(run_id)["steps"][0]["traceback"] == trace
+
+
+def test_a_failed_runs_finalize_never_raises_even_when_its_routine_cannot_be_compiled(h: Harness, monkeypatch) -> None:
+    from state.errors import InvalidRoutine
+
+    run_id = h.submit(sequence(3))
+    h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())
+
+    def cannot(name: str, version: int) -> None:
+        raise InvalidRoutine(f"stored routine {name}@{version}: not what this process can run")
+
+    monkeypatch.setattr(h.engine.plans, "get", cannot)
+    assert h.engine.cancel(run_id)
+    h.dispatcher.settle(h.engine)  # the cancelled run's finalize, and the steps it leaves: none raises
+    assert h.store.get_run(run_id).status == "cancelled"

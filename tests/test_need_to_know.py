@@ -112,7 +112,7 @@ def test_an_action_outside_the_allow_list_is_refused_at_load_naming_the_setting(
 def test_a_stored_routine_naming_a_module_outside_the_list_fails_its_step_without_importing(monkeypatch) -> None:
     import sys
 
-    from state.errors import StepFailed
+    from state.errors import NodeMisconfigured
     from state.settings import get_settings
     from tasks.actions import _import, run_action
     from tasks.changes import ContextView
@@ -122,7 +122,7 @@ def test_a_stored_routine_naming_a_module_outside_the_list_fails_its_step_withou
     _import.cache_clear()
     try:
         assert "antigravity" not in sys.modules
-        with pytest.raises(StepFailed, match="RUNCTX_ACTION_MODULES"):
+        with pytest.raises(NodeMisconfigured, match="RUNCTX_ACTION_MODULES on this node"):
             run_action("antigravity:fly", ContextView(None), {})  # type: ignore[arg-type]
         assert "antigravity" not in sys.modules
     finally:

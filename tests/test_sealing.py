@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from state.codec import Codec, checksum
-from state.errors import ContextCorruption, SettingsError
+from state.errors import ContextCorruption, KeyNotHeld, SettingsError
 from state.models import (
     DataSensitivity,
     ExportDestination,
@@ -65,7 +65,7 @@ def test_older_keys_open_what_they_sealed_and_the_newest_seals() -> None:
     rotated = Keyring(keyring().keys + old.keys)  # a new key first, the old one kept
     assert rotated.open(sealed, b"ad", where="t") == {"a": 1}
     assert rotated.sealed_with(rotated.seal(1, b"ad")) == rotated.newest != old.newest
-    with pytest.raises(ContextCorruption, match="does not hold"):
+    with pytest.raises(KeyNotHeld, match="does not hold"):
         keyring().open(sealed, b"ad", where="t")  # a keyring without that key
 
 
@@ -74,7 +74,8 @@ def test_the_payload_mac_is_keyed() -> None:
     mac = keys.mac(b"payload")
     assert keys.verify(b"payload", mac) and not keys.verify(b"payload!", mac)
     assert not keys.verify(b"payload", checksum(b"payload"))  # an unkeyed checksum is no MAC
-    assert not keyring().verify(b"payload", mac)
+    with pytest.raises(KeyNotHeld, match="RUNCTX_ENCRYPTION_KEYS"):  # another process's key: not damage
+        keyring().verify(b"payload", mac)
 
 
 @pytest.mark.parametrize(
@@ -215,6 +216,31 @@ def test_a_process_without_a_key_in_use_refuses_to_start_and_a_rotated_keyring_i
     finally:
         for store in stores:
             store.close()
+
+
+def test_an_entry_under_a_key_this_process_lacks_is_a_configuration_mismatch_not_corruption(
+    servers, database_url: str, key_prefix: str
+) -> None:
+    """A process with other keys (another machine's key file) is told which key it lacks, and the
+    entry stays: dropping it as corrupt would throw away the other processes' live state."""
+    from state.store import TieredStore
+
+    def store_with(keys: Keyring) -> TieredStore:
+        return TieredStore.connect(servers.redis_url, database_url, config=StateCacheConfig(), prefix=key_prefix, keyring=keys)
+
+    mine, theirs = store_with(keyring()), store_with(keyring())
+    try:
+        ctx = theirs.create_context(sensitive_context(f"mismatch-{key_prefix[-6:]}"))
+        with pytest.raises(KeyNotHeld, match="RUNCTX_ENCRYPTION_KEYS") as lacked:
+            mine.get_context(ctx.context_id)
+        assert "corrupt" not in str(lacked.value)
+        with pytest.raises(KeyNotHeld):
+            mine.read_for_step(ctx.context_id, epoch=1, at_least=1)
+        assert theirs.l2.get_context(ctx.context_id) is not None  # still there for those who hold the key
+        assert theirs.get_context(ctx.context_id).variables["token"] == TOKEN
+    finally:
+        mine.close()
+        theirs.close()
 
 
 def test_rotation_seals_everything_again_under_the_newest_key_and_forgets_the_old(servers, database_url: str, key_prefix: str) -> None:

@@ -28,6 +28,7 @@ from tasks.engine import RunEngine
 from tasks.envelopes import StepEnvelopes
 from tasks.watchdog import Watchdog
 from workers.control import ControlChannel, process_identity
+from workers.node_checks import process_checks
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,11 @@ class ProcessRuntime:
         self.listener = ChangeListener(
             self.database_url, self.control.relay_change, on_connected=self.store.l1.clear
         ).start(wait_s=0)
-        listener = self.listener
-        self.control.health = lambda: {"listener": listener.connected}
+        listener, settings = self.listener, get_settings()
+        self.control.health = lambda: {
+            "listener": listener.connected, "node_pid": os.getppid(),
+            "checks": process_checks(self.store, self.database_url, settings),
+        }
         self._flusher = threading.Thread(target=self._dispatch_due_flushes, name="runctx-write-behind", daemon=True)
         self._flusher.start()
         self._watcher = threading.Thread(target=self._watch, name="runctx-watchdog", daemon=True)

@@ -248,9 +248,10 @@ class L2Tier(Protocol):
     def run_failed(self, run_id: str) -> bool: ...
     def finish_step(
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
-        record: dict[str, Any] | None = None,
+        traceback: str | None = None, record: dict[str, Any] | None = None,
     ) -> None:
-        """Record a step's outcome (``record``: as a step's commit would have written it)."""
+        """Record a step's outcome (``traceback``: a failed user action's own frames; ``record``: the
+        record as a step's commit would have written it)."""
 
     def keep_hidden_error(self, run_id: str, sealed: dict[str, str]) -> None:
         """Keep the (sealed) real error of the step that failed the run; run_summary gives it back."""

@@ -111,7 +111,7 @@ class MemoryL2:
             dirty = context_id in self._due
         if entry is None:
             return None
-        if not self.codec.verify(entry.payload, entry.checksum):
+        if not self.codec.verify(entry.payload, entry.checksum, where=key):
             raise ContextCorruption(key, "checksum does not match payload")
         if entry.applied_count != len(entry.applied):
             raise ContextCorruption(key, f"holds {entry.applied_count} applied steps, its set {len(entry.applied)}")
@@ -202,7 +202,7 @@ class MemoryL2:
         return payload, self.codec.checksum(payload)
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
-        if not self.codec.verify(payload, payload_checksum):
+        if not self.codec.verify(payload, payload_checksum, where=key):
             raise ContextCorruption(key, "checksum does not match payload")
         return self.codec.load_state(payload, applied, key=key)
 
@@ -281,7 +281,7 @@ class MemoryL2:
             entry = self._live(self._configs, key)
             if entry is None:
                 return None
-            if not self.codec.verify(entry.payload, entry.checksum):
+            if not self.codec.verify(entry.payload, entry.checksum, where=self.keys.config(key)):
                 del self._configs[key]
                 raise ContextCorruption(self.keys.config(key), "checksum does not match payload")
         return ConfigEntry(key=key, version=entry.version, data=self.codec.load_document(entry.payload, key=key))
@@ -313,10 +313,12 @@ class MemoryL2:
 
     def finish_step(
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
-        record: dict[str, Any] | None = None,
+        traceback: str | None = None, record: dict[str, Any] | None = None,
     ) -> None:
         if record is None:
             record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": self.clock()}
+            if traceback:
+                record["traceback"] = traceback
         now = record["finished_at"]
         with self._lock:
             self._run(run_id).steps[step_id] = json.dumps(record)

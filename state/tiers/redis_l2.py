@@ -167,7 +167,7 @@ class RedisTier:
             return None
         if version is None or stored_sum is None or payload is None:
             raise ContextCorruption(key, "entry is missing its version, checksum or payload")
-        if not self.codec.verify(payload, stored_sum.decode()):
+        if not self.codec.verify(payload, stored_sum.decode(), where=key):
             raise ContextCorruption(key, "checksum does not match payload")
         if _count(count, 0) != len(applied):
             raise ContextCorruption(key, f"holds {_count(count, 0)} applied steps, its set {len(applied)}")
@@ -272,7 +272,7 @@ class RedisTier:
         return payload, self.codec.checksum(payload)
 
     def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
-        if not self.codec.verify(payload, payload_checksum):
+        if not self.codec.verify(payload, payload_checksum, where=key):
             raise ContextCorruption(key, "checksum does not match payload")
         return self.codec.load_state(payload, applied, key=key)
 
@@ -367,7 +367,7 @@ class RedisTier:
         version, stored_sum, payload = self._call(lambda: self.client.hmget(redis_key, "v", "c", "d"))
         if payload is None:
             return None
-        if version is None or stored_sum is None or not self.codec.verify(payload, stored_sum.decode()):
+        if version is None or stored_sum is None or not self.codec.verify(payload, stored_sum.decode(), where=redis_key):
             self._call(lambda: self.client.delete(redis_key))
             raise ContextCorruption(redis_key, "checksum does not match payload")
         return ConfigEntry(key=key, version=int(version), data=self.codec.load_document(payload, key=redis_key))
@@ -424,10 +424,12 @@ class RedisTier:
 
     def finish_step(
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
-        record: dict[str, Any] | None = None,
+        traceback: str | None = None, record: dict[str, Any] | None = None,
     ) -> None:
         if record is None:
             record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": time.time()}
+            if traceback:
+                record["traceback"] = traceback
         now = record["finished_at"]
         steps, progress = self._record(run_id, "steps", step_id), self._record(run_id, "progress")
 
@@ -626,6 +628,8 @@ def _checked_record(record: Any) -> dict[str, Any] | None:
     out = {name: record[name] for name in _STEP_FIELDS}
     if isinstance(record.get("attempts"), int) and record["attempts"] >= 1:
         out["attempts"] = record["attempts"]
+    if isinstance(record.get("traceback"), str):
+        out["traceback"] = record["traceback"]
     return out
 
 

@@ -1,0 +1,3 @@
+from runctx.cli.main import main
+
+main()

@@ -1,0 +1,60 @@
+"""`runctx cancel` and `prune`: operations on runs."""
+
+from __future__ import annotations
+
+import re
+
+import typer
+
+from runctx.cli.base import EXIT_NOTHING_TO_DO, JSON_OPTION, app, client, echo_json, usage_error
+
+
+@app.command()
+def cancel(
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to cancel."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Cancel a running run.
+
+    No further step starts (one running now commits nothing) and the run ends cancelled; exit 3 if
+    it had ended already."""
+    with client() as client_:
+        cancelled = client_.cancel(run_id)
+        status = "cancelled" if cancelled else client_.run_status(run_id)
+    if as_json:
+        echo_json({"run_id": run_id, "cancelled": cancelled, "status": status})
+    elif cancelled:
+        typer.echo(f"run {run_id}: cancelled")
+    else:
+        typer.echo(f"runctx: run {run_id} had ended ({status}): nothing to cancel", err=True)
+    if not cancelled:
+        raise typer.Exit(EXIT_NOTHING_TO_DO)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (or a plain number of seconds) in seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None:
+        raise usage_error(option, f"{text!r}: expected a number and a unit (s, m, h, d or w), e.g. 30d")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+@app.command()
+def prune(
+    older_than: str = typer.Option(..., "--older-than", metavar="DURATION", help="Finished longer ago than this: 30d, 12h, 90m, 45s, 2w."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete the runs that finished long ago.
+
+    Runs that finished longer ago than DURATION lose their ledger rows, contexts and Redis records.
+    Exports and blackboard entries stay; a running run is never touched."""
+    seconds = parse_duration(older_than, "--older-than")
+    with client() as client_:
+        report = client_.prune(seconds)
+    if as_json:
+        echo_json({"older_than_s": seconds, **report})
+    else:
+        typer.echo(f"pruned {report['runs']} run(s) and {report['contexts']} context(s) that finished over {older_than} ago")

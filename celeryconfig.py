@@ -58,5 +58,5 @@ task_routes = {
     "runctx.write_behind": {"queue": PERSIST_QUEUE, "routing_key": PERSIST_QUEUE},
     "runctx.finalize": {"queue": PERSIST_QUEUE, "routing_key": PERSIST_QUEUE},
 }
-imports = ("tasks.celery_tasks",)
+imports = ("workers.celery_tasks",)
 worker_hijack_root_logger = False

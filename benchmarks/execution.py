@@ -50,12 +50,12 @@ def bench_noop(steps: int) -> float:
     from runctx.api import Client
     from noop_task import noop_chain
 
-    l2 = Client().store.l2
+    ledger = Client().store.ledger
     done_run_id = f"bench-noop-{uuid.uuid4().hex[:8]}"  # the chain's last task announces this "run" done
     started = time.perf_counter()
     noop_chain.apply_async(args=[steps, done_run_id])
     deadline = time.monotonic() + 600
-    while not l2.wait_done(done_run_id, timeout_s=1.0):
+    while not ledger.wait_done(done_run_id, timeout_s=1.0):
         if time.monotonic() > deadline:
             raise RuntimeError("no-op chain did not finish")
     return steps / (time.perf_counter() - started)
@@ -77,20 +77,23 @@ def bench_routine(path: Path, steps: int) -> tuple[float, int, float]:
 
 
 def bench_invalidation(rounds: int) -> list[float]:
+    import redis
+
     from runctx.api import Client
+    from runctx.embedded import resolve
     from state.change_events import ChangeEvent, libpq_url
     from state.keys import RedisKeys, config_key
     from workers.control import TRACE_KIND, probe
 
     client = Client()
-    store = client.store
+    redis_client = redis.Redis.from_url(resolve().redis_url)
     prefix = os.environ["RUNCTX_KEY_PREFIX"]
     kind, name = TRACE_KIND, "bench"
-    store.put_config(kind, name, {"round": 0})
+    client.store.configs.put_config(kind, name, {"round": 0})
     latencies = []
     with psycopg.connect(libpq_url(client.runtime.database_url)) as conn:
         for round_ in range(1, rounds + 1):
-            answers = probe(store.l2.client, prefix, config_key(kind, name), load=True)  # every process caches it
+            answers = probe(redis_client, prefix, config_key(kind, name), load=True)  # every process caches it
             with conn.transaction():
                 txid = conn.execute("SELECT txid_current()").fetchone()[0]
                 version = conn.execute(
@@ -101,9 +104,9 @@ def bench_invalidation(rounds: int) -> list[float]:
             identity = ChangeEvent("configurations", "UPDATE", (kind, name), version, "", txid).identity
             trace_key = RedisKeys(prefix).trace(identity)
             deadline = time.monotonic() + 5
-            while store.l2.client.hlen(trace_key) < len(answers) and time.monotonic() < deadline:
+            while redis_client.hlen(trace_key) < len(answers) and time.monotonic() < deadline:
                 time.sleep(0.0005)
-            drops = [float(value) for value in store.l2.client.hvals(trace_key)]
+            drops = [float(value) for value in redis_client.hvals(trace_key)]
             if len(drops) < len(answers):
                 raise RuntimeError(f"only {len(drops)} of {len(answers)} processes dropped the entry within 5 s")
             latencies.append(max(drops) - committed_at)

@@ -16,4 +16,4 @@ def noop_chain(self: Any, remaining: int, done_run_id: str) -> None:
     else:
         from workers.runtime import runtime
 
-        runtime().store.l2.announce_done(done_run_id)
+        runtime(self.app).store.ledger.announce_done(done_run_id)

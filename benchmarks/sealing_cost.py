@@ -1,5 +1,5 @@
 """What sealing a secret costs a step: the same sequence with and without a secret variable, run by
-the engine in this process (`tasks.in_process`) on the real Redis and PostgreSQL, so the figure is
+the engine in this process (`runctx.testing`) on the real Redis and PostgreSQL, so the figure is
 the engine's and the tiers' work without Celery's.
 
     python benchmarks/sealing_cost.py [--steps 2000] [--rounds 3]
@@ -20,7 +20,7 @@ import psycopg
 
 def per_step(store_factory, steps: int, secret: bool) -> float:
     from tasks.engine import RunEngine
-    from tasks.in_process import InProcessDispatcher
+    from runctx.testing import InProcessDispatcher
     from tasks.routine import parse_routine
 
     store = store_factory()

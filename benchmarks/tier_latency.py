@@ -19,6 +19,9 @@ from state.migrate import upgrade
 from state.models import RunContextInit
 from state.settings import get_settings
 from state.store import TieredStore
+from state.tiers.local import LocalCache
+from state.tiers.postgres import PostgresTier
+from state.tiers.redis import RedisTier
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -31,7 +34,11 @@ def measure(iterations: int, variables: int) -> dict[str, list[float]]:
     servers = resolve(settings)
     prefix = f"{settings.key_prefix}:bench:{uuid.uuid4().hex[:8]}"
     upgrade(servers.database_url)
-    store = TieredStore.connect(servers.redis_url, servers.database_url, config=settings.cache_config(), prefix=prefix)
+    config = settings.cache_config()
+    l1 = LocalCache(config)
+    l2 = RedisTier.from_url(servers.redis_url, prefix=prefix, config=config)
+    l3 = PostgresTier.from_url(servers.database_url, config=config)
+    store = TieredStore(l1, l2, l3, config=config)  # the tiers measured one by one
     run_id = f"bench-{uuid.uuid4().hex[:12]}"
     values = {f"var_{i}": {"n": i, "text": "x" * 32} for i in range(variables)}
     ctx = store.create_context(RunContextInit(run_id=run_id, routine_id="bench", variables=values))
@@ -42,20 +49,20 @@ def measure(iterations: int, variables: int) -> dict[str, list[float]]:
             _, tier = store.read_context(ctx.context_id)
             samples[tier].append(time.perf_counter() - started)
         for _ in range(iterations):
-            store.l1.evict_context(ctx.context_id)
+            l1.evict_context(ctx.context_id)
             started = time.perf_counter()
             _, tier = store.read_context(ctx.context_id)
             samples[tier].append(time.perf_counter() - started)
         for _ in range(iterations):
-            store.l1.evict_context(ctx.context_id)
-            store.l2.evict_context(ctx.context_id)
+            l1.evict_context(ctx.context_id)
+            l2.evict_context(ctx.context_id)
             started = time.perf_counter()
             _, tier = store.read_context(ctx.context_id)
             samples[tier].append(time.perf_counter() - started)
     finally:
-        with store.l3.transaction() as conn:
+        with l3.transaction() as conn:
             conn.exec_driver_sql("DELETE FROM context_snapshots WHERE run_id = %s", (run_id,))
-        store.l2.evict_context(ctx.context_id)
+        l2.evict_context(ctx.context_id)
         store.close()
     return samples
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from runctx import read_models
 from runctx.embedded import resolve
 from state.errors import (
     CommunicationFailure,
@@ -27,7 +28,7 @@ from state.errors import (
 from state.migrate import upgrade
 from state.models import RunContext
 from state.settings import get_settings
-from state.tiers.contracts import FINAL_STATUSES, RunRow
+from state.tiers.data import FINAL_STATUSES, RunRow
 from tasks.routine import Routine, check_definition, load_routine, parse_routine
 
 __all__ = ["Client", "RunResult", "RunTimeout"]
@@ -81,21 +82,19 @@ class Client:
     """
 
     def __init__(self) -> None:
-        import workers  # noqa: F401  - configures the Celery app the dispatcher sends through
+        from workers import app  # the Celery app the dispatcher sends through
         from workers.node_checks import check_broker
         from workers.runtime import runtime
 
         servers = resolve()
         if servers.embedded:  # its URLs carry the passwords the embedded stack made when it started
-            from workers import app
-
             app.conf.broker_url = servers.broker_url
         check_broker(servers)
         upgrade(servers.database_url)
-        self.runtime = runtime()
-        self.runtime.store.check_keys(get_settings().keyring())
-        self.engine = self.runtime.engine
+        self.runtime = runtime(app)
         self.store = self.runtime.store
+        self.store.maintenance.check_keys(get_settings().keyring())
+        self.engine = self.runtime.engine
 
     def workers_alive(self, timeout_s: float = 1.0) -> bool:
         from workers import app
@@ -114,7 +113,7 @@ class Client:
 
     def _stored_definition(self, name: str) -> Any:
         try:
-            return self.store.get_routine(name).data
+            return self.store.configs.get_routine(name).data
         except NotFound:
             return None
 
@@ -136,22 +135,22 @@ class Client:
 
     def run_status(self, run_id: str) -> str:
         """The run's status in the ledger: running, succeeded, failed or cancelled."""
-        row = self.engine.run_status(run_id)
-        if row is None:
-            raise NotFound(f"run {run_id!r} does not exist")
-        return row.status
+        return self._row(run_id).status
 
     def rotate_keys(self, *, batch: int = 100) -> tuple[str, dict[str, int]]:
         """Seal every stored value again under the newest key (see ``runctx keys rotate``): the key, and
         how many L3 rows and L2 entries were sealed again."""
         keyring = get_settings().keyring()
-        return keyring.newest, self.store.rotate_keys(keyring, batch=batch)
+        return keyring.newest, self.store.maintenance.rotate_keys(keyring, batch=batch)
 
     def status(self, run_id: str) -> RunResult:
-        row = self.engine.run_status(run_id)
+        return self._result(self._row(run_id))
+
+    def _row(self, run_id: str) -> RunRow:
+        row = self.store.ledger.get_run(run_id)
         if row is None:
             raise NotFound(f"run {run_id!r} does not exist")
-        return self._result(row)
+        return row
 
     def _result(self, row: RunRow) -> RunResult:
         run_id = row.run_id
@@ -160,7 +159,7 @@ class Client:
             steps, l3_writes = row.meta.get("steps", []), row.meta.get("l3_writes", 0)
         else:
             try:
-                summary = self.store.l2.run_summary(run_id)
+                summary = self.store.ledger.summary(run_id)
             except CommunicationFailure:  # Redis is away: the ledger alone answers
                 summary = {"steps": [], "l3_writes": 0}
             steps, l3_writes = summary["steps"], summary["l3_writes"]
@@ -179,9 +178,7 @@ class Client:
         status = "unknown"
         while True:
             try:
-                row = self.engine.run_status(run_id)
-                if row is None:
-                    raise NotFound(f"run {run_id!r} does not exist")
+                row = self._row(run_id)
                 status = row.status
                 if row.status in FINAL_STATUSES:
                     return self._result(row)
@@ -191,17 +188,17 @@ class Client:
             if left <= 0:
                 raise RunTimeout(f"run {run_id} still {status} after {timeout} s")
             try:
-                self.store.l2.wait_done(run_id, min(1.0, left))  # a wake-up; the ledger has the truth
+                self.store.ledger.wait_done(run_id, min(1.0, left))  # a wake-up; the ledger has the truth
             except CommunicationFailure:
                 time.sleep(min(1.0, max(left, 0.01)))  # Redis is away: ask the ledger again soon
 
     def context_tree(self, run_id: str) -> dict[str, Any]:
         """The ``runctx context --json`` object: the run's contexts with their versions in L2 and L3."""
-        return self.engine.context_tree(run_id)
+        return read_models.context_tree(self.store, self.engine.plans, run_id)
 
     def step_states(self, run_id: str) -> dict[str, Any]:
         """The ``runctx status --json`` object: each step's state, worker, attempts, duration; totals."""
-        return self.engine.step_states(run_id)
+        return read_models.step_states(self.store, self.engine.plans, run_id)
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
@@ -209,7 +206,7 @@ class Client:
 
     def prune(self, older_than_s: float) -> dict[str, int]:
         """Delete finished runs older than ``older_than_s`` (see ``runctx prune``); what was deleted."""
-        report = self.store.prune(older_than_s)
+        report = self.store.maintenance.prune(older_than_s)
         return {"runs": report.runs, "contexts": report.contexts}
 
     def runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -225,16 +222,15 @@ class Client:
                 "steps": len(row.meta.get("steps", [])),
                 "error": row.error,
             }
-            for row in self.store.list_runs(status=status, routine=routine, limit=limit)
+            for row in self.store.ledger.list_runs(status=status, routine=routine, limit=limit)
         ]
 
     def context(self, run_id: str) -> RunContext:
         """The run's root context: the newest version (this process's L1 copy may be older)."""
-        self.store.l1.evict_context(run_id)
         try:
-            return self.store.get_context(run_id)
+            return self.store.read_newest(run_id)
         except CommunicationFailure:  # Redis is away: what L3 holds
-            ctx = self.store.l3.get_context(run_id)
+            ctx = self.store.read_l3(run_id)
             if ctx is None:
                 raise NotFound(f"context {run_id!r} is in no tier") from None
             return ctx

@@ -119,12 +119,6 @@ class Codec:
         name = key if destination == "blackboard" else variable  # a blackboard entry keeps no variable name
         return binding(run_id, f"export:{destination}:{scope}:{key}", "exports", name, sensitivity)
 
-    def dump_context(self, ctx: RunContext) -> bytes:
-        return self.dump_document(self.to_document(ctx))
-
-    def load_context(self, payload: bytes, *, key: str = "?") -> RunContext:
-        return self.from_document(self.load_document(payload, key=key), key=key)
-
     def dump_state(self, ctx: RunContext) -> bytes:
         """L2's payload: the context without its applied steps (L2 keeps those beside it, in a set
         that each commit adds one to, so a commit's size does not grow with the run).

@@ -30,7 +30,7 @@ mapped to these at the boundary where they happen; nothing above `state/` sees t
     └── StepFailedItsRun           this step failed its run: its Celery task ends FAILURE with the reason
 
 Which branch an error is on decides what happens to the work that raised it: Celery's autoretry
-retries ``InfrastructureError`` (see ``tasks.celery_tasks``), the engine fails the run on a
+retries ``InfrastructureError`` (see ``workers.celery_tasks``), the engine fails the run on a
 ``RoutineError``, and anything else a step raises is a bug that fails its run too. ``severity``
 decides the level an error is logged at (``log_error``).
 """

@@ -99,7 +99,7 @@ def run_check(redis_url: str, database_url: str, settings: Settings) -> list[Che
 
 
 def _invalidation_round_trip(database_url: str, store: TieredStore, context_id: str) -> float:
-    listener = ChangeListener(database_url, store.handle_change).start()
+    listener = ChangeListener(database_url, store.invalidation.handle_change).start()
     try:
         started = time.perf_counter()
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
@@ -127,7 +127,7 @@ def _remove_sample(database_url: str, store: TieredStore, run_id: str) -> None:
         client.delete(*keys)
 
 
-# What each Redis persistence mode costs when Redis restarts: see README, "Redis and durability".
+# What each Redis persistence mode costs when Redis restarts: see docs/internals.md, "Redis and durability".
 PERSISTENCE_COST = {
     "aof-always": "nothing: every commit is on disk before Redis answers",
     "aof-everysec": "at most the last second of step commits, which run again after the rewind",
@@ -161,5 +161,5 @@ def persistence_warning(mode: str) -> str | None:
             "and " + PERSISTENCE_COST["none"] + "; run Redis with appendonly yes to cut that to a second"
         )
     if mode == "unknown":
-        return "cannot read Redis's persistence settings (CONFIG refused): see README, 'Redis and durability'"
+        return "cannot read Redis's persistence settings (CONFIG refused): see docs/internals.md, 'Redis and durability'"
     return None

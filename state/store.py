@@ -1,9 +1,19 @@
 """The tiered store: L1 (process LRU) -> L2 (Redis) -> L3 (PostgreSQL), the one way state is read and written.
 
-Reads go down the tiers and fill the faster ones on the way back; a caller may ask for
-"at least version N" and an older entry counts as a miss. A unit of work (a step) commits its
-changes as one compare-and-set on L2, which also schedules the debounced write-behind to L3;
-``flush`` performs that write, and any process may do it.
+Reads go down the tiers and fill the faster ones on the way back; a caller may ask for "at least
+version N" and an older entry counts as a miss. A change is committed by one compare-and-set on L2
+(`try_commit`: one attempt, told what beat it when it loses), which also schedules the debounced
+write-behind to L3; ``flush`` performs that write, and any process may do it.
+
+The store is also where the rest of runctx finds the services built on the same tiers, so that
+nothing outside `state/` touches a tier:
+
+    store.configs       routine definitions and configurations  (`state.configs`)
+    store.ledger        runs and their records                   (`state.ledger`)
+    store.rewinds       rebuilding a run whose L2 state was lost (`state.rewind`)
+    store.invalidation  other processes' commits and L3's change events (`state.invalidation`)
+    store.maintenance   prune, key checks and rotation           (`state.maintenance`)
+    store.bus           the control bus (its messages: `state.bus`)
 """
 
 from __future__ import annotations
@@ -11,61 +21,49 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from state.change_events import ChangeEvent
-from state.codec import Codec
-from state.errors import (
-    ContextCorruption,
-    InvalidValue,
-    LineageLost,
-    NotFound,
-    RunFailed,
-    SettingsError,
-    StaleEpoch,
-    TransactionFailed,
-    VersionConflict,
-    log_error,
-)
-from state.keys import CacheKey, config_key, routine_key
+from state.codec import DEFAULT_CODEC, Codec
+from state.configs import ConfigCache
+from state.errors import ContextCorruption, InvalidValue, LineageLost, NotFound, RunFailed, StaleEpoch, VersionConflict, log_error
+from state.invalidation import Invalidation
+from state.ledger import RunLedger
+from state.maintenance import Maintenance
 from state.metrics import metrics
 from state.models import RunContext, RunContextInit, StateCacheConfig
-from state.sealing import Keyring, binding
+from state.rewind import Rewinds
+from state.sealing import Keyring
 from state.settings import Settings
-from state.tiers.contracts import (
-    CommitResult,
-    CommittedState,
-    ConfigEntry,
-    ExportRecord,
-    L1Tier,
-    L2Tier,
-    L3Tier,
-    Outbox,
-    RunRow,
-    StepReport,
-)
+from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier
+from state.tiers.data import CommitRequest, CommitStatus, CommittedState, RunRow
 from state.tiers.local import LocalCache
 
 log = logging.getLogger(__name__)
 
-COMMIT_ATTEMPTS = 200  # a step's compare-and-set may lose this many times to concurrent writers
 
-# Given the context a step's commit will store and the state its successor's message may carry,
-# the message of that successor (None: it is sent after the commit instead).
-Follow = Callable[[RunContext, "CommittedState | None"], "Outbox | None"]
+@dataclass(frozen=True)
+class Committed:
+    """The commit applied: ``context`` is now the newest version (and this process's L1 copy)."""
+
+    context: RunContext
 
 
 @dataclass(frozen=True)
-class StepCommit:
-    """The context after a step's commit, and whether this commit applied the step."""
+class Refused:
+    """Another writer committed first (or the entry is of another lineage): nothing was written.
+    ``newer``: the context that beat it, continued from the base the commit started from, when L2
+    could tell it in the same reply; else read it (at least ``actual_version``)."""
 
-    context: RunContext
-    applied: bool  # False: the step had been applied already (a duplicate delivery)
-    dispatched: bool = False  # the commit carried what follows the step (its outbox message)
+    actual_version: int | None
+    newer: RunContext | None = None
+
+
+@dataclass(frozen=True)
+class AlreadyApplied:
+    """A step's commit found its step applied already (a duplicate delivery): nothing was written."""
 
 
 @functools.cache
@@ -74,52 +72,21 @@ def _cache_reads(tier: str, result: str) -> Any:
     return metrics().cache_reads.labels(tier, result)
 
 
-@dataclass
-class StoreStats:
-    """What the tiers did, for `runctx check`, tests and (through ``state.metrics``) Prometheus."""
-
-    l1_hits: int = 0
-    l2_hits: int = 0
-    l3_hits: int = 0
-    l2_commits: int = 0
-    l3_writes: int = 0
-    conflicts: int = 0
-    corruptions_healed: int = 0
-
-    def served(self, tier: str) -> None:
-        """A read was served by ``tier`` ("l1", "l2" or "l3"); the tiers above it missed."""
-        if tier == "l1":
-            self.l1_hits += 1
-            _cache_reads("l1", "hit").inc()
-            return
-        _cache_reads("l1", "miss").inc()
-        if tier == "l2":
-            self.l2_hits += 1
-            _cache_reads("l2", "hit").inc()
-            return
-        self.l3_hits += 1
-        _cache_reads("l2", "miss").inc()
-        _cache_reads("l3", "hit").inc()
-
-    def committed(self) -> None:
-        self.l2_commits += 1
-        metrics().l2_commits.inc()
-
-    def conflicted(self) -> None:
-        self.conflicts += 1
-        metrics().l2_conflicts.inc()
-
-    def wrote_l3(self, kind: str) -> None:
-        self.l3_writes += 1
-        metrics().l3_writes.labels(kind).inc()
+def _served(tier: str) -> None:
+    """A read was served by ``tier``; the tiers above it missed."""
+    if tier == "l1":
+        _cache_reads("l1", "hit").inc()
+        return
+    _cache_reads("l1", "miss").inc()
+    if tier == "l2":
+        _cache_reads("l2", "hit").inc()
+        return
+    _cache_reads("l2", "miss").inc()
+    _cache_reads("l3", "hit").inc()
 
 
-@dataclass
-class PruneReport:
-    """What a prune deleted."""
-
-    runs: int = 0
-    contexts: int = 0
+def wrote_l3(kind: str) -> None:
+    metrics().l3_writes.labels(kind).inc()
 
 
 class TieredStore:
@@ -132,26 +99,27 @@ class TieredStore:
     """
 
     def __init__(
-        self,
-        l1: L1Tier,
-        l2: L2Tier,
-        l3: L3Tier,
-        *,
-        config: StateCacheConfig,
+        self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.l1, self.l2, self.l3 = l1, l2, l3
         self.config = config
+        self.codec = codec  # the tiers' own: it seals values and authenticates payloads
         self.clock = clock
-        self.stats = StoreStats()
+        self.bus: L2Bus = l2  # the control bus, for those who announce things on it
+        self.configs = ConfigCache(l1, l2, l3, codec)
+        self.ledger = RunLedger(l1, l2, l3, codec=codec, clock=clock)
+        self.rewinds = Rewinds(l1, l2, l3, clock=clock)
+        self.invalidation = Invalidation(l1, l2, clock=clock)
+        self.maintenance = Maintenance(l1, l2, l3, clock=clock)
 
     @classmethod
     def connect(
         cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str, keyring: Keyring | None = None
     ) -> TieredStore:
         """A store on a real Redis and PostgreSQL; with ``keyring``, sensitive values are sealed."""
-        from state.tiers.postgres_l3 import PostgresTier
-        from state.tiers.redis_l2 import RedisTier
+        from state.tiers.postgres import PostgresTier
+        from state.tiers.redis import RedisTier
 
         codec = Codec(keyring)
         return cls(
@@ -159,6 +127,7 @@ class TieredStore:
             RedisTier.from_url(redis_url, prefix=prefix, config=config, codec=codec),
             PostgresTier.from_url(database_url, config=config, codec=codec),
             config=config,
+            codec=codec,
         )
 
     @classmethod
@@ -171,8 +140,7 @@ class TieredStore:
     @classmethod
     def in_memory(cls, *, config: StateCacheConfig | None = None, prefix: str = "mem") -> TieredStore:
         """A store on the in-memory twins of L2 and L3: one process, no servers (engine tests)."""
-        from state.tiers.memory_l2 import MemoryL2
-        from state.tiers.memory_l3 import MemoryL3
+        from state.tiers.memory import MemoryL2, MemoryL3
 
         config = config or StateCacheConfig()
         return cls(LocalCache(config), MemoryL2(prefix=prefix, config=config), MemoryL3(), config=config)
@@ -181,18 +149,22 @@ class TieredStore:
         self.l2.close()
         self.l3.close()
 
+    def ping(self) -> tuple[bool, bool]:
+        """Whether L2 and L3 answer (each raises CommunicationFailure if it cannot be reached)."""
+        return self.l2.ping(), self.l3.ping()
+
     # ---- reading contexts -------------------------------------------------------------------
 
     def read_context(self, context_id: str, *, at_least: int = 0) -> tuple[RunContext, str]:
         """The context and the tier that served it ("L1", "L2" or "L3"). Treat it as read-only."""
         ctx = self.l1.get_context(context_id, at_least)
         if ctx is not None:
-            self.stats.served("l1")
+            _served("l1")
             return ctx, "L1"
         stored = self._read_l2(context_id)
         if stored is not None and stored.version >= at_least:
             self.l1.put_context(stored)
-            self.stats.served("l2")
+            _served("l2")
             return stored, "L2"
         ctx = self.l3.get_context(context_id)
         if ctx is None:
@@ -202,7 +174,7 @@ class TieredStore:
             raise NotFound(f"context {context_id!r}: asked for version >= {at_least}, the newest stored is {newest}")
         self.l2.fill_context(ctx)
         self.l1.put_context(ctx)
-        self.stats.served("l3")
+        _served("l3")
         return ctx, "L3"
 
     def get_context(self, context_id: str, *, at_least: int = 0) -> RunContext:
@@ -230,15 +202,13 @@ class TieredStore:
         """
         ctx = self.l1.get_context(context_id, at_least, epoch)
         if ctx is not None:
-            self.stats.served("l1")
+            _served("l1")
             return ctx
         try:
             stored = self.l2.get_context(context_id)
         except ContextCorruption as exc:
             log_error(log, exc, "dropping it; the run goes back to what L3 holds")
-            self.l2.evict_context(context_id)
-            self.l1.evict_context(context_id)
-            self.stats.corruptions_healed += 1
+            self.evict_context(context_id)
             raise LineageLost(context_id, "its L2 entry was corrupt") from None
         if stored is None:
             raise LineageLost(context_id, f"needs epoch {epoch} version >= {at_least}, L2 holds nothing")
@@ -251,7 +221,7 @@ class TieredStore:
                 + ("" if stored.live else " (a reader's copy)"),
             )
         self.l1.put_context(stored.context)
-        self.stats.served("l2")
+        _served("l2")
         return stored.context
 
     def _read_l2(self, context_id: str) -> RunContext | None:
@@ -260,11 +230,22 @@ class TieredStore:
         except ContextCorruption as exc:
             # The authoritative copy is in L3: drop the bad entry and let the read go on down.
             log_error(log, exc, "dropping it and reloading from L3")
-            self.l2.evict_context(context_id)
-            self.l1.evict_context(context_id)
-            self.stats.corruptions_healed += 1
+            self.evict_context(context_id)
             return None
         return None if stored is None else stored.context
+
+    def read_l3(self, context_id: str) -> RunContext | None:
+        """L3's snapshot of a context, if it holds one (what a run's finalize or write-behind wrote)."""
+        return self.l3.get_context(context_id)
+
+    def versions_of(self, context_id: str) -> tuple[Any, RunContext | None]:
+        """What L2 and L3 each hold of a context (L2's `StoredContext`, or None; L3's snapshot), for
+        read models that show both. A damaged L2 entry shows as none."""
+        try:
+            stored = self.l2.get_context(context_id)
+        except ContextCorruption:
+            stored = None
+        return stored, self.l3.get_context(context_id)
 
     # ---- writing contexts -------------------------------------------------------------------
 
@@ -281,128 +262,43 @@ class TieredStore:
             self.l3.create_context(ctx)
         else:
             self.l3.create_run(run, ctx)
-        self.stats.wrote_l3("context")
+        wrote_l3("context")
         self.l2.fill_context(ctx, live=True)
         self.l1.put_context(ctx)
         return ctx
 
-    def commit(self, ctx: RunContext, *, expected_version: int) -> RunContext:
-        """Commit a changed context as version ``expected_version + 1`` (compare-and-set on L2).
+    def try_commit(self, request: CommitRequest, *, base: RunContext | None = None) -> Committed | Refused | AlreadyApplied:
+        """One compare-and-set of ``request.context`` (the store owns it from now on). ``base``: the
+        context it was made from, which a refused step's commit is told the newer state relative to.
+        Raises RunFailed when a step's run failed meanwhile, and LineageLost when a step's L2 entry
+        is gone or damaged (the run is rewound)."""
+        reply = self.l2.commit(request, now=self.clock())
+        ctx = request.context
+        if reply.status is CommitStatus.COMMITTED:
+            metrics().l2_commits.inc()
+            self.l1.put_context(ctx)
+            return Committed(ctx)
+        if reply.status is CommitStatus.ALREADY_APPLIED:
+            self.l1.evict_context(ctx.context_id, up_to_version=request.expected_version)
+            return AlreadyApplied()
+        if reply.status is CommitStatus.RUN_FAILED:
+            raise RunFailed(ctx.run_id)
+        if reply.status is CommitStatus.NO_ENTRY:
+            if request.step_id is not None:
+                raise LineageLost(ctx.context_id, "its L2 entry disappeared while the step ran")
+            return Refused(None)
+        metrics().l2_conflicts.inc()
+        other_lineage = reply.status is CommitStatus.OTHER_LINEAGE
+        self.l1.evict_context(ctx.context_id, up_to_version=None if other_lineage else request.expected_version)
+        newer = self._newer(base, reply.newer) if reply.newer is not None and base is not None else None
+        if newer is not None:
+            self.l1.put_context(newer)
+        return Refused(reply.actual_version, newer)
 
-        The store takes ownership of ``ctx``: do not change it afterwards. Raises VersionConflict
-        when someone else committed first; the caller merges and retries.
-        """
-        ctx.version = expected_version + 1
-        if not self._commit_l2(ctx, expected_version):
-            # The L2 entry expired: refill it from L3, the version the caller started from must be there.
-            base = self.l3.get_context(ctx.context_id)
-            if base is None or base.version != expected_version:
-                self.stats.conflicted()
-                raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, base.version if base else None)
-            self.l2.fill_context(base)
-            if not self._commit_l2(ctx, expected_version):
-                raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, None)
-        self.stats.committed()
-        self.l1.put_context(ctx)
-        return ctx
-
-    def _commit_l2(
-        self,
-        ctx: RunContext,
-        expected_version: int,
-        *,
-        step_id: str | None = None,
-        report: StepReport | None = None,
-        outbox: Outbox | None = None,
-        encoded: tuple[bytes, str] | None = None,
-    ) -> CommitResult:
-        try:
-            return self.l2.commit_context(
-                ctx,
-                expected_version=expected_version,
-                now=self.clock(),
-                debounce_s=self.config.write_behind_debounce_s,
-                max_delay_s=self.config.write_behind_max_delay_s,
-                expected_epoch=ctx.epoch if step_id else None,
-                require_live=step_id is not None,
-                step_id=step_id,
-                report=report,
-                outbox=outbox,
-                encoded=encoded,
-            )
-        except VersionConflict:
-            self.stats.conflicted()
-            self.l1.evict_context(ctx.context_id, up_to_version=expected_version)
-            raise
-
-    def commit_step(
-        self,
-        context_id: str,
-        base: RunContext,
-        step_id: str,
-        mutate: Callable[[RunContext], None],
-        report: Callable[[], StepReport] | None = None,
-        follow: Follow | None = None,
-    ) -> StepCommit:
-        """Apply a step's changes (``mutate``) with its id in ``applied_steps``, as one compare-and-set.
-
-        A refused write (another writer committed first) is re-applied to the newer version; a step
-        that L2 holds already (a duplicate delivery) changes nothing. ``base`` is the version the
-        step read. ``report`` gives the step's record, written by the same compare-and-set;
-        ``follow``, given the context as it will be committed and the `CommittedState` its message
-        may carry (None for a context that may not travel), the message of what follows, pushed by
-        the same commit where L2 can (``StepCommit.dispatched``). Raises RunFailed if the run failed
-        meanwhile (nothing is written).
-        """
-        if base.has_applied(step_id):
-            return StepCommit(base, applied=False)
-        latest = base
-        for attempt in range(COMMIT_ATTEMPTS):
-            working = latest.working_copy()
-            mutate(working)
-            working.mark_applied(step_id)
-            working.version = latest.version + 1
-            working.note_step_commit(step_id)
-            step_report = report() if report else None
-            encoded = outbox = None
-            if follow and step_report and self.l2.carries_outbox:
-                encoded = self.l2.encode_state(working)  # once: for the commit and for the message
-                outbox = follow(working, self._travelling(working, step_id, encoded))
-            try:
-                result = self._commit_l2(
-                    working, latest.version, step_id=step_id, report=step_report, outbox=outbox, encoded=encoded
-                )
-                if result is CommitResult.ALREADY_APPLIED:
-                    self.l1.evict_context(context_id, up_to_version=latest.version)
-                    return StepCommit(self.read_for_step(context_id, epoch=base.epoch, at_least=latest.version), applied=False)
-                if result is CommitResult.RUN_FAILED:
-                    raise RunFailed(base.run_id)
-                if not result:
-                    raise LineageLost(context_id, "its L2 entry disappeared while the step ran")
-                self.stats.committed()
-                self.l1.put_context(working)
-                return StepCommit(working, applied=True, dispatched=outbox is not None)
-            except (VersionConflict, LineageLost) as conflict:
-                # Someone committed first, or the lineage changed: take what is there now (told by
-                # the refusal itself, or read again, which may refuse the step as stale or ask for
-                # a rewind) and re-apply the changes to it.
-                self.l1.evict_context(context_id)
-                newer = self._newer(latest, conflict.newer) if isinstance(conflict, VersionConflict) else None
-                if newer is not None:
-                    latest = newer
-                    self.l1.put_context(latest)
-                else:
-                    actual = conflict.actual if isinstance(conflict, VersionConflict) else None
-                    latest = self.read_for_step(context_id, epoch=base.epoch, at_least=max(actual or 0, latest.version + 1))
-                if latest.has_applied(step_id):
-                    return StepCommit(latest, applied=False)
-                time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
-        raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
-
-    def _newer(self, latest: RunContext, state: CommittedState | None) -> RunContext | None:
-        """The context a refused commit was told of: ``latest`` plus the steps since it, at the state
-        that beat it (None if it was told nothing, or what it was told does not check out)."""
-        if state is None or state.epoch != latest.epoch or state.version - latest.version != len(state.steps):
+    def _newer(self, base: RunContext, state: CommittedState) -> RunContext | None:
+        """The context a refused commit was told of: ``base`` plus the steps since it, at the state
+        that beat it (None if what it was told does not check out: it is read instead)."""
+        if state.epoch != base.epoch or state.version - base.version != len(state.steps):
             return None
         try:
             ctx = self.l2.decode_state(state.payload, state.checksum, [], key=state.context_id)
@@ -411,16 +307,29 @@ class TieredStore:
             return None
         if ctx.version != state.version or ctx.epoch != state.epoch:
             return None
-        ctx.continues(latest, state.steps)
+        ctx.continues(base, state.steps)
         return ctx
 
-    def _travelling(self, ctx: RunContext, step_id: str, encoded: tuple[bytes, str]) -> CommittedState | None:
-        """The state a step's commit lets the next step's message carry: a small context without
-        confidential or secret values (a broker message is no place for those, sealed or not)."""
-        payload, payload_checksum = encoded
-        if ctx.holds_sensitive or len(payload) > self.config.l1_update_max_bytes:
-            return None
-        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, ctx.last_steps() or (step_id,), payload, payload_checksum)
+    def commit(self, ctx: RunContext, *, expected_version: int) -> RunContext:
+        """Commit a changed context as version ``expected_version + 1`` (not a step's: an edit).
+
+        The store takes ownership of ``ctx``: do not change it afterwards. Raises VersionConflict
+        when someone else committed first; the caller merges and retries.
+        """
+        ctx.version = expected_version + 1
+        outcome = self.try_commit(CommitRequest(ctx, expected_version))
+        if isinstance(outcome, Refused) and outcome.actual_version is None:
+            # The L2 entry expired: refill it from L3, where the version the caller started from must be.
+            stored = self.l3.get_context(ctx.context_id)
+            if stored is None or stored.version != expected_version:
+                metrics().l2_conflicts.inc()
+                raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, stored.version if stored else None)
+            self.l2.fill_context(stored)
+            outcome = self.try_commit(CommitRequest(ctx, expected_version))
+        if not isinstance(outcome, Committed):
+            actual = outcome.actual_version if isinstance(outcome, Refused) else None
+            raise VersionConflict("L2", f"context {ctx.context_id}", expected_version, actual)
+        return outcome.context
 
     @contextlib.contextmanager
     def edit(self, context_id: str, *, at_least: int = 0) -> Iterator[RunContext]:
@@ -430,6 +339,33 @@ class TieredStore:
         yield working
         self.commit(working, expected_version=base.version)
 
+    def travelling(self, ctx: RunContext, step_id: str, encoded: tuple[bytes, str]) -> CommittedState | None:
+        """The state a step's commit lets the next step's message carry: a small context without
+        confidential or secret values (a broker message is no place for those, sealed or not)."""
+        payload, payload_checksum = encoded
+        if ctx.holds_sensitive or len(payload) > self.config.l1_update_max_bytes:
+            return None
+        return CommittedState(ctx.context_id, ctx.version, ctx.epoch, ctx.last_steps() or (step_id,), payload, payload_checksum)
+
+    @property
+    def carries_outbox(self) -> bool:
+        """Whether a step's commit can push its successor's message (see `state.tiers.data.Outbox`)."""
+        return self.l2.carries_outbox
+
+    def shares_server_with(self, client: Any) -> bool:
+        """Whether a commit can push onto queues of the Redis ``client`` talks to (the same server and
+        database as L2, and L2 carries an outbox): then a step's successor rides in its commit."""
+        same = getattr(self.l2, "shares_server_with", None)
+        return self.carries_outbox and same is not None and bool(same(client))
+
+    def encode(self, ctx: RunContext) -> tuple[bytes, str]:
+        """The payload and checksum a commit of ``ctx`` stores (made once, for a commit and a message)."""
+        return self.l2.encode_state(ctx)
+
+    def evict_context(self, context_id: str, *, up_to_version: int | None = None) -> None:
+        self.l2.evict_context(context_id, up_to_version)
+        self.l1.evict_context(context_id, up_to_version)
+
     # ---- write-behind L2 -> L3 ----------------------------------------------------------------
 
     def flush(self, context_id: str) -> bool:
@@ -438,8 +374,7 @@ class TieredStore:
             stored = self.l2.get_context(context_id)
         except ContextCorruption as exc:
             log_error(log, exc, "dropping it, L3 keeps the last good version")
-            self.l2.evict_context(context_id)
-            self.stats.corruptions_healed += 1
+            self.evict_context(context_id)
             return False
         if stored is None:
             self.mark_flushed(context_id, 0, epoch=0, expire=False)  # nothing left to write
@@ -449,7 +384,7 @@ class TieredStore:
         # A running run's contexts keep no TTL: losing one would cost a rewind.
         self.mark_flushed(context_id, ctx.version, epoch=ctx.epoch, expire=not stored.live)
         if written:
-            self.stats.wrote_l3("snapshot")
+            wrote_l3("snapshot")
         return written
 
     def give_up_flush(self, context_id: str) -> None:
@@ -458,328 +393,17 @@ class TieredStore:
 
     def mark_flushed(self, context_id: str, version: int, *, epoch: int = 1, expire: bool = False) -> None:
         """Record that L3 holds (``epoch``, ``version``), written by a flush or by a finalize."""
-        self.l2.mark_flushed(
-            context_id, version, now=self.clock(), debounce_s=self.config.write_behind_debounce_s, epoch=epoch, expire=expire
-        )
+        self.l2.mark_flushed(context_id, version, now=self.clock(), epoch=epoch, expire=expire)
 
-    # ---- the run ledger ---------------------------------------------------------------------------
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew a named lease of the cluster for ``holder``; whether it holds it."""
+        return self.l2.hold_lease(name, holder, ttl_s)
 
-    def finish_run(
-        self,
-        run_id: str,
-        *,
-        status: str,
-        error: str | None,
-        meta: dict[str, Any],
-        contexts: list[RunContext],
-        exports: list[ExportRecord],
-        epoch: int | None = None,
-    ) -> bool:
-        """Final contexts, exports and status in one L3 transaction; False if the run was final already
-        (or, with ``epoch``, rewound past it). Its contexts then get the context TTL in L2."""
-        finished = self.l3.finish_run(
-            run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
-        )
-        if finished:
-            self.stats.wrote_l3("run")
-            for ctx in contexts:
-                self.mark_flushed(ctx.context_id, ctx.version, epoch=ctx.epoch, expire=True)
-        return finished
+    def claim_due(self, *, lease_s: float, limit: int = 50, now: float | None = None) -> list[str]:
+        """Contexts whose write-behind is due, each claimed for ``lease_s`` (its flush task is sent by
+        the claimer; unsent, it comes due again)."""
+        return self.l2.claim_due(self.clock() if now is None else now, lease_s=lease_s, limit=limit)
 
-    # ---- rewinding a run whose L2 state was lost ----------------------------------------------------
-
-    def rebuild_lineage(self, run_id: str, from_epoch: int) -> list[RunContext] | None:
-        """Start epoch ``from_epoch + 1`` of a run: each context continues from its newest intact state.
-
-        L3's epoch is raised first (so only one process rebuilds, and stale finalizes are refused);
-        then each context's live L2 entry of ``from_epoch``, if intact, is moved to the new epoch,
-        else L3's snapshot becomes the new live entry. Returns the contexts as they now stand in the
-        new epoch, or None if the run is finished or someone else rebuilt it already.
-        """
-        new_epoch = self.l3.begin_rewind(run_id, from_epoch)
-        if new_epoch is None:
-            return None
-        self.stats.wrote_l3("rewind")
-        rebuilt = []
-        for snapshot in self.l3.run_contexts(run_id):
-            rebuilt.append(self._move_to_epoch(snapshot, from_epoch, new_epoch))
-        return rebuilt
-
-    def _move_to_epoch(self, snapshot: RunContext, from_epoch: int, new_epoch: int) -> RunContext:
-        context_id = snapshot.context_id
-        self.l1.evict_context(context_id)
-        for _ in range(COMMIT_ATTEMPTS):
-            try:
-                stored = self.l2.get_context(context_id)
-            except ContextCorruption:
-                self.l2.evict_context(context_id)
-                stored = None
-            if stored is None or not stored.live or stored.epoch != from_epoch or stored.version < snapshot.version:
-                base = snapshot.working_copy()
-                base.epoch = new_epoch
-                self.l2.evict_context(context_id)
-                if self.l2.fill_context(base, live=True):
-                    return base
-                continue  # someone wrote meanwhile: look again
-            moved = stored.context.working_copy()
-            moved.epoch = new_epoch
-            try:
-                # Same version, new epoch: writers of the old epoch are refused from now on.
-                if self.l2.commit_context(
-                    moved,
-                    expected_version=stored.version,
-                    now=self.clock(),
-                    debounce_s=self.config.write_behind_debounce_s,
-                    max_delay_s=self.config.write_behind_max_delay_s,
-                    expected_epoch=from_epoch,
-                    require_live=True,
-                ):
-                    return moved
-            except (VersionConflict, LineageLost):
-                continue  # a step of the old epoch committed meanwhile: take that one
-        raise TransactionFailed(f"rewind of context {context_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
-
-    # ---- retention --------------------------------------------------------------------------------
-
-    def prune(self, older_than_s: float, *, batch: int = 500) -> PruneReport:
-        """Delete the runs that finished more than ``older_than_s`` ago: their ledger rows and context
-        snapshots (L3), their L2 entries and run records, and L1 copies. Exports and blackboard
-        entries stay. In batches, each one L3 transaction, so a prune may stop anywhere and run again."""
-        report = PruneReport()
-        while True:
-            pruned = self.l3.prune_runs(older_than_s, limit=batch)
-            for run_id, context_ids in pruned.items():
-                for context_id in context_ids:
-                    self.l2.evict_context(context_id)
-                    self.l1.evict_context(context_id)
-                self.l2.forget_run(run_id)
-                report.runs += 1
-                report.contexts += len(context_ids)
-            if len(pruned) < batch:
-                return report
-
-    def discard_context(self, context_id: str) -> None:
-        """Forget a context everywhere (a child whose creation the rebuilt lineage has not reached)."""
-        self.l3.discard_context(context_id)
-        self.l2.evict_context(context_id)
-        self.l1.evict_context(context_id)
-
-    def rotate_keys(self, keyring: Keyring, *, batch: int = 100, progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
-        """Seal everything again under the newest key of ``keyring`` while runs go on: L3 in batches
-        (each its own transaction; an interrupted rotation is resumed by running it again), then
-        L2 (clean entries dropped, to be filled again from L3; dirty ones rewritten at their version
-        by compare-and-set). The older keys are then forgotten by L3: processes may drop them."""
-        old = ({key_id for key_id, _ in keyring.keys[1:]} | self.l3.key_ids()) - {keyring.newest}
-        self.l3.record_key(keyring.newest)
-        counts = {"l3": 0, "l2": 0}
-        while done := self.l3.reseal(old, limit=batch):
-            counts["l3"] += done
-            if progress:
-                progress("l3", counts["l3"])
-        for context_id in self.l2.context_ids():
-            counts["l2"] += self._reseal_l2(context_id)
-        for key in self.l2.config_keys():
-            self.l2.evict_config(key)
-        self.l3.forget_keys(old)
-        return counts
-
-    def _reseal_l2(self, context_id: str) -> int:
-        for _ in range(COMMIT_ATTEMPTS):
-            try:
-                stored = self.l2.get_context(context_id)
-            except ContextCorruption:
-                self.l2.evict_context(context_id)
-                return 1
-            if stored is None:
-                return 0
-            if not stored.dirty:
-                self.l2.evict_context(context_id, up_to_version=stored.version)
-                return 1
-            try:
-                if self.l2.commit_context(  # the same version, sealed and authenticated anew
-                    stored.context, expected_version=stored.version, now=self.clock(),
-                    debounce_s=self.config.write_behind_debounce_s, max_delay_s=self.config.write_behind_max_delay_s,
-                    expected_epoch=stored.epoch,
-                ):
-                    return 1
-            except (VersionConflict, LineageLost):
-                continue  # a step committed meanwhile: under the newest key already; look again
-        return 0
-
-    def key_ids(self) -> set[str]:
-        """The ids of every key stored values were sealed under (L3 records them)."""
-        return self.l3.key_ids()
-
-    def check_keys(self, keyring: Keyring) -> None:
-        """Refuse to go on if L3 holds values sealed under a key this process lacks; record the newest."""
-        missing = sorted(self.l3.key_ids() - {key_id for key_id, _ in keyring.keys})
-        if missing:
-            raise SettingsError(
-                "RUNCTX_ENCRYPTION_KEYS",
-                f"the database holds values sealed under key(s) {', '.join(missing)}, which this process does not "
-                "have: give it the same keys as the others (newest first)",
-            )
-        self.l3.record_key(keyring.newest)
-
-    def keep_hidden_error(self, run_id: str, step_id: str, text: str) -> None:
-        """Keep the real error text of a step that read sensitive values, sealed (only with keys: an
-        in-memory store without them keeps nothing), for `runs.meta` at finalize."""
-        keyring = getattr(self.l2, "codec", None) and self.l2.codec.keyring  # type: ignore[attr-defined]
-        if keyring is None:
-            return
-        sealed = keyring.seal({"step": step_id, "error": text}, binding(run_id, run_id, "error", step_id, "secret"))
-        self.l2.keep_hidden_error(run_id, sealed)
-
-    def mark_failed(self, run_id: str, error: str) -> bool:
-        """Flag the run failed in L2 (True for the first flag) and in this process's L1."""
-        first = self.l2.mark_failed(run_id, error)
-        self.l1.note_run_ended(run_id)
-        return first
-
-    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
-        return self.l3.list_runs(status=status, routine=routine, limit=limit)
-
-    def running_runs(self, limit: int = 1000) -> list[RunRow]:
-        return self.l3.running_runs(limit)
-
-    def get_run(self, run_id: str) -> RunRow | None:
-        return self.l3.get_run(run_id)
-
-    # ---- invalidation -----------------------------------------------------------------------
-
-    def evict_context(self, context_id: str, *, up_to_version: int | None = None) -> None:
-        self.l2.evict_context(context_id, up_to_version)
-        self.l1.evict_context(context_id, up_to_version)
-
-    def take_commit(self, context_id: str, version: int, *, state: CommittedState | None = None) -> bool:
-        """Another process committed ``version`` (heard from its broadcast, or carried by the message
-        of the step that follows it): drop older L1 copies, or, given its ``state`` while this L1
-        holds one of the versions its steps lead from, take it, so that a step here finds it in L1.
-        Returns whether L1 now holds ``version``."""
-        if state is not None and state.context_id == context_id and state.version == version:
-            return self.l1.follow(state, self._decode_followed(context_id))
-        self.l1.evict_context(context_id, up_to_version=version - 1)
-        return False
-
-    def _decode_followed(self, context_id: str) -> Callable[[bytes, str], RunContext]:
-        def decode(payload: bytes, payload_checksum: str) -> RunContext:
-            try:
-                return self.l2.decode_state(payload, payload_checksum, [], key=context_id)
-            except ContextCorruption as exc:
-                log_error(log, exc, "ignoring the state another process committed (a read from L2 takes its place)")
-                raise
-
-        return decode
-
-    def handle_change(self, event: ChangeEvent) -> None:
-        """Apply an L3 change event to L2 and this process's L1."""
-        if event.kind == "context":
-            if event.origin == "runctx":
-                return  # runctx wrote L3 from L2: L2 is already as new as this
-            self._reconcile_sql_change(event.context_id, event.version or 0)
-        else:
-            for key in event.cache_keys:
-                self.l2.evict_config(key)
-                self.l1.evict_config(key)
-
-    def _reconcile_sql_change(self, context_id: str, l3_version: int) -> None:
-        """A context changed in L3 outside runctx, now at ``l3_version``.
-
-        A clean L2 copy that is not newer is evicted, so the next read takes the edit. A dirty one
-        holds step changes that were acknowledged but not yet written to L3: they are kept, moved
-        to a version above the edit's so that the write-behind replaces it (the run's progress
-        wins over a concurrent manual edit; nothing acknowledged is lost).
-        """
-        for _ in range(10):
-            try:
-                stored = self.l2.get_context(context_id)
-            except ContextCorruption:
-                self.l2.evict_context(context_id)
-                break
-            if stored is None or stored.version > l3_version:
-                break
-            if not stored.dirty:
-                self.l2.evict_context(context_id, up_to_version=l3_version)
-                break
-            kept = stored.context.working_copy()
-            kept.version = l3_version + 1
-            try:
-                if not self._commit_l2(kept, stored.version):
-                    continue  # expired meanwhile: look again
-                log.warning(
-                    "context %s was changed in L3 (version %d) while it had unwritten changes; these are kept as version %d",
-                    context_id, l3_version, kept.version,
-                )
-                break
-            except VersionConflict:
-                continue  # a step committed meanwhile: look again
-        self.l1.evict_context(context_id, up_to_version=l3_version)
-
-    # ---- routine definitions and configurations ------------------------------------------------
-
-    def _cached_config(self, key: str, load: Callable[[], ConfigEntry | None]) -> ConfigEntry:
-        entry = self.l1.get_config(key)
-        if entry is not None:
-            self.stats.served("l1")
-            return entry
-        try:
-            entry = self.l2.get_config(key)
-        except ContextCorruption as exc:
-            log_error(log, exc, "reloading from L3")
-            self.stats.corruptions_healed += 1
-            entry = None
-        if entry is not None:
-            self.stats.served("l2")
-        else:
-            entry = load()
-            if entry is None:
-                raise NotFound(f"{key} is in no tier")
-            self.stats.served("l3")
-            self.l2.put_config(entry)
-        self.l1.put_config(entry)
-        return entry
-
-    def get_config(self, kind: str, name: str) -> ConfigEntry:
-        return self._cached_config(config_key(kind, name), lambda: self.l3.get_config(kind, name))
-
-    def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
-        version = self.l3.put_config(kind, name, data, expected_version=expected_version)
-        self.stats.wrote_l3("config")
-        self._forget_config(config_key(kind, name))
-        return version
-
-    def get_routine(self, name: str, version: int | None = None) -> ConfigEntry:
-        """A routine definition: the newest or one stored version."""
-        return self._cached_config(routine_key(name, version), lambda: self.l3.get_routine(name, version))
-
-    def cache_routine(self, name: str, version: int, definition: Any) -> ConfigEntry:
-        """``definition``, which L3 holds as ``version`` (just stored, or found there), cached in L2
-        and L1 under that version's key: its next reads (this process compiling it, a worker's
-        first step of a run) cost no L3 read. A stored version never changes."""
-        key = routine_key(name, version)
-        entry = self.l1.get_config(key)
-        if entry is not None and entry.data == definition:
-            return entry
-        entry = ConfigEntry(key=key, version=version, data=definition)
-        self.l2.put_config(entry)
-        self.l1.put_config(entry)
-        return entry
-
-    def put_routine(self, name: str, definition: Any) -> int:
-        version = self.l3.put_routine(name, definition)
-        self.stats.wrote_l3("routine")
-        self._forget_config(routine_key(name))
-        return version
-
-    def get_cached(self, key: str) -> ConfigEntry:
-        """A routine or configuration by its cache key (see `state.keys`)."""
-        parsed = CacheKey.parse(key)
-        if parsed.kind == "routine":
-            return self.get_routine(parsed.name, parsed.version)
-        assert parsed.config_kind is not None
-        return self.get_config(parsed.config_kind, parsed.name)
-
-    def _forget_config(self, key: str) -> None:
-        # The change event does this for every process; doing it here too gives read-after-write.
-        self.l2.evict_config(key)
-        self.l1.evict_config(key)
+    def pending_flushes(self) -> tuple[int, float | None]:
+        """How many contexts wait for their L3 write, and when the oldest change among them was made."""
+        return self.l2.pending_flushes(), self.l2.oldest_unwritten()

@@ -1,1 +1,2 @@
-"""Execution of routines: the run state machine (Tier 2), step execution (Tier 3) and the Celery tasks."""
+"""Execution of routines, free of Celery: the routine language and its plans, the run engine that
+submits runs, runs step messages, commits steps and moves runs along (see `tasks.engine`)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from state.models import RunContext
-from tasks.plan import Node, Plan
+from tasks.plan import REAL_KINDS, Node, Plan
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def next_work(
     if index is None:
         return []
     node = plan.node(index)
-    if node.kind in ("action", "child_end"):
+    if node.kind in REAL_KINDS:
         return [Next(index, dict(versions))]
     if node.kind == "finish":
         return [Next(None, dict(versions))]
@@ -87,7 +87,7 @@ def resume_points(plan: Plan, contexts: dict[str, RunContext]) -> Resume:
             return
         seen.add(index)
         node = plan.node(index)
-        if node.kind in ("action", "child_end"):
+        if node.kind in REAL_KINDS:
             if node.step_id in applied.get(node.context, set()):
                 walk(node.next)
             else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from state.tiers.contracts import CommittedState, Outbox
+from state.tiers.data import CommittedState, Outbox
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,15 @@ class StepMessage:
     # The run's epoch when this was sent: after a rewind, messages of an older epoch are refused.
     epoch: int = 1
 
+    def at(self, context: str, version: int) -> StepMessage:
+        """This message, needing ``version`` of the context at path ``context``."""
+        return StepMessage(
+            self.run_id, self.routine, self.routine_version, self.node, {**self.versions, context: version},
+            step_id=self.step_id, epoch=self.epoch,
+        )
+
     def as_kwargs(self) -> dict[str, Any]:
-        # By hand: dataclasses.asdict deep-copies field by field, ~8 us, paid twice by every step.
+        # By hand: dataclasses.asdict deep-copies field by field, paid twice by every step.
         return {
             "run_id": self.run_id, "routine": self.routine, "routine_version": self.routine_version, "node": self.node,
             "versions": dict(self.versions), "step_id": self.step_id, "epoch": self.epoch,
@@ -71,14 +78,24 @@ class FinalizeMessage:
         return asdict(self)
 
 
+class Successor(Protocol):
+    """A step's message prepared to ride in the commit of the step before it (its ids made once):
+    `outbox` gives it as the broker stores it, once that commit's version of the context the two
+    steps share is known, carrying the state the commit stores (if it may travel)."""
+
+    def outbox(self, version: int, state: CommittedState | None) -> Outbox: ...
+
+
 class Dispatcher(Protocol):
-    """Sends the next pieces of work; the Celery implementation lives in tasks.celery_tasks."""
+    """Sends the next pieces of work: Celery's (`workers.dispatcher`), or the in-process one of
+    `runctx.testing`."""
 
     def step(self, message: StepMessage) -> None: ...
 
-    def outbox(self, message: StepMessage, state: CommittedState | None = None) -> Outbox | None:
-        """``message`` as a broker message a step's commit can push (None: send it with `step`),
-        carrying ``state`` (what that commit stores) for the process that runs it."""
+    def successor(self, message: StepMessage, context: str) -> Successor | None:
+        """``message`` prepared to ride in its predecessor's commit, which makes the version of the
+        context at path ``context`` it needs (None: it is sent with `step` after the commit, e.g.
+        where the broker is not L2's Redis)."""
 
     def finalize(self, message: FinalizeMessage) -> None: ...
 

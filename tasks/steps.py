@@ -1,43 +1,64 @@
-"""Step execution (Tier 3): one real node of the plan run against its context and committed once.
+"""Step execution: one real node of the plan run against its context and committed once.
 
 An action step reads its context, runs the action on a read-only view and commits the changes it
-returned; a sub-routine's end merges the child context into its parent. Either commits through
-`TieredStore.commit_step`, so a step delivered twice applies once.
+returned; a sub-routine's end merges the child context into its parent. Either is one
+compare-and-set (`TieredStore.try_commit`): a commit that loses to another writer applies the
+step's changes again to the newer state, so a step delivered twice applies once and no update is
+lost. A single plain step that follows rides in the commit (its `Successor` message).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from state.errors import RoutineError, StepFailed
+from state.errors import RoutineError, StepFailed, TransactionFailed
 from state.keys import context_id
 from state.models import RunContext
-from state.store import Follow, StepCommit, TieredStore
-from state.tiers.contracts import StepReport
+from state.store import AlreadyApplied, Committed, TieredStore
+from state.tiers.data import CommitRequest, StepReport
 from tasks.actions import run_action
 from tasks.changes import ContextView, apply_changes
-from tasks.messages import StepMessage
+from tasks.messages import StepMessage, Successor
 from tasks.plan import Node
 
 log = logging.getLogger(__name__)
 
+COMMIT_ATTEMPTS = 200  # a step's compare-and-set may lose this many times to concurrent writers
 HIDDEN = "<hidden: the step read secret values>"
 
 # Frames in these directories are runctx's own; a user action's traceback shows the others.
 _RUNCTX_DIRS = tuple(str(Path(__file__).resolve().parent.parent / package) for package in ("state", "tasks", "workers", "runctx"))
 
 
-def user_frames(tb: TracebackType | None) -> TracebackType | None:
-    """The traceback from the first frame that is not runctx's: the user's action and what it called."""
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_RUNCTX_DIRS):
-        tb = tb.tb_next
-    return tb
+@dataclass(frozen=True)
+class StepCommit:
+    """The context after a step's commit, and whether this commit applied the step."""
+
+    context: RunContext
+    applied: bool  # False: the step had been applied already (a duplicate delivery)
+    dispatched: bool = False  # the commit carried what follows the step (its successor's message)
+
+
+@dataclass(frozen=True)
+class StepAttempt:
+    """One start of a step in a worker: what its commit records about it (`StepReport`)."""
+
+    run_id: str
+    step_id: str
+    worker: str
+    started: float  # time.perf_counter() when it started
+    attempts: int = 1
+
+    def report(self) -> StepReport:
+        return StepReport(self.run_id, self.step_id, self.worker, time.perf_counter() - self.started, self.attempts)
 
 
 def redact(text: str, ctx: RunContext) -> str:
@@ -48,28 +69,29 @@ def redact(text: str, ctx: RunContext) -> str:
     return text
 
 
+def user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback from the first frame that is not runctx's: the user's action and what it called."""
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_RUNCTX_DIRS):
+        tb = tb.tb_next
+    return tb
+
+
 class StepExecutor:
     """Runs the real nodes of a plan (``action`` and ``child_end``) against the store.
 
     Owns nothing but its store. Promises: a step's changes commit once, with its id, in one
-    compare-and-set; a user action's own error becomes StepFailed with sensitive values redacted.
+    compare-and-set, re-applied to a newer state when another writer came first; a user action's
+    own error becomes StepFailed with sensitive values redacted and its traceback kept.
     """
 
     def __init__(self, store: TieredStore) -> None:
         self.store = store
 
-    def run(
-        self,
-        message: StepMessage,
-        node: Node,
-        report: Callable[[], StepReport] | None = None,
-        follow: Follow | None = None,
-    ) -> StepCommit:
-        """Run the node; ``report`` gives the step's record and ``follow`` the message of what follows
-        it, both committed with its changes (see `TieredStore.commit_step`)."""
+    def run(self, message: StepMessage, node: Node, attempt: StepAttempt | None = None, successor: Successor | None = None) -> StepCommit:
+        """Run the node and commit it, with ``attempt``'s record and ``successor``'s message."""
         if node.kind == "action":
-            return self._apply_action(message, node, report, follow)
-        return self._merge_child(message, node, report, follow)
+            return self._apply_action(message, node, attempt, successor)
+        return self._merge_child(message, node, attempt, successor)
 
     def is_applied(self, message: StepMessage, node: Node) -> bool:
         """Whether the node's context holds the step already (read from the step's lineage)."""
@@ -79,9 +101,7 @@ class StepExecutor:
         ctx_id = context_id(message.run_id, path)
         return ctx_id, self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=message.versions.get(path, 1))
 
-    def _apply_action(
-        self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None, follow: Follow | None
-    ) -> StepCommit:
+    def _apply_action(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
         ctx_id, base = self._read(message, node.context)
         if base.has_applied(node.step_id):
             return StepCommit(base, applied=False)
@@ -100,7 +120,7 @@ class StepExecutor:
                 now=time.time(), raise_to=read, declassify=node.declassify,
             )
 
-        return self.store.commit_step(ctx_id, base, node.step_id, mutate, report, follow)
+        return self._commit(ctx_id, base, node.step_id, mutate, attempt, successor)
 
     def _changes_of(self, node: Node, view: ContextView, base: RunContext) -> list[Any]:
         assert node.action is not None
@@ -117,9 +137,7 @@ class StepExecutor:
                 raise  # runctx's own (a built-in action's, or a result that is not changes)
             raise _user_failure(node.action, exc, base) from None
 
-    def _merge_child(
-        self, message: StepMessage, node: Node, report: Callable[[], StepReport] | None, follow: Follow | None
-    ) -> StepCommit:
+    def _merge_child(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
         assert node.child_context is not None and node.merge is not None
         parent_id, parent = self._read(message, node.context)
         if parent.has_applied(node.step_id):
@@ -132,7 +150,47 @@ class StepExecutor:
             for conflict in conflicts:  # names and strategies only: values may be sensitive
                 log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
 
-        return self.store.commit_step(parent_id, parent, node.step_id, mutate, report, follow)
+        return self._commit(parent_id, parent, node.step_id, mutate, attempt, successor)
+
+    def _commit(
+        self, ctx_id: str, base: RunContext, step_id: str, mutate: Callable[[RunContext], None],
+        attempt: StepAttempt | None, successor: Successor | None,
+    ) -> StepCommit:
+        """Apply ``mutate`` to the newest state with the step's id in its applied steps, and commit it:
+        again on the state that beat it, until it commits or finds the step applied already.
+        Raises RunFailed if the run failed meanwhile (nothing is written)."""
+        if base.has_applied(step_id):
+            return StepCommit(base, applied=False)
+        latest = base
+        for round_ in range(COMMIT_ATTEMPTS):
+            working = latest.working_copy()
+            mutate(working)
+            working.mark_applied(step_id)
+            working.version = latest.version + 1
+            working.note_step_commit(step_id)
+            report = attempt.report() if attempt is not None else None
+            encoded = outbox = None
+            if successor is not None and report is not None and self.store.carries_outbox:
+                encoded = self.store.encode(working)  # once: for the commit and for the message
+                outbox = successor.outbox(working.version, self.store.travelling(working, step_id, encoded))
+            request = CommitRequest(
+                working, latest.version, expected_epoch=working.epoch, require_live=True, step_id=step_id,
+                report=report, outbox=outbox, encoded=encoded,
+            )
+            outcome = self.store.try_commit(request, base=latest)
+            if isinstance(outcome, Committed):
+                return StepCommit(outcome.context, applied=True, dispatched=outbox is not None)
+            if isinstance(outcome, AlreadyApplied):
+                return StepCommit(self.store.read_for_step(ctx_id, epoch=base.epoch, at_least=latest.version), applied=False)
+            # Someone committed first, or the lineage changed: take what is there now (told by the
+            # refusal itself, or read again, which may refuse the step as stale or ask for a
+            # rewind) and apply the changes to it.
+            at_least = max(outcome.actual_version or 0, latest.version + 1)
+            latest = outcome.newer or self.store.read_for_step(ctx_id, epoch=base.epoch, at_least=at_least)
+            if latest.has_applied(step_id):
+                return StepCommit(latest, applied=False)
+            time.sleep(random.uniform(0, min(0.02, 0.0005 * 2**round_)))
+        raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
 
 
 def _user_failure(action: str, exc: Exception, ctx: RunContext) -> StepFailed:

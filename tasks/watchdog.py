@@ -49,8 +49,9 @@ class Watchdog:
     def scan(self) -> list[str]:
         """Resume every running run that has not moved for its stall timeout; returns their ids."""
         now = self.clock()
-        runs = self.engine.store.running_runs()
-        progress = self.engine.store.l2.progress_of([run.run_id for run in runs])
+        ledger = self.engine.store.ledger
+        runs = ledger.running_runs()
+        progress = ledger.progress_of([run.run_id for run in runs])
         resumed = []
         for run in runs:
             changed = run.updated_at.timestamp() if run.updated_at else now

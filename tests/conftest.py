@@ -62,7 +62,7 @@ def remove_data_dir(data_dir: Path) -> None:
     """A throwaway data dir and, as root, the PostgreSQL cluster kept for it under /var/lib/runctx."""
     import shutil
 
-    from runctx.embedded import supervisor as sup
+    from runctx.embedded import layout as sup
 
     pg_base = sup.Layout(data_dir.resolve()).pg_base
     if sup.ROOT_PG_BASE in pg_base.parents:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import psycopg
 
+from state import bus
 from state.change_events import ChangeListener, libpq_url
 from state.models import RunContextInit
 from state.store import TieredStore
-from state.tiers.contracts import ConfigEntry
+from state.tiers.data import ConfigEntry
 from workers.control import ControlChannel, probe
 
 
@@ -27,7 +29,7 @@ def test_commits_by_another_process_evict_older_l1_copies(store: TieredStore, ma
     ctx = store.create_context(RunContextInit(run_id="r1", routine_id="x", variables={"n": 1}))
     reader = make_store()
     reader.get_context(ctx.context_id)
-    channel = ControlChannel(reader, reader.l2).start()
+    channel = ControlChannel(reader, reader.l2.client, reader.l2.prefix).start()
     try:
         assert channel.subscribed.wait(5)
         with store.edit(ctx.context_id) as working:  # the commit's Lua script broadcasts version 2
@@ -35,14 +37,14 @@ def test_commits_by_another_process_evict_older_l1_copies(store: TieredStore, ma
         assert wait_for(lambda: reader.l1.context_version(ctx.context_id) is None)
         reader.get_context(ctx.context_id)
         assert reader.l1.context_version(ctx.context_id) == 2
-        channel.handle({"type": "context", "id": ctx.context_id, "version": 2})  # not older: kept
+        channel.handle(bus.decode(json.dumps({"type": "context", "id": ctx.context_id, "version": 2})))  # not older: kept
         assert reader.l1.context_version(ctx.context_id) == 2
     finally:
         channel.stop()
 
 
 def test_a_process_that_resubscribes_clears_its_l1(store: TieredStore) -> None:
-    channel = ControlChannel(store, store.l2).start()
+    channel = ControlChannel(store, store.l2.client, store.l2.prefix).start()
     try:
         assert channel.subscribed.wait(5)
         store.l1.put_config(ConfigEntry(key="config:bot:a", version=1, data={}))
@@ -58,9 +60,9 @@ def test_a_process_that_resubscribes_clears_its_l1(store: TieredStore) -> None:
 
 
 def test_l3_events_are_relayed_once_and_reach_every_subscribed_process(store: TieredStore, make_store, database_url: str) -> None:
-    store.put_config("bot", "helper", {"model": "small"})
+    store.configs.put_config("bot", "helper", {"model": "small"})
     others = [make_store() for _ in range(3)]
-    channels = [ControlChannel(other, other.l2, identity=f"process-{i}").start() for i, other in enumerate(others)]
+    channels = [ControlChannel(other, other.l2.client, other.l2.prefix, identity=f"process-{i}").start() for i, other in enumerate(others)]
     listeners = [ChangeListener(database_url, channel.relay_change).start() for channel in channels]
     try:
         assert all(channel.subscribed.wait(5) for channel in channels)

@@ -112,7 +112,7 @@ def steps_done(client: redis.Redis, prefix: str, run_id: str) -> int:
 
 def run_seconds(store, run_id: str) -> float:
     """The run's own duration, as the ledger (L3) recorded it: created -> finished."""
-    row = store.get_run(run_id)
+    row = store.ledger.get_run(run_id)
     return (row.finished_at - row.created_at).total_seconds()
 
 
@@ -154,7 +154,7 @@ def assert_exact(store, result: dict[str, Any], routine: dict[str, Any], expecte
     step_ids = action_steps(routine) + ["total"]
     assert sorted(final.applied_steps) == sorted(step_ids), "a step applied twice or not at all"
     assert final.variables == expected
-    assert store.get_run(result["run_id"]).status == "succeeded"
+    assert store.ledger.get_run(result["run_id"]).status == "succeeded"
 
 
 def timed_run(cluster: Cluster, path: Path) -> tuple[str, dict[str, Any], float]:

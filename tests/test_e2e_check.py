@@ -41,7 +41,7 @@ def test_check_reports_the_start_checks_of_every_running_worker_process(make_clu
     store = cluster.store()
     try:
         newer = Keyring.parse(Keyring.new_entry())
-        store.check_keys(Keyring(newer.keys + cluster.keyring().keys))
+        store.maintenance.check_keys(Keyring(newer.keys + cluster.keyring().keys))
     finally:
         store.close()
     done = cluster.runctx("check", "--json")

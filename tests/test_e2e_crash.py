@@ -116,7 +116,7 @@ def assert_applied_once(store, run_id: str, routine: dict[str, Any], expected: d
 
 
 def _run_status(store, run_id: str) -> str:
-    run = store.get_run(run_id)
+    run = store.ledger.get_run(run_id)
     return None if run is None else run.status
 
 

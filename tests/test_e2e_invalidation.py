@@ -60,8 +60,8 @@ def test_plain_sql_changes_reach_every_process_within_a_second(make_cluster) -> 
     try:
         old_config = {"model": "small", "limits": {"tokens": 100}}
         old_routine = {"name": "inv-routine", "steps": [{"id": "s1", "action": "set", "args": {"name": "a", "value": 1}}]}
-        config_version = store.put_config("bot", "alpha", old_config)
-        routine_version = store.put_routine("inv-routine", old_routine)
+        config_version = store.configs.put_config("bot", "alpha", old_config)
+        routine_version = store.configs.put_routine("inv-routine", old_routine)
         keys = {
             "config:bot:alpha": old_config,
             "routine:inv-routine": old_routine,
@@ -124,7 +124,7 @@ def test_every_process_drops_a_traced_configuration_within_a_second(make_cluster
     store = cluster.store()
     client = redis.Redis.from_url(cluster.redis_url)
     try:
-        version = store.put_config(kind, name, {"v": 1})
+        version = store.configs.put_config(kind, name, {"v": 1})
         answers = _probe_all(client, cluster.prefix, key)
         assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest(cluster, {"v": 1})}, answers
 

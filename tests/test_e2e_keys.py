@@ -66,7 +66,7 @@ def test_rotating_keys_while_a_run_goes_on_fails_nothing_and_frees_the_old_key(m
     cluster.extra_env["RUNCTX_ENCRYPTION_KEYS"] = new
     store = cluster.store()
     try:
-        store.check_keys(Keyring.parse(new))
+        store.maintenance.check_keys(Keyring.parse(new))
         for run_id in (finished["run_id"], in_flight):
             context = store.l3.get_context(run_id)
             assert context.variables["token"] == secret and context.variables["token_copy"] == secret

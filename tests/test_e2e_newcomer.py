@@ -86,7 +86,7 @@ def test_a_worker_without_the_key_that_sealed_stored_values_refuses_to_start(mak
     old, new = Keyring.new_entry(), Keyring.new_entry()
     store = cluster.store()
     try:
-        store.check_keys(Keyring.parse(",".join([new, old, *_entries(cluster.keyring())])))
+        store.maintenance.check_keys(Keyring.parse(",".join([new, old, *_entries(cluster.keyring())])))
     finally:
         store.close()
     code, log = refused_start(cluster, "n3", {"RUNCTX_ENCRYPTION_KEYS": ",".join([old, *_entries(cluster.keyring())])})

@@ -52,7 +52,7 @@ from state.limits import canonical_json
 from state.schema import CHANGE_CHANNEL
 from state.store import TieredStore
 from tasks.engine import RunEngine
-from tasks.in_process import Delivery, InProcessDispatcher
+from runctx.testing import Delivery, InProcessDispatcher
 from tasks.routine import parse_routine
 from tests.cluster import HERE, Cluster, new_prefix
 from tests.conftest import Servers, _admin_execute, database_url_for
@@ -257,7 +257,7 @@ def assert_applied_once(cluster: Cluster, run_id: str, run: LongRun) -> dict[str
     store = cluster.store()
     try:
         final = store.l3.get_context(run_id)
-        row = store.get_run(run_id)
+        row = store.ledger.get_run(run_id)
     finally:
         store.close()
     applied = Counter(final.applied_steps)
@@ -587,7 +587,7 @@ def _step_ids(routine: Any) -> list[str]:
 
 
 def _assert_final_once(store: TieredStore, run_id: str, routine: Any, expected: dict[str, Any]) -> None:
-    row = store.get_run(run_id)
+    row = store.ledger.get_run(run_id)
     assert row is not None and row.status == "succeeded", (row.status, row.error) if row else None
     final = store.l3.get_context(run_id)
     assert Counter(final.applied_steps) == Counter(_step_ids(routine))
@@ -620,7 +620,7 @@ def test_a_step_message_from_before_a_rewind_is_refused_not_applied(store: Tiere
     # The next step finds its state gone: the run is rewound to epoch 2 from L3's snapshot (s1..s3).
     with caplog.at_level("INFO"):
         deliver_next()
-    assert engine.rewinds == 1 and store.get_run(run_id).epoch == 2
+    assert engine.rewinds == 1 and store.ledger.get_run(run_id).epoch == 2
     assert "rewound to epoch 2" in caplog.text
     resumed = dispatcher.queue[0]
     assert (resumed.message.step_id, resumed.message.epoch) == ("s4", 2)
@@ -737,7 +737,7 @@ def _garbage_then_traced_change(cluster: Cluster, payloads: list[str], label: st
     store = cluster.store()
     client = redis.Redis.from_url(cluster.redis_url)
     try:
-        version = store.put_config(kind, name, {"v": 1})
+        version = store.configs.put_config(kind, name, {"v": 1})
         answers = probe(client, cluster.prefix, key, load=True, wait_s=2.0)
         assert len(answers) == PROCESSES and {a["digest"] for a in answers.values()} == {_digest(cluster, {"v": 1})}, answers
 

@@ -19,7 +19,9 @@ import redis
 import sqlalchemy as sa
 
 from runctx.embedded import EmbeddedStack, admin_database_url
-from runctx.embedded import supervisor as sup
+from runctx.embedded.layout import DB_NAME, PG_PORT, PG_SUPERUSER, ROOT_PG_BASE, Layout
+from runctx.embedded.leases import read_state
+from runctx.embedded import supervisor
 from state.errors import EmbeddedStackError
 from tests.conftest import remove_data_dir
 
@@ -64,7 +66,7 @@ def alive(pid: int) -> bool:
 
 def stack_processes(data_dir: Path) -> list[psutil.Process]:
     """Live processes of the stack on ``data_dir``: supervisor, redis-server, postgres and its backends."""
-    layout = sup.Layout(data_dir.resolve())
+    layout = Layout(data_dir.resolve())
     marks = (str(layout.data_dir), str(layout.socket_dir), str(layout.pg_dir))
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
@@ -164,7 +166,7 @@ def test_redis_data_survives_restart(data_dir: Path) -> None:
 
 def test_servers_listen_on_loopback_or_unix_sockets_only(data_dir: Path) -> None:
     with EmbeddedStack(data_dir) as stack:
-        state = sup.read_state(stack.layout)
+        state = read_state(stack.layout)
         assert state is not None
         redis_pid, postmaster_pid = stack.server_pids()
         postgres = psutil.Process(postmaster_pid)
@@ -179,7 +181,7 @@ def test_servers_listen_on_loopback_or_unix_sockets_only(data_dir: Path) -> None
             listening = [c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN]
             assert set(listening) <= {"127.0.0.1", "::1"}, (proc, listening)
         assert stack.layout.redis_socket.is_socket()
-        assert (stack.layout.pg_socket_dir / f".s.PGSQL.{sup.PG_PORT}").is_socket()
+        assert (stack.layout.pg_socket_dir / f".s.PGSQL.{PG_PORT}").is_socket()
         assert redis.Redis.from_url(stack.redis_url).config_get("port") == {"port": "0"}
 
 
@@ -242,7 +244,7 @@ def test_second_owner_reuses_the_servers_until_both_are_gone(data_dir: Path) -> 
 
         first.kill()
         first.wait()
-        time.sleep(3 * sup.POLL_S)  # several supervisor polls
+        time.sleep(3 * supervisor.POLL_S)  # several supervisor polls
         assert all(alive(pid) for pid in first_pids)
         stack = EmbeddedStack(data_dir)  # not started: just for the URL
         assert redis.Redis.from_url(stack.redis_url).ping()
@@ -305,7 +307,7 @@ def test_nested_stacks_in_one_process_share_one_lease(data_dir: Path) -> None:
     outer = EmbeddedStack(data_dir).start()
     with EmbeddedStack(data_dir) as inner:
         assert inner.server_pids() == outer.server_pids()
-    time.sleep(3 * sup.POLL_S)
+    time.sleep(3 * supervisor.POLL_S)
     assert all(alive(pid) for pid in outer.server_pids())
     outer.stop(wait=True)
     assert no_stack_left(data_dir)
@@ -339,6 +341,20 @@ def test_start_failure_raises_with_the_log_tail(data_dir: Path) -> None:
     assert wait_until(lambda: no_stack_left(data_dir), timeout=5)
 
 
+def test_the_supervisor_run_by_path_imports_only_the_standard_library_and_psutil(tmp_path: Path) -> None:
+    """It lives as long as the servers, and is started by path with -P from the data dir."""
+    path = Path(supervisor.__file__).resolve()
+    script = (
+        "import runpy, sys; before = set(sys.modules); "
+        f"runpy.run_path({str(path)!r}, run_name='not_main'); "  # as by path, without running main()
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['psutil', 'runctx']"
+
+
 # ---- hardening ----------------------------------------------------------------------------------
 
 
@@ -366,13 +382,13 @@ def test_the_stack_changes_no_permission_outside_its_directories_and_locks_its_s
             assert redis.Redis.from_url(stack.redis_url).ping()
 
             with pytest.raises(psycopg.OperationalError, match="password"):
-                psycopg.connect(host=str(layout.pg_socket_dir), port=sup.PG_PORT, user=sup.PG_SUPERUSER, dbname=sup.DB_NAME)
+                psycopg.connect(host=str(layout.pg_socket_dir), port=PG_PORT, user=PG_SUPERUSER, dbname=DB_NAME)
             engine = sa.create_engine(stack.database_url)
             with engine.connect() as conn:
                 assert conn.execute(sa.text("SELECT 1")).scalar() == 1
             engine.dispose()
             if os.geteuid() == 0:  # postgres runs as another user: its cluster lives where that user may go
-                assert sup.ROOT_PG_BASE in layout.pg_dir.parents
+                assert ROOT_PG_BASE in layout.pg_dir.parents
         assert _modes(home) == before
     finally:
         wait_until(lambda: no_stack_left(data_dir), timeout=10)

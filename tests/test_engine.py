@@ -25,16 +25,19 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from state.errors import CommunicationFailure, LimitExceeded
 from state.models import ResourceLimits, RunContext
 from state.store import TieredStore
-from state.tiers.contracts import RunRow
+from state.tiers.data import RunRow
 from state.tiers.local import LocalCache
-from state.tiers.memory_l2 import MemoryL2
+from state.tiers.memory import MemoryL2
+from state.tiers.data import CommitRequest
 from tasks.changes import Change
+from tasks.steps import StepExecutor
 from tasks.engine import RunEngine
-from tasks.in_process import Delivery, InProcessDispatcher
+from runctx.testing import Delivery, InProcessDispatcher, LocalEnvironment
 from tasks.routine import parse_routine
 from tests.merge_cases import (
     CASES,
@@ -70,42 +73,7 @@ def as_mapping(view, args: dict[str, Any]) -> dict[str, Any]:
 # ---- harness ------------------------------------------------------------------------------------
 
 
-class Harness:
-    """One store on the in-memory tiers, one in-process dispatcher and the engine between them."""
-
-    def __init__(
-        self, *, max_attempts: int = 3, max_retries: int = 5, limits: ResourceLimits | None = None, outbox: bool = False
-    ) -> None:
-        self.store = TieredStore.in_memory()
-        assert isinstance(self.store.l2, MemoryL2)
-        # outbox: a step's successor rides in its commit, as on workers whose broker is L2's Redis.
-        self.dispatcher = InProcessDispatcher(max_retries=max_retries, outbox_via=self.store.l2 if outbox else None)
-        self.engine = RunEngine(self.store, self.dispatcher, max_attempts=max_attempts, limits=limits)
-
-    def submit(self, routine: dict[str, Any], variables: dict[str, Any] | None = None, *, run_id: str | None = None) -> str:
-        return self.engine.submit(parse_routine(routine), variables=variables, run_id=run_id)
-
-    def settle(self, run_id: str) -> RunRow:
-        self.dispatcher.settle(self.engine)
-        row = self.store.get_run(run_id)
-        assert row is not None
-        return row
-
-    def run(self, routine: dict[str, Any], variables: dict[str, Any] | None = None) -> tuple[str, RunRow]:
-        run_id = self.submit(routine, variables)
-        return run_id, self.settle(run_id)
-
-    def final(self, run_id: str, path: str = "") -> RunContext:
-        """A context as L3 holds it (what finalize wrote): the root, or the sub-routine at ``path``."""
-        ctx = self.store.l3.get_context(f"{run_id}/{path}" if path else run_id)
-        assert ctx is not None, f"no context {path or '(root)'} in L3"
-        return ctx
-
-    def finalizes(self, run_id: str) -> list[Delivery]:
-        return [d for d in self.dispatcher.sent if d.kind == "finalize" and d.message.run_id == run_id]
-
-    def first_step(self, step_id: str) -> Delivery:
-        return next(d for d in self.dispatcher.sent if d.kind == "step" and d.message.step_id == step_id)
+Harness = LocalEnvironment
 
 
 @pytest.fixture(params=["sent", "outbox"])
@@ -141,16 +109,22 @@ def intrude_before_next_commit(monkeypatch, store: TieredStore, change: Callable
     first, so the step's compare-and-set is refused and must be re-applied on the newer version.
     """
     other = TieredStore(LocalCache(store.config), store.l2, store.l3, config=store.config)
-    original = store.l2.commit_context
+    original = store.l2.commit
     done = []
 
-    def commit_context(ctx: RunContext, **kwargs: Any) -> bool:
+    def commit(request: CommitRequest, **kwargs: Any) -> Any:
+        ctx = request.context
         if not done:
             done.append(ctx.context_id)
-            other.commit_step(ctx.context_id, other.get_context(ctx.context_id), "intruder", change)
-        return original(ctx, **kwargs)
+            StepExecutor(other)._commit(ctx.context_id, other.get_context(ctx.context_id), "intruder", change, None, None)
+        return original(request, **kwargs)
 
-    monkeypatch.setattr(store.l2, "commit_context", commit_context)
+    monkeypatch.setattr(store.l2, "commit", commit)
+
+
+def l2_conflicts() -> float:
+    """Compare-and-set commits refused so far, in this process (`runctx_l2_conflicts_total`)."""
+    return REGISTRY.get_sample_value("runctx_l2_conflicts_total") or 0.0
 
 
 # ---- sequences --------------------------------------------------------------------------------------
@@ -380,9 +354,9 @@ def test_a_redelivery_recovers_a_step_whose_first_run_died_before_dispatching_it
     delivery = h.dispatcher.queue.popleft()
     with monkeypatch.context() as m:
         m.setattr(h.dispatcher, "step", lambda message: None)  # committed, then the worker died
-        m.setattr(h.dispatcher, "outbox", lambda message, state=None: None)  # (a successor no commit carries)
+        m.setattr(h.dispatcher, "successor", lambda message, context: None)  # (a successor no commit carries)
         h.dispatcher.deliver(h.engine, delivery)
-    assert not h.dispatcher.queue and h.store.get_run(run_id).status == "running"
+    assert not h.dispatcher.queue and h.store.ledger.get_run(run_id).status == "running"
 
     h.dispatcher.queue.append(delivery)  # the broker redelivers the unacknowledged task
     row = h.settle(run_id)
@@ -436,7 +410,7 @@ class Processes:
             turn += 1
         self.step_reads = self.l2_reads.count(run_id)  # the run's steps and finalize; not the write-behind
         self.dispatcher.settle(self.engines[0])
-        row = self.stores[0].get_run(run_id)
+        row = self.stores[0].ledger.get_run(run_id)
         assert row is not None
         return row
 
@@ -576,7 +550,7 @@ def test_a_second_finalize_returns_false_and_changes_nothing(h: Harness) -> None
 
     assert h.engine.finalize(finalize.message) is False
     h.dispatcher.deliver(h.engine, finalize)  # the broker's copy: same outcome
-    after = h.store.get_run(run_id)
+    after = h.store.ledger.get_run(run_id)
     assert after == row
     assert (after.status, after.meta, after.finished_at) == (row.status, row.meta, row.finished_at)
     assert h.store.l3.blackboard[("team:x", "counter")]["version"] == 1  # not exported twice
@@ -678,6 +652,7 @@ def test_a_value_over_the_limits_fails_the_run_naming_the_variable() -> None:
 
 
 def test_a_refused_commit_is_re_applied_on_the_newer_version_and_both_increments_count(h: Harness, monkeypatch) -> None:
+    conflicts = l2_conflicts()
     run_id = h.submit(sequence(3))
     intrude_before_next_commit(monkeypatch, h.store, lambda ctx: ctx.set_variable("counter", ctx.get("counter") + 10))
     row = h.settle(run_id)
@@ -686,7 +661,7 @@ def test_a_refused_commit_is_re_applied_on_the_newer_version_and_both_increments
     final = h.final(run_id)
     assert final.variables["counter"] == 13
     assert final.applied_steps == ["intruder", "s1", "s2", "s3"]
-    assert h.store.stats.conflicts >= 1
+    assert l2_conflicts() >= conflicts + 1
     assert steps_of(row)["s1"]["attempts"] == 1  # re-applied within the task, not redelivered
 
 
@@ -705,13 +680,14 @@ def test_a_set_meeting_a_concurrent_set_is_resolved_by_the_concurrency_strategy(
     routine = {"name": "race", "variables": {"owner": "initial"}, "steps": [{"id": "claim", "action": "set", "args": {"name": "owner", "value": "from-step"}}]}
     if concurrency is not None:
         routine["concurrency"] = concurrency
+    conflicts = l2_conflicts()
     run_id = h.submit(routine)
     intrude_before_next_commit(monkeypatch, h.store, lambda ctx: ctx.set_variable("owner", "from-other"))
     row = h.settle(run_id)
 
     assert row.status == "succeeded"
     assert h.final(run_id).variables["owner"] == expected
-    assert h.store.stats.conflicts >= 1
+    assert l2_conflicts() >= conflicts + 1
 
 
 def test_concurrent_sets_of_mappings_under_merge_objects_keep_both_sides(h: Harness, monkeypatch) -> None:
@@ -764,7 +740,7 @@ def flaky(monkeypatch, target: Any, name: str, failures: int | None) -> list[int
 
 def test_an_infrastructure_error_in_a_step_is_retried_and_the_run_succeeds(h: Harness, monkeypatch) -> None:
     run_id = h.submit(sequence(3))
-    calls = flaky(monkeypatch, h.store.l2, "commit_context", failures=2)
+    calls = flaky(monkeypatch, h.store.l2, "commit", failures=2)
     row = h.settle(run_id)
 
     assert row.status == "succeeded" and h.final(run_id).variables["counter"] == 3
@@ -782,7 +758,7 @@ def test_an_infrastructure_error_that_outlasts_the_retries_leaves_the_run_to_the
     run_id = h.submit(sequence(3))
     mp = pytest.MonkeyPatch()
     try:
-        calls = flaky(mp, h.store.l2, "commit_context", failures=None)
+        calls = flaky(mp, h.store.l2, "commit", failures=None)
         row = h.settle(run_id)
     finally:
         mp.undo()
@@ -797,7 +773,7 @@ def test_an_infrastructure_error_that_outlasts_the_retries_leaves_the_run_to_the
 
 def test_an_infrastructure_error_while_committing_is_retried_without_applying_twice(h: Harness, monkeypatch) -> None:
     run_id = h.submit(sequence(3))
-    flaky(monkeypatch, h.store.l2, "commit_context", failures=1)
+    flaky(monkeypatch, h.store.l2, "commit", failures=1)
     row = h.settle(run_id)
     assert row.status == "succeeded" and h.final(run_id).variables["counter"] == 3
 
@@ -926,7 +902,7 @@ def test_a_cancelled_run_starts_no_further_step_and_ends_cancelled(h: Harness) -
     assert h.final(run_id).variables["counter"] == 2 and h.final(run_id).applied_steps == ["s1", "s2"]
     assert len(h.finalizes(run_id)) == 1
     assert h.engine.cancel(run_id) is False  # ended: nothing to cancel
-    assert [run.run_id for run in h.store.list_runs(status="cancelled")] == [run_id]
+    assert [run.run_id for run in h.store.ledger.list_runs(status="cancelled")] == [run_id]
 
 
 def test_cancelling_an_unknown_run_says_so(h: Harness) -> None:
@@ -939,7 +915,7 @@ def test_cancelling_an_unknown_run_says_so(h: Harness) -> None:
 def test_step_states_show_where_a_run_stands(h: Harness) -> None:
     run_id = h.submit(sequence(4))
     h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())  # s1 done, s2 dispatched
-    states = h.engine.step_states(run_id)
+    states = h.step_states(run_id)
     assert states["status"] == "running"
     assert [(step["id"], step["state"]) for step in states["steps"]] == [
         ("s1", "done"), ("s2", "running"), ("s3", "pending"), ("s4", "pending")
@@ -947,7 +923,7 @@ def test_step_states_show_where_a_run_stands(h: Harness) -> None:
     assert states["totals"] == {"done": 1, "running": 1, "pending": 2, "failed": 0, "cancelled": 0, "total": 4}
     assert states["steps"][0]["worker"] == "in-process" and states["steps"][0]["attempts"] == 1
     h.settle(run_id)
-    final = h.engine.step_states(run_id)
+    final = h.step_states(run_id)
     assert final["status"] == "succeeded" and final["totals"]["done"] == 4 and final["totals"]["running"] == 0
 
 
@@ -956,7 +932,7 @@ def test_the_steps_a_cancelled_run_never_finished_are_cancelled_not_pending(h: H
     h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())  # s1 done, s2 dispatched
     assert h.engine.cancel(run_id)
     h.settle(run_id)
-    states = h.engine.step_states(run_id)
+    states = h.step_states(run_id)
     assert states["status"] == "cancelled"
     assert [(step["id"], step["state"]) for step in states["steps"]] == [
         ("s1", "done"), ("s2", "cancelled"), ("s3", "cancelled"), ("s4", "cancelled")
@@ -971,7 +947,7 @@ def test_the_context_tree_shows_each_context_its_tiers_and_masks_sensitive_value
         "steps": [inc("s1"), {"id": "sub", "routine": {"name": "kid", "steps": [inc("k1")]}, "inherit": ["counter"]}],
     }
     run_id, row = h.run(routine, {"token": SECRET})
-    tree = h.engine.context_tree(run_id)
+    tree = h.context_tree(run_id)
     assert [ctx["path"] for ctx in tree["contexts"]] == ["", "sub"]
     root, child = tree["contexts"]
     assert root["variables"]["token"] == "***" and root["sensitivity"] == {"token": "secret"}
@@ -995,7 +971,7 @@ def test_a_user_action_traceback_holds_the_users_frames_only(h: Harness) -> None
     assert trace.startswith("Traceback (most recent call last):\n") and trace.rstrip().endswith("ValueError: the user's own bug")
     assert "in deep_failure" in trace and "in _deeper" in trace
     assert "tasks/steps.py" not in trace and "tasks/actions.py" not in trace  # runctx's frames left out
-    assert h.engine.step_states(run_id)["steps"][0]["traceback"] == trace
+    assert h.step_states(run_id)["steps"][0]["traceback"] == trace
 
 
 def test_a_failed_runs_finalize_never_raises_even_when_its_routine_cannot_be_compiled(h: Harness, monkeypatch) -> None:
@@ -1010,4 +986,4 @@ def test_a_failed_runs_finalize_never_raises_even_when_its_routine_cannot_be_com
     monkeypatch.setattr(h.engine.plans, "get", cannot)
     assert h.engine.cancel(run_id)
     h.dispatcher.settle(h.engine)  # the cancelled run's finalize, and the steps it leaves: none raises
-    assert h.store.get_run(run_id).status == "cancelled"
+    assert h.store.ledger.get_run(run_id).status == "cancelled"

@@ -69,7 +69,7 @@ from state.limits import MAX_NESTING, MAX_TEXT_LENGTH, NAME_PATTERN
 from state.models import ResourceLimits
 from state.store import TieredStore
 from tasks.engine import RunEngine
-from tasks.in_process import InProcessDispatcher
+from runctx.testing import InProcessDispatcher
 from tasks.routine import (
     MAX_DEFINITION_BYTES,
     MAX_PATH_LENGTH,
@@ -104,7 +104,7 @@ def run_to_an_end(routine: Routine) -> str | None:
     except RunctxError:
         return None
     dispatcher.settle(engine)
-    run = store.get_run(run_id)
+    run = store.ledger.get_run(run_id)
     assert run is not None, f"run {run_id} was submitted but has no record"
     assert run.status in FINAL, f"run {run_id} is {run.status!r} after settling: {run.error}"
     return run.status
@@ -986,7 +986,7 @@ def clearly_not_json(value: Any, depth: int = 0) -> bool:
 
 
 def assert_nothing_stored(store: TieredStore) -> None:
-    assert store.get_run(RUN_ID) is None
+    assert store.ledger.get_run(RUN_ID) is None
     assert store.l3.get_context(RUN_ID) is None
     assert store.l3.running_runs() == []
 
@@ -1009,7 +1009,7 @@ def test_submitted_variables_are_accepted_or_refused_with_a_runctx_error_that_st
     not_json = [name for name, value in variables.items() if clearly_not_json(value)]
     assert not not_json, f"values that are not JSON accepted: {not_json!r}"
     dispatcher.settle(engine)
-    assert store.get_run(RUN_ID).status in FINAL
+    assert store.ledger.get_run(RUN_ID).status in FINAL
 
 
 @pytest.mark.parametrize(
@@ -1038,7 +1038,7 @@ def test_variables_in_a_mapping_that_is_not_a_dict_are_accepted() -> None:
     store, dispatcher, engine = memory_engine()
     engine.submit(VALUES_ROUTINE, variables=types.MappingProxyType({"a": 5}), run_id=RUN_ID)
     dispatcher.settle(engine)
-    assert store.get_run(RUN_ID).status == "succeeded"
+    assert store.ledger.get_run(RUN_ID).status == "succeeded"
 
 
 # ---- 3. API arguments -----------------------------------------------------------------------------------
@@ -1056,14 +1056,14 @@ def test_bad_run_id_is_refused_and_stores_nothing(run_id: Any) -> None:
         engine.submit(VALUES_ROUTINE, run_id=run_id)
     assert store.l3.running_runs() == []
     if isinstance(run_id, str) and run_id:
-        assert store.get_run(run_id) is None
+        assert store.ledger.get_run(run_id) is None
 
 
 def test_run_id_of_100_characters_is_accepted() -> None:
     store, dispatcher, engine = memory_engine()
     assert engine.submit(VALUES_ROUTINE, run_id="r" * 100) == "r" * 100
     dispatcher.settle(engine)
-    assert store.get_run("r" * 100).status == "succeeded"
+    assert store.ledger.get_run("r" * 100).status == "succeeded"
 
 
 def _client_on_memory_tiers() -> Any:
@@ -1084,7 +1084,7 @@ def test_bad_path_given_to_the_api_is_refused(given: str) -> None:
         client.load(given)
     with pytest.raises(RunctxError):
         client.submit(given, run_id=RUN_ID)
-    assert client.store.get_run(RUN_ID) is None
+    assert client.store.ledger.get_run(RUN_ID) is None
 
 
 @pytest.mark.parametrize(
@@ -1097,7 +1097,7 @@ def test_client_load_refuses_what_is_not_a_routine_a_definition_or_a_path(given:
         client.load(given)
     with pytest.raises(RunctxError):
         client.submit(given, run_id=RUN_ID)
-    assert client.store.get_run(RUN_ID) is None
+    assert client.store.ledger.get_run(RUN_ID) is None
 
 
 @pytest.mark.parametrize("kind", [dict, types.MappingProxyType])

@@ -26,12 +26,15 @@ from kombu import Exchange, Queue
 from runctx.embedded import celery_broker_url
 from state.keys import RedisKeys
 from state.models import StateCacheConfig
-from state.tiers.contracts import CommittedState
-from state.tiers.redis_l2 import RedisTier
+from state.tiers.data import CommittedState
+from state.tiers.redis import RedisTier
 from state.tiers.scripts import lua
-from tasks.celery_tasks import CeleryDispatcher
-from tasks.envelopes import StepEnvelopes
+from state.store import TieredStore
+from state.tiers.local import LocalCache
+from state.tiers.memory import MemoryL3
 from tasks.messages import STATE_HEADER, StepMessage, state_from_header
+from workers.dispatcher import CeleryDispatcher
+from workers.envelopes import StepEnvelopes
 from tests.conftest import Servers
 from tests.redis_monitor import RedisMonitor, keys_of
 
@@ -41,7 +44,7 @@ SHA = {name: hashlib.sha1(lua(name).encode()).hexdigest().encode() for name in (
 
 def app_for(broker_url: str, prefix: str) -> Celery:
     """runctx's Celery configuration with queues of this test's own."""
-    import tasks.celery_tasks  # noqa: F401  (registers runctx's tasks with every app)
+    import workers.celery_tasks  # noqa: F401  (registers runctx's tasks with every app)
 
     app = Celery(f"outbox-{prefix}", set_as_current=False)
     app.config_from_object("celeryconfig")
@@ -70,6 +73,12 @@ def l2(servers: Servers, key_prefix: str) -> RedisTier:
     tier.close()
 
 
+def store_on(l2: RedisTier) -> TieredStore:
+    """A store whose L2 is ``l2`` (its L3 plays no part in what a commit pushes)."""
+    config = StateCacheConfig()
+    return TieredStore(LocalCache(config), l2, MemoryL3(), config=config)
+
+
 @pytest.mark.parametrize("delivery_mode", ["persistent", "transient"])
 def test_the_pushed_message_is_the_one_apply_async_publishes(
     servers: Servers, key_prefix: str, l2: RedisTier, delivery_mode: str
@@ -77,7 +86,7 @@ def test_the_pushed_message_is_the_one_apply_async_publishes(
     app = app_for(celery_broker_url(servers.redis_url), key_prefix)
     app.conf.task_default_delivery_mode = delivery_mode
     task = app.tasks["runctx.step"]
-    envelopes = StepEnvelopes.for_broker(task, l2)
+    envelopes = StepEnvelopes.for_broker(task, store_on(l2))
     assert envelopes is not None and envelopes.queue_key == f"{key_prefix}.steps"
     message = StepMessage("run-1", "greet", 3, 7, {"": 12, "child": 2}, step_id="child/greet", epoch=2)
     try:
@@ -85,14 +94,14 @@ def test_the_pushed_message_is_the_one_apply_async_publishes(
         task.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))  # as CeleryDispatcher.step sends it
         published = l2.client.rpop(envelopes.queue_key)
         assert published is not None
-        outbox = envelopes.outbox(message)
+        outbox = envelopes.successor(message, "").outbox(12, None)
         assert outbox.queue == envelopes.queue_key
         ours, theirs = decoded(outbox.message), decoded(published)
         assert ours == theirs
         assert ours["headers"]["shadow"] == "greet: child/greet"  # Flower's name for it
         assert ours["body"][1] == kwargs
         # Each message is its own task: new id and delivery tag.
-        again = json.loads(envelopes.outbox(message).message)
+        again = json.loads(envelopes.successor(message, "").outbox(12, None).message)
         assert again["headers"]["id"] != json.loads(outbox.message)["headers"]["id"]
     finally:
         envelopes.close()
@@ -104,7 +113,7 @@ def test_a_pushed_message_carries_the_state_its_commit_stored_in_a_header_celery
 ) -> None:
     app = app_for(celery_broker_url(servers.redis_url), key_prefix)
     task = app.tasks["runctx.step"]
-    envelopes = StepEnvelopes.for_broker(task, l2)
+    envelopes = StepEnvelopes.for_broker(task, store_on(l2))
     assert envelopes is not None
     message = StepMessage("run-1", "greet", 3, 7, {"": 12}, step_id="greet", epoch=2)
     state = CommittedState("run-1", 12, 2, ("hello", "before-greet"), b'{"variables":{"greeting":"hi \\"there\\""}}', "k1:" + "0" * 40)
@@ -112,7 +121,7 @@ def test_a_pushed_message_carries_the_state_its_commit_stored_in_a_header_celery
         kwargs = message.as_kwargs()
         task.apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
         theirs = decoded(l2.client.rpop(envelopes.queue_key))
-        ours = decoded(envelopes.outbox(message, state).message)
+        ours = decoded(envelopes.successor(message, "").outbox(12, state).message)
         carried = ours["headers"].pop(STATE_HEADER)
         assert ours == theirs  # the same message, and one header more
         assert state_from_header(carried) == state
@@ -141,7 +150,7 @@ def test_no_outbox_when_the_broker_is_another_redis_database(servers: Servers, k
     tier = RedisTier(other_db, prefix=key_prefix, config=StateCacheConfig())
     try:
         app = app_for(celery_broker_url(servers.redis_url), key_prefix)
-        assert StepEnvelopes.for_broker(app.tasks["runctx.step"], tier) is None
+        assert StepEnvelopes.for_broker(app.tasks["runctx.step"], store_on(tier)) is None
     finally:
         tier.close()
 
@@ -149,17 +158,17 @@ def test_no_outbox_when_the_broker_is_another_redis_database(servers: Servers, k
 def test_no_outbox_for_steps_sent_with_a_priority(servers: Servers, key_prefix: str, l2: RedisTier) -> None:
     app = app_for(celery_broker_url(servers.redis_url), key_prefix)
     app.conf.task_default_priority = 5  # kombu keeps such messages on a list of their own
-    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
+    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], store_on(l2)) is None
     app.conf.task_default_priority = None
     app.conf.task_inherit_parent_priority = True  # a step would take its predecessor's
-    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
+    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], store_on(l2)) is None
 
 
 @pytest.mark.skipif(not os.environ.get("RUNCTX_TEST_AMQP_URL"), reason="needs RUNCTX_TEST_AMQP_URL")
 def test_no_outbox_with_a_rabbitmq_broker(key_prefix: str, l2: RedisTier) -> None:
     app = app_for(os.environ["RUNCTX_TEST_AMQP_URL"], key_prefix)
-    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], l2) is None
-    assert CeleryDispatcher().outbox(StepMessage("run-1", "greet", 1, 1)) is None
+    assert StepEnvelopes.for_broker(app.tasks["runctx.step"], store_on(l2)) is None
+    assert CeleryDispatcher(app).successor(StepMessage("run-1", "greet", 1, 1), "") is None
 
 
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def test_redis_and_postgres_hold_no_sensitive_value_in_plain(servers, database_u
 
 
 def test_a_forged_l2_entry_is_refused(servers, key_prefix: str) -> None:
-    from state.tiers.redis_l2 import RedisTier
+    from state.tiers.redis import RedisTier
 
     tier = RedisTier.from_url(servers.redis_url, prefix=key_prefix, config=StateCacheConfig(), codec=Codec(keyring()))
     try:
@@ -207,11 +207,11 @@ def test_a_process_without_a_key_in_use_refuses_to_start_and_a_rotated_keyring_i
         for keys in (first, other)
     ]
     try:
-        stores[0].check_keys(first)  # the first process records the key it seals with
+        stores[0].maintenance.check_keys(first)  # the first process records the key it seals with
         with pytest.raises(SettingsError, match="RUNCTX_ENCRYPTION_KEYS") as refused:
-            stores[1].check_keys(other)
+            stores[1].maintenance.check_keys(other)
         assert first.newest in str(refused.value)
-        stores[1].check_keys(Keyring(other.keys + first.keys))  # the new key first, the old one kept
+        stores[1].maintenance.check_keys(Keyring(other.keys + first.keys))  # the new key first, the old one kept
         assert stores[1].l3.key_ids() == {first.newest, other.newest}
     finally:
         for store in stores:
@@ -252,7 +252,7 @@ def test_rotation_seals_everything_again_under_the_newest_key_and_forgets_the_ol
         return TieredStore.connect(servers.redis_url, database_url, config=StateCacheConfig(), prefix=key_prefix, keyring=keys)
 
     before = store_with(old)
-    before.check_keys(old)
+    before.maintenance.check_keys(old)
     flushed = before.create_context(sensitive_context(f"rot-a-{key_prefix[-6:]}"))
     before.flush(flushed.context_id)
     dirty = before.create_context(sensitive_context(f"rot-b-{key_prefix[-6:]}"))
@@ -261,14 +261,14 @@ def test_rotation_seals_everything_again_under_the_newest_key_and_forgets_the_ol
     before.close()
 
     rotating = store_with(Keyring(new.keys + old.keys))
-    counts = rotating.rotate_keys(Keyring(new.keys + old.keys), batch=1)
+    counts = rotating.maintenance.rotate_keys(Keyring(new.keys + old.keys), batch=1)
     assert counts["l3"] >= 2 and counts["l2"] >= 2
     assert rotating.l3.key_ids() == {new.newest}  # a process with only the new key may start
     rotating.close()
 
     after = store_with(new)  # the old key is gone everywhere
     try:
-        after.check_keys(new)
+        after.maintenance.check_keys(new)
         assert after.l3.get_context(flushed.context_id).variables["token"] == TOKEN
         assert after.get_context(dirty.context_id).variables["pending"] == "in L2"
         assert after.l2.get_context(dirty.context_id).dirty  # still waiting for its write, now under the new key
@@ -281,7 +281,7 @@ def test_rotation_seals_everything_again_under_the_newest_key_and_forgets_the_ol
 def test_the_hidden_error_of_a_step_that_read_a_secret_is_kept_sealed_with_the_run(servers, database_url: str, key_prefix: str) -> None:
     from state.store import TieredStore
     from tasks.engine import RunEngine
-    from tasks.in_process import InProcessDispatcher
+    from runctx.testing import InProcessDispatcher
     from tasks.routine import parse_routine
 
     keys = keyring()
@@ -296,7 +296,7 @@ def test_the_hidden_error_of_a_step_that_read_a_secret_is_kept_sealed_with_the_r
         })
         run_id = engine.submit(routine, variables={"token": TOKEN})
         dispatcher.settle(engine)
-        row = store.get_run(run_id)
+        row = store.ledger.get_run(run_id)
         assert row.status == "failed" and TOKEN not in row.error and "<hidden" in row.error
         sealed = row.meta["hidden_error"]
         assert is_sealed(sealed) and TOKEN not in json.dumps(row.meta)

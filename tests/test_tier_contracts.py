@@ -24,25 +24,26 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from state import bus
 from state.errors import ContextCorruption, RefusedByDatabase, VersionConflict
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.schema import blackboard_entries, exports
-from state.tiers.contracts import (
+from state.tiers.contracts import L1Tier, L2Tier, L3Tier
+from state.tiers.data import (
+    CommitReply,
+    CommitRequest,
+    CommitStatus,
     ConfigEntry,
     ExportRecord,
-    L1Tier,
-    L2Tier,
-    L3Tier,
     Outbox,
     RunRow,
     StepReport,
     StepStart,
 )
 from state.tiers.local import LocalCache
-from state.tiers.memory_l2 import MemoryL2
-from state.tiers.memory_l3 import MemoryL3
-from state.tiers.postgres_l3 import PostgresTier
-from state.tiers.redis_l2 import RedisTier
+from state.tiers.memory import MemoryL2, MemoryL3
+from state.tiers.postgres import PostgresTier
+from state.tiers.redis import RedisTier
 
 T0 = 1_000.0  # "now" of the write-behind tests
 DEBOUNCE = 5.0
@@ -71,8 +72,9 @@ def data(ctx: RunContext | None) -> dict[str, Any] | None:
     return None if ctx is None else ctx.model_dump(mode="json")
 
 
-def commit(l2: L2Tier, ctx: RunContext, expected_version: int, now: float = T0) -> bool:
-    return bool(l2.commit_context(ctx, expected_version=expected_version, now=now, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY))
+def commit(l2: L2Tier, ctx: RunContext, expected_version: int, now: float = T0) -> CommitReply:
+    """A commit that is not a step's (the tiers take DEBOUNCE and MAX_DELAY from ``cache_config``)."""
+    return l2.commit(CommitRequest(ctx, expected_version), now=now)
 
 
 def damage(l2: L2Tier, context_id: str) -> None:
@@ -123,6 +125,12 @@ def finish(l3: L3Tier, run_id: str = "run-1", **fields: Any) -> bool:
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_config() -> StateCacheConfig:
+    """The tiers under test schedule their write-behind with the DEBOUNCE and MAX_DELAY used below."""
+    return StateCacheConfig(write_behind_debounce_s=DEBOUNCE, write_behind_max_delay_s=MAX_DELAY)
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
@@ -196,7 +204,7 @@ def test_l2_fill_leaves_a_dirty_entry_of_the_same_version(l2: L2Tier) -> None:
 
 def test_l2_commit_over_version_0_creates_a_dirty_entry(l2: L2Tier) -> None:
     ctx = context(version=1)
-    assert commit(l2, ctx, 0) is True
+    assert commit(l2, ctx, 0).status is CommitStatus.COMMITTED
     stored = l2.get_context("run-1")
     assert (stored.version, stored.dirty) == (1, True)
     assert data(stored.context) == data(ctx)
@@ -206,36 +214,26 @@ def test_l2_commit_over_version_0_creates_a_dirty_entry(l2: L2Tier) -> None:
 
 def test_l2_commit_with_the_expected_version_succeeds(l2: L2Tier) -> None:
     l2.fill_context(context(version=1))
-    assert commit(l2, context(version=2), 1) is True
+    assert commit(l2, context(version=2), 1).status is CommitStatus.COMMITTED
     stored = l2.get_context("run-1")
     assert (stored.version, stored.dirty, stored.context.variables) == (2, True, {"n": 2})
 
 
-def test_l2_stale_commit_raises_version_conflict_and_changes_nothing(l2: L2Tier) -> None:
+def test_l2_stale_commit_is_refused_as_stale_and_changes_nothing(l2: L2Tier) -> None:
     commit(l2, context(version=1), 0)
     commit(l2, context(version=2), 1, now=T0 + 1)
-    with pytest.raises(VersionConflict) as raised:
-        commit(l2, context(version=2, n="stale"), 1, now=T0 + 2)
-    conflict = raised.value
-    assert (conflict.tier, conflict.expected, conflict.actual) == ("L2", 1, 2)
-    assert conflict.key == l2.keys.context("run-1")
+    refused = commit(l2, context(version=2, n="stale"), 1, now=T0 + 2)
+    assert (refused.status, refused.actual_version, refused.committed) == (CommitStatus.STALE, 2, False)
     assert l2.get_context("run-1").context.variables == {"n": 2}
     assert l2.due_time("run-1") == T0 + 1 + DEBOUNCE
 
 
 def test_l2_a_step_commit_records_its_step_in_the_same_write_and_a_refused_one_records_nothing(l2: L2Tier) -> None:
-    from state.tiers.contracts import StepReport
-
     commit(l2, context(version=1), 0)
     report = StepReport(run_id="run-1", step_id="s1", worker="w1", duration_s=0.25)
-    assert l2.commit_context(
-        context(version=2), expected_version=1, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY, report=report
-    )
-    with pytest.raises(VersionConflict):
-        l2.commit_context(
-            context(version=2, n="stale"), expected_version=1, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY,
-            report=StepReport(run_id="run-1", step_id="s2", worker="w2", duration_s=0.5),
-        )
+    assert l2.commit(CommitRequest(context(version=2), 1, report=report), now=T0).status is CommitStatus.COMMITTED
+    stale = StepReport(run_id="run-1", step_id="s2", worker="w2", duration_s=0.5)
+    assert l2.commit(CommitRequest(context(version=2, n="stale"), 1, report=stale), now=T0).status is CommitStatus.STALE
     steps = l2.run_summary("run-1")["steps"]
     assert [(step["id"], step["status"], step["worker"], step["duration_s"], step["finished_at"]) for step in steps] == [
         ("s1", "succeeded", "w1", 0.25, T0)
@@ -243,17 +241,17 @@ def test_l2_a_step_commit_records_its_step_in_the_same_write_and_a_refused_one_r
     assert l2.progress_of(["run-1"]) == {"run-1": T0}
 
 
-def test_l2_commit_over_version_0_of_an_existing_entry_conflicts(l2: L2Tier) -> None:
+def test_l2_commit_over_version_0_of_an_existing_entry_is_stale(l2: L2Tier) -> None:
     l2.fill_context(context(version=4))
-    with pytest.raises(VersionConflict) as raised:
-        commit(l2, context(version=1), 0)
-    assert (raised.value.expected, raised.value.actual) == (0, 4)
+    refused = commit(l2, context(version=1), 0)
+    assert (refused.status, refused.actual_version) == (CommitStatus.STALE, 4)
     assert l2.get_context("run-1").version == 4
     assert l2.pending_flushes() == 0
 
 
-def test_l2_commit_expecting_a_version_of_a_missing_entry_returns_false(l2: L2Tier) -> None:
-    assert commit(l2, context(version=3), 2) is False
+def test_l2_commit_expecting_a_version_of_a_missing_entry_finds_no_entry(l2: L2Tier) -> None:
+    reply = commit(l2, context(version=3), 2)
+    assert reply.status is CommitStatus.NO_ENTRY and not reply.committed
     assert l2.get_context("run-1") is None
     assert l2.pending_flushes() == 0
 
@@ -278,7 +276,7 @@ def test_l2_debounce_keeps_full_time_precision(l2: L2Tier) -> None:
 def test_l2_mark_flushed_of_the_current_version_makes_it_clean(l2: L2Tier) -> None:
     commit(l2, context(version=1), 0)
     commit(l2, context(version=2), 1, now=T0 + 1)
-    assert l2.mark_flushed("run-1", 2, now=T0 + 7, debounce_s=DEBOUNCE) is True
+    assert l2.mark_flushed("run-1", 2, now=T0 + 7) is True
     assert l2.pending_flushes() == 0
     assert l2.due_time("run-1") is None
     assert l2.get_context("run-1").dirty is False
@@ -287,7 +285,7 @@ def test_l2_mark_flushed_of_the_current_version_makes_it_clean(l2: L2Tier) -> No
 def test_l2_mark_flushed_of_an_older_version_reschedules_the_newer_one(l2: L2Tier) -> None:
     commit(l2, context(version=1), 0, now=T0)
     commit(l2, context(version=2), 1, now=T0 + 1)
-    assert l2.mark_flushed("run-1", 1, now=T0 + 20, debounce_s=DEBOUNCE) is False
+    assert l2.mark_flushed("run-1", 1, now=T0 + 20) is False
     assert l2.due_time("run-1") == T0 + 20 + DEBOUNCE
     assert l2.get_context("run-1").dirty is True
     # the newer changes got a window of their own, starting at the flush
@@ -297,13 +295,13 @@ def test_l2_mark_flushed_of_an_older_version_reschedules_the_newer_one(l2: L2Tie
 
 def test_l2_mark_flushed_after_a_clean_flush_starts_a_new_window(l2: L2Tier) -> None:
     commit(l2, context(version=1), 0, now=T0)
-    l2.mark_flushed("run-1", 1, now=T0 + 6, debounce_s=DEBOUNCE)
+    l2.mark_flushed("run-1", 1, now=T0 + 6)
     commit(l2, context(version=2), 1, now=T0 + 50)
     assert l2.due_time("run-1") == T0 + 50 + DEBOUNCE
 
 
 def test_l2_mark_flushed_of_a_missing_entry_unschedules_it(l2: L2Tier) -> None:
-    assert l2.mark_flushed("nope", 1, now=T0, debounce_s=DEBOUNCE) is True
+    assert l2.mark_flushed("nope", 1, now=T0) is True
     assert l2.pending_flushes() == 0
 
 
@@ -357,9 +355,9 @@ def test_l2_oldest_unwritten_is_the_first_change_not_yet_in_l3(l2: L2Tier) -> No
     commit(l2, context("run-b", 1), 0, now=T0 + 1)
     commit(l2, context("run-b", 2), 1, now=T0 + 4)  # a later change keeps its context's first time
     assert l2.oldest_unwritten() == T0 + 1
-    l2.mark_flushed("run-b", 2, now=T0 + 6, debounce_s=DEBOUNCE)
+    l2.mark_flushed("run-b", 2, now=T0 + 6)
     assert l2.oldest_unwritten() == T0 + 3
-    l2.mark_flushed("run-a", 1, now=T0 + 6, debounce_s=DEBOUNCE)
+    l2.mark_flushed("run-a", 1, now=T0 + 6)
     assert l2.oldest_unwritten() is None
 
 
@@ -415,9 +413,9 @@ def test_l2_committed_entry_has_no_ttl(l2: L2Tier) -> None:
 def test_l2_flushed_entry_gets_the_ttl_back(l2: L2Tier, cache_config: StateCacheConfig) -> None:
     commit(l2, context(version=1), 0)
     commit(l2, context(version=2), 1)
-    l2.mark_flushed("run-1", 1, now=T0 + 6, debounce_s=DEBOUNCE)
+    l2.mark_flushed("run-1", 1, now=T0 + 6)
     assert ttl(l2, "run-1") is None  # version 2 is still unwritten
-    l2.mark_flushed("run-1", 2, now=T0 + 12, debounce_s=DEBOUNCE)
+    l2.mark_flushed("run-1", 2, now=T0 + 12)
     assert 0 < ttl(l2, "run-1") <= cache_config.l2_context_ttl_s
 
 
@@ -439,42 +437,33 @@ def test_l2_config_round_trip(l2: L2Tier) -> None:
 # ---- a step's commit: applied steps beside the context -------------------------------------------------
 
 
-def step_commit(l2: L2Tier, ctx: RunContext, expected_version: int, step_id: str, **kwargs: Any):
-    return l2.commit_context(
-        ctx, expected_version=expected_version, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY, step_id=step_id,
-        **kwargs,
-    )
+def step_commit(l2: L2Tier, ctx: RunContext, expected_version: int, step_id: str, **kwargs: Any) -> CommitReply:
+    return l2.commit(CommitRequest(ctx, expected_version, step_id=step_id, **kwargs), now=T0)
 
 
 def test_l2_a_step_commit_adds_its_step_to_what_a_read_gives(l2: L2Tier) -> None:
-    from state.tiers.contracts import CommitResult
-
     commit(l2, context(version=1), 0)
     for version in (2, 3, 4):
         ctx = context(version=version)
-        assert step_commit(l2, ctx, version - 1, f"s{version}") is CommitResult.COMMITTED
+        assert step_commit(l2, ctx, version - 1, f"s{version}").status is CommitStatus.COMMITTED
     stored = l2.get_context("run-1")
     assert stored is not None and stored.context.applied_steps == ["s2", "s3", "s4"]
 
 
 def test_l2_a_step_already_applied_is_refused_whatever_version_the_writer_read(l2: L2Tier) -> None:
-    from state.tiers.contracts import CommitResult
-
     commit(l2, context(version=1), 0)
     step_commit(l2, context(version=2), 1, "s1")
-    assert step_commit(l2, context(version=2, n="again"), 1, "s1") is CommitResult.ALREADY_APPLIED  # stale and a duplicate
-    assert step_commit(l2, context(version=3, n="again"), 2, "s1") is CommitResult.ALREADY_APPLIED
+    assert step_commit(l2, context(version=2, n="again"), 1, "s1").status is CommitStatus.ALREADY_APPLIED  # stale and a duplicate
+    assert step_commit(l2, context(version=3, n="again"), 2, "s1").status is CommitStatus.ALREADY_APPLIED
     stored = l2.get_context("run-1")
     assert stored is not None and stored.version == 2 and stored.context.variables == {"n": 2}
 
 
 def test_l2_a_step_commit_of_a_failed_run_writes_nothing(l2: L2Tier) -> None:
-    from state.tiers.contracts import CommitResult, StepReport
-
     commit(l2, context(version=1), 0)
     l2.mark_failed("run-1", "boom")
     report = StepReport(run_id="run-1", step_id="s1", worker="w1", duration_s=0.1)
-    assert step_commit(l2, context(version=2), 1, "s1", report=report) is CommitResult.RUN_FAILED
+    assert step_commit(l2, context(version=2), 1, "s1", report=report).status is CommitStatus.RUN_FAILED
     assert l2.get_context("run-1").version == 1
     assert l2.run_summary("run-1")["steps"] == []
 
@@ -493,40 +482,35 @@ def pushed(l2: L2Tier, queue: str) -> list[bytes]:
 
 
 def test_l2_a_step_commit_pushes_its_outbox_message_only_when_it_commits(l2: L2Tier) -> None:
-    from state.errors import VersionConflict
-    from state.tiers.contracts import CommitResult, Outbox, StepReport
-
     if not l2.carries_outbox:  # a cluster: the broker's queue is on no context's shard
         assert isinstance(l2, RedisTier) and l2.cluster
         return
     queue = f"{l2.prefix}.steps"
 
-    def report(step_id: str) -> StepReport:
-        return StepReport(run_id="run-1", step_id=step_id, worker="w1", duration_s=0.1)
+    def with_outbox(version: int, expected_version: int, step_id: str, message: bytes) -> CommitStatus:
+        report = StepReport(run_id="run-1", step_id=step_id, worker="w1", duration_s=0.1)
+        return step_commit(l2, context(version=version), expected_version, step_id, report=report, outbox=Outbox(queue, message)).status
 
     commit(l2, context(version=1), 0)
-    assert step_commit(l2, context(version=2), 1, "s1", report=report("s1"), outbox=Outbox(queue, b"after s1")) is CommitResult.COMMITTED
-    assert step_commit(l2, context(version=3), 2, "s2", report=report("s2"), outbox=Outbox(queue, b"after s2")) is CommitResult.COMMITTED
+    assert with_outbox(2, 1, "s1", b"after s1") is CommitStatus.COMMITTED
+    assert with_outbox(3, 2, "s2", b"after s2") is CommitStatus.COMMITTED
     assert pushed(l2, queue) == [b"after s1", b"after s2"]  # in commit order, as the broker delivers
 
     # A duplicate, a stale write and a commit of a failed run push nothing.
-    assert step_commit(l2, context(version=4), 3, "s1", report=report("s1"), outbox=Outbox(queue, b"dup")) is CommitResult.ALREADY_APPLIED
-    with pytest.raises(VersionConflict):
-        step_commit(l2, context(version=3), 1, "s3", report=report("s3"), outbox=Outbox(queue, b"stale"))
+    assert with_outbox(4, 3, "s1", b"dup") is CommitStatus.ALREADY_APPLIED
+    assert with_outbox(3, 1, "s3", b"stale") is CommitStatus.STALE
     l2.mark_failed("run-1", "boom")
-    assert step_commit(l2, context(version=4), 3, "s3", report=report("s3"), outbox=Outbox(queue, b"failed")) is CommitResult.RUN_FAILED
+    assert with_outbox(4, 3, "s3", b"failed") is CommitStatus.RUN_FAILED
     assert pushed(l2, queue) == []
     assert l2.get_context("run-1").version == 3
 
 
 def test_l2_a_commit_stores_the_payload_encode_state_gave_and_decode_state_reads_it_back(l2: L2Tier) -> None:
-    from state.tiers.contracts import StepReport
-
     commit(l2, context(version=1), 0)
     ctx = context(version=2, n=2, label="two")
     payload, payload_checksum = l2.encode_state(ctx)
     report = StepReport(run_id="run-1", step_id="s1", worker="w1", duration_s=0.1)
-    assert step_commit(l2, ctx, 1, "s1", report=report, encoded=(payload, payload_checksum))
+    assert step_commit(l2, ctx, 1, "s1", report=report, encoded=(payload, payload_checksum)).committed
     stored = l2.get_context("run-1")
     assert data(stored.context) == data(ctx.model_copy(update={"applied_steps": ["s1"]}))
     # The payload travels (a step's message carries it): whoever holds it decodes the same context.
@@ -536,8 +520,6 @@ def test_l2_a_commit_stores_the_payload_encode_state_gave_and_decode_state_reads
 
 
 def test_l2_an_outbox_message_rides_only_in_a_step_commit(l2: L2Tier) -> None:
-    from state.tiers.contracts import Outbox
-
     commit(l2, context(version=1), 0)
     with pytest.raises(ValueError, match="outbox"):
         step_commit(l2, context(version=2), 1, "s1", outbox=Outbox(f"{l2.prefix}.steps", b"no report"))
@@ -569,16 +551,14 @@ def test_l2_a_stale_step_commit_is_told_the_state_that_beat_it_and_the_steps_sin
     commit(l2, context(version=1), 0)
     for version in (2, 3):  # two commits the stale writer did not see
         step_commit(l2, context(version=version), version - 1, f"s{version}", expected_epoch=1, require_live=True)
-    with pytest.raises(VersionConflict) as refused:
-        step_commit(l2, context(version=2, n=99), 1, "late", expected_epoch=1, require_live=True)
-    newer = refused.value.newer
-    assert (refused.value.actual, newer.version, newer.steps) == (3, 3, ("s2", "s3"))
+    refused = step_commit(l2, context(version=2, n=99), 1, "late", expected_epoch=1, require_live=True)
+    newer = refused.newer
+    assert (refused.status, refused.actual_version, newer.version, newer.steps) == (CommitStatus.STALE, 3, 3, ("s2", "s3"))
     assert data(l2.decode_state(newer.payload, newer.checksum, ["s2", "s3"], key="run-1")) == data(l2.get_context("run-1").context)
     # A commit without a step came between: the steps since no longer lead there, and nothing is told.
     commit(l2, context(version=4), 3)
-    with pytest.raises(VersionConflict) as refused:
-        step_commit(l2, context(version=3, n=99), 2, "late", expected_epoch=1, require_live=True)
-    assert refused.value.actual == 4 and refused.value.newer is None
+    refused = step_commit(l2, context(version=3, n=99), 2, "late", expected_epoch=1, require_live=True)
+    assert (refused.status, refused.actual_version, refused.newer) == (CommitStatus.STALE, 4, None)
 
 
 def test_l2_fill_keeps_the_applied_steps_and_a_step_commit_goes_on_from_them(l2: L2Tier) -> None:
@@ -1063,12 +1043,12 @@ def test_redis_a_forked_child_commits_on_a_connection_of_its_own(servers, key_pr
         if pid == 0:  # the child: exits 0 only if its commit went through a socket of its own
             code = 1
             try:
-                code = 0 if commit(tier, context(version=2), 1) and tier._committing.connection is not parent else 3
+                code = 0 if commit(tier, context(version=2), 1).committed and tier._committing.connection is not parent else 3
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert tier.get_context("run-1").version == 2 and commit(tier, context(version=3), 2)  # the parent's still works
+        assert tier.get_context("run-1").version == 2 and commit(tier, context(version=3), 2).committed  # the parent's still works
     finally:
         tier.close()
 
@@ -1087,10 +1067,14 @@ def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitiv
         commit(tier, ctx, 0)
         nxt = ctx.working_copy()
         nxt.version = 2
-        tier.commit_context(nxt, expected_version=1, now=T0, debounce_s=DEBOUNCE, max_delay_s=MAX_DELAY, step_id="s1")
+        assert step_commit(tier, nxt, 1, "s1").committed
         messages = [pubsub.get_message(timeout=2) for _ in range(2)]
         events = [json.loads(message["data"]) for message in messages if message]
         assert [event["version"] for event in events] == [1, 2]
+        # What the script publishes is a control-bus message as `state.bus` reads it.
+        heard = bus.decode(messages[1]["data"])
+        assert isinstance(heard, bus.ContextCommitted) and (heard.context_id, heard.version) == ("run-1", 2)
+        assert heard.carries_state is (sensitivity == "public")
         if sensitivity == "public":
             assert events[1]["step"] == "s1" and "tok-value-123" in events[1]["d"]
         else:  # pub/sub is in clear: only the version travels
@@ -1101,7 +1085,7 @@ def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitiv
         last.version = 3
         report = StepReport(run_id="run-1", step_id="s2", worker="w1", duration_s=0.1)
         outbox = Outbox(f"{key_prefix}.steps", b"the successor")
-        assert step_commit(tier, last, 2, "s2", report=report, outbox=outbox)
+        assert step_commit(tier, last, 2, "s2", report=report, outbox=outbox).committed
         assert pubsub.get_message(timeout=1) is None
         assert tier.client.rpop(f"{key_prefix}.steps") == b"the successor"
     finally:
@@ -1112,7 +1096,7 @@ def test_redis_a_step_commit_broadcasts_a_small_context_unless_it_holds_sensitiv
 def committed(version: int, steps: tuple[str, ...] | None = None, context_id: str = "run-1", payload: bytes | None = None):
     """Another process's commit of ``context(version)``, led to by ``steps`` (by default its one step)."""
     from state.codec import DEFAULT_CODEC, checksum
-    from state.tiers.contracts import CommittedState
+    from state.tiers.data import CommittedState
 
     payload = DEFAULT_CODEC.dump_state(context(context_id, version=version)) if payload is None else payload
     return CommittedState(context_id, version, 1, steps or (f"s{version}",), payload, checksum(payload))

@@ -8,16 +8,18 @@ does none of this. With ``RUNCTX_METRICS_PORT`` set, it also serves Prometheus m
 processes (``workers.metrics``).
 """
 
+import gc
 import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from state.settings import get_settings
-from state.tiers.redis_l2 import RedisTier
+from state.store import TieredStore
 from workers import kombu_redis_fix, metrics
 from workers.node_checks import NodeChecks
+from workers.runtime import current, runtime
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,24 @@ app = Celery("runctx")
 app.config_from_object("celeryconfig")
 app.steps["worker"].add(NodeChecks)
 
-# Importing the runtime connects its signal handlers (every pool process gets its own runtime)
-# and gives the tasks their engine.
-import workers.runtime  # noqa: F401
+import workers.celery_tasks  # noqa: E402,F401  (registers the tasks in every process that imports the app)
+
+
+@worker_process_init.connect
+def _start_process(**_: object) -> None:
+    """A pool process's runtime is built after the fork, with its background threads."""
+    runtime(app).start_background()
+    # What the process holds now (Celery, kombu, SQLAlchemy, pydantic) lives as long as it does: out
+    # of the collector's sight, a full collection no longer walks all of it on some step's time.
+    gc.freeze()
+
+
+@worker_process_shutdown.connect
+def _stop_process(**_: object) -> None:
+    own = current()
+    if own is not None:
+        own.stop()
+
 
 @worker_ready.connect
 def _serve_metrics(sender: Any = None, **_: Any) -> None:
@@ -39,8 +56,8 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     if settings.metrics_port is None or metrics_dir is None or servers is None:
         return
-    l2 = RedisTier.from_url(servers.redis_url, prefix=settings.key_prefix, config=settings.cache_config())
+    store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
     try:
-        metrics.serve(settings.metrics_port, settings.metrics_address, l2, metrics_dir)
+        metrics.serve(settings.metrics_port, settings.metrics_address, store, metrics_dir)
     except OSError as exc:
         log.error("RUNCTX_METRICS_PORT=%d: cannot serve metrics (%s)", settings.metrics_port, exc.strerror or exc)

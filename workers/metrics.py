@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from state.metrics import WRITE_BEHIND_OLDEST, WRITE_BEHIND_PENDING
-from state.tiers.contracts import L2Tier
+from state.store import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ class _DeadProcessGauges(Collector):
 class _WriteBehindBacklog(Collector):
     """Changes committed to L2 and not yet written to L3, and the age of the oldest, read from L2."""
 
-    def __init__(self, l2: L2Tier) -> None:
-        self.l2 = l2
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
 
     def collect(self) -> Iterator[Any]:
         try:
-            pending, oldest = self.l2.pending_flushes(), self.l2.oldest_unwritten()
+            pending, oldest = self.store.pending_flushes()
         except Exception as exc:  # a scrape must answer even while Redis is away
             log.warning("metrics: cannot read the write-behind backlog from L2: %s", exc)
             return
@@ -89,11 +89,11 @@ class _WriteBehindBacklog(Collector):
         yield GaugeMetricFamily(WRITE_BEHIND_OLDEST, "Age of the oldest change not yet written to L3", value=age)
 
 
-def serve(port: int, address: str, l2: L2Tier, path: Path) -> None:
+def serve(port: int, address: str, store: TieredStore, path: Path) -> None:
     """Serve every process's metrics on ``address:port`` from a thread of this (the main) process."""
     registry = CollectorRegistry()
     registry.register(_DeadProcessGauges(path))
     multiprocess.MultiProcessCollector(registry, path=str(path))
-    registry.register(_WriteBehindBacklog(l2))
+    registry.register(_WriteBehindBacklog(store))
     start_http_server(port, addr=address, registry=registry)
     log.info("metrics on http://%s:%d/metrics", address, port)

@@ -19,7 +19,7 @@ from state.errors import RunctxError, SettingsError
 from state.migrate import schema_problem, upgrade
 from state.settings import Settings, get_settings
 from state.store import TieredStore
-from state.tiers.redis_l2 import is_cluster
+from state.tiers.redis import is_cluster
 from workers import metrics
 
 log = logging.getLogger("runctx.worker")
@@ -50,7 +50,7 @@ def check_keys(servers: Servers, settings: Settings) -> None:
     """A node without a key that sealed stored values refuses to start, saying which is missing."""
     store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
     try:
-        store.check_keys(settings.keyring())
+        store.maintenance.check_keys(settings.keyring())
     finally:
         store.close()
 
@@ -98,7 +98,7 @@ def process_checks(store: TieredStore, database_url: str, settings: Settings) ->
 
 
 def _missing_keys(store: TieredStore, held: set[str]) -> str | None:
-    missing = sorted(store.key_ids() - held)
+    missing = sorted(store.maintenance.key_ids() - held)
     return f"RUNCTX_ENCRYPTION_KEYS lacks key(s) {', '.join(missing)} that sealed stored values" if missing else None
 
 

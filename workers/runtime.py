@@ -1,33 +1,32 @@
 """Each worker process's own runtime: its store (and so its L1), engine and background threads.
 
-Connections are opened after the fork, in ``worker_process_init``, which must return within
-about 4 s: it only starts threads, it does not wait for them. A process that never got the
-signal (a submitter, a threads pool) builds its runtime on first use, without the threads.
-Importing this module gives the Celery tasks their engine (`tasks.celery_tasks.provide_engine`).
+Connections are opened after the fork, in ``worker_process_init`` (connected in
+`workers.celery_app`), which must return within about 4 s: it only starts threads, it does not
+wait for them. A process that never got the signal (a submitter, a threads pool) builds its
+runtime on first use, without the threads.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery import Celery
 
 from runctx.embedded import resolve
 from state.change_events import ChangeListener
 from state.metrics import metrics
 from state.settings import get_settings
 from state.store import TieredStore
-from state.tiers.redis_l2 import RedisTier
-from tasks.celery_tasks import CeleryDispatcher, provide_engine, step
+from state.tiers.redis import connect
 from tasks.engine import RunEngine
-from tasks.envelopes import StepEnvelopes
 from tasks.watchdog import Watchdog
 from workers.control import ControlChannel, process_identity
+from workers.dispatcher import STEP_TASK, CeleryDispatcher
+from workers.envelopes import StepEnvelopes
 from workers.node_checks import process_checks
 
 log = logging.getLogger(__name__)
@@ -47,23 +46,18 @@ class ProcessRuntime:
     make caches fresher or flushes sooner, so a process without them (a submitter) is still correct.
     """
 
-    def __init__(self) -> None:
-        settings = get_settings()
+    def __init__(self, app: Celery) -> None:
+        settings = self.settings = get_settings()
         servers = resolve(settings)
+        self.app = app
         self.pid = os.getpid()
         self.database_url = servers.database_url
         self.store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
-        assert isinstance(self.store.l2, RedisTier)
-        self.redis: RedisTier = self.store.l2
-        self.dispatcher = CeleryDispatcher()
-        self.step_outbox = settings.step_outbox
+        self.dispatcher = CeleryDispatcher(app)
         self.engine = RunEngine(
-            self.store,
-            self.dispatcher,
-            max_attempts=settings.step_max_attempts,
-            limits=settings.resource_limits(),
+            self.store, self.dispatcher, max_attempts=settings.step_max_attempts, limits=settings.resource_limits()
         )
-        self.control = ControlChannel(self.store, self.redis)
+        self.control = ControlChannel(self.store, connect(servers.redis_url), settings.key_prefix)
         # Plans compiled ahead (a routine was stored, or a run of it began), on a thread of their own: a compile of a
         # large routine must not hold up the invalidations the control channel carries.
         self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runctx-plans")
@@ -81,16 +75,16 @@ class ProcessRuntime:
     def start_background(self) -> None:
         """Subscribe to the control channel, listen to L3 change events, dispatch due write-behinds;
         and, when the broker is L2's Redis, let each step's commit send its successor."""
-        if self.step_outbox:
-            self.dispatcher.envelopes = StepEnvelopes.for_broker(step, self.redis)
+        if self.settings.step_outbox:
+            self.dispatcher.envelopes = StepEnvelopes.for_broker(self.app.tasks[STEP_TASK], self.store)
         if self.dispatcher.envelopes is None:
-            why = "the broker is not L2's Redis" if self.step_outbox else "RUNCTX_STEP_OUTBOX is off"
+            why = "the broker is not L2's Redis" if self.settings.step_outbox else "RUNCTX_STEP_OUTBOX is off"
             log.info("a step's successor is sent after its commit (%s)", why)
         self.control.start()
         self.listener = ChangeListener(
-            self.database_url, self.control.relay_change, on_connected=self.store.l1.clear
+            self.database_url, self.control.relay_change, on_connected=self.store.invalidation.clear
         ).start(wait_s=0)
-        listener, settings = self.listener, get_settings()
+        listener, settings = self.listener, self.settings
         self.control.health = lambda: {
             "listener": listener.connected, "node_pid": os.getppid(),
             "checks": process_checks(self.store, self.database_url, settings),
@@ -110,8 +104,7 @@ class ProcessRuntime:
         self._stop.set()
         self._preparing.shutdown(wait=False, cancel_futures=True)
         self.control.stop()
-        if self.dispatcher.envelopes is not None:
-            self.dispatcher.envelopes.close()
+        self.dispatcher.close()
         if self.listener is not None:
             self.listener.stop()
 
@@ -121,8 +114,8 @@ class ProcessRuntime:
         while not self._stop.wait(self.watch_interval_s):
             metrics().change_listener_up.set(1 if self.listener is not None and self.listener.connected else 0)
             try:
-                self.store.l2.touch_progress(sorted(set(self.engine.running.values())), time.time())
-                if self.store.l2.hold_lease("watchdog", identity, self.watch_interval_s * 3):
+                self.store.ledger.touch_progress(sorted(set(self.engine.running.values())), time.time())
+                if self.store.hold_lease("watchdog", identity, self.watch_interval_s * 3):
                     self.watchdog.scan()
                 self._apply_retention(identity)
             except Exception:
@@ -135,9 +128,9 @@ class ProcessRuntime:
         if self.retention_s is None:
             return
         every_s = min(RETENTION_SWEEP_S, max(1.0, self.retention_s / 4))
-        if not self.store.l2.hold_lease("retention", f"{identity}:{time.time()!r}", every_s):
+        if not self.store.hold_lease("retention", f"{identity}:{time.time()!r}", every_s):
             return
-        report = self.store.prune(self.retention_s)
+        report = self.store.maintenance.prune(self.retention_s)
         if report.runs:
             log.info("retention: pruned %d finished run(s) and %d context(s)", report.runs, report.contexts)
 
@@ -148,8 +141,8 @@ class ProcessRuntime:
         """
         while not self._stop.wait(FLUSH_POLL_S):
             try:
-                for context_id in self.store.l2.claim_due(time.time(), lease_s=FLUSH_LEASE_S, limit=50):
-                    self.engine.dispatcher.flush(context_id)
+                for context_id in self.store.claim_due(lease_s=FLUSH_LEASE_S, limit=50, now=time.time()):
+                    self.dispatcher.flush(context_id)
             except Exception:
                 log.exception("dispatching due write-behinds failed; trying again")
 
@@ -158,28 +151,15 @@ _runtime: ProcessRuntime | None = None
 _lock = threading.Lock()
 
 
-def runtime() -> ProcessRuntime:
+def runtime(app: Celery) -> ProcessRuntime:
     """This process's runtime (a forked child never uses its parent's)."""
     global _runtime
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = ProcessRuntime()
+            _runtime = ProcessRuntime(app)
         return _runtime
 
 
-provide_engine(lambda: runtime().engine)
-
-
-@worker_process_init.connect
-def _start_process(**_: object) -> None:
-    runtime().start_background()
-    # What the process holds now (Celery, kombu, SQLAlchemy, pydantic: ~150,000 objects) lives as
-    # long as it does: out of the collector's sight, a full collection no longer walks all of it
-    # (measured: 30-80 ms each, on the step that happens to trigger it).
-    gc.freeze()
-
-
-@worker_process_shutdown.connect
-def _stop_process(**_: object) -> None:
-    if _runtime is not None and _runtime.pid == os.getpid():
-        _runtime.stop()
+def current() -> ProcessRuntime | None:
+    """This process's runtime if it has one (a forked child's parent's does not count)."""
+    return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from runctx.embedded.supervisor import Layout
+from runctx.embedded.layout import Layout
 from state.settings import Settings, get_settings
 
 

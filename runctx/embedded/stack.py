@@ -25,12 +25,25 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psutil
 
-from runctx.embedded import supervisor as sup
+from runctx.embedded import supervisor
+from runctx.embedded.layout import Layout
+from runctx.embedded.leases import (
+    flocked,
+    live_owners,
+    poke_supervisor,
+    process_alive,
+    read_state,
+    remove_lease,
+    supervisor_running,
+    write_json,
+    write_lease,
+)
+from runctx.embedded.logs import LOG_NAMES, log_tail, rotate_logs
 from state.errors import EmbeddedStackError
 
 log = logging.getLogger(__name__)
 
-_SUPERVISOR_SCRIPT = Path(sup.__file__).resolve()
+_SUPERVISOR_SCRIPT = Path(supervisor.__file__).resolve()
 _FINAL_STATES = ("stopping", "stopped", "failed")  # a supervisor in these states will only exit
 _FIRST_INITDB_EXTRA_S = 60.0  # a first start also runs initdb, which may be slow on a busy disk
 
@@ -50,7 +63,7 @@ class EmbeddedStack:
 
     def __init__(self, data_dir: Path, *, timeout: float = 30.0) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.layout = sup.Layout(self.data_dir)
+        self.layout = Layout(self.data_dir)
         self.timeout = timeout
         self._lease_pid: int | None = None  # the pid that started this object, while started
 
@@ -108,10 +121,10 @@ class EmbeddedStack:
             if _leases[key] > 0:
                 return
             del _leases[key]
-            sup.remove_lease(self.layout, pid)
+            remove_lease(self.layout, pid)
             if not any(p == pid for p, _ in _leases):
                 _restore_sigterm_handler()
-        sup.poke_supervisor(self.layout)
+        poke_supervisor(self.layout)
         if wait:
             self._wait_stopped()
 
@@ -119,12 +132,12 @@ class EmbeddedStack:
         """Register another process as an owner: the servers then run at least as long as it does."""
         if self._lease_pid != os.getpid():
             raise EmbeddedStackError("add_owner() needs a started EmbeddedStack")
-        with sup.flocked(self.layout.owners_lock):
-            sup.write_lease(self.layout, pid)
+        with flocked(self.layout.owners_lock):
+            write_lease(self.layout, pid)
 
     def server_pids(self) -> list[int]:
         """Pids of redis-server and the postgres postmaster while the servers run, else []."""
-        state = sup.read_state(self.layout)
+        state = read_state(self.layout)
         if not state or state["status"] != "ready":
             return []
         return [state["redis_pid"], state["postgres_pid"]]
@@ -154,19 +167,19 @@ class EmbeddedStack:
             self._take_lease(deadline)
             self._wait_ready(deadline)
         except BaseException:
-            sup.remove_lease(self.layout, os.getpid())
-            sup.poke_supervisor(self.layout)
+            remove_lease(self.layout, os.getpid())
+            poke_supervisor(self.layout)
             raise
 
     def _take_lease(self, deadline: float) -> None:
         layout = self.layout
         while True:
-            with sup.flocked(layout.owners_lock):
-                running = sup.supervisor_running(layout)
-                state = sup.read_state(layout)
+            with flocked(layout.owners_lock):
+                running = supervisor_running(layout)
+                state = read_state(layout)
                 # A supervisor that is stopping (or failed) will not serve new owners: wait for it to exit.
                 if not running or state is None or state["status"] not in _FINAL_STATES:
-                    sup.write_lease(layout, os.getpid())
+                    write_lease(layout, os.getpid())
                     if not running:
                         layout.state_file.unlink(missing_ok=True)  # a dead supervisor's
                         self._spawn_supervisor()
@@ -177,7 +190,7 @@ class EmbeddedStack:
 
     def _spawn_supervisor(self) -> None:
         """Launch the supervisor; it returns once the daemonized supervisor holds its lock."""
-        sup.rotate_logs(self.layout)
+        rotate_logs(self.layout)
         out = os.open(self.layout.log_file("supervisor"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             launcher = subprocess.Popen(
@@ -192,14 +205,14 @@ class EmbeddedStack:
         except subprocess.TimeoutExpired:
             launcher.kill()
             raise EmbeddedStackError(f"the supervisor launcher hung{self._logs()}") from None
-        if code not in (0, sup.EXIT_ALREADY_RUNNING):
+        if code not in (0, supervisor.EXIT_ALREADY_RUNNING):
             raise EmbeddedStackError(f"the supervisor failed to start (exit code {code}){self._logs()}")
         log.info("started the embedded stack supervisor for %s", self.data_dir)
 
     def _wait_ready(self, deadline: float) -> None:
         next_check = time.monotonic() + 0.5
         while True:
-            state = sup.read_state(self.layout)
+            state = read_state(self.layout)
             status = state["status"] if state else None
             if status == "ready":
                 return
@@ -211,17 +224,17 @@ class EmbeddedStack:
                 raise EmbeddedStackError(f"the embedded stack in {self.data_dir} was not ready in time{self._logs()}")
             if now > next_check:
                 next_check = now + 0.5
-                with sup.flocked(self.layout.owners_lock):
-                    running = sup.supervisor_running(self.layout)
-                if not running and (sup.read_state(self.layout) or {}).get("status") not in ("ready", "failed"):
+                with flocked(self.layout.owners_lock):
+                    running = supervisor_running(self.layout)
+                if not running and (read_state(self.layout) or {}).get("status") not in ("ready", "failed"):
                     raise EmbeddedStackError(f"the supervisor of {self.data_dir} exited before the servers were ready{self._logs()}")
             time.sleep(0.01)
 
     def _wait_stopped(self) -> None:
-        deadline = time.monotonic() + sup.STOP_TIMEOUT_S + 15  # the supervisor escalates for up to ~30 s
+        deadline = time.monotonic() + supervisor.STOP_TIMEOUT_S + 15  # the supervisor escalates for up to ~30 s
         while time.monotonic() < deadline:
-            with sup.flocked(self.layout.owners_lock):
-                if not sup.supervisor_running(self.layout) or sup.live_owners(self.layout):
+            with flocked(self.layout.owners_lock):
+                if not supervisor_running(self.layout) or live_owners(self.layout):
                     return
             time.sleep(0.02)
         raise EmbeddedStackError(f"the embedded stack in {self.data_dir} did not stop in time{self._logs()}")
@@ -233,8 +246,8 @@ class EmbeddedStack:
     def _logs(self) -> str:
         """Tails of the logs, for error messages."""
         parts = []
-        for name in ("supervisor", "redis", "postgres"):
-            tail = sup.log_tail(self.layout.log_file(name))
+        for name in LOG_NAMES:
+            tail = log_tail(self.layout.log_file(name))
             if tail:
                 parts.append(f"\n--- {self.layout.log_file(name)} (tail) ---\n{tail}")
         return "".join(parts)
@@ -259,35 +272,35 @@ def keep_up(data_dir: Path, *, timeout: float = 60.0) -> tuple[EmbeddedStack, bo
         start_new_session=True,  # no terminal signals: it lives until `stack down`
     )
     stack.add_owner(keeper.pid)
-    sup._write_json(layout.data_dir / KEEPER_FILE, {"pid": keeper.pid, "create_time": psutil.Process(keeper.pid).create_time()})
+    write_json(layout.data_dir / KEEPER_FILE, {"pid": keeper.pid, "create_time": psutil.Process(keeper.pid).create_time()})
     return stack, True
 
 
 def release_keeper(data_dir: Path) -> bool:
     """Stop the keeper (if any): the servers stop once no other process uses them. Whether one ran."""
-    layout = sup.Layout(Path(data_dir).expanduser().resolve())
+    layout = Layout(Path(data_dir).expanduser().resolve())
     pid = _keeper_pid(layout)
     (layout.data_dir / KEEPER_FILE).unlink(missing_ok=True)
     if pid is None:
         return False
-    with sup.flocked(layout.owners_lock):
-        sup.remove_lease(layout, pid)
+    with flocked(layout.owners_lock):
+        remove_lease(layout, pid)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    sup.poke_supervisor(layout)
+    poke_supervisor(layout)
     return True
 
 
-def wait_stopped(data_dir: Path, timeout_s: float = sup.STOP_TIMEOUT_S + 15) -> bool:
+def wait_stopped(data_dir: Path, timeout_s: float = supervisor.STOP_TIMEOUT_S + 15) -> bool:
     """Wait until the servers stopped; False if they still run (another process uses them)."""
-    layout = sup.Layout(Path(data_dir).expanduser().resolve())
+    layout = Layout(Path(data_dir).expanduser().resolve())
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not sup.supervisor_running(layout):
+        if not supervisor_running(layout):
             return True
-        if sup.live_owners(layout):
+        if live_owners(layout):
             return False
         time.sleep(0.05)
     return False
@@ -295,28 +308,28 @@ def wait_stopped(data_dir: Path, timeout_s: float = sup.STOP_TIMEOUT_S + 15) -> 
 
 def describe(data_dir: Path) -> dict[str, object]:
     """What runs in a data directory: servers' state and pids, owner processes, the keeper, sockets."""
-    layout = sup.Layout(Path(data_dir).expanduser().resolve())
-    state = sup.read_state(layout) if layout.state_file.exists() else None
-    running = bool(state) and sup.supervisor_running(layout) and state.get("status") == "ready"  # type: ignore[union-attr]
+    layout = Layout(Path(data_dir).expanduser().resolve())
+    state = read_state(layout) if layout.state_file.exists() else None
+    running = bool(state) and supervisor_running(layout) and state.get("status") == "ready"  # type: ignore[union-attr]
     return {
         "data_dir": str(layout.data_dir),
         "status": "up" if running else "down",
         "redis_pid": state.get("redis_pid") if running and state else None,
         "postgres_pid": state.get("postgres_pid") if running and state else None,
-        "owners": len(sup.live_owners(layout)) if layout.owners_dir.exists() else 0,
+        "owners": len(live_owners(layout)) if layout.owners_dir.exists() else 0,
         "kept_up": _keeper_pid(layout) is not None,
         "redis_socket": str(layout.redis_socket) if running else None,
         "postgres_socket_dir": str(layout.pg_socket_dir) if running else None,
     }
 
 
-def _keeper_pid(layout: sup.Layout) -> int | None:
+def _keeper_pid(layout: Layout) -> int | None:
     try:
         data = json.loads((layout.data_dir / KEEPER_FILE).read_text())
         pid, created = int(data["pid"]), float(data["create_time"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid if sup.process_alive(pid, created) else None
+    return pid if process_alive(pid, created) else None
 
 
 def admin_database_url(database_url: str, dbname: str) -> str:
@@ -334,9 +347,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     pid = os.getpid()
     for lease_pid, data_dir in list(_leases):
         if lease_pid == pid:
-            layout = sup.Layout(data_dir)
-            sup.remove_lease(layout, pid)  # no lock: the main thread may hold it
-            sup.poke_supervisor(layout)
+            layout = Layout(data_dir)
+            remove_lease(layout, pid)  # no lock: the main thread may hold it
+            poke_supervisor(layout)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(pid, signal.SIGTERM)  # die of SIGTERM as if we had never been here
 

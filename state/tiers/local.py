@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache, TTLCache
 
 from state.models import RunContext, StateCacheConfig
-from state.tiers.contracts import CommittedState, ConfigEntry
+from state.tiers.data import CommittedState, ConfigEntry
 
 ENDED_RUNS_KEPT = 10_000  # failed runs a process remembers, so their queued steps do not start
 

@@ -7,12 +7,13 @@
 --       [5 the step's record hash, 6 the run's progress record, 7 the run's failed flag: present when
 --       they share the context's node (always on one Redis; never on a cluster),
 --       8 a broker queue (a list) to push ARGV[17] onto: the successor's message (with KEYS 5-7 only)]
--- ARGV: 1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
+-- ARGV, in the order of `state.tiers.redis.contexts.COMMIT_ARGV`, which builds them from named fields:
+--       1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
 --       11 new epoch, 12 '1' if the entry must be live, 13 step id ('' = not a step's commit),
---       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 largest payload a broadcast carries,
---       17 the message to push onto KEYS[8] ('' without it), 18 how many versions behind a stale writer
---       is told the steps since its version
+--       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 the broadcast (a `state.bus`
+--       message, published as it is), 17 the message to push onto KEYS[8] ('' without it), 18 how many
+--       versions behind a stale writer is told the steps since its version
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one; then also the
 -- current payload, its checksum and, when at most ARGV[18] versions came since the one expected, the
 -- steps of those commits with their versions, so the writer can apply its changes again without a
@@ -83,13 +84,6 @@ if KEYS[8] then
   repaired('LPUSH', KEYS[8], ARGV[17])
 end
 if ARGV[9] ~= '' then
-  -- Small contexts travel with the broadcast, so the next step finds them in its process's L1.
-  local event = {type = 'context', id = ARGV[8], version = tonumber(ARGV[2]), epoch = tonumber(ARGV[11]), t = tonumber(ARGV[5])}
-  if step ~= '' and #ARGV[3] <= tonumber(ARGV[16]) then
-    event.step = step
-    event.d = ARGV[3]
-    event.c = ARGV[4]
-  end
-  redis.call('PUBLISH', ARGV[9], cjson.encode(event))
+  redis.call('PUBLISH', ARGV[9], ARGV[16])
 end
 return {1, tonumber(ARGV[2])}

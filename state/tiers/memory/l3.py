@@ -17,7 +17,7 @@ from state.codec import DEFAULT_CODEC, Codec
 from state.errors import RefusedByDatabase, VersionConflict
 from state.keys import config_key, routine_key
 from state.models import RunContext
-from state.tiers.contracts import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
+from state.tiers.data import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
 
 
 def _now() -> dt.datetime:

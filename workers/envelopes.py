@@ -1,18 +1,18 @@
 """A step task's message as the broker stores it, built in the worker, so that the step before it
-can push it in its own commit: the transactional outbox (`state.tiers.contracts.Outbox`).
+can push it in its own commit: the transactional outbox (`state.tiers.data.Outbox`).
 
 What follows a committed step is then sent in the commit's one round trip, and exactly when the
 step commits: "committed, but the worker died before it sent the successor" cannot happen (it was
 covered before by the broker delivering the step again; it still is, for everything else).
 
 Only where the broker is a Redis that is the same server and database as L2 (asked of the
-servers, `RedisTier.shares_server_with`), and the step task's route ends in a queue of the
+servers, `RedisConnection.shares_server_with`), and the step task's route ends in a queue of the
 direct exchange, as runctx's `celeryconfig` routes it; anywhere else (RabbitMQ, another Redis, an
 L2 on a cluster) steps are sent by ``apply_async`` as before. The message is the one
 ``step.apply_async(kwargs=...)`` publishes: Celery's task message (``app.amqp.as_task_v2``, with
 the same shadow name, reprs, root and parent ids), serialized as kombu's producer does, in the
 envelope kombu's virtual channel makes (``prepare_message``, ``_inplace_augment_message``), on
-the list kombu's ``_put`` pushes to. ``tests/test_outbox.py`` compares it with a real publish.
+the list kombu's ``_put`` pushes to. ``tests/workers/test_envelopes.py`` compares it with a real publish.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as kombu_json
 from kombu.utils.json import loads as json_loads
 
-from state.tiers.contracts import CommittedState, Outbox
-from state.tiers.redis_l2 import RedisTier
+from state.tiers.data import CommittedState, Outbox
+from state.store import TieredStore
 from tasks.messages import STATE_HEADER, StepMessage, state_header
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class StepEnvelopes:
         self._template()
 
     @classmethod
-    def for_broker(cls, task: Task, l2: RedisTier) -> StepEnvelopes | None:
+    def for_broker(cls, task: Task, store: TieredStore) -> StepEnvelopes | None:
         """Envelopes for ``task`` if its commits can push them onto the broker's queue, else None."""
         app = task.app
         route = app.amqp.router.route({}, task.name, (), {})
@@ -86,7 +86,7 @@ class StepEnvelopes:
                 connection.release()
                 return None
             channel = connection.default_channel
-            if not l2.carries_outbox or not l2.shares_server_with(channel.client):
+            if not store.shares_server_with(channel.client):
                 connection.release()
                 return None
             envelopes = cls(task, connection, queue)
@@ -97,28 +97,9 @@ class StepEnvelopes:
             connection.release()
             return None
 
-    def outbox(self, message: StepMessage, state: CommittedState | None = None) -> Outbox:
-        """The message ``step.apply_async(kwargs=message.as_kwargs())`` would publish, carrying ``state``.
-
-        Filled into a template of that message's text (`_Template`: made once, from one message
-        that Celery's and kombu's own code built), with this one's ids, arguments and names: the
-        same message at a fraction of the CPU, which a step spends on its critical path.
-        """
-        kwargs = message.as_kwargs()
-        kwargsrepr = repr(kwargs)  # as CeleryDispatcher.step gives it
-        task_id = _uuid4()
-        parent = self.app.current_worker_task
-        parent_id = parent.request.id if parent is not None else None
-        root_id = (parent.request.root_id or parent_id) if parent is not None else None
-        body = self._body.fill(kwargs=kwargs)
-        encoded, _ = self.channel.encode_body(body, self.channel.body_encoding)
-        template = self._without_state if state is None else self._with_state
-        text = template.fill(
-            body=encoded, id=task_id, shadow=self.task.shadow_name((), kwargs, {}), root_id=root_id or task_id,
-            parent_id=parent_id, kwargsrepr=kwargsrepr, correlation_id=task_id,
-            delivery_tag=_uuid4(), state=None if state is None else state_header(state),
-        )
-        return Outbox(self.queue_key, text.encode())
+    def successor(self, message: StepMessage, context: str) -> PreparedStep:
+        """``message`` prepared to ride in the commit of the step before it (see `PreparedStep`)."""
+        return PreparedStep(self, message, context)
 
     def _published(self, message: StepMessage) -> dict[str, Any]:
         """``message`` as Celery and kombu themselves make it (``as_task_v2``, kombu's serializer,
@@ -151,6 +132,42 @@ class StepEnvelopes:
 
     def close(self) -> None:
         self.connection.release()
+
+
+class PreparedStep:
+    """One step's message as ``step.apply_async(kwargs=message.as_kwargs())`` would publish it, its
+    ids (task id, delivery tag, parent and root: the task running now) made once; `outbox` fills in
+    the version its predecessor's commit makes and the state it carries.
+
+    Filled into a template of that message's text (`_Template`: made once per process, from one
+    message that Celery's and kombu's own code built): the same message at a fraction of the CPU,
+    which a step spends on its critical path.
+    """
+
+    def __init__(self, envelopes: StepEnvelopes, message: StepMessage, context: str) -> None:
+        self.envelopes = envelopes
+        self.message = message
+        self.context = context
+        self.task_id = _uuid4()
+        self.delivery_tag = _uuid4()
+        parent = envelopes.app.current_worker_task
+        self.parent_id = parent.request.id if parent is not None else None
+        self.root_id = (parent.request.root_id or self.parent_id) if parent is not None else None
+        self.shadow = envelopes.task.shadow_name((), message.as_kwargs(), {})
+
+    def outbox(self, version: int, state: CommittedState | None) -> Outbox:
+        envelopes = self.envelopes
+        kwargs = self.message.at(self.context, version).as_kwargs()
+        kwargsrepr = repr(kwargs)  # as CeleryDispatcher.step gives it
+        body = envelopes._body.fill(kwargs=kwargs)
+        encoded, _ = envelopes.channel.encode_body(body, envelopes.channel.body_encoding)
+        template = envelopes._without_state if state is None else envelopes._with_state
+        text = template.fill(
+            body=encoded, id=self.task_id, shadow=self.shadow, root_id=self.root_id or self.task_id,
+            parent_id=self.parent_id, kwargsrepr=kwargsrepr, correlation_id=self.task_id,
+            delivery_tag=self.delivery_tag, state=None if state is None else state_header(state),
+        )
+        return Outbox(envelopes.queue_key, text.encode())
 
 
 class _Template:

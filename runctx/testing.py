@@ -1,10 +1,17 @@
-"""A Dispatcher that runs routines to the end inside one process: the engine drains its own queue.
+"""Running routines without Celery, for tests of routines and actions (yours and runctx's own).
 
-Celery delivers each step, finalize and write-behind message to some worker process; here they
-wait in a local queue and `drain` hands them to the engine one by one, with what Celery's task
-options add around a task (retries of infrastructure errors, a step that fails for good fails its
-run). On the in-memory tiers a whole run takes milliseconds and needs no server or worker, which
-is what the engine tests use; on the real tiers it runs a routine without Celery.
+`LocalEnvironment` puts an engine on the in-memory tiers (or on a store you give it) with an
+in-process dispatcher: Celery delivers each step, finalize and write-behind message to some worker
+process; here they wait in a local queue and `InProcessDispatcher.drain` hands them to the engine
+one by one, with what Celery's task options add around a task (retries of infrastructure errors,
+a step that fails for good fails its run). A whole run takes milliseconds and needs no server or
+worker. Broker behaviours (a message delivered twice, redelivered with the same id) are reproduced
+by editing the dispatcher's queue.
+
+    from runctx.testing import LocalEnvironment
+    env = LocalEnvironment()
+    run_id, row = env.run({"name": "r", "variables": {"n": 0}, "steps": [{"id": "a", "action": "increment", "args": {"name": "n"}}]})
+    assert row.status == "succeeded" and env.final(run_id).get("n") == 1
 """
 
 from __future__ import annotations
@@ -14,15 +21,18 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
+from runctx import read_models
 from state.errors import InfrastructureError, RunFailed, StepFailedItsRun
-from state.tiers.contracts import CommittedState, Outbox
-from state.tiers.memory_l2 import MemoryL2
+from state.models import ResourceLimits, RunContext, StateCacheConfig
+from state.store import TieredStore
+from state.tiers.data import CommittedState, Outbox, RunRow
+from state.tiers.local import LocalCache
+from state.tiers.memory import MemoryL2, MemoryL3
+from tasks.engine import RunEngine
 from tasks.messages import STATE_HEADER, FinalizeMessage, StepMessage, state_from_header, state_header
-
-if TYPE_CHECKING:
-    from tasks.engine import RunEngine
+from tasks.routine import Routine, parse_routine
 
 Kind = Literal["step", "finalize", "flush"]
 
@@ -40,6 +50,19 @@ class Delivery:
     deliveries: int = 0  # more than one: a redelivery (as a broker flags it)
     pushed: bool = False  # sent by the commit of the step before it (the outbox)
     carried: CommittedState | None = None  # the state that commit stored, which the message carries
+
+
+@dataclass(frozen=True)
+class _InProcessSuccessor:
+    """A step's message as the in-process queue keeps it, riding in its predecessor's commit."""
+
+    message: StepMessage
+    context: str
+
+    def outbox(self, version: int, state: CommittedState | None) -> Outbox:
+        carried = state_header(state) if state is not None else None
+        kwargs = self.message.at(self.context, version).as_kwargs()
+        return Outbox(OUTBOX_QUEUE, json.dumps({"kwargs": kwargs, STATE_HEADER: carried}).encode())
 
 
 class InProcessDispatcher:
@@ -64,11 +87,8 @@ class InProcessDispatcher:
     def step(self, message: StepMessage) -> None:
         self._send(Delivery("step", message))
 
-    def outbox(self, message: StepMessage, state: CommittedState | None = None) -> Outbox | None:
-        if self.outbox_via is None:
-            return None
-        carried = state_header(state) if state is not None else None
-        return Outbox(OUTBOX_QUEUE, json.dumps({"kwargs": message.as_kwargs(), STATE_HEADER: carried}).encode())
+    def successor(self, message: StepMessage, context: str) -> _InProcessSuccessor | None:
+        return None if self.outbox_via is None else _InProcessSuccessor(message, context)
 
     def _take_pushed(self) -> None:
         """Move what commits pushed onto the outbox queue into the delivery queue, oldest first."""
@@ -145,7 +165,66 @@ class InProcessDispatcher:
         """Drain, then write every pending context to L3 (as the write-behind would); returns messages run."""
         ran = self.drain(engine)
         far_future = time.time() + 10 * 365 * 24 * 3600  # everything pending is due
-        for context_id in engine.store.l2.claim_due(far_future, lease_s=0, limit=1_000_000):
+        for context_id in engine.store.claim_due(lease_s=0, limit=1_000_000, now=far_future):
             self.flush(context_id)
         return ran + self.drain(engine)
+
+
+class LocalEnvironment:
+    """One store (the in-memory tiers unless given one), one in-process dispatcher and the engine
+    between them: routines run to the end in this process, in milliseconds.
+
+    ``outbox``: a step's successor rides in its commit, as on workers whose broker is L2's Redis.
+    Owns the store it made (and the in-memory L2 that queues what commits push).
+    """
+
+    def __init__(
+        self, *, max_attempts: int = 3, max_retries: int = 5, limits: ResourceLimits | None = None, outbox: bool = False,
+        store: TieredStore | None = None, worker: str = "in-process",
+    ) -> None:
+        self.memory_l2: MemoryL2 | None = None
+        if store is None:
+            config = StateCacheConfig()
+            self.memory_l2 = MemoryL2(prefix="mem", config=config)
+            store = TieredStore(LocalCache(config), self.memory_l2, MemoryL3(), config=config)
+        self.store = store
+        self.dispatcher = InProcessDispatcher(
+            max_retries=max_retries, worker=worker, outbox_via=self.memory_l2 if outbox else None
+        )
+        self.engine = RunEngine(self.store, self.dispatcher, max_attempts=max_attempts, limits=limits)
+
+    def submit(self, routine: dict[str, Any] | Routine, variables: dict[str, Any] | None = None, *, run_id: str | None = None) -> str:
+        parsed = routine if isinstance(routine, Routine) else parse_routine(routine)
+        return self.engine.submit(parsed, variables=variables, run_id=run_id)
+
+    def settle(self, run_id: str) -> RunRow:
+        """Run everything queued (and the write-behind), then the run as the ledger holds it."""
+        self.dispatcher.settle(self.engine)
+        row = self.store.ledger.get_run(run_id)
+        assert row is not None, f"no run {run_id}"
+        return row
+
+    def run(self, routine: dict[str, Any] | Routine, variables: dict[str, Any] | None = None) -> tuple[str, RunRow]:
+        run_id = self.submit(routine, variables)
+        return run_id, self.settle(run_id)
+
+    def final(self, run_id: str, path: str = "") -> RunContext:
+        """A context as L3 holds it (what finalize wrote): the root, or the sub-routine at ``path``."""
+        ctx = self.store.read_l3(f"{run_id}/{path}" if path else run_id)
+        assert ctx is not None, f"no context {path or '(root)'} in L3"
+        return ctx
+
+    def step_states(self, run_id: str) -> dict[str, Any]:
+        """The run's ``runctx status --json`` object."""
+        return read_models.step_states(self.store, self.engine.plans, run_id)
+
+    def context_tree(self, run_id: str) -> dict[str, Any]:
+        """The run's ``runctx context --json`` object."""
+        return read_models.context_tree(self.store, self.engine.plans, run_id)
+
+    def finalizes(self, run_id: str) -> list[Delivery]:
+        return [d for d in self.dispatcher.sent if d.kind == "finalize" and d.message.run_id == run_id]  # type: ignore[union-attr]
+
+    def first_step(self, step_id: str) -> Delivery:
+        return next(d for d in self.dispatcher.sent if d.kind == "step" and d.message.step_id == step_id)  # type: ignore[union-attr]
 

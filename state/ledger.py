@@ -1,0 +1,116 @@
+"""The run ledger: each run's row in L3 (the truth of its status, epoch and final outcome) and its
+records in L2 (reports as it goes: attempts, step outcomes, the failed flag, progress, the done
+signal). Everything the engine, the watchdog and the API know of a run comes through here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from state.codec import Codec
+from state.metrics import metrics
+from state.models import RunContext
+from state.sealing import binding
+from state.tiers.contracts import L1Tier, L2Tier, L3Tier
+from state.tiers.data import ExportRecord, RunRow, StepReport, StepStart
+
+
+class RunLedger:
+    """Runs and their records (`L3Ledger`, `L2RunRecords`). Owns nothing but its tiers; promises a
+    run's final contexts, exports and status in one L3 transaction, and a failure flagged once."""
+
+    def __init__(self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, codec: Codec, clock: Callable[[], float]) -> None:
+        self.l1, self.l2, self.l3 = l1, l2, l3
+        self.codec = codec
+        self.clock = clock
+
+    # ---- rows (L3) -------------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        return self.l3.get_run(run_id)
+
+    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
+        return self.l3.list_runs(status=status, routine=routine, limit=limit)
+
+    def running_runs(self, limit: int = 1000) -> list[RunRow]:
+        return self.l3.running_runs(limit)
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        meta: dict[str, Any],
+        contexts: list[RunContext],
+        exports: list[ExportRecord],
+        epoch: int | None = None,
+    ) -> bool:
+        """Final contexts, exports and status in one L3 transaction; False if the run was final already
+        (or, with ``epoch``, rewound past it). Its contexts then get the context TTL in L2."""
+        finished = self.l3.finish_run(
+            run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
+        )
+        if finished:
+            metrics().l3_writes.labels("run").inc()
+            for ctx in contexts:
+                self.l2.mark_flushed(ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=True)
+        return finished
+
+    # ---- records (L2) ----------------------------------------------------------------------------
+
+    def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart:
+        """Count a start of a task message that is not its first (see `L2RunRecords.start_step`)."""
+        return self.l2.start_step(run_id, task_id, step_id)
+
+    def finish_step(
+        self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
+        traceback: str | None = None,
+    ) -> None:
+        self.l2.finish_step(run_id, step_id, status=status, worker=worker, duration_s=duration_s, traceback=traceback)
+
+    def report(self, report: StepReport, *, now: float) -> None:
+        """Write the record a step's commit would have written (where the commit did not carry it)."""
+        self.l2.finish_step(report.run_id, report.step_id, record=report.record(now))
+
+    def mark_failed(self, run_id: str, error: str) -> bool:
+        """Flag the run failed in L2 (True for the first flag) and in this process's L1."""
+        first = self.l2.mark_failed(run_id, error)
+        self.l1.note_run_ended(run_id)
+        return first
+
+    def failure_of(self, run_id: str) -> str | None:
+        return self.l2.failure_of(run_id)
+
+    def ended_here(self, run_id: str) -> bool:
+        """Whether this process heard that the run failed or was cancelled (a hint: L2's flag is the truth)."""
+        return self.l1.run_ended(run_id)
+
+    def keep_hidden_error(self, run_id: str, step_id: str, text: str) -> None:
+        """Keep the real error text of a step that read sensitive values, sealed (only with keys: an
+        in-memory store without them keeps nothing), for `runs.meta` at finalize."""
+        keyring = self.codec.keyring
+        if keyring is None:
+            return
+        sealed = keyring.seal({"step": step_id, "error": text}, binding(run_id, run_id, "error", step_id, "secret"))
+        self.l2.keep_hidden_error(run_id, sealed)
+
+    def count_l3_write(self, run_id: str, count: int = 1) -> None:
+        self.l2.count_l3_write(run_id, count)
+
+    def summary(self, run_id: str) -> dict[str, Any]:
+        """The run's step records so far, its L3 write count and (sealed) hidden error."""
+        return self.l2.run_summary(run_id)
+
+    def announce_done(self, run_id: str) -> None:
+        self.l2.announce_done(run_id)
+
+    def wait_done(self, run_id: str, timeout_s: float) -> bool:
+        """Block until the run announces it is done, or the timeout; a wake-up, not the truth (L3 is)."""
+        return self.l2.wait_done(run_id, timeout_s)
+
+    def touch_progress(self, run_ids: list[str], now: float) -> None:
+        self.l2.touch_progress(run_ids, now)
+
+    def progress_of(self, run_ids: list[str]) -> dict[str, float | None]:
+        return self.l2.progress_of(run_ids)

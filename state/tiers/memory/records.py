@@ -1,0 +1,140 @@
+"""The in-memory twin's routine definitions and configurations, run records, bus and leases."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from state.errors import ContextCorruption
+from state.tiers.data import ConfigEntry, StepStart
+from state.tiers.memory.base import Entry, MemoryState
+
+
+class MemoryConfigs(MemoryState):
+    """`L2Configs` in memory."""
+
+    def get_config(self, key: str) -> ConfigEntry | None:
+        with self._lock:
+            entry = self._live(self._configs, key)
+            if entry is None:
+                return None
+            if not self.codec.verify(entry.payload, entry.checksum, where=self.keys.config(key)):
+                del self._configs[key]
+                raise ContextCorruption(self.keys.config(key), "checksum does not match payload")
+        return ConfigEntry(key=key, version=entry.version, data=self.codec.load_document(entry.payload, key=key))
+
+    def put_config(self, entry: ConfigEntry) -> None:
+        payload = self.codec.dump_document(entry.data)
+        with self._lock:
+            self._configs[entry.key] = Entry(entry.version, self.codec.checksum(payload), payload, self.clock() + self.config.l2_config_ttl_s)
+
+    def evict_config(self, key: str) -> bool:
+        with self._lock:
+            return self._configs.pop(key, None) is not None
+
+    def config_keys(self) -> list[str]:
+        with self._lock:
+            return [key for key in list(self._configs) if self._live(self._configs, key)]
+
+
+class MemoryRunRecords(MemoryState):
+    """`L2RunRecords`, `L2Bus` (nobody else listens) and `L2Leases` in memory."""
+
+    def start_step(self, run_id: str, task_id: str, step_id: str) -> StepStart:
+        with self._lock:
+            run = self._run(run_id)
+            run.attempts[task_id] = run.attempts.get(task_id, 0) + 1
+            run.step_attempts[step_id] = run.step_attempts.get(step_id, 0) + 1
+            return StepStart(attempt=run.attempts[task_id] + 1, run_failed=run.failed is not None)
+
+    def run_failed(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._runs and self._runs[run_id].failed is not None
+
+    def finish_step(
+        self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
+        traceback: str | None = None, record: dict[str, Any] | None = None,
+    ) -> None:
+        if record is None:
+            record = {"status": status, "worker": worker, "duration_s": round(duration_s, 6), "finished_at": self.clock()}
+            if traceback:
+                record["traceback"] = traceback
+        now = record["finished_at"]
+        with self._lock:
+            self._run(run_id).steps[step_id] = json.dumps(record)
+            self._run(run_id).progress = now
+
+    def keep_hidden_error(self, run_id: str, sealed: dict[str, str]) -> None:
+        with self._lock:
+            run = self._run(run_id)
+            if run.hidden_error is None:
+                run.hidden_error = dict(sealed)
+
+    def publish(self, message: Any) -> int:
+        return 0  # one process: nobody else listens
+
+    def announce_routine(self, routine: str, version: int) -> None:
+        pass  # one process: nobody else to prepare
+
+    def mark_failed(self, run_id: str, error: str) -> bool:
+        with self._lock:
+            run = self._run(run_id)
+            if run.failed is not None:
+                return False
+            run.failed = error
+            return True
+
+    def failure_of(self, run_id: str) -> str | None:
+        with self._lock:
+            return self._runs[run_id].failed if run_id in self._runs else None
+
+    def forget_run(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def count_l3_write(self, run_id: str, count: int = 1) -> None:
+        with self._lock:
+            self._run(run_id).l3_writes += count
+
+    def run_summary(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            run = self._run(run_id)
+            steps = []
+            for step_id, raw in run.steps.items():
+                record = json.loads(raw)
+                counted = run.step_attempts.get(step_id)  # starts after the first, if any were counted
+                record["attempts"] = max(record.get("attempts", 1), 1 if counted is None else counted + 1)
+                steps.append({"id": step_id, **record})
+            l3_writes = run.l3_writes
+            hidden_error = run.hidden_error
+        steps.sort(key=lambda step: step["finished_at"])
+        summary: dict[str, Any] = {"steps": steps, "l3_writes": l3_writes}
+        if hidden_error is not None:
+            summary["hidden_error"] = dict(hidden_error)
+        return summary
+
+    def announce_done(self, run_id: str) -> None:
+        with self._done:
+            self._run(run_id).done = True
+            self._done.notify_all()
+
+    def wait_done(self, run_id: str, timeout_s: float) -> bool:
+        with self._done:
+            return self._done.wait_for(lambda: self._run(run_id).done, timeout=max(timeout_s, 0.01))
+
+    def touch_progress(self, run_ids: list[str], now: float) -> None:
+        with self._lock:
+            for run_id in run_ids:
+                self._run(run_id).progress = now
+
+    def progress_of(self, run_ids: list[str]) -> dict[str, float | None]:
+        with self._lock:
+            return {run_id: self._runs[run_id].progress if run_id in self._runs else None for run_id in run_ids}
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self._lock:
+            current = self._leases.get(name)
+            if current is None or current[0] == holder or current[1] <= self.clock():
+                self._leases[name] = (holder, self.clock() + ttl_s)
+                return True
+            return False

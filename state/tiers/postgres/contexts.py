@@ -1,0 +1,93 @@
+"""L3's context snapshots (`L3Contexts`): written in one transaction, only if newer (the write-behind
+rule: a writer from before a rewind never replaces the new lineage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert
+
+from state.errors import VersionConflict
+from state.models import RunContext
+from state.schema import context_snapshots
+from state.tiers.postgres.database import PostgresDatabase
+
+
+class PostgresContexts(PostgresDatabase):
+    """Context snapshots: a create refuses an existing id; a write is "only if newer"."""
+
+    def get_context(self, context_id: str) -> RunContext | None:
+        """The stored snapshot, at the row's version (a plain-SQL edit raises that, not the document's)."""
+        table = context_snapshots
+        row = self.read(
+            lambda conn: conn.execute(
+                select(table.c.version, table.c.epoch, table.c.document).where(table.c.context_id == context_id)
+            ).first()
+        )
+        return None if row is None else self._context_of(row)
+
+    def _context_of(self, row: Any) -> RunContext:
+        ctx = self.codec.from_document(row.document, key=f"L3 context {row.document.get('context_id', '?')}")
+        ctx.version, ctx.epoch = row.version, row.epoch
+        return ctx
+
+    def context_version(self, context_id: str) -> int | None:
+        return self.read(
+            lambda conn: conn.execute(
+                select(context_snapshots.c.version).where(context_snapshots.c.context_id == context_id)
+            ).scalar()
+        )
+
+    def create_context(self, ctx: RunContext) -> None:
+        self.run(f"create context {ctx.context_id}", lambda conn: self._save_context(conn, ctx, create=True))
+
+    def write_context(self, ctx: RunContext) -> bool:
+        return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))
+
+    def _save_context(self, conn: Connection, ctx: RunContext, *, create: bool = False) -> bool:
+        """Write a snapshot inside the caller's transaction.
+
+        ``create``: the context must not exist yet (VersionConflict if it does). Otherwise the write
+        happens only if (epoch, version) is newer than what L3 holds (the write-behind rule: a writer
+        from before a rewind never replaces the new lineage); returns whether it was written.
+        """
+        values = {
+            "context_id": ctx.context_id,
+            "run_id": ctx.run_id,
+            "parent_id": ctx.parent_id,
+            "version": ctx.version,
+            "epoch": ctx.epoch,
+            "document": self.codec.to_document(ctx),
+        }
+        table = context_snapshots
+        if create:
+            statement = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.version)
+            if conn.execute(statement).first() is None:
+                actual = conn.execute(select(table.c.version).where(table.c.context_id == ctx.context_id)).scalar()
+                raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, actual)
+            return True
+        statement = insert(table).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[table.c.context_id],
+            set_={
+                "version": statement.excluded.version,
+                "epoch": statement.excluded.epoch,
+                "document": statement.excluded.document,
+                "updated_at": text("now()"),
+            },
+            where=tuple_(table.c.epoch, table.c.version) < tuple_(statement.excluded.epoch, statement.excluded.version),
+        )
+        # RETURNING, not rowcount: SQLAlchemy reports no rowcount for INSERT.
+        return conn.execute(statement.returning(table.c.version)).first() is not None
+
+    def run_contexts(self, run_id: str) -> list[RunContext]:
+        table = context_snapshots
+        query = select(table.c.version, table.c.epoch, table.c.document).where(table.c.run_id == run_id)
+        return [self._context_of(row) for row in self.read(lambda conn: conn.execute(query).all())]
+
+    def discard_context(self, context_id: str) -> None:
+        self.run(
+            f"discard context {context_id}",
+            lambda conn: conn.execute(context_snapshots.delete().where(context_snapshots.c.context_id == context_id)),
+        )

@@ -1,0 +1,63 @@
+"""L3's record of the keys values are sealed under, and sealing again under the newest (`L3Keys`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Text, or_, select
+from sqlalchemy import cast as sa_cast
+from sqlalchemy.dialects.postgresql import insert
+
+from state.schema import blackboard_entries, context_snapshots, encryption_keys, exports
+from state.tiers.postgres.contexts import PostgresContexts
+
+
+class PostgresKeys(PostgresContexts):
+    """The keys in use; a rotation seals rows again in batches, versions unchanged."""
+
+    def reseal(self, old_key_ids: set[str], *, limit: int = 100) -> int:
+        """Seal again, under the newest key, up to ``limit`` contexts and exports that hold values
+        sealed under ``old_key_ids``; each row in a transaction of its own batch. Returns how many
+        were resealed (0: none is left). Versions do not change: only the envelopes do."""
+        markers = [f"v1.{key_id}." for key_id in sorted(old_key_ids)]
+        if not markers:
+            return 0
+
+        def holding(column: Any) -> Any:
+            rendered = sa_cast(column, Text)
+            return or_(*(rendered.contains(marker) for marker in markers))
+
+        def work(conn: Connection) -> int:
+            done = 0
+            table = context_snapshots
+            rows = conn.execute(
+                select(table.c.context_id, table.c.version, table.c.epoch, table.c.document)
+                .where(holding(table.c.document)).limit(limit).with_for_update(skip_locked=True)
+            ).all()
+            for row in rows:
+                ctx = self._context_of(row)
+                conn.execute(
+                    table.update().where(table.c.context_id == row.context_id).values(document=self.codec.to_document(ctx))
+                )
+                done += 1
+            for target in (exports, blackboard_entries):
+                found = conn.execute(select(target).where(holding(target.c.value)).limit(limit).with_for_update(skip_locked=True)).mappings().all()
+                for item in found:
+                    destination = "blackboard" if target is blackboard_entries else "persistent"
+                    args = (item["run_id"], destination, item["scope"], item["key"], item.get("variable", ""), item["sensitivity"])
+                    value = self.codec.export_value(*args, self.codec.open_export(*args, item["value"]))
+                    keys = [target.c[name] == item[name] for name in [col.name for col in target.primary_key.columns]]
+                    conn.execute(target.update().where(*keys).values(value=value))
+                    done += 1
+            return done
+
+        return self.run("reseal", work)
+
+    def forget_keys(self, key_ids: set[str]) -> None:
+        self.run("forget keys", lambda conn: conn.execute(encryption_keys.delete().where(encryption_keys.c.key_id.in_(sorted(key_ids)))))
+
+    def record_key(self, key_id: str) -> None:
+        self.run("record key", lambda conn: conn.execute(insert(encryption_keys).values(key_id=key_id).on_conflict_do_nothing()))
+
+    def key_ids(self) -> set[str]:
+        return set(self.read(lambda conn: conn.execute(select(encryption_keys.c.key_id)).scalars().all()))

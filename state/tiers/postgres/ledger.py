@@ -1,0 +1,174 @@
+"""L3's run ledger (`L3Ledger`): a run is created with its root context, finished with its final
+contexts and exports, rewound (its epoch raised) and pruned, each in one transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, select, text
+from sqlalchemy.dialects.postgresql import insert
+
+from state.models import RunContext
+from state.schema import blackboard_entries, context_snapshots, exports, runs
+from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
+from state.tiers.postgres.contexts import PostgresContexts
+
+
+class _AlreadyFinal(Exception):
+    """Rolls back a finish that found the run finished already."""
+
+
+class PostgresLedger(PostgresContexts):
+    """The runs table, with the contexts and exports a run's creation and finish write with it."""
+
+    def create_run(self, run: RunRow, root: RunContext) -> None:
+        def work(conn: Connection) -> None:
+            self._save_context(conn, root, create=True)
+            conn.execute(
+                insert(runs).values(
+                    run_id=run.run_id,
+                    routine_name=run.routine_name,
+                    routine_version=run.routine_version,
+                    root_context_id=run.root_context_id,
+                    status=run.status,
+                    meta=run.meta,
+                )
+            )
+
+        self.run(f"create run {run.run_id}", work)
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        meta: dict[str, Any],
+        contexts: list[RunContext],
+        exports: list[ExportRecord],
+        epoch: int | None = None,
+    ) -> bool:
+        conditions = [runs.c.run_id == run_id, runs.c.status.notin_(FINAL_STATUSES)]
+        if epoch is not None:
+            conditions.append(runs.c.epoch == epoch)
+
+        def work(conn: Connection) -> None:
+            finished = conn.execute(
+                runs.update()
+                .where(*conditions)
+                .values(status=status, error=error, meta=meta, finished_at=text("now()"), updated_at=text("now()"))
+                .returning(runs.c.run_id)
+            ).first()
+            if finished is None:
+                raise _AlreadyFinal()
+            for ctx in contexts:
+                self._save_context(conn, ctx)
+            for record in exports:
+                self._write_export(conn, record)
+
+        try:
+            self.run(f"finish run {run_id}", work)
+        except _AlreadyFinal:
+            return False
+        return True
+
+    def _write_export(self, conn: Connection, record: ExportRecord) -> None:
+        value = self.codec.export_value(
+            record.run_id, record.destination, record.scope, record.key, record.variable, record.sensitivity, record.value
+        )
+        if record.destination == "blackboard":
+            statement = insert(blackboard_entries).values(
+                scope=record.scope, key=record.key, value=value, sensitivity=record.sensitivity,
+                run_id=record.run_id, version=1,
+            )
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[blackboard_entries.c.scope, blackboard_entries.c.key],
+                    set_={
+                        "value": statement.excluded.value,
+                        "sensitivity": statement.excluded.sensitivity,
+                        "run_id": statement.excluded.run_id,
+                        "version": blackboard_entries.c.version + 1,
+                        "updated_at": text("now()"),
+                    },
+                )
+            )
+        else:
+            statement = insert(exports).values(
+                run_id=record.run_id, variable=record.variable, key=record.key,
+                scope=record.scope, value=value, sensitivity=record.sensitivity,
+            )
+            conn.execute(statement.on_conflict_do_nothing())
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        row = self.read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first())
+        return None if row is None else self._run_of(row)
+
+    def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
+        query = select(runs)
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        if routine is not None:
+            query = query.where(runs.c.routine_name == routine)
+        query = query.order_by(runs.c.created_at.desc(), runs.c.run_id).limit(limit)
+        return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
+
+    def running_runs(self, limit: int = 1000) -> list[RunRow]:
+        query = select(runs).where(runs.c.status.notin_(FINAL_STATUSES)).order_by(runs.c.updated_at).limit(limit)
+        return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
+
+    def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
+        def work(conn: Connection) -> int | None:
+            return conn.execute(
+                runs.update()
+                .where(runs.c.run_id == run_id, runs.c.epoch == from_epoch, runs.c.status.notin_(FINAL_STATUSES))
+                .values(epoch=runs.c.epoch + 1, updated_at=text("now()"))
+                .returning(runs.c.epoch)
+            ).scalar()
+
+        return self.run(f"rewind run {run_id}", work)
+
+    def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
+        # The database's clock decides what is old: every node agrees whatever its own clock says.
+        doomed = (
+            select(runs.c.run_id)
+            .where(
+                runs.c.status.in_(FINAL_STATUSES),
+                runs.c.finished_at < text("now() - make_interval(secs => :age)").bindparams(age=older_than_s),
+            )
+            .order_by(runs.c.finished_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+
+        def work(conn: Connection) -> dict[str, list[str]]:
+            run_ids = list(conn.execute(doomed).scalars())
+            if not run_ids:
+                return {}
+            pruned: dict[str, list[str]] = {run_id: [] for run_id in run_ids}
+            gone = conn.execute(
+                context_snapshots.delete()
+                .where(context_snapshots.c.run_id.in_(run_ids))
+                .returning(context_snapshots.c.run_id, context_snapshots.c.context_id)
+            )
+            for run_id, context_id in gone:
+                pruned[run_id].append(context_id)
+            conn.execute(runs.delete().where(runs.c.run_id.in_(run_ids)))
+            return pruned
+
+        return self.run("prune finished runs", work)
+
+    def _run_of(self, row: Any) -> RunRow:
+        return RunRow(
+            run_id=row["run_id"],
+            routine_name=row["routine_name"],
+            routine_version=row["routine_version"],
+            root_context_id=row["root_context_id"],
+            status=row["status"],
+            error=row["error"],
+            meta=dict(row["meta"] or {}),
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+            epoch=row["epoch"],
+            updated_at=row["updated_at"],
+        )

@@ -1,0 +1,276 @@
+"""A run's life after submit, whichever process moves it: what follows a committed node (dispatched,
+never waited for), failing, cancelling and finalizing it, rewinding it when its state was lost,
+and the write-behind of its contexts.
+
+A run advances without the process that submitted it: the worker that finishes a node works out
+what comes next (`tasks.advance`) and dispatches it through a `Dispatcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from state.errors import (
+    InfrastructureError,
+    InvalidValue,
+    LineageLost,
+    NotFound,
+    RoutineError,
+    StaleEpoch,
+    VersionConflict,
+    log_error,
+)
+from state.keys import context_id, run_of_context
+from state.metrics import metrics
+from state.models import ExportDeclaration, ExportDestination, RunContext
+from state.store import TieredStore
+from state.tiers.data import CANCELLED, FINAL_STATUSES, ExportRecord
+from tasks.advance import next_work, resume_points
+from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
+from tasks.plan import Node, Plan
+from tasks.plans import PlanCache
+
+log = logging.getLogger(__name__)
+
+
+class RunLifecycle:
+    """Dispatches, fails, cancels, finalizes and rewinds runs; owns nothing (state is in the store).
+
+    Promises: a run fails once (the first failure finalizes it); finalize writes the final
+    contexts, exports and status in one transaction, a second finalize changes nothing, and the
+    finalize of a failed or cancelled run never raises; a rewind resumes every point the rebuilt
+    state has not passed, and messages of the old epoch are refused from then on.
+    """
+
+    def __init__(self, store: TieredStore, plans: PlanCache, dispatcher: Dispatcher) -> None:
+        self.store = store
+        self.plans = plans
+        self.dispatcher = dispatcher
+        self.rewinds = 0
+
+    # ---- what comes next ----------------------------------------------------------------------
+
+    def dispatch(
+        self, plan: Plan, run_id: str, routine: str, routine_version: int, index: int | None,
+        versions: dict[str, int], contexts: dict[str, RunContext], epoch: int,
+    ) -> None:
+        """Send the work that follows node ``index``, given the contexts just committed (by path)."""
+
+        def create_child(node: Node, parent: RunContext) -> RunContext:
+            return self._create_child(plan, run_id, node, parent)
+
+        for work in next_work(plan, index, versions, contexts, create_child):
+            if work.node is None:
+                self.dispatcher.finalize(
+                    FinalizeMessage(run_id, routine, routine_version, work.versions, status="succeeded", epoch=epoch)
+                )
+            else:
+                step_id = plan.node(work.node).step_id
+                self.dispatcher.step(
+                    StepMessage(run_id, routine, routine_version, work.node, work.versions, step_id=step_id, epoch=epoch)
+                )
+
+    def _create_child(self, plan: Plan, run_id: str, node: Node, parent: RunContext) -> RunContext:
+        assert node.child_context is not None
+        child = parent.create_child(
+            plan.contexts[node.child_context], inherit=node.inherit, context_id=context_id(run_id, node.child_context)
+        )
+        child.epoch = parent.epoch
+        for name, spec in node.initial.items():
+            if name in child.variables:
+                continue
+            if spec.required:  # declared without a value: only inheriting it can give it one
+                raise InvalidValue(f"sub-routine {node.step_id!r}: variables.{name} has no value: inherit it")
+            child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
+        child.exports = [ExportDeclaration(**spec.model_dump()) for spec in node.exports]  # merged up with the child
+        try:
+            created = self.store.create_context(child)
+            self.store.ledger.count_l3_write(run_id)
+            return created
+        except VersionConflict:  # created by an earlier delivery of this message
+            return self.store.read_for_step(child.context_id, epoch=parent.epoch, at_least=1)
+
+    # ---- failing and finishing ----------------------------------------------------------------
+
+    def step_failed_for_good(self, message: StepMessage, error: BaseException) -> None:
+        """A step task that gave up: a bug fails its run; an infrastructure error that outlasted its
+        retries does not (losing a server costs re-execution, never a run): the watchdog resumes
+        the run once it can move again."""
+        if isinstance(error, InfrastructureError):
+            log_error(log, error, f"run {message.run_id}: step {message.step_id!r} gave up; the watchdog resumes the run")
+            return
+        log_error(log, error, f"run {message.run_id}: step {message.step_id!r} could not run")
+        self.fail_run(message, f"step {message.step_id!r} could not run: {type(error).__name__}: {error}")
+
+    def fail_run(self, message: StepMessage, error: str) -> None:
+        """Fail the run of ``message`` (once: the first failure finalizes it)."""
+        self.fail(message.run_id, message.routine, message.routine_version, dict(message.versions), error)
+
+    def fail(self, run_id: str, routine: str, routine_version: int, versions: dict[str, int], error: str) -> None:
+        if self.store.ledger.mark_failed(run_id, error):
+            self.dispatcher.finalize(FinalizeMessage(run_id, routine, routine_version, versions, "failed", error))
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a running run: no further step starts (a step running now commits nothing) and the
+        run ends ``cancelled``. False if it had ended already (or was failing)."""
+        run = self.store.ledger.get_run(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        if run.status in FINAL_STATUSES or run.routine_version is None:
+            return False
+        if not self.store.ledger.mark_failed(run_id, CANCELLED):
+            return False
+        log.info("run %s cancelled", run_id)
+        self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, "cancelled", CANCELLED))
+        return True
+
+    def finalize(self, message: FinalizeMessage) -> bool:
+        """Final contexts, exports and the run's status in one L3 transaction; False if already final.
+
+        A succeeded finalize reads its run's live lineage: from before a rewind it is refused
+        (StaleEpoch); if the lineage is lost, the run is rewound (and finalized again later).
+        """
+        try:
+            contexts = self._final_contexts(message)
+        except StaleEpoch as exc:
+            log.info("run %s: finalize refused: %s", message.run_id, exc)
+            return False
+        except LineageLost as exc:
+            log_error(log, exc, f"run {message.run_id}: finalize cannot find the final state")
+            self.rewind(message.run_id, message.epoch)
+            return False
+        summary = self.store.ledger.summary(message.run_id)
+        meta = {"steps": summary["steps"], "l3_writes": summary["l3_writes"] + 1}
+        if summary.get("hidden_error"):
+            meta["hidden_error"] = summary["hidden_error"]  # sealed
+        exports = export_records(contexts[0]) if message.status == "succeeded" else []
+        epoch = message.epoch if message.status == "succeeded" else None  # a failure ends any epoch
+        status = message.status
+        ledger = self.store.ledger
+        try:
+            finished = ledger.finish_run(
+                message.run_id, status=status, error=message.error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
+            )
+        except RoutineError as exc:  # L3 refuses the final data for good: the run fails, saying why
+            log_error(log, exc, f"run {message.run_id}: finalize")
+            status = "failed"
+            finished = ledger.finish_run(message.run_id, status=status, error=f"finalize: {exc}", meta=meta, contexts=[], exports=[])
+        if finished:
+            ledger.count_l3_write(message.run_id)
+            metrics().runs.labels(message.routine, status).inc()
+        ledger.announce_done(message.run_id)
+        return finished
+
+    def _final_contexts(self, message: FinalizeMessage) -> list[RunContext]:
+        """The run's contexts as they are now, the root first (children that never started are skipped).
+
+        The finalize of a run that failed or was cancelled never fails for its contexts' sake (a
+        routine this process cannot compile, a context it cannot open): it then ends the run with
+        the contexts L3 holds, and their write-behind goes on.
+        """
+        if message.status == "succeeded":
+            return self._contexts_of(self.plans.get(message.routine, message.routine_version), message)
+        try:
+            return self._contexts_of(self.plans.get(message.routine, message.routine_version), message)
+        except RoutineError as exc:
+            log_error(log, exc, f"run {message.run_id}: finalize ({message.status}) keeps the contexts L3 holds")
+            return []
+
+    def _contexts_of(self, plan: Plan, message: FinalizeMessage) -> list[RunContext]:
+        contexts = []
+        for path in plan.contexts:
+            ctx_id = context_id(message.run_id, path)
+            if message.status == "succeeded":  # every sub-routine ran: each context is there
+                at_least = message.versions.get(path, 1)
+                contexts.append(self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=at_least))
+                continue
+            try:
+                contexts.append(self.store.get_context(ctx_id))
+            except NotFound:
+                if path == "":
+                    raise
+        return contexts
+
+    # ---- rewinding ------------------------------------------------------------------------------
+
+    def rewind(self, run_id: str, from_epoch: int) -> bool:
+        """Rebuild a run whose state L2 lost from what the tiers still hold, in a new epoch, and go on.
+
+        Each context continues from its newest intact state (L2's live entry, else L3's snapshot);
+        the steps that state does not contain run again (the plan says which follow the applied
+        ones), each applying once as always; messages of the old epoch are refused from now on.
+        Returns False if there was nothing to do (run finished, or rewound by someone else).
+        """
+        run = self.store.ledger.get_run(run_id)
+        if run is None or run.status in FINAL_STATUSES or run.routine_version is None:
+            return False
+        error = self.store.ledger.failure_of(run_id)
+        if error is not None:  # the run failed (or was cancelled); only its finalize is missing
+            status = "cancelled" if error == CANCELLED else "failed"
+            self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, status, error))
+            return True
+        contexts = self.store.rewinds.rebuild_lineage(run_id, from_epoch)
+        if contexts is None:
+            return False
+        plan = self.plans.get(run.routine_name, run.routine_version)
+        by_path = {_path_in_run(run_id, ctx.context_id): ctx for ctx in contexts}
+        if "" not in by_path:
+            raise LineageLost(run_id, "the run's root context is in no tier")
+        resume = resume_points(plan, by_path)
+        for path in resume.orphans:
+            self.store.rewinds.discard_context(context_id(run_id, path))
+            del by_path[path]
+        versions = {path: ctx.version for path, ctx in by_path.items()}
+        epoch = from_epoch + 1
+        log.warning(
+            "run %s rewound to epoch %d from what the tiers hold: %d context(s), resuming at %d point(s)",
+            run_id, epoch, len(by_path), len(resume.points),
+        )
+        self.rewinds += 1
+        metrics().rewinds.inc()
+        for index in resume.points:
+            self.dispatch(plan, run_id, run.routine_name, run.routine_version, index, versions, by_path, epoch)
+        return True
+
+    # ---- write-behind ---------------------------------------------------------------------------
+
+    def flush(self, context_id_: str) -> bool:
+        """Write a context's newest L2 version to L3; a context L3 refuses for good fails its run."""
+        run_id = run_of_context(context_id_)
+        try:
+            written = self.store.flush(context_id_)
+        except RoutineError as exc:  # L3 refuses this context for good: stop trying, fail its run
+            log_error(log, exc, f"run {run_id}: write-behind of {context_id_}")
+            self.store.give_up_flush(context_id_)
+            run = self.store.ledger.get_run(run_id)
+            if run is not None and run.routine_version is not None:
+                self.fail(run_id, run.routine_name, run.routine_version, {}, f"write-behind: {exc}")
+            return False
+        if written:
+            self.store.ledger.count_l3_write(run_id)
+        return written
+
+
+def _path_in_run(run_id: str, context_id_: str) -> str:
+    return "" if context_id_ == run_id else context_id_[len(run_id) + 1 :]
+
+
+def export_records(root: RunContext) -> list[ExportRecord]:
+    """What a finished run exports: each declared variable the root context holds."""
+    records = []
+    for declaration in root.exports:
+        if declaration.variable not in root.variables:
+            log.warning("run %s: export of %r skipped: no such variable", root.run_id, declaration.variable)
+            continue
+        records.append(
+            ExportRecord(
+                destination=ExportDestination(declaration.destination).value,
+                run_id=root.run_id,
+                variable=declaration.variable,
+                key=declaration.export_key,
+                scope=declaration.scope,
+                value=root.variables[declaration.variable],
+                sensitivity=root.sensitivity_of(declaration.variable).value,
+            )
+        )
+    return records

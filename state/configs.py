@@ -3,7 +3,6 @@ filled on the way back); written to L3, whose change event drops the stale copie
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -12,16 +11,11 @@ from state.codec import Codec
 from state.errors import ContextCorruption, NotFound, log_error
 from state.keys import CacheKey, config_key, routine_key
 from state.limits import canonical_json
-from state.metrics import metrics
+from state.metrics import count_l3_write, count_read
 from state.tiers.contracts import L1Tier, L2Tier, L3Configs
 from state.tiers.data import ConfigEntry
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _reads(tier: str, result: str) -> Any:
-    return metrics().cache_reads.labels(tier, result)
 
 
 class ConfigCache:
@@ -36,22 +30,20 @@ class ConfigCache:
     def _cached(self, key: str, load: Callable[[], ConfigEntry | None]) -> ConfigEntry:
         entry = self.l1.get_config(key)
         if entry is not None:
-            _reads("l1", "hit").inc()
+            count_read("l1")
             return entry
-        _reads("l1", "miss").inc()
         try:
             entry = self.l2.get_config(key)
         except ContextCorruption as exc:
             log_error(log, exc, "reloading from L3")
             entry = None
         if entry is not None:
-            _reads("l2", "hit").inc()
+            count_read("l2")
         else:
-            _reads("l2", "miss").inc()
             entry = load()
             if entry is None:
                 raise NotFound(f"{key} is in no tier")
-            _reads("l3", "hit").inc()
+            count_read("l3")
             self.l2.put_config(entry)
         self.l1.put_config(entry)
         return entry
@@ -61,7 +53,7 @@ class ConfigCache:
 
     def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int:
         version = self.l3.put_config(kind, name, data, expected_version=expected_version)
-        metrics().l3_writes.labels("config").inc()
+        count_l3_write("config")
         self.forget(config_key(kind, name))
         return version
 
@@ -92,7 +84,7 @@ class ConfigCache:
 
     def put_routine(self, name: str, definition: Any) -> int:
         version = self.l3.put_routine(name, definition)
-        metrics().l3_writes.labels("routine").inc()
+        count_l3_write("routine")
         self.forget(routine_key(name))
         return version
 

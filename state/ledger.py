@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from state.codec import Codec
-from state.metrics import metrics
+from state.metrics import count_l3_write
 from state.models import RunContext
 from state.sealing import binding
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
@@ -52,7 +52,7 @@ class RunLedger:
             run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
         )
         if finished:
-            metrics().l3_writes.labels("run").inc()
+            count_l3_write("run")
             for ctx in contexts:
                 self.l2.mark_flushed(ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=True)
         return finished

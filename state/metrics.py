@@ -15,6 +15,7 @@ when scraped, so every node reports the same cluster-wide figure.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -111,3 +112,26 @@ def metrics() -> Metrics:
             if _metrics is None:
                 _metrics = Metrics.build()
     return _metrics
+
+
+@functools.cache
+def _cache_reads(tier: str, result: str) -> Counter:
+    """The counter of one (tier, result): resolved once, not at every read (an L1 hit is a dict lookup)."""
+    return metrics().cache_reads.labels(tier, result)
+
+
+def count_read(tier: str) -> None:
+    """A read was served by ``tier`` ("l1", "l2" or "l3"); the tiers above it missed."""
+    if tier == "l1":
+        _cache_reads("l1", "hit").inc()
+        return
+    _cache_reads("l1", "miss").inc()
+    if tier == "l2":
+        _cache_reads("l2", "hit").inc()
+        return
+    _cache_reads("l2", "miss").inc()
+    _cache_reads("l3", "hit").inc()
+
+
+def count_l3_write(kind: str) -> None:
+    metrics().l3_writes.labels(kind).inc()

@@ -1,4 +1,5 @@
-"""The state model of the design document: RunContext and the types around it.
+"""The state model of the design document: RunContext and the types around it (sensitivity, limits,
+exports and the cache's sizes are in modules of their own, and importable from here too).
 
 Pure data and rules; nothing here does I/O. Values are plain JSON (dicts, lists, strings,
 numbers, booleans, null), the one format every tier holds.
@@ -8,78 +9,21 @@ from __future__ import annotations
 
 import copy
 import time
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from enum import Enum
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from state.applied import AppliedSteps
-from state.conflicts import (
-    ConflictResolutionStrategy,
-    VariableConflict,
-    resolve_variable_conflicts,
-)
+from state.children import ChildContexts
+from state.config import ResourceLimits, StateCacheConfig
+from state.conflicts import ConflictResolutionStrategy, VariableConflict
 from state.errors import InvalidValue, LimitExceeded, SensitivityViolation
-from state.limits import MAX_TEXT_LENGTH, NAME_PATTERN, check_name, json_size, same_json
+from state.exports import ExportDeclaration, ExportDestination
+from state.limits import check_name, json_size
+from state.sensitivity import DataSensitivity
 
 Scope = Literal["variables", "intermediate"]
-
-
-class DataSensitivity(str, Enum):
-    """How carefully a value must be handled; ordered from least to most sensitive."""
-
-    PUBLIC = "public"
-    INTERNAL = "internal"
-    CONFIDENTIAL = "confidential"
-    SECRET = "secret"
-
-    @property
-    def rank(self) -> int:
-        return _SENSITIVITY_ORDER.index(self)
-
-    @classmethod
-    def highest(cls, *levels: DataSensitivity) -> DataSensitivity:
-        return max(levels, key=lambda level: level.rank)
-
-    @property
-    def masked(self) -> bool:
-        """Whether values of this level are hidden in logs, task arguments and the CLI."""
-        return self.rank >= DataSensitivity.CONFIDENTIAL.rank
-
-
-_SENSITIVITY_ORDER = [DataSensitivity.PUBLIC, DataSensitivity.INTERNAL, DataSensitivity.CONFIDENTIAL, DataSensitivity.SECRET]
-
-
-class ResourceLimits(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    max_variables: int = Field(default=10_000, ge=1)
-    max_value_bytes: int = Field(default=1 << 20, ge=1)
-    max_context_bytes: int = Field(default=16 << 20, ge=1)
-    max_child_depth: int = Field(default=16, ge=0)
-
-
-class StateCacheConfig(BaseModel):
-    """Sizes, lifetimes and retries of the tiers; the one place their defaults are declared."""
-
-    model_config = ConfigDict(frozen=True)
-
-    l1_contexts: int = Field(default=1000, ge=1, description="contexts each process keeps in its LRU")
-    l1_configs: int = Field(default=1000, ge=1, description="routine definitions and configurations per process")
-    l1_config_ttl_s: float = Field(
-        default=30.0, gt=0, description="longest a process serves a configuration it missed an invalidation for"
-    )
-    l2_context_ttl_s: int = Field(default=900, ge=1, description="TTL of a clean context entry in Redis")
-    l2_config_ttl_s: int = Field(default=3600, ge=1, description="TTL of a routine or configuration in Redis")
-    l1_update_max_bytes: int = Field(
-        default=16384, ge=0, description="a step's commit carries contexts up to this size to every process's L1"
-    )
-    write_behind_debounce_s: float = Field(default=0.25, ge=0, description="L3 write this long after the last change")
-    write_behind_max_delay_s: float = Field(default=2.0, ge=0, description="... but never later than this after the first")
-    l3_retry_attempts: int = Field(default=4, ge=1, description="tries of an L3 transaction on transient errors")
-    l3_retry_base_delay_s: float = Field(default=0.05, ge=0, description="first backoff between those tries")
 
 
 class ContextVariable(BaseModel):
@@ -89,28 +33,6 @@ class ContextVariable(BaseModel):
     value: Any = None
     sensitivity: DataSensitivity = DataSensitivity.PUBLIC
     scope: Scope = "variables"
-
-
-class ExportDestination(str, Enum):
-    BLACKBOARD = "blackboard"  # SwarmSharedState.blackboard of a swarm or team
-    PERSISTENT = "persistent"  # kept in L3 after the run
-
-
-class ExportDeclaration(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    variable: str = Field(pattern=NAME_PATTERN.pattern)
-    destination: ExportDestination
-    scope: str = Field(
-        default="default", min_length=1, max_length=MAX_TEXT_LENGTH, description="blackboard scope, e.g. 'swarm:42' or 'team:ops'"
-    )
-    key: str | None = Field(
-        default=None, min_length=1, max_length=MAX_TEXT_LENGTH, description="name under which it is exported; the variable's by default"
-    )
-
-    @property
-    def export_key(self) -> str:
-        return self.key or self.variable
 
 
 class RunContextInit(BaseModel):
@@ -129,7 +51,7 @@ class RunContextInit(BaseModel):
 LAST_STEPS_KEPT = 8  # commits a context remembers the steps of: how far behind a process may follow it
 
 
-class RunContext(BaseModel):
+class RunContext(ChildContexts, BaseModel):
     """The state of one routine execution (or sub-routine: then ``parent_id`` is set).
 
     ``version`` is the number of committed changes; the store raises it on commit. Methods
@@ -344,86 +266,6 @@ class RunContext(BaseModel):
             self.exports.append(declaration)
         return declaration
 
-    # ---- children -------------------------------------------------------------------------
-
-    def create_child(
-        self,
-        routine_id: str,
-        *,
-        inherit: Iterable[str] = (),
-        context_id: str | None = None,
-        limits: ResourceLimits | None = None,
-    ) -> RunContext:
-        """A child context for a sub-routine. Only the named variables pass down, as copies."""
-        if self.depth + 1 > self.limits.max_child_depth:
-            raise LimitExceeded(routine_id, "max_child_depth", self.depth + 1, self.limits.max_child_depth)
-        names = list(dict.fromkeys(inherit))
-        missing = [name for name in names if name not in self.variables]
-        if missing:
-            raise InvalidValue(f"cannot inherit {', '.join(map(repr, missing))}: not a variable of {self.context_id}")
-        child = RunContext(
-            context_id=context_id or f"{self.context_id}/{uuid.uuid4().hex[:12]}",
-            run_id=self.run_id,
-            routine_id=routine_id,
-            parent_id=self.context_id,
-            depth=self.depth + 1,
-            limits=limits or self.limits,
-        )
-        for name in names:
-            child.set_variable(
-                name, self.variables[name], sensitivity=self.sensitivity_of(name), written_at=self.written_at.get(name)
-            )
-        child.inherited = {name: copy.deepcopy(self.variables[name]) for name in names}
-        return child
-
-    def child_changes(self) -> dict[str, Any]:
-        """What a child brings back on merge: the variables it added or changed since it was created."""
-        return {
-            name: value
-            for name, value in self.variables.items()
-            if name not in self.inherited or not same_json(self.inherited[name], value)
-        }
-
-    def merge_child(
-        self,
-        child: RunContext,
-        *,
-        default: ConflictResolutionStrategy | str = ConflictResolutionStrategy.CHILD_WINS,
-        per_variable: Mapping[str, ConflictResolutionStrategy | str] | None = None,
-    ) -> list[VariableConflict]:
-        """Merge a child's changes into this context by the given strategies; returns the conflicts resolved.
-
-        A conflict is a variable the child changed or added whose value differs from the one this
-        context holds now. Under FAIL nothing is merged and MergeConflict names the variables.
-        """
-        if child.parent_id != self.context_id:
-            raise InvalidValue(f"context {child.context_id} is not a child of {self.context_id}")
-        incoming = child.child_changes()
-        result = resolve_variable_conflicts(
-            current={**self.intermediate, **self.variables},
-            incoming=incoming,
-            default=default,
-            per_variable=per_variable,
-            current_written_at=self.written_at,
-            incoming_written_at=child.written_at,
-        )
-        changed = {name: value for name, value in result.values.items() if name in incoming}
-        levels = {
-            name: DataSensitivity.highest(self.sensitivity_of(name), child.sensitivity_of(name)) for name in changed
-        }
-        sizes = {("variables", name): json_size(name, value) for name, value in changed.items()}
-        self._check_limits(sizes)
-        for name, value in changed.items():
-            winner_time = child.written_at.get(name) if same_json(value, incoming[name]) else self.written_at.get(name)
-            self.set_variable(name, value, sensitivity=levels[name], written_at=winner_time)
-        for name in child.variables.keys() & self.sensitivity_map.keys():
-            # A child may have raised a variable's sensitivity without changing its value.
-            self.sensitivity_map[name] = DataSensitivity.highest(self.sensitivity_of(name), child.sensitivity_of(name))
-        for declaration in child.exports:
-            if declaration not in self.exports:
-                self.exports.append(declaration)
-        return result.conflicts
-
     # ---- internals ------------------------------------------------------------------------
 
     def _store(self, scope: str) -> dict[str, Any]:
@@ -469,3 +311,18 @@ class RunContext(BaseModel):
         if total > limits.max_context_bytes:
             name = next(iter(new_sizes))[1]
             raise LimitExceeded(name, "max_context_bytes", total, limits.max_context_bytes)
+
+
+__all__ = [
+    "LAST_STEPS_KEPT",
+    "ConflictResolutionStrategy",
+    "ContextVariable",
+    "DataSensitivity",
+    "ExportDeclaration",
+    "ExportDestination",
+    "ResourceLimits",
+    "RunContext",
+    "RunContextInit",
+    "StateCacheConfig",
+    "VariableConflict",
+]

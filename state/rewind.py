@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from state.errors import ContextCorruption, LineageLost, TransactionFailed
-from state.metrics import metrics
+from state.metrics import count_l3_write
 from state.models import RunContext
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
 from state.tiers.data import CommitRequest
@@ -33,7 +33,7 @@ class Rewinds:
         new_epoch = self.l3.begin_rewind(run_id, from_epoch)
         if new_epoch is None:
             return None
-        metrics().l3_writes.labels("rewind").inc()
+        count_l3_write("rewind")
         return [self._move_to_epoch(snapshot, from_epoch, new_epoch) for snapshot in self.l3.run_contexts(run_id)]
 
     def _move_to_epoch(self, snapshot: RunContext, from_epoch: int, new_epoch: int) -> RunContext:

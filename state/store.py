@@ -19,7 +19,6 @@ nothing outside `state/` touches a tier:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from state.errors import ContextCorruption, InvalidValue, LineageLost, NotFound,
 from state.invalidation import Invalidation
 from state.ledger import RunLedger
 from state.maintenance import Maintenance
-from state.metrics import metrics
+from state.metrics import count_l3_write, count_read, metrics
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.rewind import Rewinds
 from state.sealing import Keyring
@@ -64,29 +63,6 @@ class Refused:
 @dataclass(frozen=True)
 class AlreadyApplied:
     """A step's commit found its step applied already (a duplicate delivery): nothing was written."""
-
-
-@functools.cache
-def _cache_reads(tier: str, result: str) -> Any:
-    """The counter of one (tier, result): resolved once, not at every read (an L1 hit is a dict lookup)."""
-    return metrics().cache_reads.labels(tier, result)
-
-
-def _served(tier: str) -> None:
-    """A read was served by ``tier``; the tiers above it missed."""
-    if tier == "l1":
-        _cache_reads("l1", "hit").inc()
-        return
-    _cache_reads("l1", "miss").inc()
-    if tier == "l2":
-        _cache_reads("l2", "hit").inc()
-        return
-    _cache_reads("l2", "miss").inc()
-    _cache_reads("l3", "hit").inc()
-
-
-def wrote_l3(kind: str) -> None:
-    metrics().l3_writes.labels(kind).inc()
 
 
 class TieredStore:
@@ -159,12 +135,12 @@ class TieredStore:
         """The context and the tier that served it ("L1", "L2" or "L3"). Treat it as read-only."""
         ctx = self.l1.get_context(context_id, at_least)
         if ctx is not None:
-            _served("l1")
+            count_read("l1")
             return ctx, "L1"
         stored = self._read_l2(context_id)
         if stored is not None and stored.version >= at_least:
             self.l1.put_context(stored)
-            _served("l2")
+            count_read("l2")
             return stored, "L2"
         ctx = self.l3.get_context(context_id)
         if ctx is None:
@@ -174,7 +150,7 @@ class TieredStore:
             raise NotFound(f"context {context_id!r}: asked for version >= {at_least}, the newest stored is {newest}")
         self.l2.fill_context(ctx)
         self.l1.put_context(ctx)
-        _served("l3")
+        count_read("l3")
         return ctx, "L3"
 
     def get_context(self, context_id: str, *, at_least: int = 0) -> RunContext:
@@ -202,7 +178,7 @@ class TieredStore:
         """
         ctx = self.l1.get_context(context_id, at_least, epoch)
         if ctx is not None:
-            _served("l1")
+            count_read("l1")
             return ctx
         try:
             stored = self.l2.get_context(context_id)
@@ -221,7 +197,7 @@ class TieredStore:
                 + ("" if stored.live else " (a reader's copy)"),
             )
         self.l1.put_context(stored.context)
-        _served("l2")
+        count_read("l2")
         return stored.context
 
     def _read_l2(self, context_id: str) -> RunContext | None:
@@ -262,7 +238,7 @@ class TieredStore:
             self.l3.create_context(ctx)
         else:
             self.l3.create_run(run, ctx)
-        wrote_l3("context")
+        count_l3_write("context")
         self.l2.fill_context(ctx, live=True)
         self.l1.put_context(ctx)
         return ctx
@@ -384,7 +360,7 @@ class TieredStore:
         # A running run's contexts keep no TTL: losing one would cost a rewind.
         self.mark_flushed(context_id, ctx.version, epoch=ctx.epoch, expire=not stored.live)
         if written:
-            wrote_l3("snapshot")
+            count_l3_write("snapshot")
         return written
 
     def give_up_flush(self, context_id: str) -> None:

@@ -10,7 +10,8 @@ from state.models import ConflictResolutionStrategy as S
 from state.models import DataSensitivity, RunContext
 from tasks.changes import Change, ContextView, apply_changes
 from tasks.plan import compile_plan
-from tasks.routine import InvalidRoutine, parse_routine
+from state.errors import InvalidRoutine
+from tasks.routine import parse_routine
 from tasks.steps import redact
 
 ROUTINE = {

@@ -79,7 +79,7 @@ class RunContext(ChildContexts, BaseModel):
     # Immutable and shared by copies (`state.applied`): extending it costs the same at any length.
     applied_steps: AppliedSteps = Field(default_factory=AppliedSteps)
 
-    # Two caches, as slots rather than pydantic private attributes (those cost ~13 us at every
+    # Two caches, as slots rather than pydantic private attributes (those cost time at every
     # instance pydantic builds, and every step decodes one): ``_sizes``, the values' sizes as
     # canonical JSON, filled on the first change; ``_last_steps``: (a version, the ids of the steps
     # whose commits made the versions up to it, oldest first): what lets a process holding one of

@@ -176,7 +176,14 @@ def run_action(action: str, view: ContextView, args: dict[str, Any], validated: 
         return []
     if isinstance(result, Mapping):
         return [Change.set(name, value) for name, value in result.items()]
-    changes = list(result)
-    if not all(isinstance(change, Change) for change in changes):
-        raise StepFailed(f"action {action!r} must return a list of Change, a mapping or None")
+    wrong = StepFailed(f"action {action!r} must return a list of Change, a mapping or None, not a {type(result).__name__}")
+    if isinstance(result, (str, bytes)):
+        raise wrong
+    try:
+        changes = list(result)
+    except TypeError:  # not iterable: a number, an object
+        raise wrong from None
+    bad = next((change for change in changes if not isinstance(change, Change)), None)
+    if bad is not None:
+        raise StepFailed(f"action {action!r} must return a list of Change, a mapping or None, not a list holding a {type(bad).__name__}")
     return changes

@@ -10,38 +10,26 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 
-# The test suite's own user actions (tests.test_engine:..., tests.fault_actions:...) are allowed.
+# The test suite's own user actions (tests.support.actions:..., tests.support.fault_actions:...) are allowed.
 os.environ.setdefault("RUNCTX_ACTION_MODULES", "tests")
 
-from state.change_events import libpq_url
 from state.migrate import upgrade
 from state.models import StateCacheConfig
 from state.store import TieredStore
-
-
-@dataclass(frozen=True)
-class Servers:
-    redis_url: str
-    database_url: str  # the admin database: tests create their own next to it
-    embedded: bool
-
-
-def database_url_for(admin_url: str, dbname: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(admin_url).set(database=dbname).render_as_string(hide_password=False)
-
-
-def _admin_execute(admin_url: str, sql: str) -> None:
-    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
-        conn.execute(sql)
+from tests.support.servers import (
+    Servers,
+    admin_execute,
+    broker_url_for,
+    create_database,
+    database_url_for,
+    drop_database,
+    remove_data_dir,
+)
 
 
 @pytest.fixture(scope="session")
@@ -58,18 +46,6 @@ def embedded_servers() -> Iterator[Servers]:
         remove_data_dir(data_dir)
 
 
-def remove_data_dir(data_dir: Path) -> None:
-    """A throwaway data dir and, as root, the PostgreSQL cluster kept for it under /var/lib/runctx."""
-    import shutil
-
-    from runctx.embedded import layout as sup
-
-    pg_base = sup.Layout(data_dir.resolve()).pg_base
-    if sup.ROOT_PG_BASE in pg_base.parents:
-        shutil.rmtree(pg_base, ignore_errors=True)
-    shutil.rmtree(data_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def servers(request: pytest.FixtureRequest) -> Servers:
     redis_url = os.environ.get("RUNCTX_TEST_REDIS_URL")
@@ -83,18 +59,17 @@ def servers(request: pytest.FixtureRequest) -> Servers:
 def template_database(servers: Servers) -> Iterator[str]:
     """A migrated database that each test's database is copied from (faster than migrating each)."""
     name = f"runctx_tmpl_{uuid.uuid4().hex[:10]}"
-    _admin_execute(servers.database_url, f'CREATE DATABASE "{name}"')
+    admin_execute(servers.database_url, f'CREATE DATABASE "{name}"')
     upgrade(database_url_for(servers.database_url, name))
     yield name
-    _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(servers, name)
 
 
 @pytest.fixture
 def database_url(servers: Servers, template_database: str) -> Iterator[str]:
-    name = f"runctx_t_{uuid.uuid4().hex[:12]}"
-    _admin_execute(servers.database_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    yield database_url_for(servers.database_url, name)
-    _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    name, url = create_database(servers, template_database)
+    yield url
+    drop_database(servers, name)
 
 
 @pytest.fixture
@@ -111,7 +86,7 @@ def key_prefix(servers: Servers) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A local Redis Cluster of three primaries for the session (tests keep apart by key prefix)."""
-    from tests.redis_cluster import RedisCluster, available
+    from tests.support.redis_cluster import RedisCluster, available
 
     if not available():
         pytest.skip("redis-server and redis-cli are needed for a local Redis Cluster")
@@ -153,32 +128,22 @@ def make_store(servers: Servers, database_url: str, key_prefix: str, cache_confi
 
 # ---- real worker nodes ----------------------------------------------------------------------------
 
-BROKERS = ["redis"] + (["amqp"] if os.environ.get("RUNCTX_TEST_AMQP_URL") else [])
-
-
-def _broker_url(servers: Servers, broker: str) -> str:
-    from runctx.embedded import celery_broker_url
-
-    if broker == "amqp":
-        return os.environ["RUNCTX_TEST_AMQP_URL"]
-    return celery_broker_url(servers.redis_url)
-
 
 @pytest.fixture
 def make_cluster(servers: Servers, template_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A factory of worker clusters, each with its own database, key prefix and queues."""
-    from tests.cluster import Cluster, new_prefix
+    from tests.support.cluster import Cluster, new_prefix
 
     made: list[tuple[Cluster, str]] = []
 
-    def make(broker: str = "redis", *, redis_url: str | None = None, **extra_env: str) -> Cluster:
-        """``redis_url``: L2 somewhere else than the broker (e.g. a Redis Cluster's node)."""
-        dbname = f"runctx_e_{uuid.uuid4().hex[:12]}"
-        _admin_execute(servers.database_url, f'CREATE DATABASE "{dbname}" TEMPLATE "{template_database}"')
+    def make(broker: str = "redis", *, redis_url: str | None = None, broker_url: str | None = None, **extra_env: str) -> Cluster:
+        """``redis_url``: L2 somewhere else than the test Redis (e.g. a Redis Cluster's node);
+        ``broker_url``: a broker of the test's own instead of ``broker`` on the test servers."""
+        dbname, database_url = create_database(servers, template_database, prefix="runctx_e_")
         cluster = Cluster(
             redis_url=redis_url or servers.redis_url,
-            database_url=database_url_for(servers.database_url, dbname),
-            broker_url=_broker_url(servers, broker),
+            database_url=database_url,
+            broker_url=broker_url or broker_url_for(servers, broker),
             prefix=new_prefix(),
             work_dir=tmp_path_factory.mktemp("cluster"),
             extra_env={key.upper(): str(value) for key, value in extra_env.items()},
@@ -189,7 +154,7 @@ def make_cluster(servers: Servers, template_database: str, tmp_path_factory: pyt
     yield make
     for cluster, dbname in made:
         cluster.stop()
-        _admin_execute(servers.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(servers, dbname)
         client = redis.Redis.from_url(servers.redis_url)
         keys = list(client.scan_iter(match=f"{cluster.prefix}*", count=1000))
         keys += list(client.scan_iter(match=f"_kombu.binding*.{cluster.prefix}*", count=1000))  # its exchanges

@@ -2,7 +2,7 @@
 
 Every operation runs under one lock and either applies whole or raises before changing anything,
 as a transaction would. Documents are stored encoded, so a reader gets its own copy.
-`tests/test_tier_contracts.py` holds it to the behaviour of the SQL it stands in for.
+`tests/state/test_tier_contracts.py` holds it to the behaviour of the SQL it stands in for.
 """
 
 from __future__ import annotations

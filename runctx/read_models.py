@@ -4,6 +4,7 @@ the tree of its contexts with their versions in L2 and L3."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from state.errors import NotFound
@@ -11,10 +12,10 @@ from state.keys import context_id
 from state.store import TieredStore
 from state.tiers.data import FINAL_STATUSES, RunRow
 from tasks.advance import resume_points
-from tasks.plan import REAL_KINDS, Node, Plan
+from tasks.plan import ITEM, REAL_KINDS, Node, Plan, concrete, template_of
 from tasks.plans import PlanCache
 
-STEP_STATES = ("done", "running", "pending", "failed", "cancelled")
+STEP_STATES = ("done", "running", "pending", "failed", "skipped", "cancelled")
 
 
 def _run_and_plan(store: TieredStore, plans: PlanCache, run_id: str) -> tuple[RunRow, Plan]:
@@ -27,48 +28,90 @@ def _run_and_plan(store: TieredStore, plans: PlanCache, run_id: str) -> tuple[Ru
 
 
 def step_states(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, Any]:
-    """The ``runctx status --json`` object: each real step's state (done, running, pending, failed or
-    cancelled) with its worker, attempts and duration (and a failed user action's traceback), and
-    the totals. "running": dispatched (the run's frontier: every step before it is applied) and not
-    finished yet; "cancelled": the run ended before the step finished."""
+    """The ``runctx status --json`` object: each real step's state (done, running, pending, failed,
+    skipped or cancelled) with its worker, attempts, duration, reason (why it was skipped or
+    failed), the attempts its retry policy made, and a failed user action's traceback; a fan-out's
+    steps once per item that ran (``each[3]/work``); and the totals. "running": dispatched (the
+    run's frontier: every step before it is applied) and not finished yet; "cancelled": the run
+    ended before the step finished."""
     row, plan = _run_and_plan(store, plans, run_id)
     final = row.status in FINAL_STATUSES
     records = row.meta.get("steps", []) if final else store.ledger.summary(run_id)["steps"]
-    by_id = {record["id"]: record for record in records}
-    frontier: set[str] = set()
-    if not final:
-        contexts = {}
-        for path in plan.contexts:
-            try:
-                contexts[path] = store.read_newest(context_id(run_id, path))
-            except NotFound:
-                continue
-        if "" in contexts:
-            frontier = {plan.node(i).step_id for i in resume_points(plan, contexts).points if plan.node(i).kind in REAL_KINDS}
+    by_id: dict[str, dict[str, Any]] = {}
+    retried: dict[str, list[dict[str, Any]]] = {}
+    by_template: dict[str, list[str]] = {}
+    for record in records:
+        step_id, _, attempt = record["id"].partition("#")
+        if attempt:
+            retried.setdefault(step_id, []).append(record)
+            continue
+        by_id[step_id] = record
+        by_template.setdefault(template_of(step_id), []).append(step_id)
+    frontier = set() if final else _frontier(store, plan, run_id)
     steps = []
     for node in in_order(plan):
-        record = by_id.get(node.step_id)
-        if record is not None:
-            state = "failed" if record.get("status") == "failed" else "done"
-        elif final:
-            state = "cancelled"  # the run ended before this step finished: it never will
-        else:
-            state = "running" if node.step_id in frontier else "pending"
-        step = {
-            "id": node.step_id,
-            "state": state,
-            "worker": record.get("worker") if record else None,
-            "attempts": record.get("attempts", 1) if record else 0,
-            "duration_s": record.get("duration_s") if record else None,
-        }
-        if record and record.get("traceback"):
-            step["traceback"] = record["traceback"]
-        steps.append(step)
+        ids = sorted(by_template.get(node.step_id, []), key=_natural) if ITEM in node.step_id else [node.step_id]
+        for step_id in ids:
+            steps.append(_step_state(step_id, by_id.get(step_id), retried.get(step_id, []), final, step_id in frontier))
     totals = {state: sum(1 for step in steps if step["state"] == state) for state in STEP_STATES}
     return {
         "run_id": run_id, "routine": row.routine_name, "version": row.routine_version, "status": row.status,
         "error": row.error, "steps": steps, "totals": {**totals, "total": len(steps)},
     }
+
+
+def _step_state(step_id: str, record: dict[str, Any] | None, retries: list[dict[str, Any]], final: bool, running: bool) -> dict[str, Any]:
+    if record is not None:
+        status = record.get("status")
+        state = "failed" if status in ("failed", "timed_out") else "skipped" if status == "skipped" else "done"
+    elif final:
+        state = "cancelled"  # the run ended before this step finished: it never will
+    else:
+        state = "running" if running or retries else "pending"
+    step: dict[str, Any] = {
+        "id": step_id,
+        "state": state,
+        "worker": record.get("worker") if record else None,
+        "attempts": record.get("attempts", 1) if record else len(retries),
+        "duration_s": record.get("duration_s") if record else None,
+    }
+    if record and record.get("reason"):
+        step["reason"] = record["reason"]
+    if record and record.get("status") == "timed_out":
+        step["timed_out"] = True
+    if retries:
+        step["retries"] = [
+            {"attempt": int(r["id"].partition("#")[2]), "reason": r.get("reason"), "retry_in_s": r.get("retry_in_s"),
+             "finished_at": r.get("finished_at"), "worker": r.get("worker")}
+            for r in sorted(retries, key=lambda r: r.get("finished_at", 0))
+        ]
+    if record and record.get("traceback"):
+        step["traceback"] = record["traceback"]
+    return step
+
+
+def _frontier(store: TieredStore, plan: Plan, run_id: str) -> set[str]:
+    """The steps dispatched and not yet applied (a fan-out under way counts as its collect step)."""
+    contexts = {}
+    for path in plan.contexts:
+        try:
+            contexts[path] = store.read_newest(context_id(run_id, path))
+        except NotFound:
+            continue
+    if "" not in contexts:
+        return set()
+    frontier = set()
+    for index, items in resume_points(plan, contexts).points:
+        node = plan.node(index)
+        if node.kind in REAL_KINDS:
+            frontier.add(concrete(node.step_id, items))
+        elif node.kind == "fan_out" and node.collect is not None:
+            frontier.add(concrete(plan.node(node.collect).step_id, items))
+    return frontier
+
+
+def _natural(step_id: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", step_id)]
 
 
 def context_tree(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, Any]:
@@ -109,6 +152,9 @@ def in_order(plan: Plan) -> list[Node]:
                 for start in node.branch_starts:
                     walk(start, stop=node.next)
                 index = plan.node(node.next).next if node.next is not None else None
+            elif node.kind == "fan_out":  # the item's steps (once, as a template), then the collect
+                walk(node.item_start)
+                index = node.collect
             else:
                 index = node.next
 

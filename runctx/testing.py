@@ -84,7 +84,8 @@ class InProcessDispatcher:
 
     # ---- the Dispatcher protocol ------------------------------------------------------------------
 
-    def step(self, message: StepMessage) -> None:
+    def step(self, message: StepMessage, *, countdown: float = 0.0, time_limit: float | None = None) -> None:
+        # In process, a retry's backoff is not waited for and no time limit stops an action.
         self._send(Delivery("step", message))
 
     def successor(self, message: StepMessage, context: str) -> _InProcessSuccessor | None:
@@ -96,7 +97,8 @@ class InProcessDispatcher:
             return
         for raw in self.outbox_via.take_pushed(OUTBOX_QUEUE):
             pushed = json.loads(raw)
-            message = StepMessage(**pushed["kwargs"])
+            kwargs = pushed["kwargs"]
+            message = StepMessage(**{**kwargs, "items": tuple(kwargs.get("items", ()))})
             self._send(Delivery("step", message, pushed=True, carried=state_from_header(pushed[STATE_HEADER])))
 
     def finalize(self, message: FinalizeMessage) -> None:

@@ -266,6 +266,8 @@ class StepFailed(RoutineError):
     """
 
     code = "STEP_FAILED"
+    # The names of the failed action's exception class and its bases (a retry policy's ``on``).
+    error_types: tuple[str, ...] = ()
 
     def __init__(self, message: str, *, hidden: str | None = None, traceback: str | None = None) -> None:
         super().__init__(message)

@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal
 
-RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "hidden_error", "l3_writes", "done", "progress")
+RUN_RECORD_PARTS = ("attempts", "step_attempts", "steps", "failed", "hidden_error", "l3_writes", "done", "progress", "fan_outs")
 
 # Contexts and their write-behind schedule are spread over this many hash tags (a cluster's slots).
 L2_SHARDS = 16
@@ -148,6 +148,8 @@ class RedisKeys:
             raise ValueError(f"unknown run record {part!r}")
         if part == "steps":
             return self.step_records(run_id)[step_record_shard(step_id)]
+        if part == "fan_outs":  # one hash per fan-out (``step_id``: its concrete id and epoch)
+            return f"{self.prefix}:{{{run_id}}}:run:fan_outs:{step_id}"
         return f"{self.prefix}:{{{run_id}}}:run:{part}"
 
     def step_records(self, run_id: str) -> list[str]:
@@ -155,7 +157,7 @@ class RedisKeys:
 
     def run_records(self, run_id: str) -> list[str]:
         """Every record key of a run."""
-        return [self.run_record(run_id, part) for part in RUN_RECORD_PARTS if part != "steps"] + self.step_records(run_id)
+        return [self.run_record(run_id, part) for part in RUN_RECORD_PARTS if part not in ("steps", "fan_outs")] + self.step_records(run_id)
 
     def lease(self, name: str) -> str:
         return f"{self.prefix}:lease:{name}"

@@ -69,9 +69,21 @@ class RunLedger:
     ) -> None:
         self.l2.finish_step(run_id, step_id, status=status, worker=worker, duration_s=duration_s, traceback=traceback)
 
+    def record_step(self, run_id: str, step_id: str, record: dict[str, Any]) -> None:
+        """Write a step's record as given (``status``, ``finished_at`` and what else it says)."""
+        self.l2.finish_step(run_id, step_id, record=record)
+
     def report(self, report: StepReport, *, now: float) -> None:
         """Write the record a step's commit would have written (where the commit did not carry it)."""
         self.l2.finish_step(report.run_id, report.step_id, record=report.record(now))
+
+    def start_fan_out(self, run_id: str, fan_out: str, total: int, ended: dict[int, bool] | None = None) -> int:
+        """Record a fan-out's item count (see `L2RunRecords.start_fan_out`)."""
+        return self.l2.start_fan_out(run_id, fan_out, total, ended)
+
+    def end_item(self, run_id: str, fan_out: str, item: int, failed: bool) -> tuple[int, int, int]:
+        """Count an item's end once: (rank, total, failed so far); rank 0 if the record is lost."""
+        return self.l2.end_item(run_id, fan_out, item, failed)
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed in L2 (True for the first flag) and in this process's L1."""

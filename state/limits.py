@@ -16,6 +16,7 @@ from state.errors import InvalidValue
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,199}$")
 MAX_NESTING = 64  # levels of lists and objects in one value (and in a routine file)
 MAX_TEXT_LENGTH = 200  # names, scopes and keys stored in L3 columns of this width
+MAX_ITEMS = 10_000  # a fan-out's items (RUNCTX_MAX_ITEMS)
 MAX_CONTEXT_ID_LENGTH = 300  # a context id: "<run id>/<sub-routine step ids>"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from state.errors import SettingsError
+from state.limits import MAX_ITEMS
 from state.models import ResourceLimits, StateCacheConfig
 from state.sealing import KEY_FILE, Keyring
 
@@ -71,6 +72,7 @@ class Settings(BaseSettings):
     max_value_bytes: int = _like(ResourceLimits, "max_value_bytes", ge=1)
     max_context_bytes: int = _like(ResourceLimits, "max_context_bytes", ge=1)
     max_child_depth: int = _like(ResourceLimits, "max_child_depth", ge=0)
+    max_items: int = Field(default=MAX_ITEMS, ge=0, description="a fan-out runs at most this many items")
 
     # Celery
     visibility_timeout_s: int = Field(

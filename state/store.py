@@ -200,6 +200,13 @@ class TieredStore:
         count_read("l2")
         return stored.context
 
+    def read_many_for_step(self, context_ids: list[str], *, epoch: int) -> list[RunContext]:
+        """Each context's newest state in L2 (no L1 copy: another process may have moved it), as
+        `read_for_step` would find it: a fan-out's items, which its collect reads."""
+        for context_id in context_ids:
+            self.l1.evict_context(context_id)
+        return [self.read_for_step(context_id, epoch=epoch, at_least=1) for context_id in context_ids]
+
     def _read_l2(self, context_id: str) -> RunContext | None:
         try:
             stored = self.l2.get_context(context_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from state.limits import MAX_ITEMS
 from state.models import ResourceLimits
 from state.store import TieredStore
 from state.tiers.data import CommittedState
@@ -36,13 +37,20 @@ class RunEngine:
     the final contexts, exports and status in one transaction, and a second finalize changes nothing.
     """
 
-    def __init__(self, store: TieredStore, dispatcher: Dispatcher, *, max_attempts: int, limits: ResourceLimits | None = None) -> None:
+    def __init__(
+        self, store: TieredStore, dispatcher: Dispatcher, *, max_attempts: int, limits: ResourceLimits | None = None,
+        max_items: int = MAX_ITEMS, time_limits: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        """``time_limits``: what the task runner raises in an action that ran past its step's
+        ``timeout_s`` (Celery's SoftTimeLimitExceeded)."""
         self.store = store
         self.dispatcher = dispatcher
         self.plans = PlanCache(store)
-        self.lifecycle = RunLifecycle(store, self.plans, dispatcher)
+        self.lifecycle = RunLifecycle(store, self.plans, dispatcher, max_items=max_items)
         self.submitter = RunSubmitter(store, self.plans, self.lifecycle, limits or ResourceLimits())
-        self.steps = StepRunner(store, self.plans, self.lifecycle, dispatcher, max_attempts=max_attempts)
+        self.steps = StepRunner(
+            store, self.plans, self.lifecycle, dispatcher, max_attempts=max_attempts, time_limits=time_limits
+        )
 
     # ---- submitting ---------------------------------------------------------------------------
 
@@ -67,6 +75,10 @@ class RunEngine:
 
     def step_failed_for_good(self, message: StepMessage, error: BaseException) -> None:
         self.lifecycle.step_failed_for_good(message, error)
+
+    def step_timed_out(self, message: StepMessage) -> None:
+        """A step whose action held on past its hard time limit (its process was replaced)."""
+        self.steps.timed_out_for_good(message)
 
     def finalize(self, message: FinalizeMessage) -> bool:
         return self.lifecycle.finalize(message)

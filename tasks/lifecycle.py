@@ -12,22 +12,22 @@ import logging
 
 from state.errors import (
     InfrastructureError,
-    InvalidValue,
     LineageLost,
     NotFound,
     RoutineError,
     StaleEpoch,
-    VersionConflict,
     log_error,
 )
 from state.keys import context_id, run_of_context
 from state.metrics import metrics
-from state.models import ExportDeclaration, ExportDestination, RunContext
+from state.limits import MAX_ITEMS
+from state.models import ExportDestination, RunContext
 from state.store import TieredStore
 from state.tiers.data import CANCELLED, FINAL_STATUSES, ExportRecord
-from tasks.advance import next_work, resume_points
+from tasks.advance import Next, next_work, resume_points, start_item
+from tasks.moves import PlanMoves, fan_out_key
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
-from tasks.plan import Node, Plan
+from tasks.plan import Plan, concrete
 from tasks.plans import PlanCache
 
 log = logging.getLogger(__name__)
@@ -42,53 +42,41 @@ class RunLifecycle:
     state has not passed, and messages of the old epoch are refused from then on.
     """
 
-    def __init__(self, store: TieredStore, plans: PlanCache, dispatcher: Dispatcher) -> None:
+    def __init__(self, store: TieredStore, plans: PlanCache, dispatcher: Dispatcher, *, max_items: int = MAX_ITEMS) -> None:
         self.store = store
         self.plans = plans
         self.dispatcher = dispatcher
+        self.max_items = max_items
         self.rewinds = 0
 
     # ---- what comes next ----------------------------------------------------------------------
 
     def dispatch(
         self, plan: Plan, run_id: str, routine: str, routine_version: int, index: int | None,
-        versions: dict[str, int], contexts: dict[str, RunContext], epoch: int,
+        versions: dict[str, int], contexts: dict[str, RunContext], epoch: int, items: tuple[int, ...] = (),
     ) -> None:
         """Send the work that follows node ``index``, given the contexts just committed (by path)."""
+        self.send(plan, run_id, routine, routine_version, next_work(plan, index, versions, contexts, self.moves(plan, run_id, epoch), items), epoch)
 
-        def create_child(node: Node, parent: RunContext) -> RunContext:
-            return self._create_child(plan, run_id, node, parent)
+    def moves(self, plan: Plan, run_id: str, epoch: int) -> PlanMoves:
+        return PlanMoves(self.store, plan, run_id, epoch, max_items=self.max_items)
 
-        for work in next_work(plan, index, versions, contexts, create_child):
-            if work.node is None:
+    def send(self, plan: Plan, run_id: str, routine: str, routine_version: int, work: list[Next], epoch: int) -> None:
+        for piece in work:
+            if piece.node is None:
                 self.dispatcher.finalize(
-                    FinalizeMessage(run_id, routine, routine_version, work.versions, status="succeeded", epoch=epoch)
+                    FinalizeMessage(run_id, routine, routine_version, piece.versions, status="succeeded", epoch=epoch)
                 )
             else:
-                step_id = plan.node(work.node).step_id
-                self.dispatcher.step(
-                    StepMessage(run_id, routine, routine_version, work.node, work.versions, step_id=step_id, epoch=epoch)
+                node = plan.node(piece.node)
+                step_id = concrete(node.step_id, piece.items)
+                message = StepMessage(
+                    run_id, routine, routine_version, piece.node, piece.versions, step_id=step_id, epoch=epoch, items=piece.items
                 )
-
-    def _create_child(self, plan: Plan, run_id: str, node: Node, parent: RunContext) -> RunContext:
-        assert node.child_context is not None
-        child = parent.create_child(
-            plan.contexts[node.child_context], inherit=node.inherit, context_id=context_id(run_id, node.child_context)
-        )
-        child.epoch = parent.epoch
-        for name, spec in node.initial.items():
-            if name in child.variables:
-                continue
-            if spec.required:  # declared without a value: only inheriting it can give it one
-                raise InvalidValue(f"sub-routine {node.step_id!r}: variables.{name} has no value: inherit it")
-            child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
-        child.exports = [ExportDeclaration(**spec.model_dump()) for spec in node.exports]  # merged up with the child
-        try:
-            created = self.store.create_context(child)
-            self.store.ledger.count_l3_write(run_id)
-            return created
-        except VersionConflict:  # created by an earlier delivery of this message
-            return self.store.read_for_step(child.context_id, epoch=parent.epoch, at_least=1)
+                if node.timeout_s is not None:
+                    self.dispatcher.step(message, time_limit=node.timeout_s)
+                else:
+                    self.dispatcher.step(message)
 
     # ---- failing and finishing ----------------------------------------------------------------
 
@@ -224,12 +212,21 @@ class RunLifecycle:
         epoch = from_epoch + 1
         log.warning(
             "run %s rewound to epoch %d from what the tiers hold: %d context(s), resuming at %d point(s)",
-            run_id, epoch, len(by_path), len(resume.points),
+            run_id, epoch, len(by_path), len(resume.points) + len(resume.start_items),
         )
         self.rewinds += 1
         metrics().rewinds.inc()
-        for index in resume.points:
-            self.dispatch(plan, run_id, run.routine_name, run.routine_version, index, versions, by_path, epoch)
+        moves = self.moves(plan, run_id, epoch)
+        for seed in resume.fan_outs:  # each fan-out counts the items its contexts show ended
+            fan_out = plan.node(seed.node)
+            key = fan_out_key(concrete(fan_out.step_id, seed.items), epoch)
+            self.store.ledger.start_fan_out(run_id, key, seed.total, seed.ended)
+        work: list[Next] = []
+        for index, items in resume.points:
+            work += next_work(plan, index, versions, by_path, moves, items)
+        for index, number, items in resume.start_items:
+            work += start_item(plan, plan.node(index), number, versions, by_path, moves, items)
+        self.send(plan, run_id, run.routine_name, run.routine_version, work, epoch)
         return True
 
     # ---- write-behind ---------------------------------------------------------------------------

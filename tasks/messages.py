@@ -3,7 +3,7 @@ state the step before it committed, for a small context without confidential or 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from state.tiers.data import CommittedState, Outbox
@@ -20,20 +20,30 @@ class StepMessage:
     step_id: str = ""
     # The run's epoch when this was sent: after a rewind, messages of an older epoch are refused.
     epoch: int = 1
+    # The item indices of the fan-outs the step is inside (outermost first): they fill its
+    # template's ``[]`` (`tasks.plan.concrete`).
+    items: tuple[int, ...] = ()
+    attempt: int = 1  # the attempt of its action, by its retry policy (not infrastructure retries)
 
     def at(self, context: str, version: int) -> StepMessage:
         """This message, needing ``version`` of the context at path ``context``."""
-        return StepMessage(
-            self.run_id, self.routine, self.routine_version, self.node, {**self.versions, context: version},
-            step_id=self.step_id, epoch=self.epoch,
-        )
+        return replace(self, versions={**self.versions, context: version})
+
+    def again(self) -> StepMessage:
+        """This message for the next attempt of its action."""
+        return replace(self, attempt=self.attempt + 1)
 
     def as_kwargs(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies field by field, paid twice by every step.
-        return {
+        kwargs = {
             "run_id": self.run_id, "routine": self.routine, "routine_version": self.routine_version, "node": self.node,
             "versions": dict(self.versions), "step_id": self.step_id, "epoch": self.epoch,
         }
+        if self.items:  # only when there are: a plain step's message stays as it was
+            kwargs["items"] = list(self.items)
+        if self.attempt != 1:
+            kwargs["attempt"] = self.attempt
+        return kwargs
 
 
 # The message header that carries the state the step before committed (`CommittedState`). Celery
@@ -90,7 +100,9 @@ class Dispatcher(Protocol):
     """Sends the next pieces of work: Celery's (`workers.dispatcher`), or the in-process one of
     `runctx.testing`."""
 
-    def step(self, message: StepMessage) -> None: ...
+    def step(self, message: StepMessage, *, countdown: float = 0.0, time_limit: float | None = None) -> None:
+        """Send a step's message: to run after ``countdown`` seconds (a retry's backoff), its action
+        stopped after ``time_limit`` seconds (a step's ``timeout_s``)."""
 
     def successor(self, message: StepMessage, context: str) -> Successor | None:
         """``message`` prepared to ride in its predecessor's commit, which makes the version of the

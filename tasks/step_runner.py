@@ -7,17 +7,28 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
-from state.errors import LineageLost, NodeMisconfigured, RoutineError, RunFailed, StaleEpoch, StepFailedItsRun, log_error
+from state.errors import (
+    LineageLost,
+    NodeMisconfigured,
+    RoutineError,
+    RunFailed,
+    StaleEpoch,
+    StepFailed,
+    StepFailedItsRun,
+    log_error,
+)
 from state.metrics import metrics
 from state.store import TieredStore
 from state.tiers.data import CommittedState
 from tasks.lifecycle import RunLifecycle
 from tasks.messages import Dispatcher, StepMessage, Successor
-from tasks.plan import REAL_KINDS, Node, Plan
+from tasks.failures import StepFailures
+from tasks.plan import REAL_KINDS, Node, Plan, concrete
 from tasks.plans import PlanCache
-from tasks.steps import StepAttempt, StepCommit, StepExecutor
+from tasks.steps import StepAttempt, StepCommit, StepExecutor, StepTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +49,16 @@ class StepRunner:
     """
 
     def __init__(
-        self, store: TieredStore, plans: PlanCache, lifecycle: RunLifecycle, dispatcher: Dispatcher, *, max_attempts: int
+        self, store: TieredStore, plans: PlanCache, lifecycle: RunLifecycle, dispatcher: Dispatcher, *, max_attempts: int,
+        time_limits: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.store = store
         self.plans = plans
         self.lifecycle = lifecycle
         self.dispatcher = dispatcher
         self.max_attempts = max_attempts
-        self.executor = StepExecutor(store)
+        self.executor = StepExecutor(store, time_limits)
+        self.failures = StepFailures(store, lifecycle, dispatcher, self.executor, fail=self._fail)
         self.running: dict[str, str] = {}
 
     def execute_step(
@@ -88,14 +101,13 @@ class StepRunner:
             # first run died before it dispatched what follows.
             if not (outcome.applied or again) or outcome.dispatched:
                 return outcome
-            versions = {**message.versions, node.context: outcome.context.version}
+            versions = {**message.versions, concrete(node.context, message.items): outcome.context.version}
             successor = self._inline_successor(plan, node, task_started)
             if successor is None:
                 self._go_on(plan, message, node, versions, outcome.context, worker)
                 return outcome
-            message = StepMessage(
-                message.run_id, message.routine, message.routine_version, successor.index, versions,
-                step_id=successor.step_id, epoch=message.epoch,
+            message = replace(
+                message, node=successor.index, versions=versions, step_id=concrete(successor.step_id, message.items), attempt=1
             )
             step_task, retries = f"{task_id}/{successor.step_id}", 0  # its own attempts, if counted
             # After a step this start applied, what follows in the chain had never started.
@@ -107,7 +119,7 @@ class StepRunner:
         if node.next is None or time.perf_counter() - task_started >= plan.inline_budget_s:
             return None
         successor = plan.node(node.next)
-        if successor.kind != "action" or not successor.inline or successor.context != node.context:
+        if successor.kind != "action" or not successor.inline or successor.context != node.context or successor.retry:
             return None
         return successor
 
@@ -116,6 +128,7 @@ class StepRunner:
     ) -> StepCommit | None:
         if self.store.ledger.ended_here(message.run_id):  # heard that the run failed: start nothing more
             raise RunFailed(message.run_id)
+        step_id = message.step_id or concrete(node.step_id, message.items)
         started = time.perf_counter()
         attempts = 1
         self.running[task_id] = message.run_id
@@ -123,38 +136,51 @@ class StepRunner:
             # A start that is not the message's first is counted, unless the step is applied already
             # (a chain walked again after its worker died skips those, running none of them twice).
             if again and not self.executor.is_applied(message, node):
-                start = self.store.ledger.start_step(message.run_id, task_id, node.step_id)
+                start = self.store.ledger.start_step(message.run_id, task_id, step_id)
                 if start.run_failed:
                     raise RunFailed(message.run_id)
                 attempts = start.attempt
                 if start.attempt - retries > self.max_attempts:
                     starts = start.attempt - retries - 1
-                    error = f"step {node.step_id!r} was started {starts} times without finishing"
+                    error = f"step {step_id!r} was started {starts} times without finishing"
                     self._fail(message, node, worker, error)
-                    raise StepFailedItsRun(message.run_id, node.step_id, error)
-            attempt = StepAttempt(message.run_id, node.step_id, worker, started, attempts)
+                    raise StepFailedItsRun(message.run_id, step_id, error)
+            attempt = StepAttempt(message.run_id, step_id, worker, started, max(attempts, message.attempt))
             commit = self.executor.run(message, node, attempt, self._successor(plan, node, message))
-            self._count_step(message.routine, "succeeded" if commit.applied else "skipped", started)
+            self._count_step(message.routine, "succeeded" if commit.applied else "duplicate", started)
             return commit
         except StaleEpoch as exc:
-            log.info("run %s: %s refused: %s", message.run_id, node.step_id, exc)
+            log.info("run %s: %s refused: %s", message.run_id, step_id, exc)
             return None
         except LineageLost as exc:
-            log_error(log, exc, f"run {message.run_id}: step {node.step_id!r} cannot find its state")
+            log_error(log, exc, f"run {message.run_id}: step {step_id!r} cannot find its state")
             self.lifecycle.rewind(message.run_id, message.epoch)
             return None
         except RoutineError as exc:
+            if isinstance(exc, StepFailed) and node.kind == "action":
+                return self.failures.after(plan, node, message, exc, worker=worker, started=started)
             self.store.ledger.finish_step(
-                message.run_id, node.step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started,
+                message.run_id, step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started,
                 traceback=getattr(exc, "traceback", None),
             )
             where = f" on {worker}" if isinstance(exc, NodeMisconfigured) else ""  # which node to set up
-            error = f"step {node.step_id!r}{where}: {exc}"
+            error = f"step {step_id!r}{where}: {exc}"
             self._count_step(message.routine, "failed", started)
             self._fail(message, node, worker, error, exc)
-            raise StepFailedItsRun(message.run_id, node.step_id, error) from getattr(exc, "cause", None)
+            raise StepFailedItsRun(message.run_id, step_id, error) from getattr(exc, "cause", None)
         finally:
             self.running.pop(task_id, None)
+
+    def timed_out_for_good(self, message: StepMessage) -> None:
+        """A step whose action held on past its hard time limit (its process was replaced): retried
+        or failing its run as a timeout."""
+        plan = self.plans.get(message.routine, message.routine_version)
+        node = plan.node(message.node)
+        error = StepTimedOut(f"timed out after {node.timeout_s:g} s")
+        try:
+            self.failures.after(plan, node, message, error, worker="?", started=time.perf_counter())
+        except StepFailedItsRun:
+            pass
 
     def _successor(self, plan: Plan, node: Node, message: StepMessage) -> Successor | None:
         """When one real step follows ``node`` as a task of its own (not inline, not a fork, join,
@@ -166,12 +192,14 @@ class StepRunner:
             return None
         if successor.kind == "action" and successor.inline and successor.context == node.context:
             return None  # runs in this task while the inline budget lasts
+        if successor.timeout_s is not None:
+            return None  # sent after the commit, with its time limit
         return self.dispatcher.successor(
-            StepMessage(
-                message.run_id, message.routine, message.routine_version, successor.index, dict(message.versions),
-                step_id=successor.step_id, epoch=message.epoch,
+            replace(
+                message, node=successor.index, versions=dict(message.versions),
+                step_id=concrete(successor.step_id, message.items), attempt=1,
             ),
-            node.context,
+            concrete(node.context, message.items),
         )
 
     @staticmethod
@@ -186,23 +214,24 @@ class StepRunner:
         try:
             self.lifecycle.dispatch(
                 plan, message.run_id, message.routine, message.routine_version, node.next, versions,
-                {node.context: ctx}, message.epoch,
+                {concrete(node.context, message.items): ctx}, message.epoch, message.items,
             )
         except RoutineError as exc:  # what follows cannot start (e.g. a sub-routine that cannot inherit)
-            self._fail(message, node, worker, f"after step {node.step_id!r}: {exc}", exc)
+            self._fail(message, node, worker, f"after step {message.step_id!r}: {exc}", exc)
         except LineageLost as exc:  # a child context this step created earlier was lost meanwhile
-            log_error(log, exc, f"run {message.run_id}: what follows {node.step_id!r} cannot find its state")
+            log_error(log, exc, f"run {message.run_id}: what follows {message.step_id!r} cannot find its state")
             self.lifecycle.rewind(message.run_id, message.epoch)
 
     def _fail(self, message: StepMessage, node: Node, worker: str, error: str, cause: BaseException | None = None) -> None:
         hidden = getattr(cause, "hidden", None)
+        step_id = message.step_id or node.step_id
         if hidden:  # the text the step's error really had: kept with the run, sealed, never shown
-            self.store.ledger.keep_hidden_error(message.run_id, node.step_id, hidden)
+            self.store.ledger.keep_hidden_error(message.run_id, step_id, hidden)
         trace = getattr(cause, "traceback", None)
         if trace:  # a user action's own frames: where to look
-            log.error("run %s failed at %s on %s: %s\n%s", message.run_id, node.step_id, worker, cause, trace.rstrip())
+            log.error("run %s failed at %s on %s: %s\n%s", message.run_id, step_id, worker, cause, trace.rstrip())
         elif cause is not None:
-            log_error(log, cause, f"run {message.run_id} failed at {node.step_id} on {worker}")
+            log_error(log, cause, f"run {message.run_id} failed at {step_id} on {worker}")
         else:
-            log.warning("run %s failed at %s on %s: %s", message.run_id, node.step_id, worker, error)
+            log.warning("run %s failed at %s on %s: %s", message.run_id, step_id, worker, error)
         self.lifecycle.fail_run(message, error)

@@ -26,8 +26,9 @@ from state.store import AlreadyApplied, Committed, TieredStore
 from state.tiers.data import CommitRequest, StepReport
 from tasks.actions import run_action
 from tasks.changes import ContextView, apply_changes
+from tasks.collect import collect_items
 from tasks.messages import StepMessage, Successor
-from tasks.plan import Node
+from tasks.plan import FAILURE, Node, concrete
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +77,45 @@ def user_frames(tb: TracebackType | None) -> TracebackType | None:
     return tb
 
 
+class StepTimedOut(StepFailed):
+    """A step's action ran past its ``timeout_s`` and was stopped (a retry policy names it ``Timeout``)."""
+
+    error_types = ("Timeout",)
+
+
 class StepExecutor:
-    """Runs the real nodes of a plan (``action`` and ``child_end``) against the store.
+    """Runs the real nodes of a plan (``action``, ``child_end`` and ``collect``) against the store.
 
     Owns nothing but its store. Promises: a step's changes commit once, with its id, in one
     compare-and-set, re-applied to a newer state when another writer came first; a user action's
-    own error becomes StepFailed with sensitive values redacted and its traceback kept.
+    own error becomes StepFailed with sensitive values redacted and its traceback kept; an action
+    stopped by a time limit (one of ``time_limits``) becomes StepTimedOut.
     """
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, time_limits: tuple[type[BaseException], ...] = ()) -> None:
         self.store = store
+        self.time_limits = time_limits
 
     def run(self, message: StepMessage, node: Node, attempt: StepAttempt | None = None, successor: Successor | None = None) -> StepCommit:
         """Run the node and commit it, with ``attempt``'s record and ``successor``'s message."""
         if node.kind == "action":
             return self._apply_action(message, node, attempt, successor)
+        if node.kind == "collect":
+            return self._collect(message, node, attempt, successor)
         return self._merge_child(message, node, attempt, successor)
 
     def is_applied(self, message: StepMessage, node: Node) -> bool:
         """Whether the node's context holds the step already (read from the step's lineage)."""
-        return self._read(message, node.context)[1].has_applied(node.step_id)
+        _, ctx = self._read(message, concrete(node.context, message.items))
+        return node.done_in(ctx.has_applied, message.items)
 
     def _read(self, message: StepMessage, path: str) -> tuple[str, RunContext]:
         ctx_id = context_id(message.run_id, path)
         return ctx_id, self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=message.versions.get(path, 1))
 
     def _apply_action(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
-        ctx_id, base = self._read(message, node.context)
-        if base.has_applied(node.step_id):
+        ctx_id, base = self._read(message, concrete(node.context, message.items))
+        if node.done_in(base.has_applied, message.items):
             return StepCommit(base, applied=False)
         assert node.action is not None and node.concurrency is not None
         view = ContextView(base, node.reads)
@@ -120,29 +132,72 @@ class StepExecutor:
                 now=time.time(), raise_to=read, declassify=node.declassify,
             )
 
-        return self._commit(ctx_id, base, node.step_id, mutate, attempt, successor)
+        return self._commit(ctx_id, base, message.step_id or node.step_id, mutate, attempt, successor)
 
     def _changes_of(self, node: Node, view: ContextView, base: RunContext) -> list[Any]:
         assert node.action is not None
         try:
             return run_action(node.action, view, node.args, node.builtin_args)
+        except self.time_limits:
+            raise StepTimedOut(f"timed out after {node.timeout_s:g} s") from None
         except Exception as exc:
             # A step that read confidential or secret values may have put them in its error: its
             # text and traceback are never shown or stored, only its type and the step.
             if view.highest_read.masked:
-                raise StepFailed(
+                failure = StepFailed(
                     f"action {node.action!r} raised {type(exc).__name__}: {HIDDEN}", hidden=f"{type(exc).__name__}: {exc}"
-                ) from None
+                )
+                failure.error_types = _type_names(exc)
+                raise failure from None
             if isinstance(exc, RoutineError) and user_frames(exc.__traceback__) is None:
                 raise  # runctx's own (a built-in action's, or a result that is not changes)
             raise _user_failure(node.action, exc, base) from None
 
+    def commit_failure(self, message: StepMessage, node: Node, error: StepFailed, attempt: StepAttempt | None) -> StepCommit:
+        """Commit a failed action as its catch says (``on_failure: continue``, a tolerated item): the
+        catch's mark applied, the masked error stored, and nothing else of the step."""
+        assert node.catch is not None
+        catch = node.catch
+        ctx_id, base = self._read(message, concrete(node.context, message.items))
+        step_id = message.step_id or concrete(node.step_id, message.items)
+        record = {"step": step_id, "type": error.error_types[0] if error.error_types else type(error).__name__, "error": str(error)}
+        mark = concrete(catch.mark, message.items)
+
+        def mutate(working: RunContext) -> None:
+            if catch.into is None:
+                return
+            if catch.collects:  # a group's: every failure, branch by branch
+                working.set_variable(catch.into, [*(working.variables.get(catch.into) or []), record])
+            else:
+                working.set_variable(catch.into, record)
+
+        return self._commit(ctx_id, base, mark, mutate, attempt, None)
+
+    def _collect(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
+        """A fan-out's end: its items brought back into its context (`tasks.collect`)."""
+        ctx_id, parent = self._read(message, concrete(node.context, message.items))
+        step_id = message.step_id or concrete(node.step_id, message.items)
+        if parent.has_applied(step_id):
+            return StepCommit(parent, applied=False)
+        assert node.fan_out is not None and node.items_context is not None
+        listed = parent.variables.get(node.fan_out.for_each)
+        count = len(listed) if isinstance(listed, list) else 0
+        item_ids = [context_id(message.run_id, concrete(node.items_context, (*message.items, n))) for n in range(count)]
+        items = self.store.read_many_for_step(item_ids, epoch=message.epoch)
+        merge = node.fan_out.merge
+
+        def mutate(working: RunContext) -> None:
+            collect_items(working, items, node.fan_out, merge, failure=FAILURE)  # type: ignore[arg-type]
+
+        return self._commit(ctx_id, parent, step_id, mutate, attempt, successor)
+
     def _merge_child(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
         assert node.child_context is not None and node.merge is not None
-        parent_id, parent = self._read(message, node.context)
-        if parent.has_applied(node.step_id):
+        parent_id, parent = self._read(message, concrete(node.context, message.items))
+        step_id = message.step_id or concrete(node.step_id, message.items)
+        if node.done_in(parent.has_applied, message.items):
             return StepCommit(parent, applied=False)
-        _, child = self._read(message, node.child_context)
+        _, child = self._read(message, concrete(node.child_context, message.items))
         merge = node.merge
 
         def mutate(working: RunContext) -> None:
@@ -150,7 +205,7 @@ class StepExecutor:
             for conflict in conflicts:  # names and strategies only: values may be sensitive
                 log.info("run %s: %s resolved %s by %s", message.run_id, node.step_id, conflict.name, conflict.strategy.value)
 
-        return self._commit(parent_id, parent, node.step_id, mutate, attempt, successor)
+        return self._commit(parent_id, parent, step_id, mutate, attempt, successor)
 
     def _commit(
         self, ctx_id: str, base: RunContext, step_id: str, mutate: Callable[[RunContext], None],
@@ -193,6 +248,11 @@ class StepExecutor:
         raise TransactionFailed(f"commit of step {step_id}", COMMIT_ATTEMPTS, RuntimeError("too many concurrent writers"))
 
 
+def _type_names(exc: BaseException) -> tuple[str, ...]:
+    """The names of an exception's class and its bases (what a retry policy's ``on`` matches)."""
+    return tuple(cls.__name__ for cls in type(exc).__mro__ if cls not in (BaseException, object))
+
+
 def _user_failure(action: str, exc: Exception, ctx: RunContext) -> StepFailed:
     """StepFailed for an exception a user action raised, carrying its traceback from the user's first
     frame (``StepFailed.traceback``, sensitive values redacted) and, as ``cause``, an exception with
@@ -203,11 +263,14 @@ def _user_failure(action: str, exc: Exception, ctx: RunContext) -> StepFailed:
         message = redact(f"action {action!r} raised {type(exc).__name__}: {exc}", ctx)
     frames = user_frames(exc.__traceback__)
     if frames is None:
-        return StepFailed(message)
+        plain = StepFailed(message)
+        plain.error_types = _type_names(exc)
+        return plain
     text = "".join(
         ["Traceback (most recent call last):\n", *traceback.format_tb(frames), f"{type(exc).__name__}: {exc}\n"]
     )
     failure = StepFailed(message, traceback=redact(text, ctx))
+    failure.error_types = _type_names(exc)
     if redact(str(exc), ctx) == str(exc):
         cause: BaseException = exc.with_traceback(frames)
     else:  # its text holds a masked value: the same frames under the redacted text

@@ -70,7 +70,7 @@ class RunSubmitter:
         try:
             # Defaults left out: what the user wrote is what is stored (and measured against the
             # size limit), so a routine file within the limit is never refused for runctx's defaults.
-            definition = routine.model_dump(mode="json", exclude_defaults=True)
+            definition = routine.model_dump(mode="json", exclude_defaults=True, by_alias=True)
         except (ValueError, TypeError) as exc:  # e.g. bytes that are not UTF-8, from a Routine built in Python
             raise InvalidRoutine(f"{routine.name}: the definition is not JSON ({type(exc).__name__})") from None
         try:

@@ -20,6 +20,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from state.errors import RoutineError
+from state.tiers.data import RunRow
 from tasks.engine import RunEngine
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class Watchdog:
         progress = ledger.progress_of([run.run_id for run in runs])
         resumed = []
         for run in runs:
+            if self._past_deadline(run, now):
+                continue
             changed = run.updated_at.timestamp() if run.updated_at else now
             moved = max(progress.get(run.run_id) or 0.0, changed)
             strikes, last_resume = self._strikes.get(run.run_id, (0, 0.0))
@@ -73,3 +77,17 @@ class Watchdog:
         self._noticed = {run_id: at for run_id, at in self._noticed.items() if run_id in running}
         self._strikes = {run_id: strike for run_id, strike in self._strikes.items() if run_id in running}
         return resumed
+
+    def _past_deadline(self, run: RunRow, now: float) -> bool:
+        """A run older than its routine's ``timeout_s`` ends failed, saying so (True: it did)."""
+        if run.routine_version is None or run.created_at is None:
+            return False
+        try:
+            timeout_s = self.engine.plans.get(run.routine_name, run.routine_version).routine.timeout_s
+        except RoutineError:  # a routine this process cannot compile: the run's own steps say why
+            return False
+        if timeout_s is None or now - run.created_at.timestamp() < timeout_s:
+            return False
+        log.warning("run %s timed out after %g s", run.run_id, timeout_s)
+        self.engine.lifecycle.fail(run.run_id, run.routine_name, run.routine_version, {}, f"the run timed out after {timeout_s:g} s")
+        return True

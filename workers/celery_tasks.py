@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, TimeLimitExceeded
 
 from state.errors import InfrastructureError, RunFailed, StepFailedItsRun
 from tasks.engine import RunEngine
 from tasks.messages import STATE_HEADER, FinalizeMessage, StepMessage, state_from_header
+from tasks.plan import template_of
 from workers.dispatcher import FINALIZE_TASK, STEP_TASK, WRITE_BEHIND_TASK
 from workers.runtime import runtime
 
@@ -47,19 +48,34 @@ class StepTask(Task):
     throws = (StepFailedItsRun,)
 
     def shadow_name(self, args: tuple, kwargs: dict, options: dict) -> str:
-        """The name Flower and the logs show, for every send (a Celery retry too)."""
-        return f"{kwargs.get('routine', '?')}: {kwargs.get('step_id', '?')}"
+        """The name Flower and the logs show, for every send (a Celery retry too): a fan-out item's
+        step by its template (``each[]/work``: one name per step, so Flower's series stay bounded)."""
+        name = f"{kwargs.get('routine', '?')}: {template_of(str(kwargs.get('step_id', '?')))}"
+        attempt = kwargs.get("attempt", 1)
+        return f"{name} (attempt {attempt})" if attempt != 1 else name
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
         if not isinstance(exc, StepFailedItsRun):
-            _engine(self).step_failed_for_good(StepMessage(**kwargs), exc)
+            message = _message(**kwargs)
+            if isinstance(exc, TimeLimitExceeded):  # the hard limit: the action did not let go
+                _engine(self).step_timed_out(message)
+            else:
+                _engine(self).step_failed_for_good(message, exc)
+
+
+def _message(
+    run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "", epoch: int = 1,
+    items: list[int] | None = None, attempt: int = 1,
+) -> StepMessage:
+    return StepMessage(run_id, routine, routine_version, node, versions, step_id, epoch, tuple(items or ()), attempt)
 
 
 @shared_task(base=StepTask, name=STEP_TASK, bind=True, max_retries=STEP_RETRIES, **RETRY_OPTIONS)
 def step(
-    self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "", epoch: int = 1
+    self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "",
+    epoch: int = 1, items: list[int] | None = None, attempt: int = 1,
 ) -> None:
-    message = StepMessage(run_id, routine, routine_version, node, versions, step_id, epoch)
+    message = _message(run_id, routine, routine_version, node, versions, step_id, epoch, items, attempt)
     request = self.request
     # The broker flags a message it delivers again (its worker died before acknowledging it).
     redelivered = bool((request.delivery_info or {}).get("redelivered"))

@@ -12,6 +12,7 @@ from workers.envelopes import StepEnvelopes
 STEP_TASK = "runctx.step"
 WRITE_BEHIND_TASK = "runctx.write_behind"
 FINALIZE_TASK = "runctx.finalize"
+HARD_LIMIT_GRACE_S = 5.0  # after a step's soft time limit, until its process is stopped
 
 
 class CeleryDispatcher:
@@ -30,9 +31,17 @@ class CeleryDispatcher:
 
     # The arguments' text for Flower and the logs: plain repr (ids and versions only) instead of
     # Celery's saferepr, which costs a step more CPU for the same string.
-    def step(self, message: StepMessage) -> None:
+    def step(self, message: StepMessage, *, countdown: float = 0.0, time_limit: float | None = None) -> None:
         kwargs = message.as_kwargs()
-        self.app.tasks[STEP_TASK].apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
+        options: dict = {}
+        if countdown > 0:
+            options["countdown"] = countdown
+        if time_limit is not None:
+            # The soft limit raises in the action (the step fails saying it timed out); the hard
+            # one, a little later, stops an action that does not let go (its process is replaced).
+            options["soft_time_limit"] = time_limit
+            options["time_limit"] = time_limit + HARD_LIMIT_GRACE_S
+        self.app.tasks[STEP_TASK].apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs), **options)
 
     def finalize(self, message: FinalizeMessage) -> None:
         kwargs = message.as_kwargs()

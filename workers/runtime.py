@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from runctx.embedded import resolve
 from state.change_events import ChangeListener
@@ -55,7 +56,8 @@ class ProcessRuntime:
         self.store = TieredStore.from_settings(settings, servers.redis_url, servers.database_url)
         self.dispatcher = CeleryDispatcher(app)
         self.engine = RunEngine(
-            self.store, self.dispatcher, max_attempts=settings.step_max_attempts, limits=settings.resource_limits()
+            self.store, self.dispatcher, max_attempts=settings.step_max_attempts, limits=settings.resource_limits(),
+            max_items=settings.max_items, time_limits=(SoftTimeLimitExceeded,),
         )
         self.control = ControlChannel(self.store, connect(servers.redis_url), settings.key_prefix)
         # Plans compiled ahead (a routine was stored, or a run of it began), on a thread of their own: a compile of a

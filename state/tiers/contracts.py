@@ -122,6 +122,14 @@ class L2RunRecords(Protocol):
         delivery is never counted (it costs no round trip), so the attempt returned is count + 1."""
 
     def run_failed(self, run_id: str) -> bool: ...
+    def start_fan_out(self, run_id: str, fan_out: str, total: int, ended: dict[int, bool] | None = None) -> int:
+        """Record a fan-out of ``total`` items (kept if recorded already), or, with ``ended`` (item ->
+        failed), set it to what a rebuilt run's contexts show; returns how many items ended."""
+
+    def end_item(self, run_id: str, fan_out: str, item: int, failed: bool) -> tuple[int, int, int]:
+        """Count an item's end once: (its rank, 1 for the first to end; the total; how many failed).
+        Rank 0: the fan-out's record is lost."""
+
     def finish_step(
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
         traceback: str | None = None, record: dict[str, Any] | None = None,

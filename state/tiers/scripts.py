@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-SCRIPTS = ("read", "commit", "fill", "mark_flushed", "claim_due", "evict", "lease")
+SCRIPTS = ("read", "commit", "fill", "mark_flushed", "claim_due", "evict", "lease", "start_fan_out", "end_item")
 
 
 @cache

@@ -4,6 +4,7 @@ within a budget of files and bytes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 from state.errors import InvalidRoutine
 from state.limits import MAX_NESTING, NAME_PATTERN
 from tasks.routine.bounds import MAX_DEFINITION_BYTES, MAX_ROUTINE_FILE_BYTES, check_definition
-from tasks.routine.model import ParallelStep, Routine, SubRoutineStep
+from tasks.routine.model import ForEachStep, ParallelStep, Routine, SubRoutineStep
 from tasks.routine.parse import _validated
 
 MAX_ROUTINE_FILES = 256  # files read for one routine, counting each use of a sub-routine file
@@ -30,6 +31,20 @@ def _checked_path(raw: Path | str, what: str) -> Path:
     return Path(text)
 
 
+class RoutineYamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false (YAML 1.1 also reads on/off/yes/no as
+    booleans, which would make a retry policy's ``on:`` key the boolean True)."""
+
+
+RoutineYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RoutineYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def read_routine_file(path: Path) -> Any:
     """The parsed content of a YAML or JSON routine file; InvalidRoutine for anything else."""
     try:
@@ -45,7 +60,7 @@ def read_routine_file(path: Path) -> Any:
         raise InvalidRoutine(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        return json.loads(text) if kind == "JSON" else yaml.load(text, Loader=RoutineYamlLoader)  # noqa: S506 - a SafeLoader
     except json.JSONDecodeError as exc:
         raise InvalidRoutine(f"{path}: not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
@@ -105,6 +120,8 @@ def _resolve_subroutines(routine: Routine, path: Path, resolve_stored, seen: tup
         for step in steps:
             if isinstance(step, ParallelStep):
                 step = step.model_copy(update={"parallel": [resolve(branch) for branch in step.parallel]})
+            elif isinstance(step, ForEachStep):
+                step = step.model_copy(update={"steps": resolve(step.steps)})
             elif isinstance(step, SubRoutineStep):
                 if isinstance(step.routine, str):
                     child = _load_reference(step, path, resolve_stored, seen, budget)

@@ -10,14 +10,14 @@ from pydantic import ValidationError
 from state.errors import InvalidRoutine
 from state.limits import MAX_NESTING
 from tasks.routine.bounds import check_definition
-from tasks.routine.model import _STEP_KEYS, ActionStep, ParallelStep, Routine, SubRoutineStep
+from tasks.routine.model import _STEP_KEYS, ActionStep, ForEachStep, ParallelStep, Routine, SubRoutineStep
 
 def _location(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("ActionStep", "ParallelStep", "SubRoutineStep", "reference", "definition") or "[" in str(part):
+        elif part in ("ActionStep", "ParallelStep", "SubRoutineStep", "ForEachStep", "reference", "definition") or "[" in str(part):
             continue  # union branch names that pydantic puts in the path
         else:
             out += f".{part}" if out else str(part)
@@ -40,7 +40,9 @@ def _step_kind_problem(raw: Any) -> str | None:
     present = [key for key in _STEP_KEYS if key in raw]
     if len(present) > 1:
         return f"a step has one of {kinds}, this one has {' and '.join(map(repr, present))}"
-    known = {name for kind in (ActionStep, ParallelStep, SubRoutineStep) for name in kind.model_fields}
+    known = {
+        field.alias or name for kind in (ActionStep, ParallelStep, SubRoutineStep, ForEachStep) for name, field in kind.model_fields.items()
+    }
     unknown = sorted(str(key) for key in raw if key not in known)
     if unknown:
         return f"unknown key {', '.join(repr(key[:40]) for key in unknown)} (a step needs one of {kinds})"

@@ -65,7 +65,7 @@ def states(status: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def totals(**counts: int) -> dict[str, int]:
-    out = {"done": 0, "running": 0, "pending": 0, "failed": 0, "cancelled": 0, **counts}
+    out = {"done": 0, "running": 0, "pending": 0, "failed": 0, "skipped": 0, "cancelled": 0, **counts}
     out["total"] = sum(out.values())
     return out
 

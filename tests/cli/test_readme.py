@@ -58,6 +58,7 @@ EXPECTED_OUTPUT = [
     "exit code 3",  # runctx cancel of a run that had ended
     "api_token = \"***\"",  # runctx context: the secret masked
     "succeeded {",  # the Python API's first print
+    'kinds = ["large", "small", "small"]',  # runctx run examples/documents.yaml
 ]
 
 MARKER = re.compile(r"^<!--\s*readme-(test|usage)\b(.*?)-->\s*$")

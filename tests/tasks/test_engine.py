@@ -872,7 +872,7 @@ def test_step_states_show_where_a_run_stands(h: LocalEnvironment) -> None:
     assert [(step["id"], step["state"]) for step in states["steps"]] == [
         ("s1", "done"), ("s2", "running"), ("s3", "pending"), ("s4", "pending")
     ]
-    assert states["totals"] == {"done": 1, "running": 1, "pending": 2, "failed": 0, "cancelled": 0, "total": 4}
+    assert states["totals"] == {"done": 1, "running": 1, "pending": 2, "failed": 0, "skipped": 0, "cancelled": 0, "total": 4}
     assert states["steps"][0]["worker"] == "in-process" and states["steps"][0]["attempts"] == 1
     h.settle(run_id)
     final = h.step_states(run_id)
@@ -889,7 +889,7 @@ def test_the_steps_a_cancelled_run_never_finished_are_cancelled_not_pending(h: L
     assert [(step["id"], step["state"]) for step in states["steps"]] == [
         ("s1", "done"), ("s2", "cancelled"), ("s3", "cancelled"), ("s4", "cancelled")
     ]
-    assert states["totals"] == {"done": 1, "running": 0, "pending": 0, "failed": 0, "cancelled": 3, "total": 4}
+    assert states["totals"] == {"done": 1, "running": 0, "pending": 0, "failed": 0, "skipped": 0, "cancelled": 3, "total": 4}
 
 
 def test_the_context_tree_shows_each_context_its_tiers_and_masks_sensitive_values(h: LocalEnvironment) -> None:

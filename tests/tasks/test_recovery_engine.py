@@ -329,7 +329,7 @@ def test_losing_l2_while_a_child_runs_continues_the_child_from_l3(h: Stepwise) -
     h.deliver(2)  # c1, c2 in L2 only
     h.lose_l2()
     resume = h.resume_from_l3(run_id)
-    assert [h.plan(run_id).node(i).step_id for i in resume.points] == ["c/c1"] and resume.orphans == []
+    assert [h.plan(run_id).node(i).step_id for i, _ in resume.points] == ["c/c1"] and resume.orphans == []
     h.drain()
 
     row = h.row(run_id)
@@ -347,7 +347,7 @@ def test_a_child_whose_creation_the_rebuilt_parent_has_not_reached_is_discarded_
     h.flush(run_id, "c")  # L3: the child with c1, the root still without a
     h.lose_l2()
     resume = h.resume_from_l3(run_id)
-    assert [h.plan(run_id).node(i).step_id for i in resume.points] == ["a"] and resume.orphans == ["c"]
+    assert [h.plan(run_id).node(i).step_id for i, _ in resume.points] == ["a"] and resume.orphans == ["c"]
     discarded: list[str] = []
     original = h.store.rewinds.discard_context
     monkeypatch.setattr(h.store.rewinds, "discard_context", lambda cid: (discarded.append(cid), original(cid))[1])
@@ -385,7 +385,7 @@ def test_a_lost_finalize_is_sent_again_by_the_watchdog(h: Stepwise, clock: FakeC
     if l2_lost:
         h.flush(run_id)
         h.lose_l2()
-        assert h.plan(run_id).node(h.resume_from_l3(run_id).points[0]).kind == "finish"
+        assert h.plan(run_id).node(h.resume_from_l3(run_id).points[0][0]).kind == "finish"
     watchdog = Watchdog(h.engine, stall_timeout_s=STALL_S, clock=clock)
 
     assert watchdog.scan() == []
@@ -546,8 +546,9 @@ def plan_of(routine: dict[str, Any]) -> Plan:
     return compile_plan(parse_routine(routine))
 
 
-def at(plan: Plan, step_id: str, kind: str | None = None) -> int:
-    return next(n.index for n in plan.nodes if n.step_id == step_id and (kind is None or n.kind == kind))
+def at(plan: Plan, step_id: str, kind: str | None = None) -> tuple[int, tuple[int, ...]]:
+    """The resume point at the node with ``step_id`` (outside any fan-out item)."""
+    return next(n.index for n in plan.nodes if n.step_id == step_id and (kind is None or n.kind == kind)), ()
 
 
 def ctx(path: str, *applied: str) -> RunContext:
@@ -585,7 +586,7 @@ def test_resume_points_of_a_parallel_group_are_each_unfinished_branchs_next_step
 
 def test_resume_points_of_a_fully_applied_run_is_the_finish() -> None:
     plan = plan_of(counting(4))
-    (point,) = resume_points(plan, contexts(ctx("", *step_ids(4)))).points
+    ((point, _),) = resume_points(plan, contexts(ctx("", *step_ids(4)))).points
     assert plan.node(point).kind == "finish"
 
 
@@ -596,7 +597,7 @@ def test_resume_points_around_a_subroutine() -> None:
         resume = resume_points(plan, merged)
         assert resume.points == [at(plan, "after")] and resume.orphans == []
     # the child not created yet: its start
-    (point,) = resume_points(plan, contexts(ctx("", "a"))).points
+    ((point, _),) = resume_points(plan, contexts(ctx("", "a"))).points
     assert plan.node(point).kind == "child_start" and plan.node(point).child_context == "c"
     # the child created: its own next step
     resume = resume_points(plan, contexts(ctx("", "a"), ctx("c", "c/c1")))

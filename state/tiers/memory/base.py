@@ -40,6 +40,7 @@ class RunRecord:
     l3_writes: int = 0
     done: bool = False
     progress: float | None = None
+    fan_outs: dict[str, tuple[int, dict[int, tuple[int, bool]]]] = field(default_factory=dict)  # total, item -> rank, failed
 
 
 class MemoryState:

@@ -47,6 +47,25 @@ class MemoryRunRecords(MemoryState):
             run.step_attempts[step_id] = run.step_attempts.get(step_id, 0) + 1
             return StepStart(attempt=run.attempts[task_id] + 1, run_failed=run.failed is not None)
 
+    def start_fan_out(self, run_id: str, fan_out: str, total: int, ended: dict[int, bool] | None = None) -> int:
+        with self._lock:
+            run = self._run(run_id)
+            if ended is None and fan_out in run.fan_outs:
+                return len(run.fan_outs[fan_out][1])
+            ranks = {index: (rank, failed) for rank, (index, failed) in enumerate(sorted((ended or {}).items()), 1)}
+            run.fan_outs[fan_out] = (total, ranks)
+            return len(ranks)
+
+    def end_item(self, run_id: str, fan_out: str, item: int, failed: bool) -> tuple[int, int, int]:
+        with self._lock:
+            run = self._run(run_id)
+            if fan_out not in run.fan_outs:
+                return 0, 0, 0
+            total, ranks = run.fan_outs[fan_out]
+            if item not in ranks:
+                ranks[item] = (len(ranks) + 1, failed)
+            return ranks[item][0], total, sum(1 for _, was_failed in ranks.values() if was_failed)
+
     def run_failed(self, run_id: str) -> bool:
         with self._lock:
             return run_id in self._runs and self._runs[run_id].failed is not None

@@ -64,6 +64,19 @@ class RedisRunRecords(RedisBus):
         attempt, _, run_failed = self._records(run_id, [attempts, step_attempts], start)
         return StepStart(attempt=int(attempt) + 1, run_failed=bool(run_failed))
 
+    def start_fan_out(self, run_id: str, fan_out: str, total: int, ended: dict[int, bool] | None = None) -> int:
+        key = self._record(run_id, "fan_outs", fan_out)
+        pairs = [value for index, failed in sorted((ended or {}).items()) for value in (index, "1" if failed else "0")]
+        replace = "1" if ended is not None else "0"
+        return int(self._records(run_id, [key], lambda: self._script("start_fan_out", [key], [total, RECORD_TTL_S, replace, *pairs])))
+
+    def end_item(self, run_id: str, fan_out: str, item: int, failed: bool) -> tuple[int, int, int]:
+        key = self._record(run_id, "fan_outs", fan_out)
+        rank, total, failures = self._records(
+            run_id, [key], lambda: self._script("end_item", [key], [item, "1" if failed else "0", RECORD_TTL_S])
+        )
+        return int(rank), int(total), int(failures)
+
     def run_failed(self, run_id: str) -> bool:
         return bool(self._call(lambda: self.client.exists(self._record(run_id, "failed"))))
 
@@ -222,6 +235,9 @@ def _checked_record(record: Any) -> dict[str, Any] | None:
     out = {name: record[name] for name in _STEP_FIELDS}
     if isinstance(record.get("attempts"), int) and record["attempts"] >= 1:
         out["attempts"] = record["attempts"]
-    if isinstance(record.get("traceback"), str):
-        out["traceback"] = record["traceback"]
+    for name in ("traceback", "reason"):
+        if isinstance(record.get(name), str):
+            out[name] = record[name]
+    if isinstance(record.get("retry_in_s"), (int, float)) and not isinstance(record["retry_in_s"], bool):
+        out["retry_in_s"] = record["retry_in_s"]
     return out

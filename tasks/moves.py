@@ -1,0 +1,162 @@
+"""The reads and writes of walking a run's plan (`tasks.advance.Moves`): a sub-routine's child
+context created, a gate's condition decided (and its skip committed), a fan-out's items counted
+and their contexts created, an item's end counted."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from state.errors import InvalidValue, LimitExceeded, LineageLost, StepFailed, VersionConflict
+from state.keys import context_id
+from state.metrics import metrics
+from state.models import ExportDeclaration, RunContext
+from state.store import AlreadyApplied, Committed, TieredStore
+from state.tiers.data import CommitRequest
+from tasks.advance import ItemEnd
+from tasks.changes import ContextView
+from tasks.plan import Node, Plan, concrete
+
+log = logging.getLogger(__name__)
+
+
+class FanOutFailed(StepFailed):
+    """More items of a fan-out failed than it tolerates: its run fails."""
+
+
+def fan_out_key(step_id: str, epoch: int) -> str:
+    """A fan-out's record in L2: one per epoch, so a rebuilt run counts afresh."""
+    return f"{step_id}@{epoch}"
+
+
+class PlanMoves:
+    """The moves of one run at one epoch. Owns nothing: state is in the store.
+
+    Promises: each move can be made again (a message delivered twice walks twice): a child or item
+    context is created once, a skip commits once, an item's end is counted once.
+    """
+
+    def __init__(self, store: TieredStore, plan: Plan, run_id: str, epoch: int, *, max_items: int) -> None:
+        self.store = store
+        self.plan = plan
+        self.run_id = run_id
+        self.epoch = epoch
+        self.max_items = max_items
+
+    def context(self, path: str, versions: dict[str, int]) -> RunContext:
+        return self.store.read_for_step(context_id(self.run_id, path), epoch=self.epoch, at_least=versions.get(path, 1))
+
+    # ---- sub-routines -------------------------------------------------------------------------
+
+    def create_child(self, node: Node, parent: RunContext, items: tuple[int, ...]) -> RunContext:
+        assert node.child_context is not None
+        path = concrete(node.child_context, items)
+        child = parent.create_child(
+            self.plan.contexts[node.child_context], inherit=node.inherit, context_id=context_id(self.run_id, path)
+        )
+        for name, spec in node.initial.items():
+            if name in child.variables:
+                continue
+            if spec.required:  # declared without a value: only inheriting it can give it one
+                raise InvalidValue(f"sub-routine {node.step_id!r}: variables.{name} has no value: inherit it")
+            child.set_variable(name, spec.value, sensitivity=spec.sensitivity)
+        child.exports = [ExportDeclaration(**spec.model_dump()) for spec in node.exports]  # merged up with the child
+        return self._create(child, parent)
+
+    def _create(self, child: RunContext, parent: RunContext) -> RunContext:
+        child.epoch = parent.epoch
+        try:
+            created = self.store.create_context(child)
+            self.store.ledger.count_l3_write(self.run_id)
+            return created
+        except VersionConflict:  # created by an earlier delivery of this message
+            return self.store.read_for_step(child.context_id, epoch=parent.epoch, at_least=1)
+
+    # ---- conditions -----------------------------------------------------------------------------
+
+    def decide(self, node: Node, ctx: RunContext, items: tuple[int, ...]) -> RunContext | None:
+        """Evaluate a gate on what its step could read; if false, commit the skip and record the
+        skipped steps (with the expression's value)."""
+        assert node.condition is not None
+        view = ContextView(ctx, node.reads)
+        if node.condition.evaluate({name: view.get(name) for name in view.names()}):
+            return None
+        skip_id = concrete(node.step_id, items)
+        latest = ctx
+        for _ in range(50):
+            working = latest.working_copy()
+            working.mark_applied(skip_id)
+            working.version = latest.version + 1
+            working.note_step_commit(skip_id)
+            outcome = self.store.try_commit(_step_commit(working, latest, skip_id), base=latest)
+            if isinstance(outcome, Committed):
+                self._record_skips(node, items, f"when {node.condition.source!r} was false")
+                return outcome.context
+            if isinstance(outcome, AlreadyApplied):
+                return self.store.read_for_step(ctx.context_id, epoch=ctx.epoch, at_least=latest.version)
+            latest = outcome.newer or self.store.read_for_step(
+                ctx.context_id, epoch=ctx.epoch, at_least=max(outcome.actual_version or 0, latest.version + 1)
+            )
+            if latest.has_applied(skip_id):
+                return latest
+        raise LineageLost(self.run_id, f"the skip of {skip_id} lost to writers 50 times")
+
+    def _record_skips(self, node: Node, items: tuple[int, ...], reason: str) -> None:
+        now = time.time()
+        metrics().steps.labels(self.plan.routine.name, "skipped").inc(len(node.skips))
+        for step_id in node.skips:
+            record = {"status": "skipped", "worker": "-", "duration_s": 0.0, "finished_at": now, "reason": reason}
+            self.store.ledger.record_step(self.run_id, concrete(step_id, items), record)
+
+    # ---- fan-outs -------------------------------------------------------------------------------
+
+    def start_fan_out(self, node: Node, parent: RunContext, items: tuple[int, ...]) -> int:
+        listed = self._items_list(node, parent)
+        self.store.ledger.start_fan_out(self.run_id, fan_out_key(concrete(node.step_id, items), self.epoch), len(listed))
+        return len(listed)
+
+    def _items_list(self, node: Node, parent: RunContext) -> list[Any]:
+        assert node.fan_out is not None
+        name = node.fan_out.for_each
+        if name not in parent.variables:
+            raise StepFailed(f"fan-out {node.step_id.removesuffix(':start')!r}: for_each {name!r} is not a variable of the context")
+        listed = parent.variables[name]
+        if not isinstance(listed, list):
+            raise StepFailed(
+                f"fan-out {node.step_id.removesuffix(':start')!r}: for_each {name!r} holds a {type(listed).__name__}, not a list"
+            )
+        if len(listed) > self.max_items:
+            raise LimitExceeded(node.step_id.removesuffix(":start"), "max_items (RUNCTX_MAX_ITEMS)", len(listed), self.max_items)
+        return listed
+
+    def start_item(self, node: Node, index: int, items: tuple[int, ...]) -> RunContext:
+        """Item ``index``'s context: a child of the fan-out's context holding the item as ``as``
+        (as sensitive as the list), and the variables the fan-out inherits."""
+        assert node.fan_out is not None and node.items_context is not None
+        parent_path = concrete(node.context, items)
+        parent = self.store.read_for_step(context_id(self.run_id, parent_path), epoch=self.epoch, at_least=1)
+        path = concrete(node.items_context, (*items, index))
+        listed = self._items_list(node, parent)
+        item = parent.create_child(parent.routine_id, inherit=node.inherit, context_id=context_id(self.run_id, path))
+        alias = node.fan_out.as_
+        item.set_variable(alias, listed[index], sensitivity=parent.sensitivity_of(node.fan_out.for_each))
+        item.inherited[alias] = item.variables[alias]  # the item itself is not a change to merge back
+        return self._create(item, parent)
+
+    def end_item(self, node: Node, item: RunContext, items: tuple[int, ...]) -> ItemEnd:
+        assert node.fan_out is not None and node.items_context is not None
+        failed = item.has_applied(concrete(f"{node.items_context}!", items))
+        key = fan_out_key(concrete(node.step_id, items[:-1]), self.epoch)
+        rank, total, failures = self.store.ledger.end_item(self.run_id, key, items[-1], failed)
+        if rank == 0:
+            raise LineageLost(self.run_id, f"the count of fan-out {node.step_id!r} is lost")
+        tolerated = node.fan_out.tolerated(total)
+        if failures > tolerated:
+            fan_out = concrete(node.step_id.removesuffix(":start"), items[:-1])
+            raise FanOutFailed(f"fan-out {fan_out!r}: {failures} of {total} items failed, more than the {tolerated} tolerated")
+        return ItemEnd(rank, total)
+
+
+def _step_commit(working: RunContext, latest: RunContext, step_id: str) -> CommitRequest:
+    return CommitRequest(working, latest.version, expected_epoch=working.epoch, require_live=True, step_id=step_id)

@@ -52,7 +52,9 @@ def step_states(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, 
     for node in in_order(plan):
         ids = sorted(by_template.get(node.step_id, []), key=_natural) if ITEM in node.step_id else [node.step_id]
         for step_id in ids:
-            steps.append(_step_state(step_id, by_id.get(step_id), retried.get(step_id, []), final, step_id in frontier))
+            steps.append(
+                _step_state(step_id, by_id.get(step_id), retried.get(step_id, []), final, step_id in frontier, row.status == "succeeded")
+            )
     totals = {state: sum(1 for step in steps if step["state"] == state) for state in STEP_STATES}
     return {
         "run_id": run_id, "routine": row.routine_name, "version": row.routine_version, "status": row.status,
@@ -60,12 +62,16 @@ def step_states(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, 
     }
 
 
-def _step_state(step_id: str, record: dict[str, Any] | None, retries: list[dict[str, Any]], final: bool, running: bool) -> dict[str, Any]:
+def _step_state(
+    step_id: str, record: dict[str, Any] | None, retries: list[dict[str, Any]], final: bool, running: bool, succeeded: bool
+) -> dict[str, Any]:
     if record is not None:
         status = record.get("status")
         state = "failed" if status in ("failed", "timed_out") else "skipped" if status == "skipped" else "done"
     elif final:
-        state = "cancelled"  # the run ended before this step finished: it never will
+        # A run that succeeded passed it by (inside a group its `when` skipped); one that failed or
+        # was cancelled ended before it finished: it never will.
+        state = "skipped" if succeeded else "cancelled"
     else:
         state = "running" if running or retries else "pending"
     step: dict[str, Any] = {

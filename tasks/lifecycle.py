@@ -166,11 +166,18 @@ class RunLifecycle:
 
     def _contexts_of(self, plan: Plan, message: FinalizeMessage) -> list[RunContext]:
         contexts = []
+        ends = {node.child_context: node for node in plan.nodes if node.kind == "child_end"}
+        read: dict[str, RunContext] = {}
         for path in plan.contexts:
             ctx_id = context_id(message.run_id, path)
-            if message.status == "succeeded":  # every sub-routine ran: each context is there
+            if message.status == "succeeded":  # every sub-routine ran or was skipped by its `when`
+                end = ends.get(path)
+                parent = read.get(end.context) if end is not None else None
+                if end is not None and (parent is None or not parent.has_applied(end.step_id)):
+                    continue  # skipped (or inside one that was): it never had a context
                 at_least = message.versions.get(path, 1)
-                contexts.append(self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=at_least))
+                read[path] = self.store.read_for_step(ctx_id, epoch=message.epoch, at_least=at_least)
+                contexts.append(read[path])
                 continue
             try:
                 contexts.append(self.store.get_context(ctx_id))

@@ -16,6 +16,7 @@ from state.store import AlreadyApplied, Committed, TieredStore
 from state.tiers.data import CommitRequest
 from tasks.advance import ItemEnd
 from tasks.changes import ContextView
+from tasks.expressions import ExpressionFailed
 from tasks.plan import Node, Plan, concrete
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,12 @@ class PlanMoves:
         skipped steps (with the expression's value)."""
         assert node.condition is not None
         view = ContextView(ctx, node.reads)
-        if node.condition.evaluate({name: view.get(name) for name in view.names()}):
-            return None
+        names = [name for name in node.condition.variables if name in view]
+        try:
+            if node.condition.evaluate({name: view.get(name) for name in names}):
+                return None
+        except ExpressionFailed as exc:
+            raise ExpressionFailed(f"step {concrete(node.step_id.removesuffix('?'), items)!r}: {exc}") from None
         skip_id = concrete(node.step_id, items)
         latest = ctx
         for _ in range(50):

@@ -25,6 +25,7 @@ from state.store import TieredStore
 from state.tiers.data import CommittedState
 from tasks.lifecycle import RunLifecycle
 from tasks.messages import Dispatcher, StepMessage, Successor
+from tasks.expressions import ExpressionFailed
 from tasks.failures import StepFailures
 from tasks.plan import REAL_KINDS, Node, Plan, concrete
 from tasks.plans import PlanCache
@@ -216,6 +217,8 @@ class StepRunner:
                 plan, message.run_id, message.routine, message.routine_version, node.next, versions,
                 {concrete(node.context, message.items): ctx}, message.epoch, message.items,
             )
+        except ExpressionFailed as exc:  # a condition of what follows: it names its own step
+            self._fail(message, node, worker, str(exc), exc)
         except RoutineError as exc:  # what follows cannot start (e.g. a sub-routine that cannot inherit)
             self._fail(message, node, worker, f"after step {message.step_id!r}: {exc}", exc)
         except LineageLost as exc:  # a child context this step created earlier was lost meanwhile

@@ -37,8 +37,10 @@ import yaml
 
 # The same measures as benchmarks/execution.py (this folder is on sys.path).
 from execution import BENCH_WORKERS, _remove_keys, bench_invalidation, bench_noop, bench_routine, percentile
+from fan_out import bench_fan_out, fan_out_file
 
 HERE = Path(__file__).resolve().parent
+DBOS_POLLS_S = (1.0, 0.05)  # DBOS's default queue polling interval, and a short one (its best here)
 
 
 def routine_files(directory: Path, steps: int, branches: int, per_branch: int, long: int) -> dict[str, Path]:
@@ -100,6 +102,8 @@ def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
             [
                 sys.executable, str(HERE / "dbos_peer.py"), "--database-url", url.set(database=name).render_as_string(hide_password=False),
                 "--steps", str(args.steps), "--branches", str(args.branches), "--per-branch", str(args.per_branch),
+                "--items", str(args.items), "--item-concurrency", str(args.item_concurrency),
+                "--poll-s", *(str(poll) for poll in DBOS_POLLS_S),
             ],
             capture_output=True, text=True, timeout=1200,
         )
@@ -120,6 +124,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--invalidations", type=int, default=200)
+    parser.add_argument("--items", type=int, default=1000, help="a fan-out over a list of this many items, one step each")
+    parser.add_argument("--item-concurrency", type=int, default=20)
+    parser.add_argument("--small", type=int, default=100, help="the cost per item of a fan-out this small ...")
+    parser.add_argument("--large", type=int, default=10000, help="... and this large (0: not measured)")
     parser.add_argument("--rounds", type=int, default=3, help="runctx's runs and the no-op chain this many times each (medians)")
     parser.add_argument(
         "--hot-study", action="store_true",
@@ -151,6 +159,11 @@ def main() -> None:
                 rounds.append((noop, sequence, l3_writes, inline, fanout))
             noop, sequence, l3_writes, inline, fanout = (statistics.median(column) for column in zip(*rounds))
             noop_ratios = [round_[1] / round_[0] for round_ in rounds]
+            items_s = bench_fan_out(fan_out_file(Path(tmp), args.items, args.item_concurrency), args.items)
+            per_item = {
+                size: bench_fan_out(fan_out_file(Path(tmp), size, args.item_concurrency), size) / size
+                for size in (args.small, args.large) if size
+            }
             costs = step_costs(paths["long"], args.long, (10, args.long))
             latencies = [latency * 1000 for latency in bench_invalidation(args.invalidations)]
         cold = None
@@ -179,6 +192,14 @@ def main() -> None:
           f"   ratio {sequence / dbos_sequence:5.2f}   (goal >= 1.2)")
     print(f"  {fan} fan-out:               runctx {fanout:8.1f} steps/s   DBOS {dbos_fanout:8.1f} steps/s"
           f"   ratio {fanout / dbos_fanout:5.2f}   (goal >= 1.5)")
+    dbos_items = max(peer["items_per_s"].values())
+    print(f"  {args.items}-item fan-out at {args.item_concurrency}: runctx {args.items / items_s:8.1f} items/s   DBOS queue "
+          f"{dbos_items:8.1f} items/s   ratio {args.items / items_s / dbos_items:5.2f}   (goal >= 1.5; DBOS at polling "
+          + ", ".join(f"{poll} s: {rate:.1f}" for poll, rate in peer["items_per_s"].items()) + ")")
+    if args.large:
+        small, large = per_item[args.small], per_item[args.large]
+        print(f"  cost per item: {args.small} items {small * 1000:.2f} ms, {args.large} items {large * 1000:.2f} ms"
+              f"   ratio {large / small:5.2f}   (goal <= 1.2)")
     print(f"  {args.steps}-step inline sequence:   runctx {inline:8.1f} steps/s   DBOS {dbos_sequence:8.1f} steps/s"
           f"   ratio {inline / dbos_sequence:5.2f}   (goal >= 3)")
     print(f"  {args.steps}-step sequence vs no-op Celery tasks worker to worker: {sequence:8.1f} vs {noop:8.1f} /s"

@@ -48,9 +48,13 @@ class CeleryDispatcher:
         self.app.tasks[FINALIZE_TASK].apply_async(kwargs=kwargs, argsrepr="()", kwargsrepr=repr(kwargs))
 
     def flush(self, context_id: str) -> None:
+        self.flush_many([context_id])
+
+    def flush_many(self, context_ids: list[str]) -> None:
+        """One write-behind task for contexts that came due together (a fan-out's items do)."""
         # Sent when due, not with a countdown: a worker holding ETA tasks raises its prefetch and
         # would reserve steps that an idle worker could run.
-        self.app.tasks[WRITE_BEHIND_TASK].apply_async(args=[context_id])
+        self.app.tasks[WRITE_BEHIND_TASK].apply_async(args=list(context_ids))
 
     def close(self) -> None:
         if self.envelopes is not None:

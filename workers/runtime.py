@@ -143,8 +143,9 @@ class ProcessRuntime:
         """
         while not self._stop.wait(FLUSH_POLL_S):
             try:
-                for context_id in self.store.claim_due(lease_s=FLUSH_LEASE_S, limit=50, now=time.time()):
-                    self.dispatcher.flush(context_id)
+                due = self.store.claim_due(lease_s=FLUSH_LEASE_S, limit=50, now=time.time())
+                if due:
+                    self.dispatcher.flush_many(due)
             except Exception:
                 log.exception("dispatching due write-behinds failed; trying again")
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
 from runctx.cli.base import JSON_OPTION, app, client, echo_json, one_line, usage_error
 from runctx.cli.running import states_until_end, totals_line
+from tasks.plan import template_of
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
 WATCH_POLL_S = 0.5
@@ -36,12 +38,15 @@ def runs(
 def status(
     run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to show."),
     watch: bool = typer.Option(False, "--watch", help="Print the totals each time they change, until the run ends."),
+    every: bool = typer.Option(False, "--all", help="List every item of a fan-out (else a long one is folded)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show where a run stands, step by step.
 
-    Each step's state, worker, attempts and duration, the totals, and the run's error with the
-    failed step's traceback (unless the step read secret values)."""
+    Each step's state, worker, attempts and duration (why it was skipped or failed, its retries),
+    the totals, and the run's error with the failed step's traceback (unless the step read secret
+    values). A fan-out's step is listed once per item; past 20 items the done ones are folded
+    into one line unless --all."""
     with client() as client_:
         if watch:
             last = None
@@ -56,9 +61,8 @@ def status(
         echo_json(states)
         return
     typer.echo(f"run {run_id}: {states['status']} ({states['routine']}@{states['version']})")
-    for step in states["steps"]:
-        duration = "" if step["duration_s"] is None else f"{step['duration_s'] * 1000:.1f} ms"
-        typer.echo(f"  {step['id']:<30} {step['state']:<9} {step['worker'] or '-':<28} attempts={step['attempts']} {duration}")
+    for line in step_lines(states["steps"], fold=not every):
+        typer.echo(line)
     typer.echo(totals_line(states))
     if states["error"]:
         typer.echo(f"error: {one_line(states['error'])}")
@@ -93,3 +97,34 @@ def context(
         for name, value in sorted(ctx["variables"].items()):
             typer.echo(f"{indent}  {name} = {one_line(json.dumps(value))[:200]}")
 
+
+FOLD_AFTER = 20  # a fan-out step's items listed one by one up to this many (more with --all)
+
+
+def step_lines(steps: list[dict[str, Any]], *, fold: bool) -> list[str]:
+    """One line per step; a fan-out step's done items past the first few folded into one line."""
+    lines: list[str] = []
+    groups: list[list[dict[str, Any]]] = []
+    for step in steps:
+        if groups and "[" in step["id"] and template_of(step["id"]) == template_of(groups[-1][0]["id"]):
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    for group in groups:
+        folded = [step for step in group[5:] if step["state"] == "done"] if fold and len(group) > FOLD_AFTER else []
+        for step in group:
+            if step not in folded:
+                lines.append(_step_line(step))
+        if folded:
+            lines.append(f"  {template_of(group[0]['id']):<30} ... {len(folded)} more items done (--all lists each)")
+    return lines
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    duration = "" if step["duration_s"] is None else f"{step['duration_s'] * 1000:.1f} ms"
+    line = f"  {step['id']:<30} {step['state']:<9} {step['worker'] or '-':<28} attempts={step['attempts']} {duration}"
+    if step.get("retries"):
+        line += f" retried {len(step['retries'])}x"
+    if step.get("reason") and step["state"] != "done":
+        line += f" ({one_line(step['reason'])[:160]})"
+    return line.rstrip()

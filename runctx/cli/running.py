@@ -151,8 +151,9 @@ def states_until_end(client_: Any, run_id: str, deadline: float | None, poll_s: 
 def totals_line(states: dict[str, Any]) -> str:
     totals = states["totals"]
     parts = [f"done {totals['done']}", f"running {totals['running']}", f"pending {totals['pending']}", f"failed {totals['failed']}"]
-    if totals.get("cancelled"):
-        parts.append(f"cancelled {totals['cancelled']}")
+    for state in ("skipped", "cancelled"):
+        if totals.get(state):
+            parts.append(f"{state} {totals[state]}")
     return " / ".join(parts) + f" (of {totals['total']})"
 
 

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.support.language_actions import ME
+from tests.support.records import step_records
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -207,3 +210,36 @@ def test_a_run_past_its_routine_timeout_ends_failed_saying_so(make_cluster, tmp_
     routine = {"name": "too_long", "timeout_s": 3, "steps": [{"id": "slow", "action": f"{ME}:nap", "args": {"s": 20}}]}
     done, result = run(cluster, tmp_path, routine, timeout_s=60)
     assert result["status"] == "failed" and result["error"] == "the run timed out after 3 s", result
+
+
+def test_a_node_killed_mid_fan_out_loses_no_item_and_applies_each_once(make_cluster, tmp_path: Path) -> None:
+    cluster = make_cluster("redis", RUNCTX_VISIBILITY_TIMEOUT_S="10")
+    cluster.start_nodes("n1", "n2", concurrency=2)
+    client = redis.Redis.from_url(cluster.redis_url)
+    effects = f"{cluster.prefix}:effects"
+    items = 40
+    routine = {
+        "name": "killed_mid_fan_out",
+        "variables": {"numbers": list(range(items))},
+        "steps": [
+            {
+                "id": "each", "for_each": "numbers", "as": "n", "max_concurrency": 4,
+                "steps": [{"id": "tick", "action": "tests.support.fault_actions:tick", "args": {
+                    "effects_url": cluster.redis_url, "effects_key": effects, "step": "x", "sleep": 0.3, "value": 1}}],
+                "collect": {"from": "log", "into": "logs"},
+            }
+        ],
+    }
+    path = tmp_path / "killed.json"
+    path.write_text(json.dumps(routine))
+    run_id = cluster.submit(path)
+    wait_for(lambda: len(step_records(client, cluster.prefix, run_id)) >= 10, 60, "ten items to end", 0.05)
+    cluster.kill_node("n1")
+    result = cluster.wait(run_id, timeout_s=180)
+    assert result["status"] == "succeeded", result
+    assert result["variables"]["logs"] == [[1]] * items  # every item, in order, its change applied once
+    records = step_records(client, cluster.prefix, run_id)
+    assert sorted(step_id for step_id in records if step_id.startswith("each[")) == sorted(f"each[{n}]/tick" for n in range(items))
+    executions = int(client.hget(effects, "x") or 0)
+    # An item running on the killed node ran again on the survivor; no other ran twice.
+    assert items <= executions <= items + 2, executions

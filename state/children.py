@@ -75,8 +75,10 @@ class ChildContexts:
         if child.parent_id != self.context_id:
             raise InvalidValue(f"context {child.context_id} is not a child of {self.context_id}")
         incoming = child.child_changes()
+        mine = {**self.intermediate, **self.variables}
         result = resolve_variable_conflicts(
-            current={**self.intermediate, **self.variables},
+            # Only what the child brings: a merge costs what it merges, not the size of this context.
+            current={name: mine[name] for name in incoming if name in mine},
             incoming=incoming,
             default=default,
             per_variable=per_variable,

@@ -111,7 +111,9 @@ def next_work(
     if following < end.total:
         work += start_item(plan, owner, following, versions, contexts, moves, outer)
     if end.rank == end.total:
-        work += next_work(plan, owner.collect, versions, contexts, moves, outer)
+        siblings = concrete(owner.items_context or "", outer)[: -len("[]")] + "["
+        around = {key: version for key, version in versions.items() if not key.startswith(siblings)}
+        work += next_work(plan, owner.collect, around, contexts, moves, outer)
     return work
 
 
@@ -122,6 +124,10 @@ def start_item(
     item = moves.start_item(fan_out, number, items)
     inner = (*items, number)
     path = concrete(fan_out.items_context or "", inner)
+    # An item's messages need its own context and those around the fan-out, not its siblings'
+    # (which would make each message longer than the one before, item after item).
+    siblings = concrete(fan_out.items_context or "", items)[: -len("[]")] + "["
+    versions = {key: version for key, version in versions.items() if not key.startswith(siblings)}
     return next_work(plan, fan_out.item_start, {**versions, path: item.version}, {**contexts, path: item}, moves, inner)
 
 

@@ -30,6 +30,8 @@ def collect_items(working: RunContext, items: list[RunContext], fan_out: ForEach
             collected.append(None if failed is not None else item.variables.get(source))
             if source in item.variables:
                 level = DataSensitivity.highest(level, item.sensitivity_of(source))
+        if not item.child_changes().keys() - own:
+            continue  # it changed nothing but what is collected: nothing to merge
         brought = item.working_copy()
         for name in own & brought.variables.keys():
             brought.delete_variable(name)

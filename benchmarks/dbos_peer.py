@@ -48,12 +48,12 @@ def main() -> None:
     def item(counter: int) -> int:
         return increment(counter)
 
+    DBOS.launch()
+    queue = DBOS.register_queue("runctx-peer-fanout", global_concurrency=args.branches)
     item_queues = [
         DBOS.register_queue(f"runctx-peer-items-{n}", global_concurrency=args.item_concurrency, polling_interval_sec=poll)
         for n, poll in enumerate(args.poll_s)
     ]
-    DBOS.launch()
-    queue = DBOS.register_queue("runctx-peer-fanout", global_concurrency=args.branches)
     try:
         assert sequence(10) == 10  # warm up connections
         started = time.perf_counter()

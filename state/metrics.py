@@ -133,5 +133,5 @@ def count_read(tier: str) -> None:
     _cache_reads("l3", "hit").inc()
 
 
-def count_l3_write(kind: str) -> None:
-    metrics().l3_writes.labels(kind).inc()
+def count_l3_write(kind: str, count: int = 1) -> None:
+    metrics().l3_writes.labels(kind).inc(count)

@@ -27,7 +27,16 @@ from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec
 from state.configs import ConfigCache
-from state.errors import ContextCorruption, InvalidValue, LineageLost, NotFound, RunFailed, StaleEpoch, VersionConflict, log_error
+from state.errors import (
+    ContextCorruption,
+    InvalidValue,
+    LineageLost,
+    NotFound,
+    RunFailed,
+    StaleEpoch,
+    VersionConflict,
+    log_error,
+)
 from state.invalidation import Invalidation
 from state.ledger import RunLedger
 from state.maintenance import Maintenance
@@ -39,6 +48,7 @@ from state.settings import Settings
 from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier
 from state.tiers.data import CommitRequest, CommitStatus, CommittedState, RunRow
 from state.tiers.local import LocalCache
+from state.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +98,7 @@ class TieredStore:
         self.rewinds = Rewinds(l1, l2, l3, clock=clock)
         self.invalidation = Invalidation(l1, l2, clock=clock)
         self.maintenance = Maintenance(l1, l2, l3, clock=clock)
+        self.write_behind = WriteBehind(l1, l2, l3, clock=clock)
 
     @classmethod
     def connect(
@@ -250,6 +261,17 @@ class TieredStore:
         self.l1.put_context(ctx)
         return ctx
 
+    def create_contexts(self, contexts: list[RunContext]) -> int:
+        """Create many contexts at version 1 (a fan-out's items): L3 in one statement, then L2 (not
+        L1: most are read by other processes). Those that exist are left as they are (a fan-out
+        started again creates nothing twice). Returns how many were new in L3."""
+        for ctx in contexts:
+            ctx.version = 1
+        created = self.l3.create_contexts(contexts)
+        count_l3_write("context")
+        self.l2.fill_contexts(contexts, live=True)
+        return created
+
     def try_commit(self, request: CommitRequest, *, base: RunContext | None = None) -> Committed | Refused | AlreadyApplied:
         """One compare-and-set of ``request.context`` (the store owns it from now on). ``base``: the
         context it was made from, which a refused step's commit is told the newer state relative to.
@@ -353,30 +375,15 @@ class TieredStore:
 
     def flush(self, context_id: str) -> bool:
         """Write the L2 version of a context to L3 if it is newer there; returns whether L3 changed."""
-        try:
-            stored = self.l2.get_context(context_id)
-        except ContextCorruption as exc:
-            log_error(log, exc, "dropping it, L3 keeps the last good version")
-            self.evict_context(context_id)
-            return False
-        if stored is None:
-            self.mark_flushed(context_id, 0, epoch=0, expire=False)  # nothing left to write
-            return False
-        ctx = stored.context
-        written = self.l3.write_context(ctx)
-        # A running run's contexts keep no TTL: losing one would cost a rewind.
-        self.mark_flushed(context_id, ctx.version, epoch=ctx.epoch, expire=not stored.live)
-        if written:
-            count_l3_write("snapshot")
-        return written
+        return self.write_behind.flush([context_id]) > 0
 
     def give_up_flush(self, context_id: str) -> None:
         """Stop trying to write a context that L3 refuses for good (its run fails instead)."""
-        self.mark_flushed(context_id, 2**53, epoch=2**31, expire=True)
+        self.write_behind.give_up(context_id)
 
     def mark_flushed(self, context_id: str, version: int, *, epoch: int = 1, expire: bool = False) -> None:
         """Record that L3 holds (``epoch``, ``version``), written by a flush or by a finalize."""
-        self.l2.mark_flushed(context_id, version, now=self.clock(), epoch=epoch, expire=expire)
+        self.write_behind.mark_flushed(context_id, version, epoch=epoch, expire=expire)
 
     def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew a named lease of the cluster for ``holder``; whether it holds it."""

@@ -233,20 +233,22 @@ def resume_points(plan: Plan, contexts: dict[str, RunContext]) -> Resume:
         for number, item in started.items():
             inner = (*items, number)
             reached.add(concrete(node.items_context, inner))
-            stop = concrete(f"{node.items_context}!", inner)
-            if item.has_applied(stop):
+            if item.has_applied(concrete(f"{node.items_context}!", inner)):
                 ended[number] = True
             elif _item_done(plan, node, item, inner):
                 ended[number] = False
-            else:
-                walk(node.item_start, inner)
         total = len(listed)
         resume.fan_outs.append(FanOutSeed(node.index, items, total, ended))
         if len(ended) == total:
             resume.points.append((node.collect, items))
             return
+        # Items start in order, one as each ends: those before this bound had started.
         for number in range(min(total, node.fan_out.max_concurrency + len(ended))):
-            if number not in started:
+            if number in ended:
+                continue
+            if number in started:
+                walk(node.item_start, (*items, number))
+            else:  # its context is lost: made again when it starts
                 resume.start_items.append((node.index, number, items))
 
     walk(plan.start, ())

@@ -83,8 +83,9 @@ class RunEngine:
     def finalize(self, message: FinalizeMessage) -> bool:
         return self.lifecycle.finalize(message)
 
-    def flush(self, context_id: str) -> bool:
-        return self.lifecycle.flush(context_id)
+    def flush(self, context_ids: str | list[str]) -> int:
+        """The write-behind of one context or of several (in one L3 transaction): rows written."""
+        return self.lifecycle.flush([context_ids] if isinstance(context_ids, str) else context_ids)
 
     # ---- operations ---------------------------------------------------------------------------
 

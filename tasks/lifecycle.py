@@ -238,20 +238,25 @@ class RunLifecycle:
 
     # ---- write-behind ---------------------------------------------------------------------------
 
-    def flush(self, context_id_: str) -> bool:
-        """Write a context's newest L2 version to L3; a context L3 refuses for good fails its run."""
-        run_id = run_of_context(context_id_)
+    def flush(self, context_ids: list[str]) -> int:
+        """Write contexts' newest L2 versions to L3 in one transaction; returns how many rows changed.
+        A context L3 refuses for good fails its run (the others of the batch are written on their own)."""
         try:
-            written = self.store.flush(context_id_)
-        except RoutineError as exc:  # L3 refuses this context for good: stop trying, fail its run
+            written = self.store.write_behind.flush(context_ids)
+        except RoutineError as exc:  # L3 refuses one of them for good
+            if len(context_ids) > 1:
+                return sum(self.flush([one]) for one in context_ids)
+            context_id_ = context_ids[0]
+            run_id = run_of_context(context_id_)
             log_error(log, exc, f"run {run_id}: write-behind of {context_id_}")
             self.store.give_up_flush(context_id_)
             run = self.store.ledger.get_run(run_id)
             if run is not None and run.routine_version is not None:
                 self.fail(run_id, run.routine_name, run.routine_version, {}, f"write-behind: {exc}")
-            return False
-        if written:
-            self.store.ledger.count_l3_write(run_id)
+            return 0
+        if written:  # one L3 transaction, counted once for each run it wrote to
+            for run_id in dict.fromkeys(run_of_context(context_id_) for context_id_ in context_ids):
+                self.store.ledger.count_l3_write(run_id)
         return written
 
 

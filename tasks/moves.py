@@ -117,7 +117,22 @@ class PlanMoves:
     # ---- fan-outs -------------------------------------------------------------------------------
 
     def start_fan_out(self, node: Node, parent: RunContext, items: tuple[int, ...]) -> int:
+        """Count the items and create every item's context at once (one L3 statement, one pipeline
+        to L2): an item that starts later only reads its own."""
         listed = self._items_list(node, parent)
+        assert node.fan_out is not None and node.items_context is not None
+        alias, level = node.fan_out.as_, parent.sensitivity_of(node.fan_out.for_each)
+        contexts = []
+        for index, value in enumerate(listed):
+            path = concrete(node.items_context, (*items, index))
+            item = parent.create_child(parent.routine_id, inherit=node.inherit, context_id=context_id(self.run_id, path))
+            item.set_variable(alias, value, sensitivity=level)
+            item.inherited[alias] = item.variables[alias]  # the item itself is not a change to merge back
+            item.epoch = parent.epoch
+            contexts.append(item)
+        if contexts:
+            self.store.create_contexts(contexts)
+            self.store.ledger.count_l3_write(self.run_id)
         self.store.ledger.start_fan_out(self.run_id, fan_out_key(concrete(node.step_id, items), self.epoch), len(listed))
         return len(listed)
 
@@ -136,18 +151,10 @@ class PlanMoves:
         return listed
 
     def start_item(self, node: Node, index: int, items: tuple[int, ...]) -> RunContext:
-        """Item ``index``'s context: a child of the fan-out's context holding the item as ``as``
-        (as sensitive as the list), and the variables the fan-out inherits."""
-        assert node.fan_out is not None and node.items_context is not None
-        parent_path = concrete(node.context, items)
-        parent = self.store.read_for_step(context_id(self.run_id, parent_path), epoch=self.epoch, at_least=1)
+        """Item ``index``'s context (created with the fan-out's: see `start_fan_out`)."""
+        assert node.items_context is not None
         path = concrete(node.items_context, (*items, index))
-        listed = self._items_list(node, parent)
-        item = parent.create_child(parent.routine_id, inherit=node.inherit, context_id=context_id(self.run_id, path))
-        alias = node.fan_out.as_
-        item.set_variable(alias, listed[index], sensitivity=parent.sensitivity_of(node.fan_out.for_each))
-        item.inherited[alias] = item.variables[alias]  # the item itself is not a change to merge back
-        return self._create(item, parent)
+        return self.store.read_for_step(context_id(self.run_id, path), epoch=self.epoch, at_least=1)
 
     def end_item(self, node: Node, item: RunContext, items: tuple[int, ...]) -> ItemEnd:
         assert node.fan_out is not None and node.items_context is not None

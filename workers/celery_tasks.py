@@ -103,9 +103,9 @@ def _write_behind_name(task: Any, args: tuple, kwargs: dict, options: dict) -> s
 
 @shared_task(name=WRITE_BEHIND_TASK, shadow_name=_write_behind_name, bind=True, max_retries=20, **RETRY_OPTIONS)
 def write_behind(self: Any, context_id: str, *more: str) -> str:
-    """Write each context's newest L2 version to L3, each in one transaction (idempotent: only a
-    newer version is written); a retry writes again only what is still newer."""
-    written = sum(_engine(self).flush(one) for one in (context_id, *more))
+    """Write the contexts' newest L2 versions to L3 in one transaction (idempotent: only a newer
+    version is written); a retry writes again only what is still newer."""
+    written = _engine(self).flush([context_id, *more])
     if not more:
         return "written" if written else "unchanged"
     return f"{written} of {1 + len(more)} written"

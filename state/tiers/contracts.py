@@ -84,6 +84,9 @@ class L2Contexts(Protocol):
     def carries_outbox(self) -> bool:
         """Whether a step's commit can push an `Outbox` message in the same atomic step."""
 
+    def fill_contexts(self, contexts: list[RunContext], *, live: bool = False) -> int:
+        """`fill_context` for each (pipelined where the server allows); how many were written."""
+
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
         """Store ``ctx`` at its epoch and version: a reader's copy from L3 (with the context TTL), or
         (``live``) the start of a lineage, without TTL. Never replaces a newer epoch, or the same
@@ -195,6 +198,12 @@ class L3Contexts(Protocol):
 
     def write_context(self, ctx: RunContext) -> bool:
         """The write-behind: store ``ctx`` only if it is newer than what L3 holds; whether it did."""
+
+    def create_contexts(self, contexts: list[RunContext]) -> int:
+        """Insert new contexts in one transaction, leaving those that exist; how many were new."""
+
+    def write_contexts(self, contexts: list[RunContext]) -> int:
+        """`write_context` for each, in one transaction; how many were written."""
 
     def run_contexts(self, run_id: str) -> list[RunContext]:
         """Every stored context of a run (with the steps each holds)."""

@@ -410,3 +410,33 @@ def test_a_plain_sql_session_cannot_pass_its_edit_for_runctx_own(store: TieredSt
         listener.stop()
         _plain_sql(database_url, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(operator)).as_string(None))
         _plain_sql(database_url, sql.SQL("DROP ROLE {}").format(sql.Identifier(operator)).as_string(None))
+
+
+def test_a_write_behind_of_many_contexts_writes_each_newer_one_in_one_l3_transaction(store: TieredStore) -> None:
+    contexts = [new_context(store, run_id=f"run-{n}") for n in range(3)]
+    for ctx in contexts[:2]:
+        with store.edit(ctx.context_id) as working:
+            working.set_variable("n", 7)
+    writes_before = l3_writes()
+    assert store.write_behind.flush([ctx.context_id for ctx in contexts]) == 2  # the third is unchanged
+    assert [store.l3.context_version(ctx.context_id) for ctx in contexts] == [2, 2, 1]
+    assert store.l3.get_context(contexts[0].context_id).get("n") == 7
+    assert l3_writes() == writes_before + 2 and store.l2.pending_flushes() == 0
+    assert store.write_behind.flush([ctx.context_id for ctx in contexts]) == 0  # nothing newer: nothing written
+
+
+def test_many_contexts_are_created_at_once_and_a_second_creation_changes_nothing(store: TieredStore) -> None:
+    root = new_context(store, run_id="fan")
+    items = [root.create_child("routine-a", context_id=f"fan/each[{n}]") for n in range(3)]
+    for n, item in enumerate(items):
+        item.set_variable("item", n)
+    assert store.create_contexts(items) == 3
+    for n in range(3):
+        stored = store.l2.get_context(f"fan/each[{n}]")
+        assert stored is not None and stored.live and stored.version == 1 and stored.context.get("item") == n
+        assert store.l3.get_context(f"fan/each[{n}]").get("item") == n
+    with store.edit("fan/each[1]") as working:  # an item goes on ...
+        working.set_variable("item", 99)
+    again = [root.create_child("routine-a", context_id=f"fan/each[{n}]") for n in range(3)]
+    assert store.create_contexts(again) == 0  # ... and creating the items again leaves every one as it is
+    assert store.l2.get_context("fan/each[1]").context.get("item") == 99

@@ -750,7 +750,7 @@ def test_a_flush_in_the_middle_of_a_run_writes_l2_to_l3_and_is_counted(h: LocalE
     for _ in range(2):
         h.dispatcher.deliver(h.engine, h.dispatcher.queue.popleft())
     assert h.store.l3.get_context(run_id).version == 1  # nothing written behind yet
-    assert h.engine.flush(run_id) is True
+    assert h.engine.flush(run_id) == 1
     assert h.store.l3.get_context(run_id).version == 3 and h.store.l2.pending_flushes() == 0
     row = h.settle(run_id)
 

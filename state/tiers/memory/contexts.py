@@ -115,6 +115,9 @@ class MemoryContexts(MemoryState):
             raise ContextCorruption(key, "checksum does not match payload")
         return self.codec.load_state(payload, applied, key=key)
 
+    def fill_contexts(self, contexts: list[RunContext], *, live: bool = False) -> int:
+        return sum(self.fill_context(ctx, live=live) for ctx in contexts)
+
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
         payload = self.codec.dump_state(ctx)
         with self._lock:

@@ -112,11 +112,24 @@ class MemoryL3:
             self._create(ctx)
             self.writes += 1
 
+    def create_contexts(self, contexts: list[RunContext]) -> int:
+        with self._lock:
+            new = [ctx for ctx in contexts if ctx.context_id not in self._snapshots]
+            for ctx in new:
+                self._create(ctx)
+            self.writes += 1
+            return len(new)
+
     def write_context(self, ctx: RunContext) -> bool:
         with self._lock:
             written = self._write_if_newer(ctx)
             self.writes += 1
             return written
+
+    def write_contexts(self, contexts: list[RunContext]) -> int:
+        with self._lock:
+            self.writes += 1
+            return sum(self._write_if_newer(ctx) for ctx in contexts)
 
     # ---- the run ledger ------------------------------------------------------------------------
 

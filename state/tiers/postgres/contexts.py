@@ -42,8 +42,28 @@ class PostgresContexts(PostgresDatabase):
     def create_context(self, ctx: RunContext) -> None:
         self.run(f"create context {ctx.context_id}", lambda conn: self._save_context(conn, ctx, create=True))
 
+    def create_contexts(self, contexts: list[RunContext]) -> int:
+        """Insert new contexts in one statement, leaving those that exist already; how many were new."""
+        rows = [
+            {
+                "context_id": ctx.context_id, "run_id": ctx.run_id, "parent_id": ctx.parent_id, "version": ctx.version,
+                "epoch": ctx.epoch, "document": self.codec.to_document(ctx),
+            }
+            for ctx in contexts
+        ]
+        table = context_snapshots
+        statement = insert(table).values(rows).on_conflict_do_nothing().returning(table.c.context_id)
+        return self.run(f"create {len(rows)} contexts", lambda conn: len(conn.execute(statement).all()))
+
     def write_context(self, ctx: RunContext) -> bool:
         return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))
+
+    def write_contexts(self, contexts: list[RunContext]) -> int:
+        if len(contexts) == 1:
+            return int(self.write_context(contexts[0]))
+        return self.run(
+            f"flush {len(contexts)} contexts", lambda conn: sum(self._save_context(conn, ctx) for ctx in contexts)
+        )
 
     def _save_context(self, conn: Connection, ctx: RunContext, *, create: bool = False) -> bool:
         """Write a snapshot inside the caller's transaction.

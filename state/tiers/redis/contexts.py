@@ -41,6 +41,9 @@ _STATUSES = {
 }
 
 
+FILL_BATCH = 500  # fills sent in one pipeline (a fan-out creates its items' contexts at once)
+
+
 class RedisContexts(RedisConnection):
     """L2's contexts and write-behind schedule (`L2Contexts`). Promises: a commit is a
     compare-and-set (a stale writer is told so, never a lost update); an entry that fails its
@@ -143,16 +146,26 @@ class RedisContexts(RedisConnection):
         return self.codec.load_state(payload, applied, key=key)
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
+        return bool(self._script("fill", *self._fill_arguments(ctx, live)))
+
+    def fill_contexts(self, contexts: list[RunContext], *, live: bool = False) -> int:
+        if self.cluster:  # a script's keys are in one slot: one by one
+            return sum(self.fill_context(ctx, live=live) for ctx in contexts)
+        script = self._scripts["fill"]
+        filled = 0
+        for start in range(0, len(contexts), FILL_BATCH):
+            with self.client.pipeline(transaction=False) as pipe:
+                for ctx in contexts[start : start + FILL_BATCH]:
+                    keys, args = self._fill_arguments(ctx, live)
+                    script(keys=keys, args=args, client=pipe)
+                filled += sum(bool(reply) for reply in self._call(pipe.execute))
+        return filled
+
+    def _fill_arguments(self, ctx: RunContext, live: bool) -> tuple[list[str], list[Any]]:
         payload = self.codec.dump_state(ctx)
         ttl = 0 if live else self.config.l2_context_ttl_s
         key, applied_key = self._context_keys(ctx.context_id)[:2]
-        return bool(
-            self._script(
-                "fill",
-                [key, applied_key],
-                [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps],
-            )
-        )
+        return [key, applied_key], [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps]
 
     def mark_flushed(self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True) -> bool:
         ttl = self.config.l2_context_ttl_s if expire else 0

@@ -3,6 +3,7 @@ rule: a writer from before a rewind never replaces the new lineage)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, select, text, tuple_
@@ -12,6 +13,13 @@ from state.errors import VersionConflict
 from state.models import RunContext
 from state.schema import context_snapshots
 from state.tiers.postgres.database import PostgresDatabase
+
+_CREATE_MANY = text(
+    f"INSERT INTO {context_snapshots.name} (context_id, run_id, parent_id, version, epoch, document) "
+    "SELECT c, r, p, v, e, d::jsonb FROM unnest(CAST(:ids AS text[]), CAST(:runs AS text[]), CAST(:parents AS text[]), "
+    "CAST(:versions AS bigint[]), CAST(:epochs AS bigint[]), CAST(:documents AS text[])) AS t(c, r, p, v, e, d) "
+    "ON CONFLICT (context_id) DO NOTHING RETURNING context_id"
+)
 
 
 class PostgresContexts(PostgresDatabase):
@@ -43,17 +51,17 @@ class PostgresContexts(PostgresDatabase):
         self.run(f"create context {ctx.context_id}", lambda conn: self._save_context(conn, ctx, create=True))
 
     def create_contexts(self, contexts: list[RunContext]) -> int:
-        """Insert new contexts in one statement, leaving those that exist already; how many were new."""
-        rows = [
-            {
-                "context_id": ctx.context_id, "run_id": ctx.run_id, "parent_id": ctx.parent_id, "version": ctx.version,
-                "epoch": ctx.epoch, "document": self.codec.to_document(ctx),
-            }
-            for ctx in contexts
-        ]
-        table = context_snapshots
-        statement = insert(table).values(rows).on_conflict_do_nothing().returning(table.c.context_id)
-        return self.run(f"create {len(rows)} contexts", lambda conn: len(conn.execute(statement).all()))
+        """Insert new contexts in one statement (columns as arrays, unnested by the server: one
+        round trip, whatever the count), leaving those that exist already; how many were new."""
+        columns = {
+            "ids": [ctx.context_id for ctx in contexts],
+            "runs": [ctx.run_id for ctx in contexts],
+            "parents": [ctx.parent_id for ctx in contexts],
+            "versions": [ctx.version for ctx in contexts],
+            "epochs": [ctx.epoch for ctx in contexts],
+            "documents": [json.dumps(self.codec.to_document(ctx)) for ctx in contexts],
+        }
+        return self.run(f"create {len(contexts)} contexts", lambda conn: len(conn.execute(_CREATE_MANY, columns).all()))
 
     def write_context(self, ctx: RunContext) -> bool:
         return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))

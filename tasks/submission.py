@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cachetools import LRUCache
@@ -20,7 +20,7 @@ from state.tiers.data import ConfigEntry, RunRow
 from tasks.lifecycle import RunLifecycle
 from tasks.plan import compile_plan
 from tasks.plans import PlanCache
-from tasks.routine import Routine, check_definition
+from tasks.routine import ForEachStep, ParallelStep, Routine, check_definition
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class RunSubmitter:
         """
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         root = self._root_context(routine, run_id, variables, source)
+        self._check_items(routine, root, source)
         known = self._definition(routine)
         version = self._registered.get((routine.name, known[1]))
         plan = (self.plans.compiled(routine.name, version) if version is not None else None) or compile_plan(routine)
@@ -111,6 +112,19 @@ class RunSubmitter:
             log_error(log, exc, f"run {run_id} failed before its first step")
             self.lifecycle.fail(run_id, routine.name, version, {"": root.version}, str(exc))
         return run_id
+
+    def _check_items(self, routine: Routine, root: RunContext, source: str | None) -> None:
+        """A fan-out of the run's first context over a list given at submit: at most
+        ``max_items`` items, refused here rather than when the run gets there."""
+        max_items = self.lifecycle.max_items
+        for step in _in_root_context(routine.steps):
+            listed = root.variables.get(step.for_each)
+            if isinstance(listed, list) and len(listed) > max_items:
+                where = f"{source} (routine {routine.name!r})" if source else f"routine {routine.name!r}"
+                raise InvalidValue(
+                    f"{where}: variables.{step.for_each}: {len(listed)} items for fan-out {step.id!r}, more than "
+                    f"the {max_items} allowed (RUNCTX_MAX_ITEMS)"
+                )
 
     def _root_context(self, routine: Routine, run_id: str, variables: Any, source: str | None) -> RunContext:
         """The run's root context, every value checked against the limits (nothing is stored yet)."""
@@ -141,3 +155,13 @@ class RunSubmitter:
                 limits=self.limits,
             )
         )
+
+
+def _in_root_context(steps: list[Any]) -> Iterator[ForEachStep]:
+    """The fan-outs whose list is in the run's first context (not in a sub-routine's or an item's)."""
+    for step in steps:
+        if isinstance(step, ForEachStep):
+            yield step
+        elif isinstance(step, ParallelStep):
+            for branch in step.parallel:
+                yield from _in_root_context(branch)

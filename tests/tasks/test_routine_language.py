@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from runctx.testing import LocalEnvironment
+from state.errors import InvalidValue
 from state.sensitivity import DataSensitivity
 
 FLAKY = "tests.support.language_actions:flaky"
@@ -134,3 +135,15 @@ def test_a_for_each_over_a_value_that_is_not_a_list_fails_the_run_saying_so(env:
                "steps": [{"id": "each", "for_each": "xs", "steps": [{"id": "w", "action": "set", "args": {"name": "w", "value": 1}}]}]}
     _, row = env.run(routine)
     assert row.status == "failed" and "'xs' holds a str, not a list" in (row.error or ""), row.error
+
+
+def test_a_list_given_at_submit_with_too_many_items_is_refused_at_the_door_and_nothing_is_stored(env: LocalEnvironment) -> None:
+    env.engine.lifecycle.max_items = 5
+    routine = {"name": "door", "variables": {"xs": []},
+               "steps": [{"id": "each", "for_each": "xs", "steps": [{"id": "w", "action": "set", "args": {"name": "w", "value": 1}}]}]}
+    with pytest.raises(InvalidValue) as refused:
+        env.submit(routine, {"xs": list(range(6))})
+    assert str(refused.value) == (
+        "routine 'door': variables.xs: 6 items for fan-out 'each', more than the 5 allowed (RUNCTX_MAX_ITEMS)"
+    )
+    assert env.store.ledger.list_runs() == []

@@ -124,8 +124,9 @@ def test_a_when_on_a_group_a_sub_routine_and_a_fan_out_skips_each_whole(env: Loc
 
 def test_too_many_items_fail_the_run_with_one_line(env: LocalEnvironment) -> None:
     env.engine.lifecycle.max_items = 5
-    routine = {"name": "many", "variables": {"xs": list(range(6))},
-               "steps": [{"id": "each", "for_each": "xs", "steps": [{"id": "w", "action": "set", "args": {"name": "w", "value": 1}}]}]}
+    routine = {"name": "many",  # the list is made by a step: the run finds it too long when it gets there
+               "steps": [{"id": "make", "action": "set", "args": {"name": "xs", "value": list(range(6))}},
+                         {"id": "each", "for_each": "xs", "steps": [{"id": "w", "action": "set", "args": {"name": "w", "value": 1}}]}]}
     _, row = env.run(routine)
     assert row.status == "failed" and "max_items" in (row.error or "") and "6" in row.error and "\n" not in row.error
 

@@ -67,7 +67,7 @@ def _step_state(
 ) -> dict[str, Any]:
     if record is not None:
         status = record.get("status")
-        state = "failed" if status in ("failed", "timed_out") else "skipped" if status == "skipped" else "done"
+        state = {"failed": "failed", "timed_out": "failed", "skipped": "skipped", "waiting": "running"}.get(status, "done")
     elif final:
         # A run that succeeded passed it by (inside a group its `when` skipped); one that failed or
         # was cancelled ended before it finished: it never will.

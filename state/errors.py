@@ -82,6 +82,14 @@ class InfrastructureError(RunctxError):
     code = "INFRASTRUCTURE"
 
 
+class HandedBack(InfrastructureError):
+    """This process cannot run a step that another may (it lacks a key the step's state was sealed
+    under: it started before a key rotation): the step's task is tried again, by whichever node
+    takes it, instead of failing the run."""
+
+    code = "HANDED_BACK"
+
+
 class CommunicationFailure(InfrastructureError):
     """A tier (Redis or PostgreSQL) could not be reached."""
 

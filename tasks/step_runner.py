@@ -11,6 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from state.errors import (
+    HandedBack,
+    KeyNotHeld,
     LineageLost,
     NodeMisconfigured,
     RoutineError,
@@ -157,6 +159,16 @@ class StepRunner:
             log_error(log, exc, f"run {message.run_id}: step {step_id!r} cannot find its state")
             self.lifecycle.rewind(message.run_id, message.epoch)
             return None
+        except KeyNotHeld as exc:
+            # Met during a rolling restart with a new key: the processes restarted with it can run
+            # the step; this one hands its message back (a retry any node may take).
+            log.warning("run %s: %s handed back by %s: %s", message.run_id, step_id, worker, exc)
+            self.store.ledger.record_step(
+                message.run_id, step_id,
+                {"status": "waiting", "worker": worker, "duration_s": 0.0, "finished_at": time.time(),
+                 "reason": f"{worker} lacks a key: {exc}"},
+            )
+            raise HandedBack(str(exc)) from None
         except RoutineError as exc:
             if isinstance(exc, StepFailed) and node.kind == "action":
                 return self.failures.after(plan, node, message, exc, worker=worker, started=started)

@@ -148,3 +148,4 @@ def test_a_list_given_at_submit_with_too_many_items_is_refused_at_the_door_and_n
         "routine 'door': variables.xs: 6 items for fan-out 'each', more than the 5 allowed (RUNCTX_MAX_ITEMS)"
     )
     assert env.store.ledger.list_runs() == []
+

@@ -160,13 +160,13 @@ def main() -> None:
             noop, sequence, l3_writes, inline, fanout = (statistics.median(column) for column in zip(*rounds))
             noop_ratios = [round_[1] / round_[0] for round_ in rounds]
             costs = step_costs(paths["long"], args.long, (10, args.long))
+            latencies = [latency * 1000 for latency in bench_invalidation(args.invalidations)]
             # Last: a large fan-out's write-behind goes on after it ends, and would slow what follows.
             items_s = bench_fan_out(fan_out_file(Path(tmp), args.items, args.item_concurrency), args.items)
             per_item = {
                 size: bench_fan_out(fan_out_file(Path(tmp), size, args.item_concurrency), size) / size
                 for size in (args.small, args.large) if size
             }
-            latencies = [latency * 1000 for latency in bench_invalidation(args.invalidations)]
         cold = None
         if args.hot_study:  # the same workers' setup, but no message (or broadcast) carries the committed state
             os.environ["RUNCTX_L1_UPDATE_MAX_BYTES"] = "0"

@@ -149,3 +149,28 @@ def test_a_list_given_at_submit_with_too_many_items_is_refused_at_the_door_and_n
     )
     assert env.store.ledger.list_runs() == []
 
+
+
+def test_skipped_retried_and_timed_out_steps_are_counted_by_their_status(env: LocalEnvironment, tmp_path) -> None:
+    from state.metrics import metrics
+
+    def counted(status: str) -> float:
+        return sum(
+            sample.value for family in metrics().steps.collect() for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels == {"routine": "counted", "status": status}
+        )
+
+    before = {status: counted(status) for status in ("skipped", "retried", "succeeded")}
+    counter = tmp_path / "calls"
+    routine = {
+        "name": "counted", "variables": {"go": False},
+        "steps": [
+            {"id": "maybe", "when": "go", "action": "set", "args": {"name": "x", "value": 1}},
+            {"id": "call", "action": FLAKY, "args": {"counter": str(counter), "succeed_on": 3}, "retry": {"max_attempts": 3, "backoff_s": 0}},
+        ],
+    }
+    _, row = env.run(routine)
+    assert row.status == "succeeded", row.error
+    assert counted("skipped") - before["skipped"] == 1
+    assert counted("retried") - before["retried"] == 2
+    assert counted("succeeded") - before["succeeded"] == 1

@@ -26,6 +26,7 @@ from state.store import TieredStore
 from state.tiers.data import CANCELLED, FINAL_STATUSES, ExportRecord
 from tasks.advance import Next, next_work, resume_points, start_item
 from tasks.moves import PlanMoves, fan_out_key
+from tasks.steps import StepExecutor
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plan import Plan, concrete
 from tasks.plans import PlanCache
@@ -47,6 +48,7 @@ class RunLifecycle:
         self.plans = plans
         self.dispatcher = dispatcher
         self.max_items = max_items
+        self.marks = StepExecutor(store)  # commits a gate's skip as a step's commit is made
         self.rewinds = 0
 
     # ---- what comes next ----------------------------------------------------------------------
@@ -59,7 +61,7 @@ class RunLifecycle:
         self.send(plan, run_id, routine, routine_version, next_work(plan, index, versions, contexts, self.moves(plan, run_id, epoch), items), epoch)
 
     def moves(self, plan: Plan, run_id: str, epoch: int) -> PlanMoves:
-        return PlanMoves(self.store, plan, run_id, epoch, max_items=self.max_items)
+        return PlanMoves(self.store, self.marks, plan, run_id, epoch, max_items=self.max_items)
 
     def send(self, plan: Plan, run_id: str, routine: str, routine_version: int, work: list[Next], epoch: int) -> None:
         for piece in work:

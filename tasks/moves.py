@@ -12,12 +12,12 @@ from state.errors import InvalidValue, LimitExceeded, LineageLost, StepFailed, V
 from state.keys import context_id
 from state.metrics import metrics
 from state.models import ExportDeclaration, RunContext
-from state.store import AlreadyApplied, Committed, TieredStore
-from state.tiers.data import CommitRequest
+from state.store import TieredStore
 from tasks.advance import ItemEnd
 from tasks.changes import ContextView
 from tasks.expressions import ExpressionFailed
 from tasks.plan import Node, Plan, concrete
+from tasks.steps import StepExecutor
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,11 @@ class PlanMoves:
     context is created once, a skip commits once, an item's end is counted once.
     """
 
-    def __init__(self, store: TieredStore, plan: Plan, run_id: str, epoch: int, *, max_items: int) -> None:
+    def __init__(
+        self, store: TieredStore, executor: StepExecutor, plan: Plan, run_id: str, epoch: int, *, max_items: int
+    ) -> None:
         self.store = store
+        self.executor = executor  # commits a gate's skip like a step
         self.plan = plan
         self.run_id = run_id
         self.epoch = epoch
@@ -87,25 +90,10 @@ class PlanMoves:
                 return None
         except ExpressionFailed as exc:
             raise ExpressionFailed(f"step {concrete(node.step_id.removesuffix('?'), items)!r}: {exc}") from None
-        skip_id = concrete(node.step_id, items)
-        latest = ctx
-        for _ in range(50):
-            working = latest.working_copy()
-            working.mark_applied(skip_id)
-            working.version = latest.version + 1
-            working.note_step_commit(skip_id)
-            outcome = self.store.try_commit(_step_commit(working, latest, skip_id), base=latest)
-            if isinstance(outcome, Committed):
-                self._record_skips(node, items, f"when {node.condition.source!r} was false")
-                return outcome.context
-            if isinstance(outcome, AlreadyApplied):
-                return self.store.read_for_step(ctx.context_id, epoch=ctx.epoch, at_least=latest.version)
-            latest = outcome.newer or self.store.read_for_step(
-                ctx.context_id, epoch=ctx.epoch, at_least=max(outcome.actual_version or 0, latest.version + 1)
-            )
-            if latest.has_applied(skip_id):
-                return latest
-        raise LineageLost(self.run_id, f"the skip of {skip_id} lost to writers 50 times")
+        commit = self.executor.commit_mark(ctx, concrete(node.step_id, items))
+        if commit.applied:
+            self._record_skips(node, items, f"when {node.condition.source!r} was false")
+        return commit.context
 
     def _record_skips(self, node: Node, items: tuple[int, ...], reason: str) -> None:
         now = time.time()
@@ -169,6 +157,3 @@ class PlanMoves:
             raise FanOutFailed(f"fan-out {fan_out!r}: {failures} of {total} items failed, more than the {tolerated} tolerated")
         return ItemEnd(rank, total)
 
-
-def _step_commit(working: RunContext, latest: RunContext, step_id: str) -> CommitRequest:
-    return CommitRequest(working, latest.version, expected_epoch=working.epoch, require_live=True, step_id=step_id)

@@ -173,6 +173,10 @@ class StepExecutor:
 
         return self._commit(ctx_id, base, mark, mutate, attempt, None)
 
+    def commit_mark(self, ctx: RunContext, step_id: str) -> StepCommit:
+        """Commit ``step_id`` into ``ctx``'s applied steps with no change (a gate's skip), once."""
+        return self._commit(ctx.context_id, ctx, step_id, lambda working: None, None, None)
+
     def _collect(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
         """A fan-out's end: its items brought back into its context (`tasks.collect`)."""
         ctx_id, parent = self._read(message, concrete(node.context, message.items))

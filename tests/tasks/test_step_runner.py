@@ -19,6 +19,8 @@ def test_a_process_that_lacks_a_key_hands_the_step_back_instead_of_failing_the_r
     real_run, calls = StepExecutor.run, []
 
     def lacking_once(self, message, node, *args, **kwargs):  # the first process to take b started before a rotation
+        if message.routine != "rotating":  # another test's engine, still running in this process
+            return real_run(self, message, node, *args, **kwargs)
         calls.append(message.step_id)
         if message.step_id == "b" and calls.count("b") == 1:
             raise KeyNotHeld("context x", "k2")

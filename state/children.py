@@ -96,7 +96,7 @@ class ChildContexts:
             self.set_variable(name, value, sensitivity=levels[name], written_at=winner_time)
         for name in child.variables.keys() & self.sensitivity_map.keys():
             # A child may have raised a variable's sensitivity without changing its value.
-            self.sensitivity_map[name] = DataSensitivity.highest(self.sensitivity_of(name), child.sensitivity_of(name))
+            self.raise_sensitivity(name, DataSensitivity(child.sensitivity_of(name)))
         for declaration in child.exports:
             if declaration not in self.exports:
                 self.exports.append(declaration)

@@ -114,6 +114,7 @@ class RedisKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.control_channel = f"{prefix}:control"
+        self.watch_channel = f"{prefix}:watch"  # what run changed: for whoever watches runs live
 
     def _shard(self, context_id: str) -> str:
         return f"{self.prefix}:{{c{context_shard(context_id)}}}"
@@ -123,6 +124,10 @@ class RedisKeys:
 
     def applied(self, context_id: str) -> str:
         return f"{self._shard(context_id)}:applied:{context_id}"
+
+    def history(self, context_id: str) -> str:
+        """The context's history entries not yet moved to L3 (a list, oldest first)."""
+        return f"{self._shard(context_id)}:hist:{context_id}"
 
     def write_behind_due(self, context_id: str) -> str:
         """The due set of the context's shard."""

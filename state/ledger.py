@@ -9,7 +9,9 @@ from typing import Any
 
 from state.codec import Codec
 from state.metrics import count_l3_write
+from state.history import event_entry
 from state.models import RunContext
+from state.run_history import RunHistory
 from state.sealing import binding
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
 from state.tiers.data import ExportRecord, RunRow, StepReport, StepStart
@@ -19,10 +21,13 @@ class RunLedger:
     """Runs and their records (`L3Ledger`, `L2RunRecords`). Owns nothing but its tiers; promises a
     run's final contexts, exports and status in one L3 transaction, and a failure flagged once."""
 
-    def __init__(self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, codec: Codec, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, codec: Codec, clock: Callable[[], float], history: RunHistory
+    ) -> None:
         self.l1, self.l2, self.l3 = l1, l2, l3
         self.codec = codec
         self.clock = clock
+        self.history = history
 
     # ---- rows (L3) -------------------------------------------------------------------------------
 
@@ -46,15 +51,24 @@ class RunLedger:
         exports: list[ExportRecord],
         epoch: int | None = None,
     ) -> bool:
-        """Final contexts, exports and status in one L3 transaction; False if the run was final already
-        (or, with ``epoch``, rewound past it). Its contexts then get the context TTL in L2."""
+        """Final contexts, exports, status and the history entries still in L2 (with the run's end) in
+        one L3 transaction; False if the run was final already (or, with ``epoch``, rewound past it).
+        Its contexts then get the context TTL in L2."""
+        entries, taken = self.history.waiting([ctx.context_id for ctx in contexts])
+        root = contexts[0] if contexts else None
+        if root is not None:
+            note = "" if error is None or status == "cancelled" else error
+            entries.append(event_entry(run_id, root.context_id, status, now=self.clock(), note=note, epoch=root.epoch, version=root.version))
         finished = self.l3.finish_run(
-            run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch
+            run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch, history=entries
         )
         if finished:
             count_l3_write("run")
             for ctx in contexts:
-                self.l2.mark_flushed(ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=True)
+                self.l2.mark_flushed(
+                    ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=True,
+                    history_taken=taken.get(ctx.context_id, 0),
+                )
         return finished
 
     # ---- records (L2) ----------------------------------------------------------------------------
@@ -68,10 +82,17 @@ class RunLedger:
         traceback: str | None = None,
     ) -> None:
         self.l2.finish_step(run_id, step_id, status=status, worker=worker, duration_s=duration_s, traceback=traceback)
+        self.history.event(run_id, run_id, status, step_id=step_id, worker=worker, duration_s=duration_s)
 
     def record_step(self, run_id: str, step_id: str, record: dict[str, Any]) -> None:
-        """Write a step's record as given (``status``, ``finished_at`` and what else it says)."""
+        """Write a step's record as given (``status``, ``finished_at`` and what else it says), and
+        the event in the run's history (a step's end that made no version: skipped, retried, failed)."""
         self.l2.finish_step(run_id, step_id, record=record)
+        self.history.event(
+            run_id, run_id, str(record.get("status", "?")), step_id=step_id.split("#", 1)[0],
+            note=str(record.get("reason", "")), worker=str(record.get("worker", "-")),
+            attempt=int(record.get("attempts", 1) or 1), duration_s=float(record.get("duration_s") or 0.0) or None,
+        )
 
     def report(self, report: StepReport, *, now: float) -> None:
         """Write the record a step's commit would have written (where the commit did not carry it)."""

@@ -85,7 +85,8 @@ class RunContext(ChildContexts, BaseModel):
     # whose commits made the versions up to it, oldest first): what lets a process holding one of
     # the versions before follow to this one from its payload alone (`RunContext.continues`).
     # Unset means not computed yet.
-    __slots__ = ("_sizes", "_last_steps")
+    # ``_touched``: the names a working copy was told to change (its commit's history entry).
+    __slots__ = ("_sizes", "_last_steps", "_touched")
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -150,7 +151,18 @@ class RunContext(ChildContexts, BaseModel):
         sizes = getattr(self, "_sizes", None)
         copy_._sizes = None if sizes is None else dict(sizes)
         copy_._last_steps = getattr(self, "_last_steps", None)
+        copy_._touched = {}
         return copy_
+
+    def touched(self) -> list[str]:
+        """The names changed (set, deleted or made more sensitive) since this copy was made."""
+        return list(getattr(self, "_touched", None) or ())
+
+    def _touch(self, name: str) -> None:
+        touched = getattr(self, "_touched", None)
+        if touched is None:
+            touched = self._touched = {}
+        touched[name] = None
 
     # ---- applied steps --------------------------------------------------------------------
 
@@ -226,12 +238,14 @@ class RunContext(ChildContexts, BaseModel):
         self._ensure_sizes()[(scope, name)] = size
         self.sensitivity_map[name] = level
         self.written_at[name] = time.time() if written_at is None else written_at
+        self._touch(name)
 
     def raise_sensitivity(self, name: str, level: DataSensitivity) -> None:
         """Make a variable at least as sensitive as ``level`` (sensitivity only rises)."""
         if name in self.variables or name in self.intermediate:
             if self.sensitivity_of(name).rank < level.rank:
                 self.sensitivity_map[name] = level
+                self._touch(name)
 
     def set_many(self, values: Mapping[str, Any], *, written_at: Mapping[str, float] | None = None) -> None:
         """Set several variables as one change: all limits are checked before any is applied."""
@@ -245,6 +259,7 @@ class RunContext(ChildContexts, BaseModel):
             self._store(scope).pop(name, None)  # type: ignore[arg-type]
             self._ensure_sizes().pop((scope, name), None)
         self.written_at.pop(name, None)
+        self._touch(name)
 
     def mark_for_export(
         self,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from state.errors import ContextCorruption, LineageLost, TransactionFailed
 from state.metrics import count_l3_write
+from state.history import event_entry
 from state.models import RunContext
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
 from state.tiers.data import CommitRequest
@@ -34,6 +35,8 @@ class Rewinds:
         if new_epoch is None:
             return None
         count_l3_write("rewind")
+        note = f"epoch {from_epoch} -> {new_epoch}: its steps since the last L3 write run again"
+        self.l3.add_history([event_entry(run_id, run_id, "rewound", now=self.clock(), note=note, epoch=new_epoch)])
         return [self._move_to_epoch(snapshot, from_epoch, new_epoch) for snapshot in self.l3.run_contexts(run_id)]
 
     def _move_to_epoch(self, snapshot: RunContext, from_epoch: int, new_epoch: int) -> RunContext:

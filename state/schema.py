@@ -5,6 +5,8 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Float,
+    Index,
     DateTime,
     Integer,
     MetaData,
@@ -102,4 +104,21 @@ exports = Table(
     Column("sensitivity", String(20), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("run_id", "key", "scope", name="uq_exports_run_key_scope"),
+)
+
+# A run's history (`state.history`): one row per version of each context and per event, written
+# with the snapshots (migration 0008). ``entry`` holds the whole entry, sensitive values sealed.
+step_history = Table(
+    "step_history",
+    metadata,
+    Column("entry_id", String(400), primary_key=True),
+    Column("run_id", String(100), nullable=False),
+    Column("context_id", String(300), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("step_id", String(300), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("entry", JSONB, nullable=False),
+    Index("ix_step_history_run_at", "run_id", "at"),
 )

@@ -10,6 +10,7 @@ nothing outside `state/` touches a tier:
 
     store.configs       routine definitions and configurations  (`state.configs`)
     store.ledger        runs and their records                   (`state.ledger`)
+    store.history       runs' histories                          (`state.run_history`)
     store.rewinds       rebuilding a run whose L2 state was lost (`state.rewind`)
     store.invalidation  other processes' commits and L3's change events (`state.invalidation`)
     store.maintenance   prune, key checks and rotation           (`state.maintenance`)
@@ -43,6 +44,7 @@ from state.maintenance import Maintenance
 from state.metrics import count_l3_write, count_read, metrics
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.rewind import Rewinds
+from state.run_history import RunHistory
 from state.sealing import Keyring
 from state.settings import Settings
 from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier
@@ -94,11 +96,12 @@ class TieredStore:
         self.clock = clock
         self.bus: L2Bus = l2  # the control bus, for those who announce things on it
         self.configs = ConfigCache(l1, l2, l3, codec)
-        self.ledger = RunLedger(l1, l2, l3, codec=codec, clock=clock)
+        self.history = RunHistory(l2, l3, codec=codec, clock=clock)
+        self.ledger = RunLedger(l1, l2, l3, codec=codec, clock=clock, history=self.history)
         self.rewinds = Rewinds(l1, l2, l3, clock=clock)
         self.invalidation = Invalidation(l1, l2, clock=clock)
         self.maintenance = Maintenance(l1, l2, l3, clock=clock)
-        self.write_behind = WriteBehind(l1, l2, l3, clock=clock)
+        self.write_behind = WriteBehind(l1, l2, l3, clock=clock, history=self.history)
 
     @classmethod
     def connect(
@@ -277,7 +280,9 @@ class TieredStore:
         context it was made from, which a refused step's commit is told the newer state relative to.
         Raises RunFailed when a step's run failed meanwhile, and LineageLost when a step's L2 entry
         is gone or damaged (the run is rewound)."""
-        reply = self.l2.commit(request, now=self.clock())
+        now = self.clock()
+        request = self.history.attach(request, now)
+        reply = self.l2.commit(request, now=now)
         ctx = request.context
         if reply.status is CommitStatus.COMMITTED:
             metrics().l2_commits.inc()
@@ -376,14 +381,6 @@ class TieredStore:
     def flush(self, context_id: str) -> bool:
         """Write the L2 version of a context to L3 if it is newer there; returns whether L3 changed."""
         return self.write_behind.flush([context_id]) > 0
-
-    def give_up_flush(self, context_id: str) -> None:
-        """Stop trying to write a context that L3 refuses for good (its run fails instead)."""
-        self.write_behind.give_up(context_id)
-
-    def mark_flushed(self, context_id: str, version: int, *, epoch: int = 1, expire: bool = False) -> None:
-        """Record that L3 holds (``epoch``, ``version``), written by a flush or by a finalize."""
-        self.write_behind.mark_flushed(context_id, version, epoch=epoch, expire=expire)
 
     def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew a named lease of the cluster for ``holder``; whether it holds it."""

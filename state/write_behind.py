@@ -9,6 +9,7 @@ from collections.abc import Callable
 from state.errors import ContextCorruption, log_error
 from state.metrics import count_l3_write
 from state.models import RunContext
+from state.run_history import RunHistory
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
 
 log = logging.getLogger(__name__)
@@ -16,12 +17,14 @@ log = logging.getLogger(__name__)
 
 class WriteBehind:
     """Owns nothing but its tiers. Promises: L3 only ever gets a newer (epoch, version) of a context
-    than it holds; a context whose L2 entry is damaged is dropped (L3 keeps its last good version);
-    a flush that fails writes nothing of its batch (one transaction) and can be made again."""
+    than it holds, with the history entries waiting beside it in the same transaction; a context
+    whose L2 entry is damaged is dropped (L3 keeps its last good version); a flush that fails
+    writes nothing of its batch (one transaction) and can be made again."""
 
-    def __init__(self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, clock: Callable[[], float]) -> None:
+    def __init__(self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, clock: Callable[[], float], history: RunHistory) -> None:
         self.l1, self.l2, self.l3 = l1, l2, l3
         self.clock = clock
+        self.history = history
 
     def flush(self, context_ids: list[str]) -> int:
         """Write the L2 version of each context to L3 where it is newer there, in one transaction;
@@ -41,10 +44,15 @@ class WriteBehind:
             found.append((stored.context, stored.live))
         if not found:
             return 0
-        written = self.l3.write_contexts([ctx for ctx, _ in found])
+        # Read after the contexts: an entry may be of a version newer than the one written, never older.
+        entries, taken = self.history.waiting([ctx.context_id for ctx, _ in found])
+        written = self.l3.write_contexts([ctx for ctx, _ in found], entries)
         for ctx, live in found:
             # A running run's contexts keep no TTL: losing one would cost a rewind.
-            self.mark_flushed(ctx.context_id, ctx.version, epoch=ctx.epoch, expire=not live)
+            self.l2.mark_flushed(
+                ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=not live,
+                history_taken=taken.get(ctx.context_id, 0),
+            )
         if written:
             count_l3_write("snapshot", written)
         return written

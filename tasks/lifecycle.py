@@ -251,7 +251,7 @@ class RunLifecycle:
             context_id_ = context_ids[0]
             run_id = run_of_context(context_id_)
             log_error(log, exc, f"run {run_id}: write-behind of {context_id_}")
-            self.store.give_up_flush(context_id_)
+            self.store.write_behind.give_up(context_id_)
             run = self.store.ledger.get_run(run_id)
             if run is not None and run.routine_version is not None:
                 self.fail(run_id, run.routine_name, run.routine_version, {}, f"write-behind: {exc}")

@@ -22,9 +22,10 @@ runs one suite against both, so a twin cannot drift from the Lua and SQL it stan
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from state.history import HistoryEntry
 from state.models import RunContext
 from state.tiers.data import (
     CommitReply,
@@ -71,7 +72,8 @@ class L2Contexts(Protocol):
         write (debounced). A step's commit adds its step to the applied steps, unless there already
         (ALREADY_APPLIED) or its run failed (RUN_FAILED), and writes its report and outbox message in
         the same atomic step; a commit that pushes a message is not broadcast (what follows it
-        carries the state, or reads it). Raises LineageLost when the entry is damaged."""
+        carries the state, or reads it). Its ``history`` entry joins the context's history list and
+        is announced on the watch channel. Raises LineageLost when the entry is damaged."""
 
     def encode_state(self, ctx: RunContext) -> tuple[bytes, str]:
         """The payload a commit of ``ctx`` stores (applied steps aside) and its checksum."""
@@ -92,9 +94,19 @@ class L2Contexts(Protocol):
         (``live``) the start of a lineage, without TTL. Never replaces a newer epoch, or the same
         epoch at that version or a newer one."""
 
-    def mark_flushed(self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True) -> bool:
-        """L3 holds (``epoch``, ``version``): unschedule the write (or reschedule it if newer changes
-        came); with ``expire``, a clean entry gets the context TTL (a running run's contexts keep none)."""
+    def mark_flushed(
+        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: int = 0
+    ) -> bool:
+        """L3 holds (``epoch``, ``version``) and the first ``history_taken`` entries of the history list:
+        those leave the list; unschedule the write (or reschedule it if newer changes came); with
+        ``expire``, a clean entry gets the context TTL (a running run's contexts keep none)."""
+
+    def history_lists(self, context_ids: list[str]) -> dict[str, list[str]]:
+        """Each context's history entries (JSON) not yet in L3, oldest first: those commits pushed
+        (`CommitRequest.history`) and events."""
+
+    def push_history(self, context_id: str, entry: str, watch: str) -> None:
+        """Add an entry to a context's history list; ``watch`` is announced on the watch channel."""
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def context_ids(self) -> list[str]:
@@ -194,7 +206,8 @@ class L3Contexts(Protocol):
     def context_version(self, context_id: str) -> int | None: ...
 
     def create_context(self, ctx: RunContext) -> None:
-        """Insert a new context; VersionConflict if the id exists."""
+        """Insert a new context, and its creation's history entry; VersionConflict if the id exists.
+        (Every create does the same: a context's history starts with what it was created with.)"""
 
     def write_context(self, ctx: RunContext) -> bool:
         """The write-behind: store ``ctx`` only if it is newer than what L3 holds; whether it did."""
@@ -202,14 +215,25 @@ class L3Contexts(Protocol):
     def create_contexts(self, contexts: list[RunContext]) -> int:
         """Insert new contexts in one transaction, leaving those that exist; how many were new."""
 
-    def write_contexts(self, contexts: list[RunContext]) -> int:
-        """`write_context` for each, in one transaction; how many were written."""
+    def write_contexts(self, contexts: list[RunContext], history: Sequence[HistoryEntry] = ()) -> int:
+        """`write_context` for each, with ``history``'s entries, in one transaction; how many were written."""
 
     def run_contexts(self, run_id: str) -> list[RunContext]:
         """Every stored context of a run (with the steps each holds)."""
 
     def discard_context(self, context_id: str) -> None:
         """Forget a context (a child of a lineage a rewind gave up)."""
+
+
+@runtime_checkable
+class L3History(Protocol):
+    def add_history(self, entries: Sequence[HistoryEntry]) -> None:
+        """Store entries in one transaction; an entry already stored (the same id) is left as it is."""
+
+    def run_history(self, run_id: str, *, context_id: str | None = None) -> list[HistoryEntry]:
+        """A run's stored history (of one context), oldest first."""
+
+    def history_count(self, run_id: str) -> int: ...
 
 
 @runtime_checkable
@@ -227,8 +251,9 @@ class L3Ledger(Protocol):
         contexts: list[RunContext],
         exports: list[ExportRecord],
         epoch: int | None = None,
+        history: Sequence[HistoryEntry] = (),
     ) -> bool:
-        """Final contexts, exports and status in one transaction; False (nothing written) if already
+        """Final contexts, exports, status and ``history``'s entries in one transaction; False (nothing written) if already
         final, or (with ``epoch``) if the run has been rewound past that epoch."""
 
     def get_run(self, run_id: str) -> RunRow | None: ...
@@ -245,7 +270,7 @@ class L3Ledger(Protocol):
 
     def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
         """Delete up to ``limit`` finished runs that finished more than ``older_than_s`` ago, with
-        their context snapshots, in one transaction; exports and blackboard entries stay. Returns run
+        their context snapshots and history, in one transaction; exports and blackboard entries stay. Returns run
         id -> the ids of its contexts that were deleted. A run being pruned by another caller is
         skipped, never waited for."""
 
@@ -275,6 +300,6 @@ class L3Keys(Protocol):
 
 
 @runtime_checkable
-class L3Tier(L3Contexts, L3Ledger, L3Configs, L3Keys, Protocol):
+class L3Tier(L3Contexts, L3History, L3Ledger, L3Configs, L3Keys, Protocol):
     def ping(self) -> bool: ...
     def close(self) -> None: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,8 @@ class CommitRequest:
     ``step_id`` (it joins the context's applied steps, unless there already) and may carry its
     ``report`` (the step's record, written in the same step) and an ``outbox`` message (pushed if,
     and only if, it commits). ``encoded``: the payload and checksum, when the caller made them already.
+    ``history``: the commit's history entry (`state.history`, as JSON), pushed onto the context's
+    history list in the same atomic step and announced on the watch channel.
     """
 
     context: RunContext
@@ -104,6 +107,7 @@ class CommitRequest:
     report: StepReport | None = None
     outbox: Outbox | None = None
     encoded: tuple[bytes, str] | None = None
+    history: str | None = None
 
     def __post_init__(self) -> None:
         if self.outbox is not None and self.report is None:
@@ -134,6 +138,11 @@ class CommitReply:
     @property
     def committed(self) -> bool:
         return self.status is CommitStatus.COMMITTED
+
+
+def watch_message(run_id: str, context_id: str, version: int = 0, step_id: str = "", status: str = "") -> str:
+    """What the watch channel says of a change to a run: which run, context, version and step."""
+    return json.dumps({"run": run_id, "context": context_id, "version": version, "step": step_id, "status": status})
 
 
 @dataclass(frozen=True)

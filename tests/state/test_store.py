@@ -140,7 +140,7 @@ def test_write_behind_coalesces_many_commits_into_one_l3_write(store: TieredStor
     # Clean now, but its run goes on: a live context keeps no TTL (losing it would cost a rewind) ...
     assert store.l2.client.ttl(store.l2.keys.context(ctx.context_id)) == -1
     # ... until its run finishes.
-    store.mark_flushed(ctx.context_id, 11, expire=True)  # as the run's finalize does
+    store.write_behind.mark_flushed(ctx.context_id, 11, expire=True)  # as the run's finalize does
     assert 0 < store.l2.client.ttl(store.l2.keys.context(ctx.context_id)) <= store.config.l2_context_ttl_s
 
 
@@ -371,11 +371,11 @@ def test_changes_after_a_flushed_version_get_a_window_of_their_own(store: Tiered
         with writer.edit(ctx.context_id) as working:
             working.set_variable("n", n)
     clock.advance(store.config.write_behind_max_delay_s + 0.05)  # the first change is long past its cap
-    writer.mark_flushed(ctx.context_id, 2)  # as if a flush wrote version 2 while version 3 came in
+    writer.write_behind.mark_flushed(ctx.context_id, 2)  # as if a flush wrote version 2 while version 3 came in
     now = clock()
     due = store.l2.due_time(ctx.context_id)
     assert due is not None and now < due <= now + store.config.write_behind_debounce_s + 0.01
-    writer.mark_flushed(ctx.context_id, 3)
+    writer.write_behind.mark_flushed(ctx.context_id, 3)
     assert store.l2.due_time(ctx.context_id) is None and store.l2.pending_flushes() == 0
 
 

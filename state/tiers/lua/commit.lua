@@ -4,16 +4,18 @@
 -- L3 for readers. The steps a context holds are a sorted set beside it (a commit adds its step instead
 -- of rewriting the run's history); n counts them, so a lost or damaged set is seen, never trusted.
 -- KEYS: 1 context entry, 2 its applied steps, 3 write-behind due set, 4 write-behind first-change hash,
---       [5 the step's record hash, 6 the run's progress record, 7 the run's failed flag: present when
+--       5 the context's history list (ARGV[19] is pushed onto it),
+--       [6 the step's record hash, 7 the run's progress record, 8 the run's failed flag: present when
 --       they share the context's node (always on one Redis; never on a cluster),
---       8 a broker queue (a list) to push ARGV[17] onto: the successor's message (with KEYS 5-7 only)]
+--       9 a broker queue (a list) to push ARGV[17] onto: the successor's message (with KEYS 6-8 only)]
 -- ARGV, in the order of `state.tiers.redis.contexts.COMMIT_ARGV`, which builds them from named fields:
 --       1 expected version, 2 new version, 3 payload, 4 checksum, 5 now, 6 debounce s, 7 max delay s,
 --       8 context id, 9 control channel ('' = do not broadcast), 10 expected epoch (-1: any),
 --       11 new epoch, 12 '1' if the entry must be live, 13 step id ('' = not a step's commit),
 --       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 the broadcast (a `state.bus`
 --       message, published as it is), 17 the message to push onto KEYS[8] ('' without it), 18 how many
---       versions behind a stale writer is told the steps since its version
+--       versions behind a stale writer is told the steps since its version, 19 the commit's history
+--       entry ('' = none), 20 the watch channel ('' = do not publish), 21 what to publish on it
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one; then also the
 -- current payload, its checksum and, when at most ARGV[18] versions came since the one expected, the
 -- steps of those commits with their versions, so the writer can apply its changes again without a
@@ -52,7 +54,7 @@ else
   origin = cur[3] or 'f'
 end
 if step ~= '' and redis.call('ZSCORE', KEYS[2], step) then return {2, current} end
-if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 1 then return {3, current} end
+if KEYS[8] and redis.call('EXISTS', KEYS[8]) == 1 then return {3, current} end
 if cur[1] ~= false and current ~= expected then
   local entry = redis.call('HMGET', KEYS[1], 'd', 'c')
   local since = {}
@@ -75,13 +77,20 @@ if first == nil then
   first = now
 end
 repaired('ZADD', KEYS[3], math.min(now + tonumber(ARGV[6]), first + tonumber(ARGV[7])), ARGV[8])
-if KEYS[5] then
-  repaired('HSET', KEYS[5], step, ARGV[14])
-  redis.call('SET', KEYS[6], ARGV[5], 'EX', ARGV[15])
+if ARGV[19] ~= '' then
+  repaired('RPUSH', KEYS[5], ARGV[19])
+  redis.call('PERSIST', KEYS[5])
 end
-if KEYS[8] then
+if KEYS[6] then
+  repaired('HSET', KEYS[6], step, ARGV[14])
+  redis.call('SET', KEYS[7], ARGV[5], 'EX', ARGV[15])
+end
+if KEYS[9] then
   -- The transactional outbox: what follows the step is sent if, and only if, the step committed.
-  repaired('LPUSH', KEYS[8], ARGV[17])
+  repaired('LPUSH', KEYS[9], ARGV[17])
+end
+if ARGV[20] ~= '' then
+  redis.call('PUBLISH', ARGV[20], ARGV[21])
 end
 if ARGV[9] ~= '' then
   redis.call('PUBLISH', ARGV[9], ARGV[16])

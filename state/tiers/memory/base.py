@@ -61,6 +61,7 @@ class MemoryState:
         self._runs: dict[str, RunRecord] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._queues: dict[str, list[bytes]] = {}  # outbox messages pushed by commits, newest first (as LPUSH)
+        self._history: dict[str, list[str]] = {}  # each context's history entries waiting for L3
         self._lock = threading.RLock()
         self._done = threading.Condition(self._lock)
 

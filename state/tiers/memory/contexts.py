@@ -84,6 +84,8 @@ class MemoryContexts(MemoryState):
             self._due[ctx.context_id] = min(now + self.config.write_behind_debounce_s, first + self.config.write_behind_max_delay_s)
             if request.outbox is not None:
                 self._queues.setdefault(request.outbox.queue, []).insert(0, request.outbox.message)
+            if request.history:
+                self._history.setdefault(ctx.context_id, []).append(request.history)
             return CommitReply(CommitStatus.COMMITTED, ctx.version)
 
     @staticmethod
@@ -130,9 +132,13 @@ class MemoryContexts(MemoryState):
             )
             return True
 
-    def mark_flushed(self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True) -> bool:
+    def mark_flushed(
+        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: int = 0
+    ) -> bool:
         debounce_s = self.config.write_behind_debounce_s
         with self._lock:
+            if history_taken:
+                del self._history.setdefault(context_id, [])[:history_taken]
             current = self._live(self._contexts, context_id)
             if current is not None and (current.epoch, current.version) > (epoch, version):
                 self._first[context_id] = now
@@ -143,6 +149,14 @@ class MemoryContexts(MemoryState):
             if current is not None and expire:
                 current.expires_at = self.clock() + self.config.l2_context_ttl_s
             return True
+
+    def history_lists(self, context_ids: list[str]) -> dict[str, list[str]]:
+        with self._lock:
+            return {context_id: list(self._history.get(context_id, ())) for context_id in context_ids}
+
+    def push_history(self, context_id: str, entry: str, watch: str) -> None:
+        with self._lock:
+            self._history.setdefault(context_id, []).append(entry)
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool:
         with self._lock:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import RefusedByDatabase, VersionConflict
+from state.history import HistoryEntry, created_entry
 from state.keys import config_key, routine_key
 from state.models import RunContext
 from state.tiers.data import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
@@ -69,6 +72,7 @@ class MemoryL3:
         self.blackboard: dict[tuple[str, str], dict[str, Any]] = {}
         self.exports: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._keys: set[str] = set()
+        self._history: dict[str, str] = {}  # entry id -> the entry as JSON, as inserted
         self.writes = 0  # committed write operations, as `runctx` counts L3 writes
         self._lock = threading.RLock()
 
@@ -99,6 +103,7 @@ class MemoryL3:
         if ctx.context_id in self._snapshots:
             raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, self._snapshots[ctx.context_id][1])
         self._snapshots[ctx.context_id] = (ctx.epoch, ctx.version, document)
+        self._insert_history([created_entry(ctx, codec=self.codec, now=time.time())])
 
     def _write_if_newer(self, ctx: RunContext, document: str | None = None) -> bool:
         stored = self._snapshots.get(ctx.context_id)
@@ -126,10 +131,32 @@ class MemoryL3:
             self.writes += 1
             return written
 
-    def write_contexts(self, contexts: list[RunContext]) -> int:
+    def write_contexts(self, contexts: list[RunContext], history: Sequence[HistoryEntry] = ()) -> int:
         with self._lock:
             self.writes += 1
-            return sum(self._write_if_newer(ctx) for ctx in contexts)
+            written = sum(self._write_if_newer(ctx) for ctx in contexts)
+            self._insert_history(history)
+            return written
+
+    # ---- history -------------------------------------------------------------------------------
+
+    def _insert_history(self, entries: Sequence[HistoryEntry]) -> None:
+        for entry in entries:
+            self._history.setdefault(entry.id, entry.to_json())
+
+    def add_history(self, entries: Sequence[HistoryEntry]) -> None:
+        with self._lock:
+            self._insert_history(entries)
+            self.writes += 1
+
+    def run_history(self, run_id: str, *, context_id: str | None = None) -> list[HistoryEntry]:
+        with self._lock:
+            entries = [HistoryEntry.from_json(raw) for raw in self._history.values()]
+        found = [e for e in entries if e.run_id == run_id and (context_id is None or e.context_id == context_id)]
+        return sorted(found, key=lambda e: (e.at, e.context_id, e.version))
+
+    def history_count(self, run_id: str) -> int:
+        return len(self.run_history(run_id))
 
     # ---- the run ledger ------------------------------------------------------------------------
 
@@ -155,6 +182,7 @@ class MemoryL3:
         contexts: list[RunContext],
         exports: list[ExportRecord],
         epoch: int | None = None,
+        history: Sequence[HistoryEntry] = (),
     ) -> bool:
         operation = f"finish run {run_id}"
         stored_meta = json.loads(_jsonb_text(operation, meta))
@@ -184,6 +212,7 @@ class MemoryL3:
                         (record.run_id, record.key, record.scope),
                         {"variable": record.variable, "value": value, "sensitivity": record.sensitivity},
                     )
+            self._insert_history(history)
             self.writes += 1
             return True
 
@@ -232,6 +261,8 @@ class MemoryL3:
                 for context_id in contexts:
                     del self._snapshots[context_id]
                 pruned[run.run_id] = contexts
+            gone = set(pruned)
+            self._history = {i: raw for i, raw in self._history.items() if json.loads(raw)["run_id"] not in gone}
             return pruned
 
     def discard_context(self, context_id: str) -> None:

@@ -4,6 +4,7 @@ rule: a writer from before a rewind never replaces the new lineage)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, select, text, tuple_
@@ -12,7 +13,8 @@ from sqlalchemy.dialects.postgresql import insert
 from state.errors import VersionConflict
 from state.models import RunContext
 from state.schema import context_snapshots
-from state.tiers.postgres.database import PostgresDatabase
+from state.history import HistoryEntry
+from state.tiers.postgres.history import PostgresHistory
 
 _CREATE_MANY = text(
     f"INSERT INTO {context_snapshots.name} (context_id, run_id, parent_id, version, epoch, document) "
@@ -22,8 +24,9 @@ _CREATE_MANY = text(
 )
 
 
-class PostgresContexts(PostgresDatabase):
-    """Context snapshots: a create refuses an existing id; a write is "only if newer"."""
+class PostgresContexts(PostgresHistory):
+    """Context snapshots: a create refuses an existing id (and records the creation in the history);
+    a write is "only if newer", with the history entries that came with it."""
 
     def get_context(self, context_id: str) -> RunContext | None:
         """The stored snapshot, at the row's version (a plain-SQL edit raises that, not the document's)."""
@@ -61,17 +64,24 @@ class PostgresContexts(PostgresDatabase):
             "epochs": [ctx.epoch for ctx in contexts],
             "documents": [json.dumps(self.codec.to_document(ctx)) for ctx in contexts],
         }
-        return self.run(f"create {len(contexts)} contexts", lambda conn: len(conn.execute(_CREATE_MANY, columns).all()))
+
+        def work(conn: Connection) -> int:
+            created = len(conn.execute(_CREATE_MANY, columns).all())
+            self._insert_history(conn, self._created(contexts))
+            return created
+
+        return self.run(f"create {len(contexts)} contexts", work)
 
     def write_context(self, ctx: RunContext) -> bool:
         return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))
 
-    def write_contexts(self, contexts: list[RunContext]) -> int:
-        if len(contexts) == 1:
-            return int(self.write_context(contexts[0]))
-        return self.run(
-            f"flush {len(contexts)} contexts", lambda conn: sum(self._save_context(conn, ctx) for ctx in contexts)
-        )
+    def write_contexts(self, contexts: list[RunContext], history: Sequence[HistoryEntry] = ()) -> int:
+        def work(conn: Connection) -> int:
+            written = sum(self._save_context(conn, ctx) for ctx in contexts)
+            self._insert_history(conn, history)
+            return written
+
+        return self.run(f"flush {len(contexts)} contexts", work)
 
     def _save_context(self, conn: Connection, ctx: RunContext, *, create: bool = False) -> bool:
         """Write a snapshot inside the caller's transaction.
@@ -94,6 +104,7 @@ class PostgresContexts(PostgresDatabase):
             if conn.execute(statement).first() is None:
                 actual = conn.execute(select(table.c.version).where(table.c.context_id == ctx.context_id)).scalar()
                 raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, actual)
+            self._insert_history(conn, self._created([ctx]))
             return True
         statement = insert(table).values(**values)
         statement = statement.on_conflict_do_update(

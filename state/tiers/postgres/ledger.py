@@ -3,11 +3,13 @@ contexts and exports, rewound (its epoch raised) and pruned, each in one transac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects.postgresql import insert
 
+from state.history import HistoryEntry
 from state.models import RunContext
 from state.schema import blackboard_entries, context_snapshots, exports, runs
 from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
@@ -47,6 +49,7 @@ class PostgresLedger(PostgresContexts):
         contexts: list[RunContext],
         exports: list[ExportRecord],
         epoch: int | None = None,
+        history: Sequence[HistoryEntry] = (),
     ) -> bool:
         conditions = [runs.c.run_id == run_id, runs.c.status.notin_(FINAL_STATUSES)]
         if epoch is not None:
@@ -65,6 +68,7 @@ class PostgresLedger(PostgresContexts):
                 self._save_context(conn, ctx)
             for record in exports:
                 self._write_export(conn, record)
+            self._insert_history(conn, history)
 
         try:
             self.run(f"finish run {run_id}", work)
@@ -153,6 +157,7 @@ class PostgresLedger(PostgresContexts):
             )
             for run_id, context_id in gone:
                 pruned[run_id].append(context_id)
+            self._delete_history(conn, run_ids)
             conn.execute(runs.delete().where(runs.c.run_id.in_(run_ids)))
             return pruned
 

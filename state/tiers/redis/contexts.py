@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 from state import bus
 from state.errors import ContextCorruption, LineageLost
 from state.models import LAST_STEPS_KEPT, RunContext
-from state.tiers.data import CommitReply, CommitRequest, CommitStatus, CommittedState, StoredContext
+from state.tiers.data import CommitReply, CommitRequest, CommitStatus, CommittedState, StoredContext, watch_message
 from state.tiers.redis.connection import RedisConnection, as_count
 
 RECORD_TTL_S = 7 * 24 * 3600  # run records live this long after their run finished
@@ -33,7 +33,7 @@ STALE_STEPS_TOLD = 64  # a commit up to this many versions behind is told the st
 COMMIT_ARGV = (
     "expected_version", "version", "payload", "checksum", "now", "debounce_s", "max_delay_s", "context_id",
     "channel", "expected_epoch", "epoch", "require_live", "step_id", "step_record", "records_ttl_s", "broadcast",
-    "message", "stale_steps_told",
+    "message", "stale_steps_told", "history", "watch_channel", "watch",
 )
 _STATUSES = {
     1: CommitStatus.COMMITTED, 0: CommitStatus.STALE, -1: CommitStatus.NO_ENTRY, -2: CommitStatus.OTHER_LINEAGE,
@@ -50,12 +50,16 @@ class RedisContexts(RedisConnection):
     checksum raises ContextCorruption instead of being served."""
 
     def _context_keys(self, context_id: str) -> list[str]:
-        """The keys of one context, all in its shard: entry, applied steps, due set, first-change hash."""
+        """The keys of one context, all in its shard: entry, applied steps, due set, first-change hash,
+        history list."""
         k = self.keys
-        return [k.context(context_id), k.applied(context_id), k.write_behind_due(context_id), k.write_behind_first(context_id)]
+        return [
+            k.context(context_id), k.applied(context_id), k.write_behind_due(context_id), k.write_behind_first(context_id),
+            k.history(context_id),
+        ]
 
     def get_context(self, context_id: str) -> StoredContext | None:
-        key, applied_key, due_key, _ = self._context_keys(context_id)
+        key, applied_key, due_key, *_ = self._context_keys(context_id)
         try:
             entry, applied, due, newest = self._call(
                 lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id, LAST_STEPS_KEPT])
@@ -108,6 +112,8 @@ class RedisContexts(RedisConnection):
             "expected_epoch": -1 if request.expected_epoch is None else request.expected_epoch, "epoch": ctx.epoch,
             "require_live": "1" if request.require_live else "0", "step_id": step_id, "step_record": "",
             "records_ttl_s": RECORD_TTL_S, "broadcast": "", "message": "", "stale_steps_told": STALE_STEPS_TOLD,
+            "history": request.history or "", "watch_channel": self.keys.watch_channel if request.history else "",
+            "watch": watch_message(ctx.run_id, ctx.context_id, ctx.version, step_id) if request.history else "",
         }
         if channel:
             fields["broadcast"] = bus.encode(self._commit_event(ctx, step_id, payload, checksum, now))
@@ -167,10 +173,44 @@ class RedisContexts(RedisConnection):
         key, applied_key = self._context_keys(ctx.context_id)[:2]
         return [key, applied_key], [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps]
 
-    def mark_flushed(self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True) -> bool:
+    def mark_flushed(
+        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: int = 0
+    ) -> bool:
         ttl = self.config.l2_context_ttl_s if expire else 0
         debounce_s = self.config.write_behind_debounce_s
-        return bool(self._script("mark_flushed", self._context_keys(context_id), [version, ttl, context_id, now, debounce_s, epoch]))
+        args = [version, ttl, context_id, now, debounce_s, epoch, history_taken]
+        return bool(self._script("mark_flushed", self._context_keys(context_id), args))
+
+    # ---- history lists -----------------------------------------------------------------------------
+
+    def history_lists(self, context_ids: list[str]) -> dict[str, list[str]]:
+        """Each context's history entries waiting for L3, oldest first, in one round trip (a list
+        holding another type is damage: it shows as empty, and the next push replaces it)."""
+        if not context_ids:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for context_id in context_ids:
+                pipe.lrange(self.keys.history(context_id), 0, -1)
+            replies = self._call(lambda: pipe.execute(raise_on_error=False))
+        return {
+            context_id: [raw.decode() for raw in reply] if isinstance(reply, list) else []
+            for context_id, reply in zip(context_ids, replies)
+        }
+
+    def push_history(self, context_id: str, entry: str, watch: str) -> None:
+        """Add an event to a context's history list (it goes to L3 with the context's next write)
+        and say so on the watch channel."""
+        key = self.keys.history(context_id)
+
+        def push() -> None:
+            try:
+                self.client.rpush(key, entry)
+            except ResponseError:  # damage: another type where the list belongs
+                self.client.delete(key)
+                self.client.rpush(key, entry)
+            self.client.publish(self.keys.watch_channel, watch)
+
+        self._call(push)
 
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool:
         return bool(

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ResponseError
 
 from state import bus
-from state.tiers.data import StepStart
+from state.tiers.data import StepStart, watch_message
 from state.tiers.redis.bus import RedisBus
 from state.tiers.redis.connection import as_count
 from state.tiers.redis.contexts import RECORD_TTL_S
@@ -194,6 +194,7 @@ class RedisRunRecords(RedisBus):
                 if key != done:
                     pipe.expire(key, RECORD_TTL_S)
             self._call(pipe.execute)
+        self._call(lambda: self.client.publish(self.keys.watch_channel, watch_message(run_id, "", status="ended")))
 
     def wait_done(self, run_id: str, timeout_s: float) -> bool:
         """Block until the run announces it is done, or the timeout; a wake-up, not the truth (L3 is)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from runctx import read_models
+from runctx import history_views, read_models
 from runctx.embedded import resolve
 from state.errors import (
     CommunicationFailure,
@@ -199,6 +199,18 @@ class Client:
     def step_states(self, run_id: str) -> dict[str, Any]:
         """The ``runctx status --json`` object: each step's state, worker, attempts, duration; totals."""
         return read_models.step_states(self.store, self.engine.plans, run_id)
+
+    def history(self, run_id: str, *, context: str | None = None, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The ``runctx history --json`` object: each step of the run with what it changed (masked)."""
+        return history_views.history(self.store, run_id, context=context, offset=offset, limit=limit)
+
+    def context_at(self, run_id: str, step_id: str) -> dict[str, Any]:
+        """The ``runctx context --at --json`` object: the context just after ``step_id``, from the history."""
+        return history_views.context_at(self.store, run_id, step_id)
+
+    def diff(self, run_id: str, step_a: str, step_b: str) -> dict[str, Any]:
+        """The ``runctx diff --json`` object: what changed from just after ``step_a`` to just after ``step_b``."""
+        return history_views.difference(self.store, run_id, step_a, step_b)
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from runctx.cli.base import JSON_OPTION, app, client, echo_json, one_line, usage_error
+from runctx.cli.history import print_context_at
 from runctx.cli.running import states_until_end, totals_line
 from tasks.plan import template_of
 
@@ -76,12 +77,19 @@ def status(
 @app.command()
 def context(
     run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run whose contexts to show."),
+    at: str | None = typer.Option(None, "--at", metavar="STEP_ID", help="The context as it was just after this step (from the history)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show a run's contexts and their values.
 
     The root first, then each sub-routine's: its version in L2 and L3, whether its write-behind is
-    pending, and its values (confidential and secret ones masked)."""
+    pending, and its values (confidential and secret ones masked). With --at, the context the step
+    changed as it was just after it, replayed from the run's history (nothing runs)."""
+    if at is not None:
+        with client() as client_:
+            found = client_.context_at(run_id, at)
+        echo_json(found) if as_json else print_context_at(found)
+        return
     with client() as client_:
         tree = client_.context_tree(run_id)
     if as_json:

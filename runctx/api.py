@@ -208,6 +208,10 @@ class Client:
         """The ``runctx context --at --json`` object: the context just after ``step_id``, from the history."""
         return history_views.context_at(self.store, run_id, step_id)
 
+    def step_detail(self, run_id: str, step_id: str) -> dict[str, Any]:
+        """A step's history entries (attempts, retries, its end) and what it changed, before -> after."""
+        return history_views.step_detail(self.store, run_id, step_id)
+
     def diff(self, run_id: str, step_a: str, step_b: str) -> dict[str, Any]:
         """The ``runctx diff --json`` object: what changed from just after ``step_a`` to just after ``step_b``."""
         return history_views.difference(self.store, run_id, step_a, step_b)

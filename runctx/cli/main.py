@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from runctx.cli import checking, history, inspecting, keys, operating, running, stack, worker  # noqa: F401  (they register their commands)
+from runctx.cli import checking, history, inspecting, keys, operating, running, stack, web, worker  # noqa: F401  (they register their commands)
 from runctx.cli.base import EXIT_FAILED, EXIT_USAGE, app, one_line
 from state.errors import RunctxError
 

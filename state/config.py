@@ -34,3 +34,4 @@ class StateCacheConfig(BaseModel):
     write_behind_max_delay_s: float = Field(default=2.0, ge=0, description="... but never later than this after the first")
     l3_retry_attempts: int = Field(default=4, ge=1, description="tries of an L3 transaction on transient errors")
     l3_retry_base_delay_s: float = Field(default=0.05, ge=0, description="first backoff between those tries")
+    history: bool = Field(default=True, description="keep each run's history: what every step changed (`state.history`)")

@@ -56,7 +56,7 @@ class RunLedger:
         Its contexts then get the context TTL in L2."""
         entries, taken = self.history.waiting([ctx.context_id for ctx in contexts])
         root = contexts[0] if contexts else None
-        if root is not None:
+        if root is not None and self.history.keep:
             note = "" if error is None or status == "cancelled" else error
             entries.append(event_entry(run_id, root.context_id, status, now=self.clock(), note=note, epoch=root.epoch, version=root.version))
         finished = self.l3.finish_run(

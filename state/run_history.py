@@ -23,15 +23,16 @@ class RunHistory:
     transaction that writes its context (or finishes its run); a reader sees L3's entries and
     those still waiting in L2, each once."""
 
-    def __init__(self, l2: L2Tier, l3: L3Tier, *, codec: Codec, clock: Callable[[], float]) -> None:
+    def __init__(self, l2: L2Tier, l3: L3Tier, *, codec: Codec, clock: Callable[[], float], keep: bool = True) -> None:
         self.l2, self.l3 = l2, l3
         self.codec = codec
         self.clock = clock
+        self.keep = keep  # RUNCTX_HISTORY: off, commits carry no entry and events are not kept
 
     def attach(self, request: CommitRequest, now: float) -> CommitRequest:
         """``request`` with its history entry, when it makes a new version of its context."""
         ctx = request.context
-        if request.history is not None or ctx.version != request.expected_version + 1:
+        if not self.keep or request.history is not None or ctx.version != request.expected_version + 1:
             return request
         report = request.report
         entry = commit_entry(
@@ -44,6 +45,8 @@ class RunHistory:
     def record(self, entry: HistoryEntry) -> None:
         """Keep an event in its context's history list (it reaches L3 with the context's next write
         or its run's finish). Best effort: a lost event never fails what it reports."""
+        if not self.keep:
+            return
         try:
             watch = watch_message(entry.run_id, entry.context_id, entry.version, entry.step_id, entry.status)
             self.l2.push_history(entry.context_id, entry.to_json(), watch)

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     # Write-behind L2 -> L3: debounce window and the longest a change may wait.
     write_behind_debounce_s: float = _like(StateCacheConfig, "write_behind_debounce_s", ge=0)
     write_behind_max_delay_s: float = _like(StateCacheConfig, "write_behind_max_delay_s", ge=0)
+    history: bool = _like(StateCacheConfig, "history")
 
     # Resource limits of a RunContext: ResourceLimits declares the defaults.
     max_variables: int = _like(ResourceLimits, "max_variables", ge=1)

@@ -96,7 +96,7 @@ class TieredStore:
         self.clock = clock
         self.bus: L2Bus = l2  # the control bus, for those who announce things on it
         self.configs = ConfigCache(l1, l2, l3, codec)
-        self.history = RunHistory(l2, l3, codec=codec, clock=clock)
+        self.history = RunHistory(l2, l3, codec=codec, clock=clock, keep=config.history)
         self.ledger = RunLedger(l1, l2, l3, codec=codec, clock=clock, history=self.history)
         self.rewinds = Rewinds(l1, l2, l3, clock=clock)
         self.invalidation = Invalidation(l1, l2, clock=clock)

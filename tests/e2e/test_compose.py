@@ -23,6 +23,7 @@ import yaml
 from celery import Celery
 
 from runctx.cli import app as runctx_app
+from runctx.web.settings import WebSettings
 from state.sealing import Keyring
 from state.settings import Settings
 
@@ -31,8 +32,8 @@ COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 SERVICES: dict[str, Any] = COMPOSE["services"]
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([-?])([^}]*))?\}")
-SECRETS = {"POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH", "RUNCTX_ENCRYPTION_KEYS"}
-LONG_RUNNING = {"redis", "postgres", "worker", "flower"}
+SECRETS = {"POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH", "RUNCTX_ENCRYPTION_KEYS", "RUNCTX_WEB_PASSWORD"}
+LONG_RUNNING = {"redis", "postgres", "worker", "flower", "web"}
 
 
 def env_example() -> dict[str, str]:
@@ -43,7 +44,10 @@ def env_example() -> dict[str, str]:
 
 def filled_env() -> dict[str, str]:
     """.env.example with its empty secrets filled in, as a user's .env would be."""
-    samples = {"POSTGRES_PASSWORD": "pw-1", "FLOWER_BASIC_AUTH": "admin:pw-2", "RUNCTX_ENCRYPTION_KEYS": Keyring.new_entry()}
+    samples = {
+        "POSTGRES_PASSWORD": "pw-1", "FLOWER_BASIC_AUTH": "admin:pw-2", "RUNCTX_ENCRYPTION_KEYS": Keyring.new_entry(),
+        "RUNCTX_WEB_PASSWORD": "pw-3",
+    }
     return {name: value or samples.get(name, "") for name, value in env_example().items()}
 
 
@@ -95,8 +99,9 @@ def test_every_interpolated_variable_is_in_env_example_and_missing_secrets_fail_
 
 def test_runctx_services_read_valid_settings_pointing_at_the_compose_servers(monkeypatch: pytest.MonkeyPatch) -> None:
     fields = {f"RUNCTX_{name.upper()}" for name in Settings.model_fields}
+    web_fields = {f"RUNCTX_WEB_{name.upper()}" for name in WebSettings.model_fields}
     assert Settings.model_config["env_prefix"] == "RUNCTX_"
-    assert {name for name in env_example() if name.startswith("RUNCTX_")} <= fields
+    assert {name for name in env_example() if name.startswith("RUNCTX_")} <= fields | web_fields
     services = interpolate(COMPOSE, filled_env())["services"]
     for name in ("migrate", "worker"):
         env = services[name]["environment"]
@@ -113,6 +118,12 @@ def test_runctx_services_read_valid_settings_pointing_at_the_compose_servers(mon
     flower_env = services["flower"]["environment"]
     assert {key for key in flower_env if key.startswith("RUNCTX_")} == {"RUNCTX_BROKER_URL"}  # no DB password, no keys
     assert service_settings(flower_env, monkeypatch).broker_url == worker.broker_url
+    web_env = services["web"]["environment"]
+    assert service_settings(web_env, monkeypatch).database_url == worker.database_url
+    for key, value in web_env.items():
+        monkeypatch.setenv(key, str(value))
+    web = WebSettings(bind=services["web"]["command"][-1]).checked()  # listens on 0.0.0.0: only with a password
+    assert web.password == "pw-3" and services["web"]["ports"] == ["127.0.0.1:8642:8642"]
 
 
 def test_every_command_a_service_runs_exists() -> None:

@@ -68,6 +68,7 @@ class PostgresDatabase:
         self.codec = codec
         self.retry_attempts = config.l3_retry_attempts
         self.retry_base_delay_s = config.l3_retry_base_delay_s
+        self.keep_history = config.history
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Any:

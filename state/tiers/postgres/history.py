@@ -40,7 +40,7 @@ class PostgresHistory(PostgresDatabase):
         })
 
     def _created(self, contexts: Sequence[RunContext]) -> list[HistoryEntry]:
-        if not self.config.history:
+        if not self.keep_history:
             return []
         now = time.time()
         return [created_entry(ctx, codec=self.codec, now=now) for ctx in contexts]

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from runctx import history_views, read_models
+from runctx import read_models
+from runctx.history_views import HistoryReader
 from runctx.embedded import resolve
 from state.errors import (
     CommunicationFailure,
@@ -95,6 +96,7 @@ class Client:
         self.store = self.runtime.store
         self.store.maintenance.check_keys(get_settings().keyring())
         self.engine = self.runtime.engine
+        self.histories = HistoryReader(self.store)
 
     def workers_alive(self, timeout_s: float = 1.0) -> bool:
         from workers import app
@@ -202,19 +204,19 @@ class Client:
 
     def history(self, run_id: str, *, context: str | None = None, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
         """The ``runctx history --json`` object: each step of the run with what it changed (masked)."""
-        return history_views.history(self.store, run_id, context=context, offset=offset, limit=limit)
+        return self.histories.history(run_id, context=context, offset=offset, limit=limit)
 
     def context_at(self, run_id: str, step_id: str) -> dict[str, Any]:
         """The ``runctx context --at --json`` object: the context just after ``step_id``, from the history."""
-        return history_views.context_at(self.store, run_id, step_id)
+        return self.histories.context_at(run_id, step_id)
 
     def step_detail(self, run_id: str, step_id: str) -> dict[str, Any]:
         """A step's history entries (attempts, retries, its end) and what it changed, before -> after."""
-        return history_views.step_detail(self.store, run_id, step_id)
+        return self.histories.step_detail(run_id, step_id)
 
     def diff(self, run_id: str, step_a: str, step_b: str) -> dict[str, Any]:
         """The ``runctx diff --json`` object: what changed from just after ``step_a`` to just after ``step_b``."""
-        return history_views.difference(self.store, run_id, step_a, step_b)
+        return self.histories.difference(run_id, step_a, step_b)
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""

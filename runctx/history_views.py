@@ -5,25 +5,116 @@ of them (`state.history.Change.shown`)."""
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from typing import Any
+
+from cachetools import LRUCache
 
 from state.errors import InvalidValue, NotFound
 from state.history import HistoryEntry, before_and_after, diff, state_at
 from state.keys import context_id
+from state.run_history import order
 from state.store import TieredStore
+from state.tiers.data import FINAL_STATUSES
+
+RUNS_KEPT = 16  # runs' histories a reader keeps (a run of 10,000 steps: some MB)
 
 
-def entries_of(store: TieredStore, run_id: str, *, context: str | None = None) -> list[HistoryEntry]:
-    """The run's history, oldest first: what L3 holds and what still waits in L2. ``context``: a
-    context's path in the run (``""`` the root, ``each[3]``) or its id."""
-    if store.ledger.get_run(run_id) is None:
-        raise NotFound(f"run {run_id!r} does not exist")
-    stored = store.l3.run_history(run_id)
-    # Every context of the run has its creation entry in L3: that is where its L2 list is found.
-    context_ids = sorted({entry.context_id for entry in stored} | {run_id})
-    wanted = None if context is None else _context_id(run_id, context, context_ids)
-    entries = store.history.of_run(run_id, context_ids=context_ids, context_id=wanted)
-    return entries
+@dataclass(frozen=True)
+class _Kept:
+    """A run's entries as far as L3 had them: sorted, by id, and the mark to read on from."""
+
+    entries: list[HistoryEntry]
+    ids: frozenset[str]
+    mark: int
+
+    def extended(self, new: list[HistoryEntry], mark: int) -> _Kept:
+        fresh = [entry for entry in new if entry.id not in self.ids]
+        return _Kept(sorted([*self.entries, *fresh], key=order), self.ids | {e.id for e in fresh}, mark)
+
+
+class HistoryReader:
+    """Reads runs' histories for the API, the command and the inspector. Owns an LRU of the histories
+    it read (an entry never changes once in L3, so only what L3 stored since is read again).
+
+    Promises: an answer holds every entry L3 held when asked and, for a running run, the entries
+    still waiting in L2, each once, oldest first."""
+
+    def __init__(self, store: TieredStore, *, runs_kept: int = RUNS_KEPT) -> None:
+        self.store = store
+        self._kept: LRUCache[str, _Kept] = LRUCache(maxsize=runs_kept)
+        self._lock = threading.Lock()
+
+    def entries(self, run_id: str, *, context: str | None = None) -> list[HistoryEntry]:
+        """The run's history, oldest first. ``context``: a context's path in the run (``""`` the
+        root, ``each[3]``) or its id."""
+        row = self.store.ledger.get_run(run_id)
+        if row is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        with self._lock:
+            kept = self._kept.get(run_id) or _Kept([], frozenset(), 0)
+        new, mark = self.store.l3.run_history(run_id, after=kept.mark)
+        if new:
+            kept = kept.extended(new, mark)
+            with self._lock:
+                self._kept[run_id] = kept
+        entries = kept.entries
+        # Every context of the run has its creation entry in L3: that is where its L2 list is found.
+        context_ids = sorted({entry.context_id for entry in entries} | {run_id})
+        if row.status not in FINAL_STATUSES:  # a finished run's entries all went to L3 with its end
+            pending, _ = self.store.history.waiting(context_ids)
+            fresh = [entry for entry in pending if entry.id not in kept.ids]
+            if fresh:
+                entries = sorted([*entries, *fresh], key=order)
+        if context is None:
+            return entries
+        wanted = _context_id(run_id, context, context_ids)
+        return [entry for entry in entries if entry.context_id == wanted]
+
+    def history(self, run_id: str, *, context: str | None = None, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The ``runctx history --json`` object: each entry (step, context, attempt, worker, times,
+        versions, status, what it changed), oldest first, from ``offset``, at most ``limit``."""
+        entries = self.entries(run_id, context=context)
+        row = self.store.ledger.get_run(run_id)
+        window = entries[offset : None if limit is None else offset + limit]
+        return {
+            "run_id": run_id, "status": row.status if row else None, "total": len(entries), "offset": offset,
+            "entries": [_shown(entry, run_id) for entry in window],
+        }
+
+    def context_at(self, run_id: str, step_id: str) -> dict[str, Any]:
+        """The ``runctx context --at --json`` object: the context the step changed, as it was just after it."""
+        entries = self.entries(run_id)
+        target = find_step(entries, step_id)
+        state = state_at(entries, target)
+        return {
+            "run_id": run_id, "step": step_id, "context": _path(state.context_id, run_id), "context_id": state.context_id,
+            "version": state.version, "epoch": state.epoch, "variables": state.shown(), "intermediate": state.intermediate_shown(),
+            "changed": before_and_after(entries, target),
+        }
+
+    def step_detail(self, run_id: str, step_id: str) -> dict[str, Any]:
+        """The web inspector's step panel: every entry of the step (its attempts, retries, skip or
+        failure) and what its commit changed, before -> after."""
+        entries = self.entries(run_id)
+        target = find_step(entries, step_id)
+        return {
+            "run_id": run_id, "step": step_id, "entries": [_shown(e, run_id) for e in entries if e.step_id == step_id],
+            "changed": before_and_after(entries, target) if target.made_version else [],
+        }
+
+    def difference(self, run_id: str, step_a: str, step_b: str) -> dict[str, Any]:
+        """The ``runctx diff --json`` object: how the context changed from just after ``step_a`` to just
+        after ``step_b`` (each in the context it changed)."""
+        if step_a == step_b:
+            raise InvalidValue(f"diff: give two different steps (both are {step_a!r})")
+        entries = self.entries(run_id)
+        a, b = state_at(entries, find_step(entries, step_a)), state_at(entries, find_step(entries, step_b))
+        return {
+            "run_id": run_id, "from": {"step": step_a, "context": _path(a.context_id, run_id), "version": a.version},
+            "to": {"step": step_b, "context": _path(b.context_id, run_id), "version": b.version}, "changes": diff(a, b),
+        }
 
 
 def _context_id(run_id: str, context: str, known: list[str]) -> str:
@@ -31,18 +122,6 @@ def _context_id(run_id: str, context: str, known: list[str]) -> str:
         if candidate in known:
             return candidate
     raise NotFound(f"run {run_id!r} has no context {context!r} (its contexts: {', '.join(sorted(known))[:300]})")
-
-
-def history(store: TieredStore, run_id: str, *, context: str | None = None, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
-    """The ``runctx history --json`` object: each entry (step, context, attempt, worker, times,
-    versions, status, what it changed), oldest first, from ``offset``, at most ``limit``."""
-    entries = entries_of(store, run_id, context=context)
-    row = store.ledger.get_run(run_id)
-    window = entries[offset : None if limit is None else offset + limit]
-    return {
-        "run_id": run_id, "status": row.status if row else None, "total": len(entries), "offset": offset,
-        "entries": [_shown(entry, run_id) for entry in window],
-    }
 
 
 def _shown(entry: HistoryEntry, run_id: str) -> dict[str, Any]:
@@ -65,39 +144,3 @@ def find_step(entries: list[HistoryEntry], step_id: str) -> HistoryEntry:
     if events:
         return events[-1]
     raise NotFound(f"step {step_id!r} is not in the history of run {entries[0].run_id if entries else '?'!r}")
-
-
-def context_at(store: TieredStore, run_id: str, step_id: str) -> dict[str, Any]:
-    """The ``runctx context --at --json`` object: the context the step changed, as it was just after it."""
-    entries = entries_of(store, run_id)
-    target = find_step(entries, step_id)
-    state = state_at(entries, target)
-    return {
-        "run_id": run_id, "step": step_id, "context": _path(state.context_id, run_id), "context_id": state.context_id,
-        "version": state.version, "epoch": state.epoch, "variables": state.shown(), "intermediate": state.intermediate_shown(),
-        "changed": before_and_after(entries, target),
-    }
-
-
-def step_detail(store: TieredStore, run_id: str, step_id: str) -> dict[str, Any]:
-    """The web inspector's step panel: every entry of the step (its attempts, retries, skip or
-    failure) and what its commit changed, before -> after."""
-    entries = entries_of(store, run_id)
-    target = find_step(entries, step_id)
-    return {
-        "run_id": run_id, "step": step_id, "entries": [_shown(e, run_id) for e in entries if e.step_id == step_id],
-        "changed": before_and_after(entries, target) if target.made_version else [],
-    }
-
-
-def difference(store: TieredStore, run_id: str, step_a: str, step_b: str) -> dict[str, Any]:
-    """The ``runctx diff --json`` object: how the context changed from just after ``step_a`` to just
-    after ``step_b`` (each in the context it changed)."""
-    if step_a == step_b:
-        raise InvalidValue(f"diff: give two different steps (both are {step_a!r})")
-    entries = entries_of(store, run_id)
-    a, b = state_at(entries, find_step(entries, step_a)), state_at(entries, find_step(entries, step_b))
-    return {
-        "run_id": run_id, "from": {"step": step_a, "context": _path(a.context_id, run_id), "version": a.version},
-        "to": {"step": step_b, "context": _path(b.context_id, run_id), "version": b.version}, "changes": diff(a, b),
-    }

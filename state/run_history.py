@@ -74,10 +74,15 @@ class RunHistory:
                     log.error("context %s: dropping an unreadable history entry (%s)", context_id, exc)
         return entries, {context_id: len(raws) for context_id, raws in lists.items()}
 
-    def of_run(self, run_id: str, *, context_ids: Sequence[str] = (), context_id: str | None = None) -> list[HistoryEntry]:
+    def of_run(self, run_id: str, *, context_ids: Sequence[str] = ()) -> list[HistoryEntry]:
         """A run's history, oldest first: L3's entries and those of ``context_ids`` still in L2."""
-        stored = {entry.id: entry for entry in self.l3.run_history(run_id, context_id=context_id)}
-        pending, _ = self.waiting([c for c in context_ids if context_id is None or c == context_id])
+        stored = {entry.id: entry for entry in self.l3.run_history(run_id)[0]}
+        pending, _ = self.waiting(context_ids)
         for entry in pending:
             stored.setdefault(entry.id, entry)
-        return sorted(stored.values(), key=lambda e: (e.at, e.context_id, e.version))
+        return sorted(stored.values(), key=order)
+
+
+def order(entry: HistoryEntry) -> tuple[float, str, int]:
+    """The order a history is shown in: by time, then context and version."""
+    return entry.at, entry.context_id, entry.version

@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Float,
+    Identity,
     Index,
     DateTime,
     Integer,
@@ -120,5 +121,6 @@ step_history = Table(
     Column("kind", String(20), nullable=False),
     Column("at", Float, nullable=False),
     Column("entry", JSONB, nullable=False),
-    Index("ix_step_history_run_at", "run_id", "at"),
+    Column("seq", BigInteger, Identity(always=True), nullable=False, unique=True),
+    Index("ix_step_history_run_seq", "run_id", "seq"),
 )

@@ -230,8 +230,9 @@ class L3History(Protocol):
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         """Store entries in one transaction; an entry already stored (the same id) is left as it is."""
 
-    def run_history(self, run_id: str, *, context_id: str | None = None) -> list[HistoryEntry]:
-        """A run's stored history (of one context), oldest first."""
+    def run_history(self, run_id: str, *, after: int = 0) -> tuple[list[HistoryEntry], int]:
+        """A run's entries stored after the mark ``after`` (0: all), in the order they were stored,
+        and the mark to ask from next time (entries never change once stored: a reader keeps them)."""
 
     def history_count(self, run_id: str) -> int: ...
 

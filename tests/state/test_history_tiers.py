@@ -81,6 +81,11 @@ def ids(entries: list[HistoryEntry]) -> list[str]:
     return [e.id for e in entries]
 
 
+def stored(l3: L3Tier, run_id: str = "run-1") -> list[HistoryEntry]:
+    """A run's entries L3 holds, in the order it stored them."""
+    return l3.run_history(run_id)[0]
+
+
 def run_row(run_id: str = "run-1") -> RunRow:
     return RunRow(run_id=run_id, routine_name="greet", routine_version=1, root_context_id=run_id, status="running")
 
@@ -252,9 +257,9 @@ def test_l3_write_contexts_stores_each_entry_once(l3: L3Tier) -> None:
     assert l3.write_contexts([context(version=3)], flushed) == 1
     assert l3.write_contexts([context(version=3)], flushed) == 0  # the same flush made again
 
-    stored = l3.run_history("run-1")
-    assert ids(stored) == ["run-1@1.1", "run-1@1.2", "run-1@1.3", flushed[2].id]
-    assert stored[1:] == flushed
+    held = stored(l3)
+    assert ids(held) == ["run-1@1.1", "run-1@1.2", "run-1@1.3", flushed[2].id]
+    assert held[1:] == flushed
     assert l3.history_count("run-1") == 4
 
 
@@ -262,7 +267,7 @@ def test_l3_write_contexts_stores_the_entries_even_when_no_context_is_newer(l3: 
     l3.create_context(context(version=3))
     late = entry(version=3, at=time.time() + 1)  # e.g. written by a finish first, then by a flush
     assert l3.write_contexts([context(version=3)], [late]) == 0
-    assert ids(l3.run_history("run-1")) == ["run-1@1.1", late.id]
+    assert ids(stored(l3)) == ["run-1@1.1", late.id]
 
 
 def test_l3_add_history_leaves_a_stored_entry_as_it_is(l3: L3Tier) -> None:
@@ -270,20 +275,32 @@ def test_l3_add_history_leaves_a_stored_entry_as_it_is(l3: L3Tier) -> None:
     l3.add_history([first])
     other = entry(version=3, at=T0 + 1)
     l3.add_history([replace(first, note="second"), other])
-    assert l3.run_history("run-1") == [first, other]
+    assert stored(l3) == [first, other]
 
 
-def test_l3_run_history_is_a_runs_entries_oldest_first(l3: L3Tier) -> None:
-    mixed = [
-        entry("run-1/sub", 2, at=T0 + 3), entry("run-1", 3, at=T0 + 2), entry("run-2", 2, at=T0 + 1),
-        entry("run-1", 2, at=T0 + 1), event("run-1/sub", at=T0 + 4), entry("run-1/sub", 3, at=T0 + 3.5),
-    ]
-    l3.add_history(mixed)
-    assert [(e.context_id, e.version, e.at) for e in l3.run_history("run-1")] == [
-        ("run-1", 2, T0 + 1), ("run-1", 3, T0 + 2), ("run-1/sub", 2, T0 + 3), ("run-1/sub", 3, T0 + 3.5), ("run-1/sub", 0, T0 + 4),
-    ]
-    assert ids(l3.run_history("run-1", context_id="run-1/sub")) == ["run-1/sub@1.2", "run-1/sub@1.3", mixed[4].id]
-    assert (l3.history_count("run-1"), l3.history_count("run-2"), l3.history_count("run-3")) == (5, 1, 0)
+def test_l3_run_history_is_a_runs_entries_in_the_order_stored(l3: L3Tier) -> None:
+    batch = [entry("run-1/sub", 2, at=T0 + 3), entry("run-2", 2, at=T0 + 1), entry("run-1", 2, at=T0 + 2), event("run-1/sub", at=T0)]
+    l3.add_history(batch)
+    l3.add_history([entry("run-1", 3, at=T0 + 1)])
+    assert ids(stored(l3)) == ["run-1/sub@1.2", "run-1@1.2", batch[3].id, "run-1@1.3"]
+    assert ids(stored(l3, "run-2")) == ["run-2@1.2"]
+    assert (l3.history_count("run-1"), l3.history_count("run-2"), l3.history_count("run-3")) == (4, 1, 0)
+    assert l3.run_history("run-3")[0] == []
+
+
+def test_l3_run_history_after_a_mark_gives_only_what_was_stored_since(l3: L3Tier) -> None:
+    l3.add_history([entry(version=2), entry("run-1/sub", 2)])
+    first, mark = l3.run_history("run-1")
+    assert ids(first) == ["run-1@1.2", "run-1/sub@1.2"]
+    assert l3.run_history("run-1", after=mark) == ([], mark)
+
+    l3.add_history([entry("run-2", 2)])  # another run's
+    l3.add_history([entry(version=2, note="again"), entry(version=3), event("run-1/sub")])  # the first is stored already
+    new, later = l3.run_history("run-1", after=mark)
+    assert ids(new) == ["run-1@1.3", new[1].id] and new[1].kind == EVENT
+    assert later > mark
+    assert l3.run_history("run-1", after=later)[0] == []
+    assert ids(l3.run_history("run-1", after=0)[0]) == ids(first + new)
 
 
 def test_l3_creating_contexts_records_what_each_was_created_with(l3: L3Tier) -> None:
@@ -293,7 +310,7 @@ def test_l3_creating_contexts_records_what_each_was_created_with(l3: L3Tier) -> 
     with pytest.raises(VersionConflict):
         l3.create_context(context("run-1/a", 1, x="nor this"))
 
-    created = {e.context_id: e for e in l3.run_history("run-1")}
+    created = {e.context_id: e for e in stored(l3)}
     assert l3.history_count("run-1") == 3
     assert {cid: (e.id, e.kind, e.version, e.previous) for cid, e in created.items()} == {
         "run-1": ("run-1@1.1", CREATED, 1, 0), "run-1/a": ("run-1/a@1.1", CREATED, 1, 0), "run-1/b": ("run-1/b@1.1", CREATED, 1, 0),
@@ -309,7 +326,7 @@ def test_l3_finish_run_stores_its_history_and_a_refused_finish_stores_none(l3: L
     last, end = entry(version=2, at=now + 1), event(status="succeeded", at=now + 2)
     assert finish(l3, contexts=[context(version=2)], history=[last, end]) is True
     assert finish(l3, status="failed", history=[event(status="failed", at=now + 3)]) is False
-    assert ids(l3.run_history("run-1")) == ["run-1@1.1", last.id, end.id]
+    assert ids(stored(l3)) == ["run-1@1.1", last.id, end.id]
 
 
 def test_l3_prune_removes_a_pruned_runs_history(l3: L3Tier) -> None:
@@ -323,8 +340,8 @@ def test_l3_prune_removes_a_pruned_runs_history(l3: L3Tier) -> None:
     time.sleep(0.05)  # the point: real time passes, on the clock that decides what is old (PostgreSQL's now())
 
     assert set(l3.prune_runs(0.01)) == {"run-old"}
-    assert l3.history_count("run-old") == 0 and l3.run_history("run-old") == []
-    assert sorted(ids(l3.run_history("run-live"))) == ["run-live@1.1", "run-live@1.2"]
+    assert l3.history_count("run-old") == 0 and stored(l3, "run-old") == []
+    assert sorted(ids(stored(l3, "run-live"))) == ["run-live@1.1", "run-live@1.2"]
 
 
 # ==== through a TieredStore (in memory | Redis and PostgreSQL, with keys) ================================
@@ -336,10 +353,10 @@ def test_edits_reach_l3_with_the_flush_and_leave_the_l2_list_empty(store: Tiered
     edit(store, context_id, greeting="hi", n=None)
     pending = [HistoryEntry.from_json(raw) for raw in store.l2.history_lists([context_id])[context_id]]
     assert [(e.id, e.kind, e.previous) for e in pending] == [("run-1@1.2", EDIT, 1), ("run-1@1.3", EDIT, 2)]
-    assert ids(store.l3.run_history("run-1")) == ["run-1@1.1"]  # the write-behind has not run
+    assert ids(stored(store.l3)) == ["run-1@1.1"]  # the write-behind has not run
 
     assert store.flush(context_id) is True
-    assert store.l3.run_history("run-1")[1:] == pending
+    assert stored(store.l3)[1:] == pending
     assert store.l2.history_lists([context_id]) == {context_id: []}
     assert store.flush(context_id) is False
     assert store.l3.history_count("run-1") == 3
@@ -355,7 +372,7 @@ def test_replaying_to_the_newest_entry_gives_the_l3_snapshot(store: TieredStore)
     edit(store, context_id, user="carol")
     store.flush(context_id)
 
-    entries = store.l3.run_history("run-1")
+    entries = stored(store.l3)
     newest = max(entries, key=lambda e: e.version)
     snapshot = store.read_l3(context_id)
     assert (newest.version, snapshot.version) == (4, 4)
@@ -404,11 +421,11 @@ def test_of_run_merges_l3_and_the_entries_waiting_in_l2_each_once(store: TieredS
     assert ids(store.history.of_run("run-1")) == ["run-1@1.1", "run-1/child@1.1", "run-1@1.2"]  # L3 only
     merged = ["run-1@1.1", "run-1/child@1.1", "run-1@1.2", "run-1@1.3", "run-1/child@1.2", retried.id]
     assert ids(store.history.of_run("run-1", context_ids=[root, child])) == merged
+    assert "run-1/child@1.2" not in ids(store.history.of_run("run-1", context_ids=[root]))  # its list was not asked for
     # A flush that wrote L3 but died before taking the entries off the list: each is still shown once.
     pending, _ = store.history.waiting([root, child])
     store.l3.add_history(pending)
     assert ids(store.history.of_run("run-1", context_ids=[root, child])) == merged
-    assert ids(store.history.of_run("run-1", context_ids=[root, child], context_id=child)) == ["run-1/child@1.1", "run-1/child@1.2"]
 
 
 def test_finishing_a_run_moves_its_waiting_entries_and_its_end_to_l3(store: TieredStore) -> None:
@@ -417,9 +434,9 @@ def test_finishing_a_run_moves_its_waiting_entries_and_its_end_to_l3(store: Tier
     assert store.ledger.finish_run(
         "run-1", status="succeeded", error=None, meta={}, contexts=[store.get_context(context_id)], exports=[]
     ) is True
-    stored = store.l3.run_history("run-1")
-    assert [(e.id, e.kind, e.status, e.version) for e in stored[:2]] == [("run-1@1.1", CREATED, "done", 1), ("run-1@1.2", EDIT, "done", 2)]
-    assert [(e.kind, e.status, e.version) for e in stored[2:]] == [(EVENT, "succeeded", 2)]
+    held = stored(store.l3)
+    assert [(e.id, e.kind, e.status, e.version) for e in held[:2]] == [("run-1@1.1", CREATED, "done", 1), ("run-1@1.2", EDIT, "done", 2)]
+    assert [(e.kind, e.status, e.version) for e in held[2:]] == [(EVENT, "succeeded", 2)]
     assert store.l2.history_lists([context_id]) == {context_id: []}
 
 

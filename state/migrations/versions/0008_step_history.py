@@ -27,8 +27,10 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(20), nullable=False),
         sa.Column("at", sa.Float, nullable=False),
         sa.Column("entry", JSONB, nullable=False),
+        # The order of insertion: a reader that holds a run's history asks only for what came since.
+        sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False, unique=True),
     )
-    op.create_index("ix_step_history_run_at", "step_history", ["run_id", "at"])
+    op.create_index("ix_step_history_run_seq", "step_history", ["run_id", "seq"])
 
 
 def downgrade() -> None:

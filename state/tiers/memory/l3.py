@@ -149,14 +149,14 @@ class MemoryL3:
             self._insert_history(entries)
             self.writes += 1
 
-    def run_history(self, run_id: str, *, context_id: str | None = None) -> list[HistoryEntry]:
+    def run_history(self, run_id: str, *, after: int = 0) -> tuple[list[HistoryEntry], int]:
         with self._lock:
-            entries = [HistoryEntry.from_json(raw) for raw in self._history.values()]
-        found = [e for e in entries if e.run_id == run_id and (context_id is None or e.context_id == context_id)]
-        return sorted(found, key=lambda e: (e.at, e.context_id, e.version))
+            rows = list(enumerate(self._history.values(), start=1))[after:]
+        found = [entry for entry in (HistoryEntry.from_json(raw) for _, raw in rows) if entry.run_id == run_id]
+        return found, rows[-1][0] if rows else after
 
     def history_count(self, run_id: str) -> int:
-        return len(self.run_history(run_id))
+        return len(self.run_history(run_id)[0])
 
     # ---- the run ledger ------------------------------------------------------------------------
 

@@ -48,14 +48,14 @@ class PostgresHistory(PostgresDatabase):
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         self.run(f"record {len(entries)} history entries", lambda conn: self._insert_history(conn, entries))
 
-    def run_history(self, run_id: str, *, context_id: str | None = None) -> list[HistoryEntry]:
+    def run_history(self, run_id: str, *, after: int = 0) -> tuple[list[HistoryEntry], int]:
         table = step_history
-        query = select(table.c.entry).where(table.c.run_id == run_id)
-        if context_id is not None:
-            query = query.where(table.c.context_id == context_id)
-        query = query.order_by(table.c.at, table.c.context_id, table.c.version)
-        rows = self.read(lambda conn: conn.execute(query).scalars().all())
-        return [HistoryEntry.from_json(row if isinstance(row, dict) else json.loads(row)) for row in rows]
+        query = (
+            select(table.c.seq, table.c.entry).where(table.c.run_id == run_id, table.c.seq > after).order_by(table.c.seq)
+        )
+        rows = self.read(lambda conn: conn.execute(query).all())
+        entries = [HistoryEntry.from_json(row.entry if isinstance(row.entry, dict) else json.loads(row.entry)) for row in rows]
+        return entries, rows[-1].seq if rows else after
 
     def history_count(self, run_id: str) -> int:
         query = select(func.count()).select_from(step_history).where(step_history.c.run_id == run_id)

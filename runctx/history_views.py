@@ -6,6 +6,7 @@ of them (`state.history.Change.shown`)."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from state.store import TieredStore
 from state.tiers.data import FINAL_STATUSES
 
 RUNS_KEPT = 16  # runs' histories a reader keeps (a run of 10,000 steps: some MB)
+SETTLE_S = 30.0  # an L3 transaction that took its entries' marks commits within this (else it is read late)
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,22 @@ class _Kept:
 
     entries: list[HistoryEntry]
     ids: frozenset[str]
-    mark: int
+    marks: tuple[tuple[float, int], ...] = ()  # (when, the newest mark L3 had then), oldest first
 
-    def extended(self, new: list[HistoryEntry], mark: int) -> _Kept:
+    def settled(self, now: float) -> int:
+        """The newest mark read long enough ago that no entry before it can still be uncommitted."""
+        return max((mark for when, mark in self.marks if when <= now - SETTLE_S), default=0)
+
+    def extended(self, new: list[HistoryEntry], mark: int, now: float) -> _Kept:
         fresh = [entry for entry in new if entry.id not in self.ids]
-        return _Kept(sorted([*self.entries, *fresh], key=order), self.ids | {e.id for e in fresh}, mark)
+        entries = sorted([*self.entries, *fresh], key=order) if fresh else self.entries
+        marks = tuple((when, m) for when, m in self.marks if when > now - 2 * SETTLE_S) + ((now, mark),)
+        return _Kept(entries, self.ids | {e.id for e in fresh}, marks)
 
 
 class HistoryReader:
     """Reads runs' histories for the API, the command and the inspector. Owns an LRU of the histories
-    it read (an entry never changes once in L3, so only what L3 stored since is read again).
+    it read (an entry never changes once in L3, so only what L3 stored since is read whole again).
 
     Promises: an answer holds every entry L3 held when asked and, for a running run, the entries
     still waiting in L2, each once, oldest first."""
@@ -53,12 +61,12 @@ class HistoryReader:
         if row is None:
             raise NotFound(f"run {run_id!r} does not exist")
         with self._lock:
-            kept = self._kept.get(run_id) or _Kept([], frozenset(), 0)
-        new, mark = self.store.l3.run_history(run_id, after=kept.mark)
-        if new:
-            kept = kept.extended(new, mark)
-            with self._lock:
-                self._kept[run_id] = kept
+            kept = self._kept.get(run_id) or _Kept([], frozenset())
+        now = time.time()
+        new, mark = self.store.l3.run_history(run_id, after=kept.settled(now), known=kept.ids)
+        kept = kept.extended(new, mark, now)
+        with self._lock:
+            self._kept[run_id] = kept
         entries = kept.entries
         # Every context of the run has its creation entry in L3: that is where its L2 list is found.
         context_ids = sorted({entry.context_id for entry in entries} | {run_id})

@@ -15,6 +15,7 @@ writes them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections.abc import Iterable, Sequence
@@ -84,7 +85,7 @@ class HistoryEntry:
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict[str, Any]) -> HistoryEntry:
-        data = raw if isinstance(raw, dict) else json.loads(raw)
+        data = dict(raw) if isinstance(raw, dict) else json.loads(raw)
         changes = tuple(Change(**change) for change in data.pop("changes", ()))
         return cls(**data, changes=changes)
 
@@ -171,6 +172,20 @@ def open_change(change: Change, entry: HistoryEntry, codec: Codec) -> Any:
     return codec.keyring.open(change.value, associated, where=f"history of {entry.context_id}")
 
 
+def resealed(entry: HistoryEntry, codec: Codec) -> HistoryEntry:
+    """The entry with its sealed values sealed again under the newest key (a key rotation)."""
+    if codec.keyring is None:
+        return entry
+    changes = []
+    for change in entry.changes:
+        if change.masked and change.op != "delete":
+            value = open_change(change, entry, codec)
+            associated = _binding(entry.run_id, entry.context_id, entry.epoch, entry.version, change.name, change.sensitivity)
+            change = dataclasses.replace(change, value=codec.keyring.seal(value, associated))
+        changes.append(change)
+    return dataclasses.replace(entry, changes=tuple(changes))
+
+
 # ---- time travel -----------------------------------------------------------------------------------
 
 
@@ -224,10 +239,16 @@ def state_at(entries: Sequence[HistoryEntry], target: HistoryEntry) -> ContextSt
     from its creation; nothing runs. Incomplete when the history lost its first entries (pruned)."""
     anchor = target
     if not target.made_version:
-        versions = [e for e in entries if e.context_id == target.context_id and e.made_version and e.version <= target.version]
-        if not versions:
+        # An event: the version it happened at (of its epoch, or the one it continued from); one that
+        # names none, the newest version of its context made before it.
+        made = [e for e in entries if e.context_id == target.context_id and e.made_version and e.epoch <= target.epoch]
+        if target.version:
+            made = [e for e in made if e.version == target.version]
+        else:
+            made = [e for e in made if e.at <= target.at]
+        if not made:
             return ContextState(target.context_id, target.version, target.epoch)
-        anchor = max(versions, key=lambda e: (e.version == target.version, e.epoch <= target.epoch, e.epoch, e.version))
+        anchor = max(made, key=lambda e: (e.epoch, e.version))
     state = ContextState(target.context_id, anchor.version, anchor.epoch)
     for entry in lineage(entries, anchor):
         state.apply(entry)

@@ -67,7 +67,7 @@ class RunLedger:
             for ctx in contexts:
                 self.l2.mark_flushed(
                     ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=True,
-                    history_taken=taken.get(ctx.context_id, 0),
+                    history_taken=taken.get(ctx.context_id, ""),
                 )
         return finished
 
@@ -79,12 +79,12 @@ class RunLedger:
 
     def finish_step(
         self, run_id: str, step_id: str, *, status: str = "failed", worker: str = "?", duration_s: float = 0.0,
-        traceback: str | None = None,
+        traceback: str | None = None, epoch: int = 1,
     ) -> None:
         self.l2.finish_step(run_id, step_id, status=status, worker=worker, duration_s=duration_s, traceback=traceback)
-        self.history.event(run_id, run_id, status, step_id=step_id, worker=worker, duration_s=duration_s)
+        self.history.event(run_id, run_id, status, step_id=step_id, worker=worker, duration_s=duration_s, epoch=epoch)
 
-    def record_step(self, run_id: str, step_id: str, record: dict[str, Any]) -> None:
+    def record_step(self, run_id: str, step_id: str, record: dict[str, Any], *, epoch: int = 1) -> None:
         """Write a step's record as given (``status``, ``finished_at`` and what else it says), and
         the event in the run's history (a step's end that made no version: skipped, retried, failed)."""
         self.l2.finish_step(run_id, step_id, record=record)
@@ -92,6 +92,7 @@ class RunLedger:
             run_id, run_id, str(record.get("status", "?")), step_id=step_id.split("#", 1)[0],
             note=str(record.get("reason", "")), worker=str(record.get("worker", "-")),
             attempt=int(record.get("attempts", 1) or 1), duration_s=float(record.get("duration_s") or 0.0) or None,
+            epoch=epoch,
         )
 
     def report(self, report: StepReport, *, now: float) -> None:

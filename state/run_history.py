@@ -61,9 +61,9 @@ class RunHistory:
         """Store entries in L3 at once (what happens where L2 may be gone: a rewind)."""
         self.l3.add_history(entries)
 
-    def waiting(self, context_ids: Sequence[str]) -> tuple[list[HistoryEntry], dict[str, int]]:
-        """The entries waiting in L2 for these contexts, and how many each list holds (what a write
-        that takes them clears; an unreadable entry is dropped with the rest)."""
+    def waiting(self, context_ids: Sequence[str]) -> tuple[list[HistoryEntry], dict[str, str]]:
+        """The entries waiting in L2 for these contexts, and the last of each list as it holds it
+        (what a write that takes them clears up to; an unreadable entry is dropped with the rest)."""
         lists = self.l2.history_lists(list(context_ids))
         entries: list[HistoryEntry] = []
         for context_id, raws in lists.items():
@@ -72,7 +72,7 @@ class RunHistory:
                     entries.append(HistoryEntry.from_json(raw))
                 except (ValueError, TypeError, KeyError) as exc:
                     log.error("context %s: dropping an unreadable history entry (%s)", context_id, exc)
-        return entries, {context_id: len(raws) for context_id, raws in lists.items()}
+        return entries, {context_id: raws[-1] for context_id, raws in lists.items() if raws}
 
     def of_run(self, run_id: str, *, context_ids: Sequence[str] = ()) -> list[HistoryEntry]:
         """A run's history, oldest first: L3's entries and those of ``context_ids`` still in L2."""

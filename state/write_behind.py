@@ -30,6 +30,7 @@ class WriteBehind:
         """Write the L2 version of each context to L3 where it is newer there, in one transaction;
         returns how many L3 rows changed."""
         found: list[tuple[RunContext, bool]] = []
+        gone: list[str] = []  # no entry left in L2: only its waiting history is written
         for context_id in dict.fromkeys(context_ids):
             try:
                 stored = self.l2.get_context(context_id)
@@ -39,20 +40,24 @@ class WriteBehind:
                 self.l1.evict_context(context_id)
                 continue
             if stored is None:
-                self.mark_flushed(context_id, 0, epoch=0, expire=False)  # nothing left to write
+                gone.append(context_id)
                 continue
             found.append((stored.context, stored.live))
-        if not found:
-            return 0
         # Read after the contexts: an entry may be of a version newer than the one written, never older.
-        entries, taken = self.history.waiting([ctx.context_id for ctx, _ in found])
+        entries, taken = self.history.waiting([ctx.context_id for ctx, _ in found] + gone)
+        if not found and not entries:
+            for context_id in gone:
+                self.mark_flushed(context_id, 0, epoch=0, expire=False)  # nothing left to write
+            return 0
         written = self.l3.write_contexts([ctx for ctx, _ in found], entries)
         for ctx, live in found:
             # A running run's contexts keep no TTL: losing one would cost a rewind.
             self.l2.mark_flushed(
                 ctx.context_id, ctx.version, now=self.clock(), epoch=ctx.epoch, expire=not live,
-                history_taken=taken.get(ctx.context_id, 0),
+                history_taken=taken.get(ctx.context_id, ""),
             )
+        for context_id in gone:
+            self.l2.mark_flushed(context_id, 0, now=self.clock(), epoch=0, expire=False, history_taken=taken.get(context_id, ""))
         if written:
             count_l3_write("snapshot", written)
         return written

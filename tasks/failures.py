@@ -92,7 +92,7 @@ class StepFailures:
         }
         if error.traceback:
             record["traceback"] = error.traceback
-        self.store.ledger.record_step(message.run_id, record_id, record)
+        self.store.ledger.record_step(message.run_id, record_id, record, epoch=message.epoch)
 
     @staticmethod
     def _count(routine: str, status: str) -> None:

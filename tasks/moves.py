@@ -100,7 +100,7 @@ class PlanMoves:
         metrics().steps.labels(self.plan.routine.name, "skipped").inc(len(node.skips))
         for step_id in node.skips:
             record = {"status": "skipped", "worker": "-", "duration_s": 0.0, "finished_at": now, "reason": reason}
-            self.store.ledger.record_step(self.run_id, concrete(step_id, items), record)
+            self.store.ledger.record_step(self.run_id, concrete(step_id, items), record, epoch=self.epoch)
 
     # ---- fan-outs -------------------------------------------------------------------------------
 

@@ -167,6 +167,7 @@ class StepRunner:
                 message.run_id, step_id,
                 {"status": "waiting", "worker": worker, "duration_s": 0.0, "finished_at": time.time(),
                  "reason": f"{worker} lacks a key: {exc}"},
+                epoch=message.epoch,
             )
             raise HandedBack(str(exc)) from None
         except RoutineError as exc:
@@ -174,7 +175,7 @@ class StepRunner:
                 return self.failures.after(plan, node, message, exc, worker=worker, started=started)
             self.store.ledger.finish_step(
                 message.run_id, step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started,
-                traceback=getattr(exc, "traceback", None),
+                traceback=getattr(exc, "traceback", None), epoch=message.epoch,
             )
             where = f" on {worker}" if isinstance(exc, NodeMisconfigured) else ""  # which node to set up
             error = f"step {step_id!r}{where}: {exc}"

@@ -95,10 +95,10 @@ class L2Contexts(Protocol):
         epoch at that version or a newer one."""
 
     def mark_flushed(
-        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: int = 0
+        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: str = ""
     ) -> bool:
-        """L3 holds (``epoch``, ``version``) and the first ``history_taken`` entries of the history list:
-        those leave the list; unschedule the write (or reschedule it if newer changes came); with
+        """L3 holds (``epoch``, ``version``) and the history entries up to ``history_taken`` (the last
+        one it took, as the list holds it): those leave the list, what came after stays; unschedule the write (or reschedule it if newer changes came); with
         ``expire``, a clean entry gets the context TTL (a running run's contexts keep none)."""
 
     def history_lists(self, context_ids: list[str]) -> dict[str, list[str]]:
@@ -230,9 +230,11 @@ class L3History(Protocol):
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         """Store entries in one transaction; an entry already stored (the same id) is left as it is."""
 
-    def run_history(self, run_id: str, *, after: int = 0) -> tuple[list[HistoryEntry], int]:
-        """A run's entries stored after the mark ``after`` (0: all), in the order they were stored,
-        and the mark to ask from next time (entries never change once stored: a reader keeps them)."""
+    def run_history(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
+        """A run's entries stored after the mark ``after`` (0: all) but those in ``known``, in the
+        order they were stored, and the newest mark seen. Entries never change once stored, so a
+        reader keeps them; marks are handed out before commit, so an entry may appear after a later
+        mark was seen: a reader asks again from a mark some time old, with the ids it holds."""
 
     def history_count(self, run_id: str) -> int: ...
 

@@ -215,10 +215,10 @@ def test_l2_push_history_appends_to_what_commits_pushed(l2: L2Tier) -> None:
     assert waiting(l2, "run-1/gone") == [skipped.id]
 
 
-def test_l2_mark_flushed_takes_exactly_the_first_entries(l2: L2Tier) -> None:
+def test_l2_mark_flushed_takes_the_entries_up_to_the_last_one_taken(l2: L2Tier) -> None:
     for version in (1, 2, 3):
         l2.commit(committing(context(version=version), version - 1, entry(version=version)), now=T0)
-    taken = len(l2.history_lists(["run-1"])["run-1"])  # what a flush read
+    taken = l2.history_lists(["run-1"])["run-1"][-1]  # the last entry a flush read
     late = event()  # pushed after the flush read the list: it must wait for the next one
     beside = event("run-1/sub")
     push(l2, late)
@@ -229,7 +229,9 @@ def test_l2_mark_flushed_takes_exactly_the_first_entries(l2: L2Tier) -> None:
     l2.mark_flushed("run-1", 3, now=T0 + 1)  # took none
     assert waiting(l2) == [late.id]
     assert waiting(l2, "run-1/sub") == [beside.id]  # another context's list is its own
-    l2.mark_flushed("run-1", 3, now=T0 + 1, history_taken=1)
+    l2.mark_flushed("run-1", 3, now=T0 + 1, history_taken=taken)  # taken already by another write: nothing more
+    assert waiting(l2) == [late.id]
+    l2.mark_flushed("run-1", 3, now=T0 + 1, history_taken=late.to_json())
     assert waiting(l2) == []
 
 
@@ -342,6 +344,35 @@ def test_l3_prune_removes_a_pruned_runs_history(l3: L3Tier) -> None:
     assert set(l3.prune_runs(0.01)) == {"run-old"}
     assert l3.history_count("run-old") == 0 and stored(l3, "run-old") == []
     assert sorted(ids(stored(l3, "run-live"))) == ["run-live@1.1", "run-live@1.2"]
+
+
+def test_l3_a_reader_that_holds_entries_gets_only_those_it_lacks_whatever_was_pruned_meanwhile(l3: L3Tier) -> None:
+    l3.create_run(run_row("run-old"), context("run-old", 1))
+    assert finish(l3, "run-old", contexts=[context("run-old", 2)]) is True
+    l3.create_run(run_row("run-1"), context("run-1", 1))
+    held, mark = l3.run_history("run-1")
+    time.sleep(0.05)  # real time passes on PostgreSQL's clock, which decides what is old
+    assert set(l3.prune_runs(0.01)) == {"run-old"}
+    later = [entry("run-1", 2), entry("run-1", 3)]
+    l3.add_history(later)
+
+    new, newer_mark = l3.run_history("run-1", after=mark)
+    assert ids(new) == ids(later) and newer_mark > mark
+    # Asked again from an older mark, with the ids it holds: nothing it has is read twice.
+    again, _ = l3.run_history("run-1", after=0, known=frozenset(ids(held + new)))
+    assert again == []
+    missing, _ = l3.run_history("run-1", after=0, known=frozenset(ids(held)))
+    assert ids(missing) == ids(later)
+
+
+def test_l3_creating_contexts_again_records_no_second_creation(l3: L3Tier) -> None:
+    l3.create_run(run_row("run-1"), context("run-1", 1))
+    assert l3.create_contexts([context("run-1/a", 1), context("run-1/b", 1)]) == 2
+    again = context("run-1/a", 1, greeting="never stored")
+    again.epoch = 2
+    assert l3.create_contexts([again, context("run-1/c", 1)]) == 1
+    created = [e for e in stored(l3) if e.kind == "created"]
+    assert sorted(e.context_id for e in created) == ["run-1", "run-1/a", "run-1/b", "run-1/c"]
 
 
 # ==== through a TieredStore (in memory | Redis and PostgreSQL, with keys) ================================

@@ -49,10 +49,13 @@ def text_of(driver: webdriver.Chrome, selector: str) -> str | None:
 
 
 def rows(driver: webdriver.Chrome, selector: str) -> list[list[str]]:
-    """The cells' texts of each row ``selector`` matches, read in one go (the page may redraw them)."""
-    return driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map((r) => [...r.cells].map((c) => c.textContent));", selector
+    """The data cells' texts of each row ``selector`` matches (header rows left out), read in one go
+    (the page may redraw them)."""
+    found = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((r) => [...r.querySelectorAll('td')].map((c) => c.textContent));",
+        selector,
     )
+    return [cells for cells in found if cells]
 
 
 def click_row(driver: webdriver.Chrome, table: str, column: int, text: str) -> bool:

@@ -133,12 +133,13 @@ class MemoryContexts(MemoryState):
             return True
 
     def mark_flushed(
-        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: int = 0
+        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: str = ""
     ) -> bool:
         debounce_s = self.config.write_behind_debounce_s
         with self._lock:
-            if history_taken:
-                del self._history.setdefault(context_id, [])[:history_taken]
+            waiting = self._history.get(context_id, [])
+            if history_taken and history_taken in waiting:
+                del waiting[: waiting.index(history_taken) + 1]
             current = self._live(self._contexts, context_id)
             if current is not None and (current.epoch, current.version) > (epoch, version):
                 self._first[context_id] = now

@@ -17,7 +17,7 @@ from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import RefusedByDatabase, VersionConflict
-from state.history import HistoryEntry, created_entry
+from state.history import HistoryEntry, created_entry, resealed
 from state.keys import config_key, routine_key
 from state.models import RunContext
 from state.tiers.data import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
@@ -72,7 +72,8 @@ class MemoryL3:
         self.blackboard: dict[tuple[str, str], dict[str, Any]] = {}
         self.exports: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._keys: set[str] = set()
-        self._history: dict[str, str] = {}  # entry id -> the entry as JSON, as inserted
+        self._history: dict[str, tuple[int, str]] = {}  # entry id -> (its mark, the entry as JSON)
+        self._marks = 0  # as a sequence hands them out
         self.writes = 0  # committed write operations, as `runctx` counts L3 writes
         self._lock = threading.RLock()
 
@@ -142,18 +143,21 @@ class MemoryL3:
 
     def _insert_history(self, entries: Sequence[HistoryEntry]) -> None:
         for entry in entries:
-            self._history.setdefault(entry.id, entry.to_json())
+            if entry.id not in self._history:
+                self._marks += 1
+                self._history[entry.id] = (self._marks, entry.to_json())
 
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         with self._lock:
             self._insert_history(entries)
             self.writes += 1
 
-    def run_history(self, run_id: str, *, after: int = 0) -> tuple[list[HistoryEntry], int]:
+    def run_history(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
         with self._lock:
-            rows = list(enumerate(self._history.values(), start=1))[after:]
-        found = [entry for entry in (HistoryEntry.from_json(raw) for _, raw in rows) if entry.run_id == run_id]
-        return found, rows[-1][0] if rows else after
+            rows = sorted((mark, entry_id, raw) for entry_id, (mark, raw) in self._history.items() if mark > after)
+        mine = [(mark, entry_id, HistoryEntry.from_json(raw)) for mark, entry_id, raw in rows]
+        mine = [(mark, entry_id, entry) for mark, entry_id, entry in mine if entry.run_id == run_id]
+        return [entry for _, entry_id, entry in mine if entry_id not in known], max((m for m, _, _ in mine), default=after)
 
     def history_count(self, run_id: str) -> int:
         return len(self.run_history(run_id)[0])
@@ -262,7 +266,7 @@ class MemoryL3:
                     del self._snapshots[context_id]
                 pruned[run.run_id] = contexts
             gone = set(pruned)
-            self._history = {i: raw for i, raw in self._history.items() if json.loads(raw)["run_id"] not in gone}
+            self._history = {i: kept for i, kept in self._history.items() if json.loads(kept[1])["run_id"] not in gone}
             return pruned
 
     def discard_context(self, context_id: str) -> None:
@@ -327,6 +331,10 @@ class MemoryL3:
                     ctx = self.codec.from_document(json.loads(document), key="L3 context")
                     ctx.version, ctx.epoch = version, epoch
                     self._snapshots[context_id] = (epoch, version, self._encode(ctx))
+                    done += 1
+            for entry_id, (mark, raw) in list(self._history.items()):
+                if done < limit and any(marker in raw for marker in markers):
+                    self._history[entry_id] = (mark, resealed(HistoryEntry.from_json(raw), self.codec).to_json())
                     done += 1
         return done
 

@@ -66,9 +66,9 @@ class PostgresContexts(PostgresHistory):
         }
 
         def work(conn: Connection) -> int:
-            created = len(conn.execute(_CREATE_MANY, columns).all())
-            self._insert_history(conn, self._created(contexts))
-            return created
+            created = set(conn.execute(_CREATE_MANY, columns).scalars())
+            self._insert_history(conn, self._created([ctx for ctx in contexts if ctx.context_id in created]))
+            return len(created)
 
         return self.run(f"create {len(contexts)} contexts", work)
 

@@ -48,14 +48,21 @@ class PostgresHistory(PostgresDatabase):
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         self.run(f"record {len(entries)} history entries", lambda conn: self._insert_history(conn, entries))
 
-    def run_history(self, run_id: str, *, after: int = 0) -> tuple[list[HistoryEntry], int]:
+    def run_history(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
         table = step_history
-        query = (
-            select(table.c.seq, table.c.entry).where(table.c.run_id == run_id, table.c.seq > after).order_by(table.c.seq)
-        )
+        since = (table.c.run_id == run_id, table.c.seq > after)
+        if known:  # ids first: only the entries the reader does not hold are read whole
+            marks = self.read(lambda conn: conn.execute(select(table.c.seq, table.c.entry_id).where(*since)).all())
+            mark = max((row.seq for row in marks), default=after)
+            wanted = [row.entry_id for row in marks if row.entry_id not in known]
+            if not wanted:
+                return [], mark
+            query = select(table.c.seq, table.c.entry).where(table.c.entry_id.in_(wanted)).order_by(table.c.seq)
+        else:
+            query = select(table.c.seq, table.c.entry).where(*since).order_by(table.c.seq)
         rows = self.read(lambda conn: conn.execute(query).all())
         entries = [HistoryEntry.from_json(row.entry if isinstance(row.entry, dict) else json.loads(row.entry)) for row in rows]
-        return entries, rows[-1].seq if rows else after
+        return entries, max([row.seq for row in rows] + ([mark] if known else [after]))
 
     def history_count(self, run_id: str) -> int:
         query = select(func.count()).select_from(step_history).where(step_history.c.run_id == run_id)

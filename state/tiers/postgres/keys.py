@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, Text, or_, select
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert
 
-from state.schema import blackboard_entries, context_snapshots, encryption_keys, exports
+from state.history import HistoryEntry, resealed
+from state.schema import blackboard_entries, context_snapshots, encryption_keys, exports, step_history
 from state.tiers.postgres.contexts import PostgresContexts
 
 
@@ -16,7 +18,7 @@ class PostgresKeys(PostgresContexts):
     """The keys in use; a rotation seals rows again in batches, versions unchanged."""
 
     def reseal(self, old_key_ids: set[str], *, limit: int = 100) -> int:
-        """Seal again, under the newest key, up to ``limit`` contexts and exports that hold values
+        """Seal again, under the newest key, up to ``limit`` contexts, history entries and exports that hold values
         sealed under ``old_key_ids``; each row in a transaction of its own batch. Returns how many
         were resealed (0: none is left). Versions do not change: only the envelopes do."""
         markers = [f"v1.{key_id}." for key_id in sorted(old_key_ids)]
@@ -39,6 +41,15 @@ class PostgresKeys(PostgresContexts):
                 conn.execute(
                     table.update().where(table.c.context_id == row.context_id).values(document=self.codec.to_document(ctx))
                 )
+                done += 1
+            history = step_history
+            found = conn.execute(
+                select(history.c.entry_id, history.c.entry).where(holding(history.c.entry)).limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for entry_id, raw in found:
+                entry = resealed(HistoryEntry.from_json(raw), self.codec)
+                conn.execute(history.update().where(history.c.entry_id == entry_id).values(entry=json.loads(entry.to_json())))
                 done += 1
             for target in (exports, blackboard_entries):
                 found = conn.execute(select(target).where(holding(target.c.value)).limit(limit).with_for_update(skip_locked=True)).mappings().all()

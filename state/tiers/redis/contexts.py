@@ -174,7 +174,7 @@ class RedisContexts(RedisConnection):
         return [key, applied_key], [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps]
 
     def mark_flushed(
-        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: int = 0
+        self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: str = ""
     ) -> bool:
         ttl = self.config.l2_context_ttl_s if expire else 0
         debounce_s = self.config.write_behind_debounce_s
@@ -208,6 +208,8 @@ class RedisContexts(RedisConnection):
             except ResponseError:  # damage: another type where the list belongs
                 self.client.delete(key)
                 self.client.rpush(key, entry)
+            # A run's next commit makes its list last again; an event after its end goes with the records.
+            self.client.expire(key, RECORD_TTL_S)
             self.client.publish(self.keys.watch_channel, watch)
 
         self._call(push)

@@ -306,9 +306,20 @@ def test_l2_wiped_twice_mid_run_the_run_ends_exactly_once(effects: Effects, own_
         figures = report("L2 wiped twice", cluster, run, effects, elapsed, wipes, final["epoch"])
         assert set(effects.counts()) == set(run.ticks)  # every tick ran (at least once)
         assert final["epoch"] >= 2 and figures["rewinds_logged"] >= 1, "the wipes were never noticed"
+        assert_history_tells_the_rewinds(cluster, run_id, result["variables"])
     finally:
         l2.close()
         broker.close()
+
+
+def assert_history_tells_the_rewinds(cluster: Cluster, run_id: str, variables: dict) -> None:
+    """The run's history names each rewind, and replaying it to the root's last commit gives the
+    variables the run ended with (the steps a rewind ran again are there once per epoch)."""
+    history = json.loads(cluster.runctx("history", run_id, "--json").stdout)
+    assert any(e["status"] == "rewound" for e in history["entries"]), "no rewind in the history"
+    last = max((e for e in history["entries"] if e["context"] == "" and e["kind"] == "step"), key=lambda e: (e["epoch"], e["version"]))
+    at = json.loads(cluster.runctx("context", run_id, "--at", last["step_id"], "--json").stdout)
+    assert at["variables"] == variables
 
 
 # ---- 2. Redis killed and started again empty --------------------------------------------------------------

@@ -63,7 +63,7 @@ class HistoryReader:
         with self._lock:
             kept = self._kept.get(run_id) or _Kept([], frozenset())
         now = time.time()
-        new, mark = self.store.l3.run_history(run_id, after=kept.settled(now), known=kept.ids)
+        new, mark = self.store.history.stored(run_id, after=kept.settled(now), known=kept.ids)
         kept = kept.extended(new, mark, now)
         with self._lock:
             self._kept[run_id] = kept

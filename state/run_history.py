@@ -74,6 +74,11 @@ class RunHistory:
                     log.error("context %s: dropping an unreadable history entry (%s)", context_id, exc)
         return entries, {context_id: raws[-1] for context_id, raws in lists.items() if raws}
 
+    def stored(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
+        """The run's entries L3 stored after the mark ``after`` but those in ``known``, and the
+        newest mark (`L3History.run_history` says how a reader that keeps entries uses them)."""
+        return self.l3.run_history(run_id, after=after, known=known)
+
     def of_run(self, run_id: str, *, context_ids: Sequence[str] = ()) -> list[HistoryEntry]:
         """A run's history, oldest first: L3's entries and those of ``context_ids`` still in L2."""
         stored = {entry.id: entry for entry in self.l3.run_history(run_id)[0]}

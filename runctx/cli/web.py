@@ -7,6 +7,8 @@ import typer
 from runctx.cli.base import app, client
 from runctx.web.settings import DEFAULT_BIND, WebSettings
 
+GRACE_S = 3  # seconds open pages get to close when the inspector stops
+
 
 @app.command()
 def web(
@@ -28,4 +30,5 @@ def web(
         typer.echo(f"runctx inspector on http://{host}:{port}/ (user {settings.user})")
         if not WebSettings().has_credentials:
             typer.echo(f"password for this start: {settings.password}")
-        uvicorn.run(application, host=host, port=port, log_level="warning")
+        # An open event stream never ends by itself: on SIGTERM or Ctrl-C, pages get this long.
+        uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)

@@ -47,7 +47,13 @@ function runsPage() {
     if (!update.runs) return;
     const body = document.querySelector("#runs tbody");
     body.replaceChildren(...update.runs.map(runRow));
-    if (!update.runs.length) body.append(el("tr", "no runs", "empty"));
+    if (!update.runs.length) {
+      const row = el("tr", undefined, "empty");
+      const cell = el("td", "no runs");
+      cell.colSpan = 6;
+      row.append(cell);
+      body.append(row);
+    }
   });
 }
 
@@ -67,7 +73,8 @@ function runRow(run) {
 
 // ---- a run's page -----------------------------------------------------------------------------
 
-const run = { id: null, entries: [], page: 0, loading: false, status: null };
+const run = { id: null, entries: [], ids: new Set(), page: 0, loading: false, again: false, status: null, view: 0, step: 0 };
+const OVERLAP = 200; // entries read again at each load: one that reached the server late sorts among them
 
 function runPage() {
   run.id = document.body.dataset.run;
@@ -84,14 +91,28 @@ function runPage() {
 }
 
 async function loadHistory() {
-  if (run.loading) return;
+  if (run.loading) {
+    run.again = true; // a change came while loading: load once more after
+    return;
+  }
   run.loading = true;
   try {
-    for (;;) {
-      const found = await api(`/api/runs/${encodeURIComponent(run.id)}/history?brief=true&limit=${HISTORY_PAGE}&offset=${run.entries.length}`);
-      run.entries.push(...found.entries);
-      if (!found.entries.length || run.entries.length >= found.total) break;
-    }
+    do {
+      run.again = false;
+      let offset = Math.max(0, run.entries.length - OVERLAP);
+      for (;;) {
+        const found = await api(`/api/runs/${encodeURIComponent(run.id)}/history?brief=true&limit=${HISTORY_PAGE}&offset=${offset}`);
+        for (const entry of found.entries) {
+          if (!run.ids.has(entry.id)) {
+            run.ids.add(entry.id);
+            run.entries.push(entry);
+          }
+        }
+        offset += found.entries.length;
+        if (!found.entries.length || offset >= found.total) break;
+      }
+      run.entries.sort((a, b) => a.at - b.at || a.context_id.localeCompare(b.context_id) || a.version - b.version);
+    } while (run.again);
   } finally {
     run.loading = false;
   }
@@ -161,9 +182,11 @@ function stepRow(entry, index) {
 // the step panel: attempts, and what the step changed, before -> after
 
 async function showStep(stepId) {
+  const asked = ++run.step; // the last step clicked is shown, whichever answer comes last
   document.getElementById("panel-step").textContent = stepId;
   const panel = document.getElementById("step-panel");
   const detail = await api(`/api/runs/${encodeURIComponent(run.id)}/steps/${stepId.split("/").map(encodeURIComponent).join("/")}`);
+  if (asked !== run.step) return;
   const attempts = el("table", undefined, "grid");
   attempts.append(headRow("status", "attempt", "worker", "ms", "note"));
   for (const entry of detail.entries) {
@@ -195,8 +218,10 @@ function headRow(...names) {
 // contexts: now (versions in L2 and L3, pending write-behind) or just after a step (time travel)
 
 async function showContexts() {
+  const view = ++run.view; // the last one asked for is shown, whichever answer comes last
   document.getElementById("travel-title").textContent = "now";
   const tree = await api(`/api/runs/${encodeURIComponent(run.id)}/contexts`);
+  if (view !== run.view) return;
   const box = document.getElementById("context");
   box.replaceChildren(...tree.contexts.map((ctx) => {
     const block = el("div", undefined, "ctx");
@@ -209,7 +234,9 @@ async function showContexts() {
 }
 
 async function showContextAt(stepId) {
+  const view = ++run.view;
   const at = await api(`/api/runs/${encodeURIComponent(run.id)}/context?at=${encodeURIComponent(stepId)}`);
+  if (view !== run.view) return;
   document.getElementById("travel-title").textContent = `${at.context || "(root)"} just after ${stepId} (v${at.version})`;
   const changed = new Map(at.changed.map((change) => [change.name, change]));
   const table = variablesTable({ ...at.variables, ...at.intermediate }, changed);

@@ -71,7 +71,7 @@ class HistoryReader:
         # Every context of the run has its creation entry in L3: that is where its L2 list is found.
         context_ids = sorted({entry.context_id for entry in entries} | {run_id})
         if row.status not in FINAL_STATUSES:  # a finished run's entries all went to L3 with its end
-            pending, _ = self.store.history.waiting(context_ids)
+            pending = self.store.history.waiting(context_ids)
             fresh = [entry for entry in pending if entry.id not in kept.ids]
             if fresh:
                 entries = sorted([*entries, *fresh], key=order)

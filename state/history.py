@@ -81,7 +81,12 @@ class HistoryEntry:
         return None if self.started is None else max(0.0, self.at - self.started)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # By hand, not `asdict`: every commit makes one, and asdict copies every value deeply.
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        fields["changes"] = [
+            {"name": c.name, "op": c.op, "value": c.value, "scope": c.scope, "sensitivity": c.sensitivity} for c in self.changes
+        ]
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict[str, Any]) -> HistoryEntry:
@@ -100,6 +105,9 @@ class HistoryEntry:
         return shown
 
 
+_FIELDS = tuple(name for name in HistoryEntry.__dataclass_fields__ if name != "changes")
+
+
 def commit_id(context_id: str, epoch: int, version: int) -> str:
     """A version's entry id: the same entry written twice (a flush made again) is stored once."""
     return f"{context_id}@{epoch}.{version}"
@@ -111,9 +119,10 @@ def event_id() -> str:
 
 def _changes(ctx: RunContext, names: Iterable[str], codec: Codec, epoch: int, version: int) -> tuple[Change, ...]:
     changes = []
+    levels = ctx.sensitivity_map
     for name in names:
         scope = "variables" if name in ctx.variables else "intermediate" if name in ctx.intermediate else None
-        level = ctx.sensitivity_of(name)
+        level = DataSensitivity(levels.get(name, DataSensitivity.PUBLIC))
         if scope is None:
             changes.append(Change(name, "delete", None, "variables", level.value))
             continue

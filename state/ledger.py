@@ -54,11 +54,12 @@ class RunLedger:
         """Final contexts, exports, status and the history entries still in L2 (with the run's end) in
         one L3 transaction; False if the run was final already (or, with ``epoch``, rewound past it).
         Its contexts then get the context TTL in L2."""
-        entries, taken = self.history.waiting([ctx.context_id for ctx in contexts])
+        entries, taken = self.history.to_write([ctx.context_id for ctx in contexts])
         root = contexts[0] if contexts else None
         if root is not None and self.history.keep:
             note = "" if error is None or status == "cancelled" else error
-            entries.append(event_entry(run_id, root.context_id, status, now=self.clock(), note=note, epoch=root.epoch, version=root.version))
+            end = event_entry(run_id, root.context_id, status, now=self.clock(), note=note, epoch=root.epoch, version=root.version)
+            entries.append(end.to_json())
         finished = self.l3.finish_run(
             run_id, status=status, error=error, meta=meta, contexts=contexts, exports=exports, epoch=epoch, history=entries
         )

@@ -61,18 +61,24 @@ class RunHistory:
         """Store entries in L3 at once (what happens where L2 may be gone: a rewind)."""
         self.l3.add_history(entries)
 
-    def waiting(self, context_ids: Sequence[str]) -> tuple[list[HistoryEntry], dict[str, str]]:
-        """The entries waiting in L2 for these contexts, and the last of each list as it holds it
-        (what a write that takes them clears up to; an unreadable entry is dropped with the rest)."""
+    def to_write(self, context_ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """The entries waiting in L2 for these contexts, as they are stored (JSON: L3 reads them as
+        they come), and the last of each list (what the write that takes them clears up to).
+        Anything in a list that is not an entry's JSON (damage) is left out, and cleared with it."""
         lists = self.l2.history_lists(list(context_ids))
+        raws = [raw for found in lists.values() for raw in found if raw.startswith('{"id":')]
+        return raws, {context_id: found[-1] for context_id, found in lists.items() if found}
+
+    def waiting(self, context_ids: Sequence[str]) -> list[HistoryEntry]:
+        """The entries waiting in L2 for these contexts (an unreadable one is left out)."""
         entries: list[HistoryEntry] = []
-        for context_id, raws in lists.items():
+        for context_id, raws in self.l2.history_lists(list(context_ids)).items():
             for raw in raws:
                 try:
                     entries.append(HistoryEntry.from_json(raw))
                 except (ValueError, TypeError, KeyError) as exc:
-                    log.error("context %s: dropping an unreadable history entry (%s)", context_id, exc)
-        return entries, {context_id: raws[-1] for context_id, raws in lists.items() if raws}
+                    log.error("context %s: an unreadable history entry (%s)", context_id, exc)
+        return entries
 
     def stored(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
         """The run's entries L3 stored after the mark ``after`` but those in ``known``, and the
@@ -82,7 +88,7 @@ class RunHistory:
     def of_run(self, run_id: str, *, context_ids: Sequence[str] = ()) -> list[HistoryEntry]:
         """A run's history, oldest first: L3's entries and those of ``context_ids`` still in L2."""
         stored = {entry.id: entry for entry in self.l3.run_history(run_id)[0]}
-        pending, _ = self.waiting(context_ids)
+        pending = self.waiting(context_ids)
         for entry in pending:
             stored.setdefault(entry.id, entry)
         return sorted(stored.values(), key=order)

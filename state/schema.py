@@ -121,6 +121,6 @@ step_history = Table(
     Column("kind", String(20), nullable=False),
     Column("at", Float, nullable=False),
     Column("entry", JSONB, nullable=False),
-    Column("seq", BigInteger, Identity(always=True), nullable=False, unique=True),
+    Column("seq", BigInteger, Identity(always=True), nullable=False),
     Index("ix_step_history_run_seq", "run_id", "seq"),
 )

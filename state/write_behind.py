@@ -44,7 +44,7 @@ class WriteBehind:
                 continue
             found.append((stored.context, stored.live))
         # Read after the contexts: an entry may be of a version newer than the one written, never older.
-        entries, taken = self.history.waiting([ctx.context_id for ctx, _ in found] + gone)
+        entries, taken = self.history.to_write([ctx.context_id for ctx, _ in found] + gone)
         if not found and not entries:
             for context_id in gone:
                 self.mark_flushed(context_id, 0, epoch=0, expire=False)  # nothing left to write

@@ -215,8 +215,9 @@ class L3Contexts(Protocol):
     def create_contexts(self, contexts: list[RunContext]) -> int:
         """Insert new contexts in one transaction, leaving those that exist; how many were new."""
 
-    def write_contexts(self, contexts: list[RunContext], history: Sequence[HistoryEntry] = ()) -> int:
-        """`write_context` for each, with ``history``'s entries, in one transaction; how many were written."""
+    def write_contexts(self, contexts: list[RunContext], history: Sequence[str] = ()) -> int:
+        """`write_context` for each, with the ``history`` entries (as JSON, as the L2 lists hold them),
+        in one transaction; how many contexts were written."""
 
     def run_contexts(self, run_id: str) -> list[RunContext]:
         """Every stored context of a run (with the steps each holds)."""
@@ -254,7 +255,7 @@ class L3Ledger(Protocol):
         contexts: list[RunContext],
         exports: list[ExportRecord],
         epoch: int | None = None,
-        history: Sequence[HistoryEntry] = (),
+        history: Sequence[str] = (),
     ) -> bool:
         """Final contexts, exports, status and ``history``'s entries in one transaction; False (nothing written) if already
         final, or (with ``epoch``) if the run has been rewound past that epoch."""

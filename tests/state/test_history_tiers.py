@@ -92,6 +92,7 @@ def run_row(run_id: str = "run-1") -> RunRow:
 
 def finish(l3: L3Tier, run_id: str = "run-1", **fields: Any) -> bool:
     values: dict[str, Any] = dict(status="succeeded", error=None, meta={}, contexts=[], exports=[])
+    fields["history"] = [item.to_json() for item in fields.get("history", [])]  # as the L2 lists hold them
     return l3.finish_run(run_id, **{**values, **fields})
 
 
@@ -256,8 +257,8 @@ def test_l3_write_contexts_stores_each_entry_once(l3: L3Tier) -> None:
     now = time.time()
     flushed = [entry(version=2, at=now + 1), entry(version=3, at=now + 2, step_id="s3", worker="w-1"), event(at=now + 3)]
 
-    assert l3.write_contexts([context(version=3)], flushed) == 1
-    assert l3.write_contexts([context(version=3)], flushed) == 0  # the same flush made again
+    assert l3.write_contexts([context(version=3)], [e.to_json() for e in flushed]) == 1
+    assert l3.write_contexts([context(version=3)], [e.to_json() for e in flushed]) == 0  # the same flush made again
 
     held = stored(l3)
     assert ids(held) == ["run-1@1.1", "run-1@1.2", "run-1@1.3", flushed[2].id]
@@ -268,7 +269,7 @@ def test_l3_write_contexts_stores_each_entry_once(l3: L3Tier) -> None:
 def test_l3_write_contexts_stores_the_entries_even_when_no_context_is_newer(l3: L3Tier) -> None:
     l3.create_context(context(version=3))
     late = entry(version=3, at=time.time() + 1)  # e.g. written by a finish first, then by a flush
-    assert l3.write_contexts([context(version=3)], [late]) == 0
+    assert l3.write_contexts([context(version=3)], [late.to_json()]) == 0
     assert ids(stored(l3)) == ["run-1@1.1", late.id]
 
 
@@ -454,7 +455,7 @@ def test_of_run_merges_l3_and_the_entries_waiting_in_l2_each_once(store: TieredS
     assert ids(store.history.of_run("run-1", context_ids=[root, child])) == merged
     assert "run-1/child@1.2" not in ids(store.history.of_run("run-1", context_ids=[root]))  # its list was not asked for
     # A flush that wrote L3 but died before taking the entries off the list: each is still shown once.
-    pending, _ = store.history.waiting([root, child])
+    pending = store.history.waiting([root, child])
     store.l3.add_history(pending)
     assert ids(store.history.of_run("run-1", context_ids=[root, child])) == merged
 

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("at", sa.Float, nullable=False),
         sa.Column("entry", JSONB, nullable=False),
         # The order of insertion: a reader that holds a run's history asks only for what came since.
-        sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False, unique=True),
+        sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
     )
     op.create_index("ix_step_history_run_seq", "step_history", ["run_id", "seq"])
 

@@ -104,7 +104,7 @@ class MemoryL3:
         if ctx.context_id in self._snapshots:
             raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, self._snapshots[ctx.context_id][1])
         self._snapshots[ctx.context_id] = (ctx.epoch, ctx.version, document)
-        self._insert_history([created_entry(ctx, codec=self.codec, now=time.time())])
+        self._insert_history([created_entry(ctx, codec=self.codec, now=time.time()).to_json()])
 
     def _write_if_newer(self, ctx: RunContext, document: str | None = None) -> bool:
         stored = self._snapshots.get(ctx.context_id)
@@ -132,7 +132,7 @@ class MemoryL3:
             self.writes += 1
             return written
 
-    def write_contexts(self, contexts: list[RunContext], history: Sequence[HistoryEntry] = ()) -> int:
+    def write_contexts(self, contexts: list[RunContext], history: Sequence[str] = ()) -> int:
         with self._lock:
             self.writes += 1
             written = sum(self._write_if_newer(ctx) for ctx in contexts)
@@ -141,15 +141,15 @@ class MemoryL3:
 
     # ---- history -------------------------------------------------------------------------------
 
-    def _insert_history(self, entries: Sequence[HistoryEntry]) -> None:
-        for entry in entries:
+    def _insert_history(self, raws: Sequence[str]) -> None:
+        for entry in map(HistoryEntry.from_json, raws):
             if entry.id not in self._history:
                 self._marks += 1
                 self._history[entry.id] = (self._marks, entry.to_json())
 
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         with self._lock:
-            self._insert_history(entries)
+            self._insert_history([entry.to_json() for entry in entries])
             self.writes += 1
 
     def run_history(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
@@ -186,7 +186,7 @@ class MemoryL3:
         contexts: list[RunContext],
         exports: list[ExportRecord],
         epoch: int | None = None,
-        history: Sequence[HistoryEntry] = (),
+        history: Sequence[str] = (),
     ) -> bool:
         operation = f"finish run {run_id}"
         stored_meta = json.loads(_jsonb_text(operation, meta))

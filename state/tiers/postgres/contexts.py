@@ -13,7 +13,6 @@ from sqlalchemy.dialects.postgresql import insert
 from state.errors import VersionConflict
 from state.models import RunContext
 from state.schema import context_snapshots
-from state.history import HistoryEntry
 from state.tiers.postgres.history import PostgresHistory
 
 _CREATE_MANY = text(
@@ -75,7 +74,7 @@ class PostgresContexts(PostgresHistory):
     def write_context(self, ctx: RunContext) -> bool:
         return self.run(f"flush context {ctx.context_id}", lambda conn: self._save_context(conn, ctx))
 
-    def write_contexts(self, contexts: list[RunContext], history: Sequence[HistoryEntry] = ()) -> int:
+    def write_contexts(self, contexts: list[RunContext], history: Sequence[str] = ()) -> int:
         def work(conn: Connection) -> int:
             written = sum(self._save_context(conn, ctx) for ctx in contexts)
             self._insert_history(conn, history)

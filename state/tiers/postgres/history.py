@@ -15,38 +15,33 @@ from state.models import RunContext
 from state.schema import step_history
 from state.tiers.postgres.database import PostgresDatabase
 
+# The entries as they come (JSON text): the columns are read out of them by the server, so that the
+# writer, a worker process, neither parses nor encodes them again.
 _INSERT = text(
     f"INSERT INTO {step_history.name} (entry_id, run_id, context_id, epoch, version, step_id, kind, at, entry) "
-    "SELECT i, r, c, e, v, s, k, a, d::jsonb FROM unnest(CAST(:ids AS text[]), CAST(:runs AS text[]), "
-    "CAST(:contexts AS text[]), CAST(:epochs AS bigint[]), CAST(:versions AS bigint[]), CAST(:steps AS text[]), "
-    "CAST(:kinds AS text[]), CAST(:ats AS double precision[]), CAST(:entries AS text[])) "
-    "AS t(i, r, c, e, v, s, k, a, d) ON CONFLICT (entry_id) DO NOTHING"
+    "SELECT d->>'id', d->>'run_id', d->>'context_id', (d->>'epoch')::bigint, (d->>'version')::bigint, d->>'step_id', "
+    "d->>'kind', (d->>'at')::double precision, d FROM unnest(CAST(:entries AS jsonb[])) AS t(d) "
+    "ON CONFLICT (entry_id) DO NOTHING"
 )
 
 
 class PostgresHistory(PostgresDatabase):
     """The step_history table. Promises: an entry is stored once, whatever how often it is written."""
 
-    def _insert_history(self, conn: Connection, entries: Sequence[HistoryEntry]) -> None:
-        """Insert entries inside the caller's transaction: one statement, whatever their count."""
-        if not entries:
-            return
-        conn.execute(_INSERT, {
-            "ids": [e.id for e in entries], "runs": [e.run_id for e in entries],
-            "contexts": [e.context_id for e in entries], "epochs": [e.epoch for e in entries],
-            "versions": [e.version for e in entries], "steps": [e.step_id for e in entries],
-            "kinds": [e.kind for e in entries], "ats": [e.at for e in entries],
-            "entries": [e.to_json() for e in entries],
-        })
+    def _insert_history(self, conn: Connection, entries: Sequence[str]) -> None:
+        """Insert entries (as JSON) inside the caller's transaction: one statement, whatever their count."""
+        if entries:
+            conn.execute(_INSERT, {"entries": list(entries)})
 
-    def _created(self, contexts: Sequence[RunContext]) -> list[HistoryEntry]:
+    def _created(self, contexts: Sequence[RunContext]) -> list[str]:
         if not self.keep_history:
             return []
         now = time.time()
-        return [created_entry(ctx, codec=self.codec, now=now) for ctx in contexts]
+        return [created_entry(ctx, codec=self.codec, now=now).to_json() for ctx in contexts]
 
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
-        self.run(f"record {len(entries)} history entries", lambda conn: self._insert_history(conn, entries))
+        raws = [entry.to_json() for entry in entries]
+        self.run(f"record {len(entries)} history entries", lambda conn: self._insert_history(conn, raws))
 
     def run_history(self, run_id: str, *, after: int = 0, known: frozenset[str] = frozenset()) -> tuple[list[HistoryEntry], int]:
         table = step_history

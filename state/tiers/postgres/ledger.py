@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects.postgresql import insert
 
-from state.history import HistoryEntry
 from state.models import RunContext
 from state.schema import blackboard_entries, context_snapshots, exports, runs
 from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
@@ -49,7 +48,7 @@ class PostgresLedger(PostgresContexts):
         contexts: list[RunContext],
         exports: list[ExportRecord],
         epoch: int | None = None,
-        history: Sequence[HistoryEntry] = (),
+        history: Sequence[str] = (),
     ) -> bool:
         conditions = [runs.c.run_id == run_id, runs.c.status.notin_(FINAL_STATUSES)]
         if epoch is not None:

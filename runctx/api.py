@@ -237,7 +237,7 @@ class Client:
                 "status": row.status,
                 "created_at": row.created_at.isoformat() if row.created_at else None,
                 "finished_at": row.finished_at.isoformat() if row.finished_at else None,
-                "steps": len(row.meta.get("steps", [])),
+                "steps": row.meta.get("step_count", len(row.meta.get("steps", []))),
                 "error": row.error,
             }
             for row in self.store.ledger.list_runs(status=status, routine=routine, limit=limit)

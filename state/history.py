@@ -86,7 +86,7 @@ class HistoryEntry:
         fields["changes"] = [
             {"name": c.name, "op": c.op, "value": c.value, "scope": c.scope, "sensitivity": c.sensitivity} for c in self.changes
         ]
-        return json.dumps(fields, separators=(",", ":"))
+        return _ENCODER.encode(fields)
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict[str, Any]) -> HistoryEntry:
@@ -106,6 +106,7 @@ class HistoryEntry:
 
 
 _FIELDS = tuple(name for name in HistoryEntry.__dataclass_fields__ if name != "changes")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def commit_id(context_id: str, epoch: int, version: int) -> str:

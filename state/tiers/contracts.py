@@ -263,7 +263,8 @@ class L3Ledger(Protocol):
     def get_run(self, run_id: str) -> RunRow | None: ...
 
     def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
-        """Runs, newest first, optionally of one status and one routine."""
+        """Runs, newest first, optionally of one status and one routine; a row's meta may hold
+        ``step_count`` in place of its ``steps`` records."""
 
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         """Runs that are not finished, oldest change first."""

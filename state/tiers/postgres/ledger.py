@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from state.models import RunContext
@@ -108,7 +108,11 @@ class PostgresLedger(PostgresContexts):
         return None if row is None else self._run_of(row)
 
     def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
-        query = select(runs)
+        # A list shows how many steps each run has, not their records (a long run's are megabytes).
+        brief = (runs.c.meta.op("-")("steps")).op("||")(
+            func.jsonb_build_object("step_count", func.coalesce(func.jsonb_array_length(runs.c.meta["steps"]), 0))
+        ).label("meta")
+        query = select(*[column for column in runs.c if column.name != "meta"], brief)
         if status is not None:
             query = query.where(runs.c.status == status)
         if routine is not None:

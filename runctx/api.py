@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from runctx import read_models
-from runctx.history_views import HistoryReader
 from runctx.embedded import resolve
+from runctx.history_views import HistoryReader
 from state.errors import (
     CommunicationFailure,
     InvalidRoutine,
@@ -31,6 +31,7 @@ from state.models import RunContext
 from state.settings import get_settings
 from state.tiers.data import FINAL_STATUSES, RunRow
 from tasks.routine import Routine, check_definition, load_routine, parse_routine
+from tasks.submission import Submission
 
 __all__ = ["Client", "RunResult", "RunTimeout"]
 
@@ -119,7 +120,11 @@ class Client:
         except NotFound:
             return None
 
-    def submit(
+    def submit(self, routine: Routine | Path | str, **options: Any) -> str:
+        """Start a run and return its id; ``options`` are `submit_request`'s."""
+        return self.submit_request(routine, **options).run_id
+
+    def submit_request(
         self,
         routine: Routine | Path | str,
         *,
@@ -127,13 +132,17 @@ class Client:
         var_file: Path | str | None = None,
         run_id: str | None = None,
         source: str | None = None,
-    ) -> str:
+        idempotency_key: str | None = None,
+    ) -> Submission:
         """Start a run; ``var_file`` (YAML or JSON mapping) gives variables too, ``variables`` over it.
-        ``source``: where the routine came from, for messages (a path given is its own source)."""
+        ``source``: where the routine came from, for messages (a path given is its own source).
+        ``idempotency_key``: a second submit with the key is answered with the first run
+        (``existing``), while that run is kept, unless it asks for another routine or other
+        variables (InvalidValue)."""
         given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
         if source is None and isinstance(routine, (str, Path)):
             source = str(routine)
-        return self.engine.submit(self.load(routine), variables=given, run_id=run_id, source=source)
+        return self.engine.submit_request(self.load(routine), variables=given, run_id=run_id, source=source, idempotency_key=idempotency_key)
 
     def run_status(self, run_id: str) -> str:
         """The run's status in the ledger: running, succeeded, failed or cancelled."""

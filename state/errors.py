@@ -334,6 +334,17 @@ class RequestError(RunctxError):
     code = "REQUEST_ERROR"
 
 
+class RunExists(RequestError):
+    """A run holds the idempotency key a new run was created with: nothing was created.
+    ``run_id`` and ``request_digest``: the run that holds it, and what its submit asked for."""
+
+    code = "RUN_EXISTS"
+
+    def __init__(self, key: str, run_id: str, request_digest: str | None) -> None:
+        self.key, self.run_id, self.request_digest = key, run_id, request_digest
+        super().__init__(f"idempotency key {key!r} is held by run {run_id}")
+
+
 class NotFound(RequestError, KeyError):
     code = "NOT_FOUND"
     severity = Severity.WARNING

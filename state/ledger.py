@@ -34,6 +34,9 @@ class RunLedger:
     def get_run(self, run_id: str) -> RunRow | None:
         return self.l3.get_run(run_id)
 
+    def run_by_key(self, key: str) -> RunRow | None:
+        return self.l3.run_by_key(key)
+
     def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
         return self.l3.list_runs(status=status, routine=routine, limit=limit)
 

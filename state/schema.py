@@ -66,6 +66,8 @@ runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True)),
+    Column("idempotency_key", String(200), unique=True),  # migration 0009
+    Column("request_digest", String(100)),
 )
 
 # The latest snapshot of every context, with the version it holds (optimistic locking).

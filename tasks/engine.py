@@ -22,6 +22,7 @@ from tasks.lifecycle import RunLifecycle
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plans import PlanCache
 from tasks.routine import Routine
+from tasks.submission import Submission
 from tasks.step_runner import StepRunner
 from tasks.steps import StepCommit
 from tasks.submission import RunSubmitter
@@ -59,9 +60,18 @@ class RunEngine:
         return self.submitter.register(routine)
 
     def submit(
-        self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None, source: str | None = None
+        self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None, source: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        return self.submitter.submit(routine, variables=variables, run_id=run_id, source=source)
+        """Start a run; its id (with ``idempotency_key``: maybe the id of the run that holds it)."""
+        return self.submit_request(routine, variables=variables, run_id=run_id, source=source, idempotency_key=idempotency_key).run_id
+
+    def submit_request(
+        self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None, source: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """`submit`, saying whether the run existed already (the same idempotency key)."""
+        return self.submitter.submit(routine, variables=variables, run_id=run_id, source=source, idempotency_key=idempotency_key)
 
     # ---- what the workers' tasks do -------------------------------------------------------------
 

@@ -7,11 +7,12 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import LRUCache
 
-from state.errors import InvalidRoutine, InvalidValue, NotFound, RoutineError, log_error
+from state.errors import InvalidRoutine, InvalidValue, NotFound, RoutineError, RunExists, log_error
 from state.keys import context_id
 from state.limits import MAX_CONTEXT_ID_LENGTH, canonical_json, check_name, check_run_id
 from state.models import ExportDeclaration, ResourceLimits, RunContext, RunContextInit
@@ -25,6 +26,21 @@ from tasks.routine import ForEachStep, ParallelStep, Routine, check_definition
 log = logging.getLogger(__name__)
 
 REGISTRATIONS_KEPT = 256
+MAX_KEY_LENGTH = 200  # the runs table's column
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submit's answer: the run, and whether it existed already (the same idempotency key)."""
+
+    run_id: str
+    existing: bool = False
+
+
+def check_idempotency_key(key: str) -> str:
+    if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise InvalidValue(f"idempotency key: 1 to {MAX_KEY_LENGTH} printable characters, got {str(key)[:60]!r}")
+    return key
 
 
 class RunSubmitter:
@@ -80,16 +96,26 @@ class RunSubmitter:
         return definition, digest
 
     def submit(
-        self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None, source: str | None = None
-    ) -> str:
+        self, routine: Routine, *, variables: dict[str, Any] | None = None, run_id: str | None = None, source: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
         """Create the run and its root context in one L3 transaction, then dispatch its first steps.
 
-        ``source``: where the routine came from (a file), named in messages.
+        ``source``: where the routine came from (a file), named in messages. ``idempotency_key``:
+        if a run kept holds it from a submit of the same routine and variables, that run is the
+        answer (nothing is created); of another routine or other variables, InvalidValue.
         """
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         root = self._root_context(routine, run_id, variables, source)
         self._check_items(routine, root, source)
         known = self._definition(routine)
+        digest = None
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+            digest = self.store.codec.checksum(canonical_json([routine.name, known[1], variables or {}]).encode())
+            holder = self.store.ledger.run_by_key(idempotency_key)
+            if holder is not None:  # before anything is stored: a misuse changes nothing
+                return self._existing(idempotency_key, holder.run_id, holder.request_digest, digest)
         version = self._registered.get((routine.name, known[1]))
         plan = (self.plans.compiled(routine.name, version) if version is not None else None) or compile_plan(routine)
         for path in plan.contexts:  # sub-routine contexts are named by their step path
@@ -102,8 +128,14 @@ class RunSubmitter:
         version = entry.version
         root.routine_id = f"{routine.name}@{version}"
         self.plans.seed(entry, routine.name, version, plan)  # compiled from what is stored as that version
-        run = RunRow(run_id=run_id, routine_name=routine.name, routine_version=version, root_context_id=run_id, status="running")
-        root = self.store.create_context(root, run=run)
+        run = RunRow(
+            run_id=run_id, routine_name=routine.name, routine_version=version, root_context_id=run_id, status="running",
+            idempotency_key=idempotency_key, request_digest=digest,
+        )
+        try:
+            root = self.store.create_context(root, run=run)
+        except RunExists as exc:  # another submit with the key created its run meanwhile
+            return self._existing(exc.key, exc.run_id, exc.request_digest, digest)
         self.store.ledger.count_l3_write(run_id)
         self.store.configs.announce_routine(routine.name, version)  # for processes that started since it was stored
         try:
@@ -111,7 +143,15 @@ class RunSubmitter:
         except RoutineError as exc:  # e.g. a first sub-routine that cannot inherit what it asks for
             log_error(log, exc, f"run {run_id} failed before its first step")
             self.lifecycle.fail(run_id, routine.name, version, {"": root.version}, str(exc))
-        return run_id
+        return Submission(run_id, existing=False)
+
+    @staticmethod
+    def _existing(key: str, run_id: str, held_digest: str | None, digest: str | None) -> Submission:
+        if held_digest != digest:
+            raise InvalidValue(
+                f"idempotency key {key!r}: run {run_id} was submitted with it for another routine or other variables"
+            )
+        return Submission(run_id, existing=True)
 
     def _check_items(self, routine: Routine, root: RunContext, source: str | None) -> None:
         """A fan-out of the run's first context over a list given at submit: at most

@@ -27,6 +27,10 @@ from state.errors import RunctxError, RunTimeout
 from state.settings import get_settings
 
 PROGRESS_POLL_S = 0.25
+KEY_OPTION = typer.Option(
+    None, "--idempotency-key", metavar="KEY",
+    help="Submit once: a second submit with KEY gives the first run (while it is kept), refused if it asks for something else.",
+)
 
 
 def warn_sensitive_on_command_line(routine: Any, pairs: list[str]) -> None:
@@ -42,10 +46,11 @@ def warn_sensitive_on_command_line(routine: Any, pairs: list[str]) -> None:
             )
 
 
-def print_result(result: Any, as_json: bool) -> None:
-    """A finished run's outcome; a run that did not succeed ends the command with exit 1."""
+def print_result(result: Any, as_json: bool, *, existing: bool | None = None) -> None:
+    """A finished run's outcome; a run that did not succeed ends the command with exit 1.
+    ``existing``: `run` says whether the run existed already (an idempotency key's)."""
     if as_json:
-        echo_json(result.as_json())
+        echo_json(result.as_json() if existing is None else {**result.as_json(), "existing": existing})
     else:
         typer.echo(f"run {result.run_id}: {result.status}")
         for step in result.steps:
@@ -67,6 +72,7 @@ def run(
     var: list[str] = VAR_OPTION,
     var_file: Path | None = VAR_FILE_OPTION,
     workers: int = typer.Option(0, "--workers", min=0, metavar="N", help="Start N local worker nodes for this run, stopped after it."),
+    key: str | None = KEY_OPTION,
     as_json: bool = JSON_OPTION,
     timeout: float | None = typer.Option(None, "--timeout", min=0, metavar="SECONDS", help="Give up waiting after this many seconds in all (exit 1; the run goes on)."),
 ) -> None:
@@ -87,7 +93,10 @@ def run(
             routine = client_.load(file)
             warn_sensitive_on_command_line(routine, var)
             with LocalWorkers(workers, servers, settings) if workers else contextlib.nullcontext():
-                run_id = client_.submit(routine, variables=variables, source=str(file))
+                submitted = client_.submit_request(routine, variables=variables, source=str(file), idempotency_key=key)
+                run_id = submitted.run_id
+                if submitted.existing and not as_json:
+                    typer.echo(f"runctx: run {run_id} was submitted with this idempotency key already: waiting for it", err=True)
                 if not workers and not client_.workers_alive():
                     typer.echo(f"runctx: run {run_id} waits for a worker: start some (runctx worker) or pass --workers N", err=True)
                 if not as_json:
@@ -97,7 +106,7 @@ def run(
             fail(f"run {run_id} still running after {timeout:g} s (it goes on: runctx wait {run_id})")
         except RunctxError as exc:
             fail(str(exc))
-    print_result(result, as_json)
+    print_result(result, as_json, existing=submitted.existing)
 
 
 def since_start(seconds: float) -> float:
@@ -162,14 +171,22 @@ def submit(
     file: Path = typer.Argument(..., metavar="FILE", help="A routine file (YAML or JSON)."),
     var: list[str] = VAR_OPTION,
     var_file: Path | None = VAR_FILE_OPTION,
+    key: str | None = KEY_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Submit a routine and print its run id, without waiting."""
+    """Submit a routine and print its run id, without waiting.
+
+    With --idempotency-key, a second submit with the key prints the first run's id (exit 0) while
+    that run is kept; --json then says "existing": true."""
     variables = variables_of(var, var_file)
     with client() as client_:
         routine = client_.load(Path(file))
         warn_sensitive_on_command_line(routine, var)
-        run_id = client_.submit(routine, variables=variables, source=str(file))
-    typer.echo(run_id)
+        submitted = client_.submit_request(routine, variables=variables, source=str(file), idempotency_key=key)
+    if as_json:
+        echo_json({"run_id": submitted.run_id, "existing": submitted.existing})
+    else:
+        typer.echo(submitted.run_id)
 
 
 @app.command()

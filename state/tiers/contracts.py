@@ -243,7 +243,11 @@ class L3History(Protocol):
 @runtime_checkable
 class L3Ledger(Protocol):
     def create_run(self, run: RunRow, root: RunContext) -> None:
-        """The run and its root context, in one transaction (VersionConflict if the root exists)."""
+        """The run and its root context, in one transaction (VersionConflict if the root exists;
+        RunExists, with nothing written, if another run holds its ``idempotency_key``)."""
+
+    def run_by_key(self, key: str) -> RunRow | None:
+        """The run that holds an idempotency key, if one does."""
 
     def finish_run(
         self,

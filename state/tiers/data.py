@@ -166,6 +166,9 @@ class RunRow:
     finished_at: dt.datetime | None = None
     epoch: int = 1  # raised by every rewind: messages of an older epoch are refused
     updated_at: dt.datetime | None = None
+    # A submit's idempotency key (unique among the runs kept) and a keyed digest of what it asked for.
+    idempotency_key: str | None = None
+    request_digest: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ Memory cases need no server.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ import pytest
 from sqlalchemy import select
 
 from state import bus
-from state.errors import ContextCorruption, RefusedByDatabase, VersionConflict
+from state.errors import ContextCorruption, RefusedByDatabase, RunExists, VersionConflict
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.schema import blackboard_entries, exports
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
@@ -725,6 +726,24 @@ def test_l3_create_run_with_an_existing_root_raises_and_stores_no_run(l3: L3Tier
     assert (raised.value.tier, raised.value.expected, raised.value.actual) == ("L3", 0, 1)
     assert l3.get_run("run-2") is None
     assert l3.get_context("run-2").variables == {"n": "first"}
+
+
+def test_l3_a_run_holding_an_idempotency_key_makes_another_create_with_it_create_nothing(l3: L3Tier) -> None:
+    keyed = dataclasses.replace(run_row("run-1"), idempotency_key="order-42", request_digest="d1")
+    l3.create_run(keyed, context("run-1", 1))
+    assert l3.run_by_key("order-42").run_id == "run-1" and l3.run_by_key("order-7") is None
+    with pytest.raises(RunExists) as raised:
+        l3.create_run(dataclasses.replace(keyed, run_id="run-2", request_digest="d2"), context("run-2", 1))
+    assert (raised.value.key, raised.value.run_id, raised.value.request_digest) == ("order-42", "run-1", "d1")
+    assert l3.get_run("run-2") is None and l3.get_context("run-2") is None  # its root was not kept either
+    l3.create_run(run_row("run-3"), context("run-3", 1))  # runs without a key never clash
+    l3.create_run(run_row("run-4"), context("run-4", 1))
+    # A pruned run frees its key.
+    assert finish(l3, "run-1") is True
+    time.sleep(0.05)  # the point: real time passes, on the clock that decides what is old (PostgreSQL's now())
+    assert "run-1" in l3.prune_runs(0.01)
+    l3.create_run(dataclasses.replace(keyed, run_id="run-5"), context("run-5", 1))
+    assert l3.run_by_key("order-42").run_id == "run-5"
 
 
 def test_l3_finish_run_writes_status_contexts_and_exports(l3: L3Tier) -> None:

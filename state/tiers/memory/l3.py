@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec
-from state.errors import RefusedByDatabase, VersionConflict
+from state.errors import RefusedByDatabase, RunExists, VersionConflict
 from state.history import HistoryEntry, created_entry, resealed
 from state.keys import config_key, routine_key
 from state.models import RunContext
@@ -172,9 +172,16 @@ class MemoryL3:
         with self._lock:
             if run.run_id in self._runs:
                 raise RefusedByDatabase(operation, "23505", 'duplicate key value violates unique constraint "runs_pkey"')
+            holder = self.run_by_key(run.idempotency_key) if run.idempotency_key is not None else None
+            if holder is not None:
+                raise RunExists(run.idempotency_key or "", holder.run_id, holder.request_digest)
             self._create(root)
             self._runs[run.run_id] = replace(run, meta=meta, created_at=_now(), updated_at=_now())
             self.writes += 1
+
+    def run_by_key(self, key: str) -> RunRow | None:
+        with self._lock:
+            return next((run for run in self._runs.values() if run.idempotency_key == key), None)
 
     def finish_run(
         self,

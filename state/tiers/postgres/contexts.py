@@ -80,7 +80,8 @@ class PostgresContexts(PostgresHistory):
             self._insert_history(conn, history)
             return written
 
-        return self.run(f"flush {len(contexts)} contexts", work)
+        what = f"context {contexts[0].context_id}" if len(contexts) == 1 else f"{len(contexts)} contexts"
+        return self.run(f"flush {what}", work)
 
     def _save_context(self, conn: Connection, ctx: RunContext, *, create: bool = False) -> bool:
         """Write a snapshot inside the caller's transaction.

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
+from state.errors import RunExists
 from state.models import RunContext
 from state.schema import blackboard_entries, context_snapshots, exports, runs
 from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
@@ -25,18 +26,33 @@ class PostgresLedger(PostgresContexts):
     def create_run(self, run: RunRow, root: RunContext) -> None:
         def work(conn: Connection) -> None:
             self._save_context(conn, root, create=True)
-            conn.execute(
-                insert(runs).values(
-                    run_id=run.run_id,
-                    routine_name=run.routine_name,
-                    routine_version=run.routine_version,
-                    root_context_id=run.root_context_id,
-                    status=run.status,
-                    meta=run.meta,
-                )
+            statement = insert(runs).values(
+                run_id=run.run_id,
+                routine_name=run.routine_name,
+                routine_version=run.routine_version,
+                root_context_id=run.root_context_id,
+                status=run.status,
+                meta=run.meta,
+                idempotency_key=run.idempotency_key,
+                request_digest=run.request_digest,
             )
+            if run.idempotency_key is None:
+                conn.execute(statement)
+                return
+            # Two submits with one key at once: the second waits for the first to commit, then
+            # inserts nothing and is told which run holds the key (its root context is rolled back).
+            if conn.execute(statement.on_conflict_do_nothing(index_elements=[runs.c.idempotency_key]).returning(runs.c.run_id)).first() is None:
+                holder = self._run_by_key(conn, run.idempotency_key)
+                raise RunExists(run.idempotency_key, holder.run_id if holder else "?", holder.request_digest if holder else None)
 
         self.run(f"create run {run.run_id}", work)
+
+    def run_by_key(self, key: str) -> RunRow | None:
+        return self.read(lambda conn: self._run_by_key(conn, key))
+
+    def _run_by_key(self, conn: Connection, key: str) -> RunRow | None:
+        row = conn.execute(select(runs).where(runs.c.idempotency_key == key)).mappings().first()
+        return None if row is None else self._run_of(row)
 
     def finish_run(
         self,
@@ -179,4 +195,6 @@ class PostgresLedger(PostgresContexts):
             finished_at=row["finished_at"],
             epoch=row["epoch"],
             updated_at=row["updated_at"],
+            idempotency_key=row.get("idempotency_key"),
+            request_digest=row.get("request_digest"),
         )

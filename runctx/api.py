@@ -227,6 +227,13 @@ class Client:
         """The ``runctx diff --json`` object: what changed from just after ``step_a`` to just after ``step_b``."""
         return self.histories.difference(run_id, step_a, step_b)
 
+    def resume(self, run_id: str, *, variables: dict[str, Any] | None = None, var_file: Path | str | None = None) -> bool:
+        """Go on with a failed or cancelled run where it stopped, in a new epoch: applied steps stay
+        applied, the failed one runs again, with ``variables`` (over ``var_file``'s) set first.
+        False if it is running; InvalidValue if it succeeded."""
+        given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
+        return self.engine.resume(run_id, given)
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
         return self.engine.cancel(run_id)

@@ -11,6 +11,7 @@ Each message is a JSON object with a ``type``:
     config     routine definitions or configurations changed in L3 (``keys``); ``trace``: each
                process records when it dropped them (diagnostics)
     run_ended  the run failed or was cancelled: start none of its queued steps
+    run_resumed  the run was resumed (`runctx resume`): its steps may start again
     routine    a routine version was stored, or a run of it began: compile its plan ahead
     clear      drop the whole L1
     ask        a question to every process: ``about`` "probe" (what it serves for ``key``) or
@@ -62,6 +63,11 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class RunResumed:
+    run_id: str
+
+
+@dataclass(frozen=True)
 class RoutineStored:
     routine: str
     version: int
@@ -80,7 +86,7 @@ class Ask:
     load: bool = False  # probe: load it if this process does not hold it
 
 
-Message = Union[ContextCommitted, ConfigChanged, RunEnded, RoutineStored, ClearL1, Ask]
+Message = Union[ContextCommitted, ConfigChanged, RunEnded, RunResumed, RoutineStored, ClearL1, Ask]
 
 
 def encode(message: Message) -> str:
@@ -102,6 +108,8 @@ def _fields(message: Message) -> dict[str, Any]:
         return {"type": "config", "keys": list(message.keys), "identity": message.identity, "trace": message.trace, "t": message.t}
     if isinstance(message, RunEnded):
         return {"type": "run_ended", "run": message.run_id}
+    if isinstance(message, RunResumed):
+        return {"type": "run_resumed", "run": message.run_id}
     if isinstance(message, RoutineStored):
         return {"type": "routine", "routine": message.routine, "version": message.version}
     if isinstance(message, ClearL1):
@@ -134,6 +142,8 @@ def decode(raw: bytes | str) -> Message:
         return ConfigChanged(tuple(keys), identity if isinstance(identity, str) else "", data.get("trace") is True, _time(data))
     if kind == "run_ended":
         return RunEnded(_text(data, "run"))
+    if kind == "run_resumed":
+        return RunResumed(_text(data, "run"))
     if kind == "routine":
         return RoutineStored(_text(data, "routine"), _integer(data, "version"))
     if kind == "clear":

@@ -47,6 +47,10 @@ class Invalidation:
         """The run failed or was cancelled: start none of its steps here."""
         self.l1.note_run_ended(run_id)
 
+    def run_resumed(self, run_id: str) -> None:
+        """The run was resumed: its steps may start here again."""
+        self.l1.forget_run_ended(run_id)
+
     def forget_config(self, key: str) -> bool:
         """Drop this process's copy of a definition or configuration; whether it held one."""
         return self.l1.evict_config(key)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from state.codec import Codec
-from state.metrics import count_l3_write
 from state.history import event_entry
+from state.metrics import count_l3_write
 from state.models import RunContext
 from state.run_history import RunHistory
 from state.sealing import binding
@@ -110,6 +110,16 @@ class RunLedger:
     def end_item(self, run_id: str, fan_out: str, item: int, failed: bool) -> tuple[int, int, int]:
         """Count an item's end once: (rank, total, failed so far); rank 0 if the record is lost."""
         return self.l2.end_item(run_id, fan_out, item, failed)
+
+    def reopen(self, run_id: str) -> RunRow | None:
+        """A failed or cancelled run runs again (resumed): L3's row first (compare-and-set on its
+        status: one resume wins), then its L2 records; None if it was not failed or cancelled."""
+        row = self.l3.reopen_run(run_id)
+        if row is not None:
+            count_l3_write("run")
+            self.l2.reopen_records(run_id)
+            self.l1.forget_run_ended(run_id)
+        return row
 
     def mark_failed(self, run_id: str, error: str) -> bool:
         """Flag the run failed in L2 (True for the first flag) and in this process's L1."""

@@ -73,6 +73,10 @@ class RunEngine:
         """`submit`, saying whether the run existed already (the same idempotency key)."""
         return self.submitter.submit(routine, variables=variables, run_id=run_id, source=source, idempotency_key=idempotency_key)
 
+    def resume(self, run_id: str, variables: dict[str, Any] | None = None) -> bool:
+        """Go on with a failed or cancelled run where it stopped (`RunLifecycle.resume`)."""
+        return self.lifecycle.resume(run_id, variables)
+
     # ---- what the workers' tasks do -------------------------------------------------------------
 
     def execute_step(

@@ -9,9 +9,13 @@ what comes next (`tasks.advance`) and dispatches it through a `Dispatcher`.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
+from typing import Any
 
 from state.errors import (
     InfrastructureError,
+    InvalidValue,
     LineageLost,
     NotFound,
     RoutineError,
@@ -20,7 +24,7 @@ from state.errors import (
 )
 from state.keys import context_id, run_of_context
 from state.metrics import metrics
-from state.limits import MAX_ITEMS
+from state.limits import MAX_ITEMS, check_name
 from state.models import ExportDestination, RunContext
 from state.store import TieredStore
 from state.tiers.data import CANCELLED, FINAL_STATUSES, ExportRecord
@@ -113,6 +117,33 @@ class RunLifecycle:
         log.info("run %s cancelled", run_id)
         self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, "cancelled", CANCELLED))
         return True
+
+    def resume(self, run_id: str, variables: Mapping[str, Any] | None = None) -> bool:
+        """Go on with a failed or cancelled run where it stopped, in a new epoch: every applied step
+        stays applied, the steps after them (the failed one first) run. ``variables`` are set in the
+        root context first (an edit, in the run's history), with the sensitivity declared for them.
+        False if the run is running (nothing to do); InvalidValue if it succeeded."""
+        run = self.store.ledger.get_run(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        if run.status == "succeeded":
+            raise InvalidValue(f"run {run_id} succeeded: only a failed or cancelled run can be resumed")
+        if run.status not in FINAL_STATUSES:
+            return False
+        for name in variables or {}:
+            check_name(name)
+        if variables:
+            with self.store.edit(run_id) as working:
+                for name, value in variables.items():
+                    working.set_variable(name, value)
+        reopened = self.store.ledger.reopen(run_id)
+        if reopened is None:  # resumed by someone else meanwhile
+            return False
+        log.info("run %s resumed (it was %s)", run_id, run.status)
+        note = f"was {run.status}" + (f"; set {', '.join(sorted(variables))}" if variables else "")
+        self.store.history.event(run_id, run_id, "resumed", note=note, epoch=reopened.epoch)
+        self.store.ledger.touch_progress([run_id], time.time())
+        return self.rewind(run_id, reopened.epoch)
 
     def finalize(self, message: FinalizeMessage) -> bool:
         """Final contexts, exports and the run's status in one L3 transaction; False if already final.

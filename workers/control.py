@@ -139,6 +139,8 @@ class ControlChannel:
         elif isinstance(message, bus.RunEnded):
             self._count("run_ended", None)
             invalidation.run_ended(message.run_id)
+        elif isinstance(message, bus.RunResumed):
+            invalidation.run_resumed(message.run_id)
         elif isinstance(message, bus.RoutineStored):
             if self.prepare is not None:
                 self.prepare(message.routine, message.version)

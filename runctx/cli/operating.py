@@ -1,4 +1,4 @@
-"""`runctx cancel` and `prune`: operations on runs."""
+"""`runctx cancel`, `resume` and `prune`: operations on runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,19 @@ import re
 
 import typer
 
-from runctx.cli.base import EXIT_NOTHING_TO_DO, JSON_OPTION, app, client, echo_json, usage_error
+from pathlib import Path
+
+from runctx.cli.base import (
+    EXIT_NOTHING_TO_DO,
+    JSON_OPTION,
+    VAR_FILE_OPTION,
+    VAR_OPTION,
+    app,
+    client,
+    echo_json,
+    usage_error,
+    variables_of,
+)
 
 
 @app.command()
@@ -28,6 +40,32 @@ def cancel(
     else:
         typer.echo(f"runctx: run {run_id} had ended ({status}): nothing to cancel", err=True)
     if not cancelled:
+        raise typer.Exit(EXIT_NOTHING_TO_DO)
+
+
+@app.command()
+def resume(
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The failed or cancelled run to go on with."),
+    var: list[str] = VAR_OPTION,
+    var_file: Path | None = VAR_FILE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Go on with a failed or cancelled run where it stopped.
+
+    In a new epoch: every step applied stays applied and does not run again; the failed step (and
+    what follows) runs, with the variables given set first (in the run's history, as an edit).
+    Exit 1 for a run that succeeded, 3 for a run that is running."""
+    variables = variables_of(var, var_file)
+    with client() as client_:
+        resumed = client_.resume(run_id, variables=variables)
+        status = client_.run_status(run_id)
+    if as_json:
+        echo_json({"run_id": run_id, "resumed": resumed, "status": status})
+    elif resumed:
+        typer.echo(f"run {run_id}: resumed")
+    else:
+        typer.echo(f"runctx: run {run_id} is {status}: nothing to resume", err=True)
+    if not resumed:
         raise typer.Exit(EXIT_NOTHING_TO_DO)
 
 

@@ -93,6 +93,11 @@ def router(client: Client, hub: LiveHub, csrf: Any) -> APIRouter:
         cancelled = client.cancel(run_id)
         return {"run_id": run_id, "cancelled": cancelled, "status": "cancelled" if cancelled else client.run_status(run_id)}
 
+    @api.post("/runs/{run_id}/resume", summary="Go on with a failed or cancelled run where it stopped (as `runctx resume`)")
+    def resume(run_id: str) -> Any:
+        resumed = client.resume(run_id)
+        return {"run_id": run_id, "resumed": resumed, "status": client.run_status(run_id)}
+
     @api.get("/runs/{run_id}/events", summary="Server-sent events: the run's status, totals and history size as they change")
     def run_events(run_id: str) -> StreamingResponse:
         client.run_status(run_id)  # 404 before the stream starts

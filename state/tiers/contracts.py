@@ -49,6 +49,7 @@ class L1Tier(Protocol):
         """Move the cached copy forward to another process's commit (decoded when read)."""
 
     def note_run_ended(self, run_id: str) -> None: ...
+    def forget_run_ended(self, run_id: str) -> None: ...
     def run_ended(self, run_id: str) -> bool:
         """Whether this process knows the run failed (a hint: L2's flag is the truth)."""
 
@@ -164,6 +165,10 @@ class L2RunRecords(Protocol):
     def forget_run(self, run_id: str) -> None:
         """Drop every record of a run (steps, progress, failed flag, counters): it was pruned."""
 
+    def reopen_records(self, run_id: str) -> None:
+        """A failed or cancelled run goes on (resumed): drop its failed flag, hidden error and done
+        signal (its step records stay), and announce it on the bus."""
+
     def count_l3_write(self, run_id: str, count: int = 1) -> None: ...
     def run_summary(self, run_id: str) -> dict[str, Any]: ...
     def announce_done(self, run_id: str) -> None: ...
@@ -272,6 +277,10 @@ class L3Ledger(Protocol):
 
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
         """Runs that are not finished, oldest change first."""
+
+    def reopen_run(self, run_id: str) -> RunRow | None:
+        """A failed or cancelled run is running again (resumed): its row as it is now, or None if it
+        was not failed or cancelled (nothing changed)."""
 
     def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
         """Raise a running run's epoch from ``from_epoch``; the new epoch, or None if the run is

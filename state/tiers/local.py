@@ -137,6 +137,10 @@ class LocalCache:
         with self._lock:
             self._ended_runs[run_id] = True
 
+    def forget_run_ended(self, run_id: str) -> None:
+        with self._lock:
+            self._ended_runs.pop(run_id, None)
+
     def run_ended(self, run_id: str) -> bool:
         with self._lock:
             return run_id in self._ended_runs

@@ -413,6 +413,37 @@ def test_cancel_from_the_page_ends_the_run_cancelled(make_cluster, tmp_path: Pat
         assert not console_errors(driver)
 
 
+@pytest.mark.slow
+def test_resume_from_the_page_goes_on_with_a_failed_run(make_cluster, tmp_path: Path) -> None:
+    counter = tmp_path / "calls"  # the flaky step fails on its first call, succeeds on its second
+    (tmp_path / "flaky.json").write_text(json.dumps({
+        "name": "web-flaky", "variables": {"counter": 0},
+        "steps": [
+            {"id": "before", "action": "increment", "args": {"name": "counter"}},
+            {"id": "call", "action": "tests.support.language_actions:flaky", "args": {"counter": str(counter), "succeed_on": 2}},
+            {"id": "after", "action": "increment", "args": {"name": "counter"}},
+        ],
+    }))
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", "n2", concurrency=2)
+    with inspector(cluster) as web, chromium(USER, PASSWORD) as driver:
+        run_id = cluster.submit(tmp_path / "flaky.json")
+        assert cluster.wait(run_id)["status"] == "failed"
+        driver.get(f"{web.base}/runs/{run_id}")
+        mark_page(driver)
+        wait_for(lambda: "on" in driver.find_element(By.ID, "live").get_attribute("class"), 30, "the live updates to connect")
+        assert not driver.find_element(By.ID, "cancel").is_displayed()
+        driver.find_element(By.ID, "resume").click()
+        wait_for(lambda: text_of(driver, "#action-result") == "resume requested", 30,
+                 lambda: f"the resume's answer (shows {text_of(driver, '#action-result')!r})")
+        wait_status(driver, "succeeded", 60)
+        assert not_reloaded(driver), "the page was reloaded"
+        wait_for(lambda: not driver.find_element(By.ID, "resume").is_displayed(), 10, "the resume button to go")
+        result = cluster.wait(run_id)
+        assert (result["variables"]["counter"], result["variables"]["calls"]) == (2, 2)  # `before` once, `call` twice
+        assert not console_errors(driver)
+
+
 # ---- 6. need-to-know ----------------------------------------------------------------------------------------
 
 

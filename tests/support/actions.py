@@ -51,3 +51,14 @@ def derive(view, args: dict[str, Any]) -> dict[str, Any]:
 def peek(view, args: dict[str, Any]) -> dict[str, Any]:
     """What a step without `reads` sees of the token."""
     return {"seen": view.get("token", "absent"), "listed": "token" in view.names(), "has": "token" in view}
+
+
+# ---- resume ------------------------------------------------------------------------------------------
+
+
+def divide(view, args: dict[str, Any]) -> dict[str, Any]:
+    """``quotient``: ``total`` / ``divisor`` (a divisor of 0 fails the step: a bad variable)."""
+    divisor = view.get("divisor")
+    if not divisor:
+        raise ValueError(f"divisor is {divisor!r}")
+    return {"quotient": view.get("total") / divisor}

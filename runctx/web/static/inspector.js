@@ -79,7 +79,8 @@ const OVERLAP = 200; // entries read again at each load: one that reached the se
 function runPage() {
   run.id = document.body.dataset.run;
   run.status = document.getElementById("run-status").textContent;
-  document.getElementById("cancel").addEventListener("click", cancelRun);
+  document.getElementById("cancel").addEventListener("click", () => runAction("cancel"));
+  document.getElementById("resume").addEventListener("click", () => runAction("resume"));
   document.getElementById("prev").addEventListener("click", () => { run.page = Math.max(0, run.page - 1); drawSteps(); });
   document.getElementById("next").addEventListener("click", () => { run.page += 1; drawSteps(); });
   document.getElementById("lanes").addEventListener("change", drawTimeline);
@@ -127,6 +128,7 @@ function runUpdate(update) {
   status.textContent = update.status;
   status.className = `status status-${update.status}`;
   document.getElementById("cancel").hidden = update.status !== "running";
+  document.getElementById("resume").hidden = !["failed", "cancelled"].includes(update.status);
   for (const [name, count] of Object.entries(update.totals || {})) {
     const total = document.querySelector(`[data-total="${name}"] b`);
     if (total) total.textContent = count;
@@ -139,11 +141,12 @@ function runUpdate(update) {
   run.status = update.status;
 }
 
-async function cancelRun() {
+async function runAction(action) {
   const result = document.getElementById("action-result");
   try {
-    const done = await post(`/api/runs/${encodeURIComponent(run.id)}/cancel`);
-    result.textContent = done.cancelled ? "cancel requested" : `not cancelled: ${done.status}`;
+    const done = await post(`/api/runs/${encodeURIComponent(run.id)}/${action}`);
+    const ok = action === "cancel" ? done.cancelled : done.resumed;
+    result.textContent = ok ? `${action} requested` : `not ${action === "cancel" ? "cancelled" : "resumed"}: ${done.status}`;
   } catch (error) {
     result.textContent = error.message;
   }

@@ -242,6 +242,15 @@ class MemoryL3:
         running.sort(key=lambda run: run.updated_at or run.created_at or _now())
         return [replace(run, meta=json.loads(json.dumps(run.meta))) for run in running[:limit]]
 
+    def reopen_run(self, run_id: str) -> RunRow | None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.status not in ("failed", "cancelled"):
+                return None
+            self._runs[run_id] = replace(run, status="running", error=None, finished_at=None, updated_at=_now())
+            self.writes += 1
+            return self._runs[run_id]
+
     def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
         with self._lock:
             run = self._runs.get(run_id)

@@ -107,6 +107,11 @@ class MemoryRunRecords(MemoryState):
         with self._lock:
             return self._runs[run_id].failed if run_id in self._runs else None
 
+    def reopen_records(self, run_id: str) -> None:
+        with self._lock:
+            run = self._run(run_id)
+            run.failed, run.hidden_error, run.done = None, None, False
+
     def forget_run(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)

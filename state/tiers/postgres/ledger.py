@@ -140,6 +140,18 @@ class PostgresLedger(PostgresContexts):
         query = select(runs).where(runs.c.status.notin_(FINAL_STATUSES)).order_by(runs.c.updated_at).limit(limit)
         return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
 
+    def reopen_run(self, run_id: str) -> RunRow | None:
+        def work(conn: Connection) -> Any:
+            return conn.execute(
+                runs.update()
+                .where(runs.c.run_id == run_id, runs.c.status.in_(("failed", "cancelled")))
+                .values(status="running", error=None, finished_at=None, updated_at=text("now()"))
+                .returning(*runs.c)
+            ).mappings().first()
+
+        row = self.run(f"reopen run {run_id}", work)
+        return None if row is None else self._run_of(row)
+
     def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
         def work(conn: Connection) -> int | None:
             return conn.execute(

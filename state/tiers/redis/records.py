@@ -141,6 +141,12 @@ class RedisRunRecords(RedisBus):
             return "the run failed (its error record was damaged)"
         return None if raw is None else raw.decode(errors="replace")
 
+    def reopen_records(self, run_id: str) -> None:
+        for part in ("failed", "hidden_error", "done"):
+            key = self._record(run_id, part)
+            self._call(lambda key=key: self.client.delete(key))
+        self.publish(bus.RunResumed(run_id))
+
     def forget_run(self, run_id: str) -> None:
         for key in self.keys.run_records(run_id):  # one by one: on a cluster they live in different slots
             self._call(lambda: self.client.delete(key))

@@ -234,6 +234,15 @@ class Client:
         given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
         return self.engine.resume(run_id, given)
 
+    def fork(
+        self, run_id: str, from_step: str, *, variables: dict[str, Any] | None = None, var_file: Path | str | None = None
+    ) -> str:
+        """A new run (its id returned) of ``run_id``'s routine version whose contexts are the origin's
+        as they were just before ``from_step`` was applied, going on from there with ``variables``
+        (over ``var_file``'s) set in its root first."""
+        given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
+        return self.engine.fork(run_id, from_step, given)
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
         return self.engine.cancel(run_id)
@@ -255,6 +264,7 @@ class Client:
                 "finished_at": row.finished_at.isoformat() if row.finished_at else None,
                 "steps": row.meta.get("step_count", len(row.meta.get("steps", []))),
                 "error": row.error,
+                "forked_from": row.meta.get("forked_from"),
             }
             for row in self.store.ledger.list_runs(status=status, routine=routine, limit=limit)
         ]

@@ -235,6 +235,10 @@ class TieredStore:
         """L3's snapshot of a context, if it holds one (what a run's finalize or write-behind wrote)."""
         return self.l3.get_context(context_id)
 
+    def l3_contexts(self, run_id: str) -> list[RunContext]:
+        """Every context of a run as L3 holds it."""
+        return self.l3.run_contexts(run_id)
+
     def versions_of(self, context_id: str) -> tuple[Any, RunContext | None]:
         """What L2 and L3 each hold of a context (L2's `StoredContext`, or None; L3's snapshot), for
         read models that show both. A damaged L2 entry shows as none."""

@@ -7,6 +7,7 @@ the Celery adapter (`workers/`) and the API call. Free of Celery: what it sends 
     step_runner.py run a step message (attempts, inline chains, what follows)
     steps.py       execute one step and commit it once
     lifecycle.py   dispatch, fail, cancel, finalize, rewind, write-behind
+    operations.py  resume and fork a run that has ended
     advance.py     what follows a node; where a rebuilt run resumes
 """
 
@@ -19,6 +20,7 @@ from state.models import ResourceLimits
 from state.store import TieredStore
 from state.tiers.data import CommittedState
 from tasks.lifecycle import RunLifecycle
+from tasks.operations import RunOperations
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
 from tasks.plans import PlanCache
 from tasks.routine import Routine
@@ -49,6 +51,7 @@ class RunEngine:
         self.plans = PlanCache(store)
         self.lifecycle = RunLifecycle(store, self.plans, dispatcher, max_items=max_items)
         self.submitter = RunSubmitter(store, self.plans, self.lifecycle, limits or ResourceLimits())
+        self.operations = RunOperations(store, self.lifecycle)
         self.steps = StepRunner(
             store, self.plans, self.lifecycle, dispatcher, max_attempts=max_attempts, time_limits=time_limits
         )
@@ -74,8 +77,12 @@ class RunEngine:
         return self.submitter.submit(routine, variables=variables, run_id=run_id, source=source, idempotency_key=idempotency_key)
 
     def resume(self, run_id: str, variables: dict[str, Any] | None = None) -> bool:
-        """Go on with a failed or cancelled run where it stopped (`RunLifecycle.resume`)."""
-        return self.lifecycle.resume(run_id, variables)
+        """Go on with a failed or cancelled run where it stopped (`RunOperations.resume`)."""
+        return self.operations.resume(run_id, variables)
+
+    def fork(self, run_id: str, from_step: str, variables: dict[str, Any] | None = None) -> str:
+        """A new run from ``run_id`` as it was just before ``from_step`` (`RunOperations.fork`)."""
+        return self.operations.fork(run_id, from_step, variables)
 
     # ---- what the workers' tasks do -------------------------------------------------------------
 

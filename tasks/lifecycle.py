@@ -9,13 +9,9 @@ what comes next (`tasks.advance`) and dispatches it through a `Dispatcher`.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
-from typing import Any
 
 from state.errors import (
     InfrastructureError,
-    InvalidValue,
     LineageLost,
     NotFound,
     RoutineError,
@@ -24,10 +20,10 @@ from state.errors import (
 )
 from state.keys import context_id, run_of_context
 from state.metrics import metrics
-from state.limits import MAX_ITEMS, check_name
+from state.limits import MAX_ITEMS
 from state.models import ExportDestination, RunContext
 from state.store import TieredStore
-from state.tiers.data import CANCELLED, FINAL_STATUSES, ExportRecord
+from state.tiers.data import CANCELLED, FINAL_STATUSES, ExportRecord, RunRow
 from tasks.advance import Next, next_work, resume_points, start_item
 from tasks.moves import PlanMoves, fan_out_key
 from tasks.steps import StepExecutor
@@ -117,33 +113,6 @@ class RunLifecycle:
         log.info("run %s cancelled", run_id)
         self.dispatcher.finalize(FinalizeMessage(run_id, run.routine_name, run.routine_version, {}, "cancelled", CANCELLED))
         return True
-
-    def resume(self, run_id: str, variables: Mapping[str, Any] | None = None) -> bool:
-        """Go on with a failed or cancelled run where it stopped, in a new epoch: every applied step
-        stays applied, the steps after them (the failed one first) run. ``variables`` are set in the
-        root context first (an edit, in the run's history), with the sensitivity declared for them.
-        False if the run is running (nothing to do); InvalidValue if it succeeded."""
-        run = self.store.ledger.get_run(run_id)
-        if run is None:
-            raise NotFound(f"run {run_id!r} does not exist")
-        if run.status == "succeeded":
-            raise InvalidValue(f"run {run_id} succeeded: only a failed or cancelled run can be resumed")
-        if run.status not in FINAL_STATUSES:
-            return False
-        for name in variables or {}:
-            check_name(name)
-        if variables:
-            with self.store.edit(run_id) as working:
-                for name, value in variables.items():
-                    working.set_variable(name, value)
-        reopened = self.store.ledger.reopen(run_id)
-        if reopened is None:  # resumed by someone else meanwhile
-            return False
-        log.info("run %s resumed (it was %s)", run_id, run.status)
-        note = f"was {run.status}" + (f"; set {', '.join(sorted(variables))}" if variables else "")
-        self.store.history.event(run_id, run_id, "resumed", note=note, epoch=reopened.epoch)
-        self.store.ledger.touch_progress([run_id], time.time())
-        return self.rewind(run_id, reopened.epoch)
 
     def finalize(self, message: FinalizeMessage) -> bool:
         """Final contexts, exports and the run's status in one L3 transaction; False if already final.
@@ -240,6 +209,20 @@ class RunLifecycle:
         contexts = self.store.rewinds.rebuild_lineage(run_id, from_epoch)
         if contexts is None:
             return False
+        epoch = from_epoch + 1
+        points = self.go_on(run, contexts, epoch)
+        log.warning("run %s rewound to epoch %d from what the tiers hold: %d context(s), resuming at %d point(s)",
+                    run_id, epoch, len(contexts), points)
+        self.rewinds += 1
+        metrics().rewinds.inc()
+        return True
+
+    def go_on(self, run: RunRow, contexts: list[RunContext], epoch: int) -> int:
+        """Send what follows the steps ``contexts`` hold (the run's contexts in ``epoch``, the root
+        among them): the plan says which steps follow the applied ones. Returns how many points it
+        went on from."""
+        run_id = run.run_id
+        assert run.routine_version is not None
         plan = self.plans.get(run.routine_name, run.routine_version)
         by_path = {_path_in_run(run_id, ctx.context_id): ctx for ctx in contexts}
         if "" not in by_path:
@@ -249,13 +232,6 @@ class RunLifecycle:
             self.store.rewinds.discard_context(context_id(run_id, path))
             del by_path[path]
         versions = {path: ctx.version for path, ctx in by_path.items()}
-        epoch = from_epoch + 1
-        log.warning(
-            "run %s rewound to epoch %d from what the tiers hold: %d context(s), resuming at %d point(s)",
-            run_id, epoch, len(by_path), len(resume.points) + len(resume.start_items),
-        )
-        self.rewinds += 1
-        metrics().rewinds.inc()
         moves = self.moves(plan, run_id, epoch)
         for seed in resume.fan_outs:  # each fan-out counts the items its contexts show ended
             fan_out = plan.node(seed.node)
@@ -267,7 +243,7 @@ class RunLifecycle:
         for index, number, items in resume.start_items:
             work += start_item(plan, plan.node(index), number, versions, by_path, moves, items)
         self.send(plan, run_id, run.routine_name, run.routine_version, work, epoch)
-        return True
+        return len(resume.points) + len(resume.start_items)
 
     # ---- write-behind ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""`runctx cancel`, `resume` and `prune`: operations on runs."""
+"""`runctx cancel`, `resume`, `fork` and `prune`: operations on runs."""
 
 from __future__ import annotations
 
@@ -67,6 +67,28 @@ def resume(
         typer.echo(f"runctx: run {run_id} is {status}: nothing to resume", err=True)
     if not resumed:
         raise typer.Exit(EXIT_NOTHING_TO_DO)
+
+
+@app.command()
+def fork(
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to fork."),
+    from_step: str = typer.Option(..., "--from", metavar="STEP_ID", help="The step the new run starts with (it runs again)."),
+    var: list[str] = VAR_OPTION,
+    var_file: Path | None = VAR_FILE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Start a new run from a run as it was just before one of its steps.
+
+    Its contexts are the origin's just before STEP_ID was applied (rebuilt from the origin's
+    history, nothing runs twice there), with the variables given set first; it goes on from
+    STEP_ID with the same routine version. The origin is left as it is. Prints the new run's id."""
+    variables = variables_of(var, var_file)
+    with client() as client_:
+        new_id = client_.fork(run_id, from_step, variables=variables)
+    if as_json:
+        echo_json({"run_id": new_id, "forked_from": run_id, "from_step": from_step})
+    else:
+        typer.echo(new_id)
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -266,7 +266,8 @@ class L3Ledger(Protocol):
         epoch: int | None = None,
         history: Sequence[str] = (),
     ) -> bool:
-        """Final contexts, exports, status and ``history``'s entries in one transaction; False (nothing written) if already
+        """Final contexts, exports, status and ``history``'s entries in one transaction (``meta``'s keys
+        are added to what the run was created with); False (nothing written) if already
         final, or (with ``epoch``) if the run has been rewound past that epoch."""
 
     def get_run(self, run_id: str) -> RunRow | None: ...

@@ -819,7 +819,7 @@ def test_l3_finish_run_a_second_time_returns_false_and_changes_nothing(l3: L3Tie
     )
     assert again is False
     assert (l3.get_run("run-1"), exported(l3)) == before
-    assert (l3.get_run("run-1").status, l3.get_run("run-1").meta) == ("succeeded", {"steps": 3})
+    assert (l3.get_run("run-1").status, l3.get_run("run-1").meta) == ("succeeded", {"by": "test", "steps": 3})  # created with, finished with
     assert l3.context_version("run-1") == 2
 
 

@@ -208,7 +208,7 @@ class MemoryL3:
             if run is None or run.status in FINAL_STATUSES or (epoch is not None and run.epoch != epoch):
                 return False
             documents = [(ctx, self._encode(ctx)) for ctx in contexts]  # encode all before changing anything
-            self._runs[run_id] = replace(run, status=status, error=error, meta=stored_meta, finished_at=_now())
+            self._runs[run_id] = replace(run, status=status, error=error, meta={**run.meta, **stored_meta}, finished_at=_now())
             for ctx, document in documents:
                 self._write_if_newer(ctx, document)
             for record, value in records:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Connection, func, literal, select, text
+from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from state.errors import RunExists
 from state.models import RunContext
@@ -74,7 +74,11 @@ class PostgresLedger(PostgresContexts):
             finished = conn.execute(
                 runs.update()
                 .where(*conditions)
-                .values(status=status, error=error, meta=meta, finished_at=text("now()"), updated_at=text("now()"))
+                # What the run was created with (a fork's origin) stays; the finish's keys are added.
+                .values(
+                    status=status, error=error, meta=runs.c.meta.op("||")(literal(meta, type_=JSONB)),
+                    finished_at=text("now()"), updated_at=text("now()"),
+                )
                 .returning(runs.c.run_id)
             ).first()
             if finished is None:

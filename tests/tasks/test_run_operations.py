@@ -56,3 +56,33 @@ def test_a_run_that_succeeded_or_runs_or_does_not_exist_is_not_resumed() -> None
     assert env.store.get_context(run_id).get("divisor") == 3  # nothing changed
     with pytest.raises(NotFound):
         env.engine.resume("no-such-run")
+
+
+# ---- fork ------------------------------------------------------------------------------------------------
+
+COUNTER = {"name": "ten", "variables": {"counter": 0, "step": 1}, "steps": [inc(f"s{i}") for i in range(1, 11)]}
+
+
+def test_fork_from_step_6_starts_from_the_counter_before_it_and_runs_the_steps_from_6_on() -> None:
+    env = LocalEnvironment()
+    origin = env.submit(COUNTER)
+    assert env.settle(origin).status == "succeeded"
+    forked = env.engine.fork(origin, "s6", {"bonus": True})
+    row = env.settle(forked)
+    assert row.status == "succeeded" and row.meta.get("forked_from") == origin
+    ctx = env.store.get_context(forked)
+    assert ctx.get("counter") == 5 + 5 and ctx.get("bonus") is True  # 5 before s6, then s6..s10
+    entries = env.store.history.of_run(forked, context_ids=[forked])
+    assert sorted(e.step_id for e in entries if e.kind == "step") == [f"s{i}" for i in (10, 6, 7, 8, 9)]
+    assert env.store.get_context(origin).get("counter") == 10  # the origin is left as it is
+
+
+def test_fork_from_a_step_that_never_applied_or_of_an_unknown_run_is_refused() -> None:
+    env = LocalEnvironment()
+    origin = env.submit(COUNTER)
+    env.settle(origin)
+    with pytest.raises(InvalidValue, match="'s99': no commit of that step"):
+        env.engine.fork(origin, "s99")
+    with pytest.raises(NotFound):
+        env.engine.fork("no-such-run", "s1")
+    assert [row.run_id for row in env.store.ledger.list_runs(limit=10)] == [origin]

@@ -927,7 +927,7 @@ def test_l3_create_run_of_an_existing_run_id_refuses_and_changes_nothing(l3: L3T
     with pytest.raises(RefusedByDatabase):
         l3.create_run(run_row(root_context_id="run-1/again", meta={}), other_root)
     run = l3.get_run("run-1")
-    assert (run.status, run.root_context_id, run.meta) == ("succeeded", "run-1", {"steps": 1})
+    assert (run.status, run.root_context_id, run.meta) == ("succeeded", "run-1", {"by": "test", "steps": 1})
     assert l3.get_context("run-1/again") is None
 
 

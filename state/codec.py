@@ -119,6 +119,23 @@ class Codec:
         name = key if destination == "blackboard" else variable  # a blackboard entry keeps no variable name
         return binding(run_id, f"export:{destination}:{scope}:{key}", "exports", name, sensitivity)
 
+    # ---- signals -----------------------------------------------------------------------------------
+
+    def signal_value(self, run_id: str, event: str, sensitivity: str, value: Any) -> Any:
+        """A signal's payload as stored until a step consumes it: sealed when confidential or secret
+        (bound to its run, event and sensitivity)."""
+        if self.keyring is None or not DataSensitivity(sensitivity).masked:
+            return value
+        return self.keyring.seal(value, binding(run_id, f"signal:{event}", "signals", "payload", sensitivity))
+
+    def open_signal(self, run_id: str, event: str, sensitivity: str, value: Any) -> Any:
+        if not DataSensitivity(sensitivity).masked or (self.keyring is None and not is_sealed(value)):
+            return value  # (a store without keys, the in-memory one, seals nothing)
+        if self.keyring is None or not is_sealed(value):
+            raise ContextCorruption(f"signal {event!r} of run {run_id}", "a sensitive payload that is not sealed, or no key to open it")
+        associated = binding(run_id, f"signal:{event}", "signals", "payload", sensitivity)
+        return self.keyring.open(value, associated, where=f"signal {event!r} of run {run_id}")
+
     def dump_state(self, ctx: RunContext) -> bytes:
         """L2's payload: the context without its applied steps (L2 keeps those beside it, in a set
         that each commit adds one to, so a commit's size does not grow with the run).

@@ -345,6 +345,21 @@ class RunExists(RequestError):
         super().__init__(f"idempotency key {key!r} is held by run {run_id}")
 
 
+class SignalRefused(RequestError):
+    """A signal for an event the run has had already (consumed, waiting to be, or timed out):
+    nothing was stored."""
+
+    code = "SIGNAL_REFUSED"
+    severity = Severity.WARNING
+
+
+class RunEnded(RequestError):
+    """An operation that needs a running run was asked of one that has ended: nothing was changed."""
+
+    code = "RUN_ENDED"
+    severity = Severity.WARNING
+
+
 class NotFound(RequestError, KeyError):
     code = "NOT_FOUND"
     severity = Severity.WARNING

@@ -35,11 +35,13 @@ INVALIDATIONS_TOTAL = "runctx_invalidations_total"
 INVALIDATION_DELAY = "runctx_invalidation_delay_seconds"
 REWINDS_TOTAL = "runctx_rewinds_total"
 CHANGE_LISTENER_UP = "runctx_change_listener_up"
+WAITS_TOTAL = "runctx_waits_total"
+SIGNALS_TOTAL = "runctx_signals_total"
 
 METRIC_NAMES = (
     STEPS_TOTAL, STEP_DURATION, RUNS_TOTAL, CACHE_READS_TOTAL, L2_COMMITS_TOTAL, L2_CONFLICTS_TOTAL,
     L3_WRITES_TOTAL, WRITE_BEHIND_PENDING, WRITE_BEHIND_OLDEST, INVALIDATIONS_TOTAL, INVALIDATION_DELAY,
-    REWINDS_TOTAL, CHANGE_LISTENER_UP,
+    REWINDS_TOTAL, CHANGE_LISTENER_UP, WAITS_TOTAL, SIGNALS_TOTAL,
 )
 
 # Steps take from under a millisecond (inline) to minutes; invalidations are expected in milliseconds.
@@ -59,7 +61,9 @@ class Metrics:
     L3 write: context (created) / snapshot (write-behind) / run (finished, with its
     final contexts and exports) / rewind / routine / config. ``source`` of an
     invalidation: commit (a commit's broadcast) / message (the state a step's message carried) /
-    l3 (a change made in PostgreSQL) / run_ended."""
+    l3 (a change made in PostgreSQL) / run_ended. ``outcome`` of a wait: armed (a step began to
+    wait) / signalled / timed_out (it ended so); of a signal: delivered (to a step that waited) /
+    early (kept, then consumed when its step came to wait)."""
 
     steps: Counter
     step_duration: Histogram
@@ -72,6 +76,8 @@ class Metrics:
     invalidation_delay: Histogram
     rewinds: Counter
     change_listener_up: Gauge
+    waits: Counter
+    signals: Counter
 
     @classmethod
     def build(cls) -> Metrics:
@@ -97,6 +103,8 @@ class Metrics:
                 CHANGE_LISTENER_UP, "1 while every live worker process listens to PostgreSQL's change events",
                 multiprocess_mode="livemin",
             ),
+            waits=Counter(_base(WAITS_TOTAL), "Steps that began or ended waiting for an outside event", ["routine", "outcome"]),
+            signals=Counter(_base(SIGNALS_TOTAL), "Signals that reached the step waiting for them", ["routine", "outcome"]),
         )
 
 

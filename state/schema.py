@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -125,4 +126,33 @@ step_history = Table(
     Column("entry", JSONB, nullable=False),
     Column("seq", BigInteger, Identity(always=True), nullable=False),
     Index("ix_step_history_run_seq", "run_id", "seq"),
+)
+
+# Steps waiting for outside events and the signals sent to runs (`state.waits`, migration 0010):
+# a wait's deadline is durable, a signal is kept until a step consumes it, each event once a run.
+run_waits = Table(
+    "run_waits",
+    metadata,
+    Column("run_id", String(100), primary_key=True),
+    Column("step_id", String(300), primary_key=True),
+    Column("event", String(200), nullable=False),
+    Column("node", Integer, nullable=False),
+    Column("items", JSONB, nullable=False),
+    Column("armed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("deadline", DateTime(timezone=True)),
+    Column("resolution", String(20)),
+    Column("resolved_at", DateTime(timezone=True)),
+    Index("ix_run_waits_deadline", "deadline", postgresql_where=text("resolution IS NULL AND deadline IS NOT NULL")),
+    UniqueConstraint("run_id", "event", name="uq_run_waits_event"),
+)
+
+run_signals = Table(
+    "run_signals",
+    metadata,
+    Column("run_id", String(100), primary_key=True),
+    Column("event", String(200), primary_key=True),
+    Column("payload", JSONB),
+    Column("sensitivity", String(20), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("consumed_by", String(300)),
 )

@@ -11,6 +11,7 @@ nothing outside `state/` touches a tier:
     store.configs       routine definitions and configurations  (`state.configs`)
     store.ledger        runs and their records                   (`state.ledger`)
     store.history       runs' histories                          (`state.run_history`)
+    store.waits         waits for outside events and signals     (`state.waits`)
     store.rewinds       rebuilding a run whose L2 state was lost (`state.rewind`)
     store.invalidation  other processes' commits and L3's change events (`state.invalidation`)
     store.maintenance   prune, key checks and rotation           (`state.maintenance`)
@@ -50,6 +51,7 @@ from state.settings import Settings
 from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier
 from state.tiers.data import CommitRequest, CommitStatus, CommittedState, RunRow
 from state.tiers.local import LocalCache
+from state.waits import Waits
 from state.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class TieredStore:
         self.invalidation = Invalidation(l1, l2, clock=clock)
         self.maintenance = Maintenance(l1, l2, l3, clock=clock)
         self.write_behind = WriteBehind(l1, l2, l3, clock=clock, history=self.history)
+        self.waits = Waits(l3, codec)
 
     @classmethod
     def connect(
@@ -215,8 +218,7 @@ class TieredStore:
         return stored.context
 
     def read_many_for_step(self, context_ids: list[str], *, epoch: int) -> list[RunContext]:
-        """Each context's newest state in L2 (no L1 copy: another process may have moved it), as
-        `read_for_step` would find it: a fan-out's items, which its collect reads."""
+        """Each context's newest state in L2, as `read_for_step` finds it, not L1's: a fan-out's items."""
         for context_id in context_ids:
             self.l1.evict_context(context_id)
         return [self.read_for_step(context_id, epoch=epoch, at_least=1) for context_id in context_ids]
@@ -354,8 +356,7 @@ class TieredStore:
         self.commit(working, expected_version=base.version)
 
     def travelling(self, ctx: RunContext, step_id: str, encoded: tuple[bytes, str]) -> CommittedState | None:
-        """The state a step's commit lets the next step's message carry: a small context without
-        confidential or secret values (a broker message is no place for those, sealed or not)."""
+        """The state a step's message may carry: a small context without confidential or secret values."""
         payload, payload_checksum = encoded
         if ctx.holds_sensitive or len(payload) > self.config.l1_update_max_bytes:
             return None
@@ -391,8 +392,7 @@ class TieredStore:
         return self.l2.hold_lease(name, holder, ttl_s)
 
     def claim_due(self, *, lease_s: float, limit: int = 50, now: float | None = None) -> list[str]:
-        """Contexts whose write-behind is due, each claimed for ``lease_s`` (its flush task is sent by
-        the claimer; unsent, it comes due again)."""
+        """Contexts whose write-behind is due, each claimed for ``lease_s`` (unsent, it comes due again)."""
         return self.l2.claim_due(self.clock() if now is None else now, lease_s=lease_s, limit=limit)
 
     def pending_flushes(self) -> tuple[int, float | None]:

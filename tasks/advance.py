@@ -1,6 +1,7 @@
 """Walking the plan: which real steps follow a node (or that the run is finished).
 
-Virtual nodes are resolved here by whichever worker finished the node before them: a fork
+A wait step is sent only once its wait has ended (`Moves.wait_over`). Virtual nodes are resolved
+here by whichever worker finished the node before them: a fork
 starts every branch, a join goes on once each branch end is in its context's ``applied_steps``
 (committed with the step, so the count is durable and no task waits for it), a child start
 creates the child context, a gate evaluates its condition (and commits the skip when false), a
@@ -52,6 +53,9 @@ class Moves(Protocol):
 
     def end_item(self, node: Node, item: RunContext, items: tuple[int, ...]) -> ItemEnd: ...
 
+    def wait_over(self, node: Node, ctx: RunContext, items: tuple[int, ...]) -> bool:
+        """Arm a wait step's wait (once); whether it has ended already (signalled, or timed out)."""
+
 
 def next_work(
     plan: Plan, index: int | None, versions: dict[str, int], contexts: dict[str, RunContext], moves: Moves,
@@ -62,6 +66,9 @@ def next_work(
         return []
     node = plan.node(index)
     path = concrete(node.context, items)
+    if node.kind == "wait":  # sent once its wait ended: until then the run rests, holding no message
+        ctx = contexts.get(path) or moves.context(path, versions)
+        return [Next(index, dict(versions), items)] if moves.wait_over(node, ctx, items) else []
     if node.kind in REAL_KINDS:
         return [Next(index, dict(versions), items)]
     if node.kind == "finish":

@@ -8,6 +8,7 @@ the Celery adapter (`workers/`) and the API call. Free of Celery: what it sends 
     steps.py       execute one step and commit it once
     lifecycle.py   dispatch, fail, cancel, finalize, rewind, write-behind
     operations.py  resume and fork a run that has ended
+    waiting.py     signals and deadlines that end wait steps' waits (events.py: their names)
     advance.py     what follows a node; where a rebuilt run resumes
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from state.limits import MAX_ITEMS
 from state.models import ResourceLimits
 from state.store import TieredStore
-from state.tiers.data import CommittedState
+from state.tiers.data import CommittedState, SignalReceipt, WaitRow
 from tasks.lifecycle import RunLifecycle
 from tasks.operations import RunOperations
 from tasks.messages import Dispatcher, FinalizeMessage, StepMessage
@@ -27,6 +28,7 @@ from tasks.routine import Routine
 from tasks.submission import Submission
 from tasks.step_runner import StepRunner
 from tasks.steps import StepCommit
+from tasks.waiting import RunWaits
 from tasks.submission import RunSubmitter
 
 
@@ -50,8 +52,10 @@ class RunEngine:
         self.dispatcher = dispatcher
         self.plans = PlanCache(store)
         self.lifecycle = RunLifecycle(store, self.plans, dispatcher, max_items=max_items)
-        self.submitter = RunSubmitter(store, self.plans, self.lifecycle, limits or ResourceLimits())
+        limits = limits or ResourceLimits()
+        self.submitter = RunSubmitter(store, self.plans, self.lifecycle, limits)
         self.operations = RunOperations(store, self.lifecycle)
+        self.waits = RunWaits(store, self.plans, self.lifecycle, max_value_bytes=limits.max_value_bytes)
         self.steps = StepRunner(
             store, self.plans, self.lifecycle, dispatcher, max_attempts=max_attempts, time_limits=time_limits
         )
@@ -83,6 +87,14 @@ class RunEngine:
     def fork(self, run_id: str, from_step: str, variables: dict[str, Any] | None = None) -> str:
         """A new run from ``run_id`` as it was just before ``from_step`` (`RunOperations.fork`)."""
         return self.operations.fork(run_id, from_step, variables)
+
+    def signal(self, run_id: str, event: str, payload: Any = None) -> SignalReceipt:
+        """Send an event to a run: the step waiting for it goes on, else it is kept (`RunWaits.signal`)."""
+        return self.waits.signal(run_id, event, payload)
+
+    def fire_timeouts(self) -> list[WaitRow]:
+        """End the waits whose deadline passed, each once (`RunWaits.fire_timeouts`)."""
+        return self.waits.fire_timeouts()
 
     # ---- what the workers' tasks do -------------------------------------------------------------
 

@@ -56,9 +56,12 @@ class RunLifecycle:
     def dispatch(
         self, plan: Plan, run_id: str, routine: str, routine_version: int, index: int | None,
         versions: dict[str, int], contexts: dict[str, RunContext], epoch: int, items: tuple[int, ...] = (),
-    ) -> None:
-        """Send the work that follows node ``index``, given the contexts just committed (by path)."""
-        self.send(plan, run_id, routine, routine_version, next_work(plan, index, versions, contexts, self.moves(plan, run_id, epoch), items), epoch)
+    ) -> list[str]:
+        """Send the work that follows node ``index``, given the contexts just committed (by path);
+        returns the events of the waits it came to (a wait step is sent once its wait ends)."""
+        moves = self.moves(plan, run_id, epoch)
+        self.send(plan, run_id, routine, routine_version, next_work(plan, index, versions, contexts, moves, items), epoch)
+        return moves.waiting
 
     def moves(self, plan: Plan, run_id: str, epoch: int) -> PlanMoves:
         return PlanMoves(self.store, self.marks, plan, run_id, epoch, max_items=self.max_items)

@@ -1,6 +1,6 @@
 """The reads and writes of walking a run's plan (`tasks.advance.Moves`): a sub-routine's child
 context created, a gate's condition decided (and its skip committed), a fan-out's items counted
-and their contexts created, an item's end counted."""
+and their contexts created, an item's end counted, a wait armed."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from state.models import ExportDeclaration, RunContext
 from state.store import TieredStore
 from tasks.advance import ItemEnd
 from tasks.changes import ContextView
+from tasks.events import ancestors, event_of
 from tasks.expressions import ExpressionFailed
 from tasks.plan import Node, Plan, concrete
 from tasks.steps import StepExecutor
@@ -47,6 +48,7 @@ class PlanMoves:
         self.run_id = run_id
         self.epoch = epoch
         self.max_items = max_items
+        self.waiting: list[str] = []  # the events of the waits these moves armed and left waiting
 
     def context(self, path: str, versions: dict[str, int]) -> RunContext:
         return self.store.read_for_step(context_id(self.run_id, path), epoch=self.epoch, at_least=versions.get(path, 1))
@@ -157,3 +159,26 @@ class PlanMoves:
             raise FanOutFailed(f"fan-out {fan_out!r}: {failures} of {total} items failed, more than the {tolerated} tolerated")
         return ItemEnd(rank, total)
 
+
+    # ---- waits ----------------------------------------------------------------------------------
+
+    def wait_over(self, node: Node, ctx: RunContext, items: tuple[int, ...]) -> bool:
+        """Arm the wait in L3 (a signal kept for it ends it at once). A wait that goes on is recorded
+        (the step's record and the run's history say which event) and the contexts it stands on are
+        written to L3 first, so that the run, resting, depends on nothing Redis holds."""
+        assert node.wait is not None
+        step_id = concrete(node.step_id, items)
+        if ctx.has_applied(step_id):
+            return True
+        event = event_of(node, ctx)
+        wait = self.store.waits.arm(self.run_id, step_id, event, node=node.index, items=items, timeout_s=node.wait.timeout_s)
+        if wait.resolution is not None:
+            return True
+        metrics().waits.labels(self.plan.routine.name, "armed").inc()
+        self.waiting.append(event)
+        record = {"status": "waiting", "worker": "-", "duration_s": 0.0, "finished_at": time.time(), "reason": f"event {event!r}"}
+        self.store.ledger.record_step(self.run_id, step_id, record, epoch=self.epoch)
+        path = concrete(node.context, items)
+        self.store.write_behind.flush([context_id(self.run_id, p) for p in ancestors(path)])
+        log.info("run %s: step %s waits for event %r", self.run_id, step_id, event)
+        return False

@@ -1,8 +1,9 @@
 """A routine compiled into a graph of nodes, and what comes after a node (pure, no I/O).
 
 Real nodes run as step tasks: ``action`` (changes its context), ``child_end`` (merges a
-sub-routine's context back into its parent) and ``collect`` (gathers a fan-out's items into its
-parent). Virtual nodes are resolved by whichever worker finished the node before them: ``fork``
+sub-routine's context back into its parent), ``collect`` (gathers a fan-out's items into its
+parent) and ``wait`` (puts a signal's payload in its context: dispatched only once the wait is
+resolved, by a signal or its deadline; until then the run holds no message). Virtual nodes are resolved by whichever worker finished the node before them: ``fork``
 (start every branch), ``join`` (go on once every branch end is applied: the count is the
 context's own ``applied_steps``, committed with each step), ``child_start`` (create the child
 context), ``gate`` (a ``when``: go into the step, or record it skipped and go past it),
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from state.errors import InvalidRoutine
+from state.models import DataSensitivity
 from tasks.actions import builtin_args
 from tasks.expressions import Condition
 from tasks.routine import (
@@ -33,10 +35,14 @@ from tasks.routine import (
     Routine,
     SubRoutineStep,
     VariableSpec,
+    WaitSpec,
+    WaitStep,
 )
 
-NodeKind = Literal["action", "child_end", "collect", "fork", "join", "child_start", "gate", "fan_out", "item_end", "finish"]
-REAL_KINDS = ("action", "child_end", "collect")
+NodeKind = Literal[
+    "action", "child_end", "collect", "wait", "fork", "join", "child_start", "gate", "fan_out", "item_end", "finish"
+]
+REAL_KINDS = ("action", "child_end", "collect", "wait")
 ITEM = "[]"  # in a template path or step id: an item's index goes here
 FAILURE = "failure"  # the variable of an item's context that holds why the item failed
 
@@ -109,6 +115,8 @@ class Node:
     item_start: int | None = None
     collect: int | None = None
     owner: int | None = None  # item_end and collect: the fan_out node
+    wait: WaitSpec | None = None  # a wait: its event (a template), variable, timeout
+    sensitivity: DataSensitivity = DataSensitivity.PUBLIC  # a wait: what its variable is declared
 
     def done_in(self, applied: Callable[[str], bool], items: tuple[int, ...] = ()) -> bool:
         """Whether this real node (or what passes it) is applied, by its context's ``has_applied``."""
@@ -210,6 +218,11 @@ class _Compiler:
             )
             own = Catch(sid, after, step.error_into) if step.on_failure == "continue" else None
             self.nodes[index].catch = own or catch
+            return index, index
+        if isinstance(step, WaitStep):
+            declared = owner.initial_variables().get(step.wait_for.into)
+            level = declared.sensitivity if declared is not None else DataSensitivity.PUBLIC
+            index = self.add(Node(0, "wait", sid, ctx, next=after, wait=step.wait_for, sensitivity=level))
             return index, index
         if isinstance(step, ParallelStep):
             join = self.add(Node(0, "join", sid, ctx, next=after))

@@ -27,6 +27,7 @@ from state.store import TieredStore
 from state.tiers.data import CommittedState
 from tasks.lifecycle import RunLifecycle
 from tasks.messages import Dispatcher, StepMessage, Successor
+from tasks.events import WaitTimedOut
 from tasks.expressions import ExpressionFailed
 from tasks.failures import StepFailures
 from tasks.plan import REAL_KINDS, Node, Plan, concrete
@@ -107,8 +108,8 @@ class StepRunner:
             versions = {**message.versions, concrete(node.context, message.items): outcome.context.version}
             successor = self._inline_successor(plan, node, task_started)
             if successor is None:
-                self._go_on(plan, message, node, versions, outcome.context, worker)
-                return outcome
+                waiting = self._go_on(plan, message, node, versions, outcome.context, worker)
+                return replace(outcome, waiting=tuple(waiting)) if waiting else outcome
             message = replace(
                 message, node=successor.index, versions=versions, step_id=concrete(successor.step_id, message.items), attempt=1
             )
@@ -174,7 +175,8 @@ class StepRunner:
             if isinstance(exc, StepFailed) and node.kind == "action":
                 return self.failures.after(plan, node, message, exc, worker=worker, started=started)
             self.store.ledger.finish_step(
-                message.run_id, step_id, status="failed", worker=worker, duration_s=time.perf_counter() - started,
+                message.run_id, step_id, status="timed_out" if isinstance(exc, WaitTimedOut) else "failed", worker=worker,
+                duration_s=time.perf_counter() - started,
                 traceback=getattr(exc, "traceback", None), epoch=message.epoch,
             )
             where = f" on {worker}" if isinstance(exc, NodeMisconfigured) else ""  # which node to set up
@@ -202,8 +204,8 @@ class StepRunner:
         if node.next is None:
             return None
         successor = plan.node(node.next)
-        if successor.kind not in REAL_KINDS:
-            return None
+        if successor.kind not in REAL_KINDS or successor.kind == "wait":
+            return None  # (a wait step is sent once its wait ends)
         if successor.kind == "action" and successor.inline and successor.context == node.context:
             return None  # runs in this task while the inline budget lasts
         if successor.timeout_s is not None:
@@ -223,10 +225,10 @@ class StepRunner:
         if status != "skipped":
             instruments.step_duration.labels(routine).observe(time.perf_counter() - started)
 
-    def _go_on(self, plan: Plan, message: StepMessage, node: Node, versions: dict[str, int], ctx: Any, worker: str) -> None:
-        """Dispatch what follows a committed step."""
+    def _go_on(self, plan: Plan, message: StepMessage, node: Node, versions: dict[str, int], ctx: Any, worker: str) -> list[str]:
+        """Dispatch what follows a committed step; the events of the waits it came to."""
         try:
-            self.lifecycle.dispatch(
+            return self.lifecycle.dispatch(
                 plan, message.run_id, message.routine, message.routine_version, node.next, versions,
                 {concrete(node.context, message.items): ctx}, message.epoch, message.items,
             )
@@ -237,6 +239,7 @@ class StepRunner:
         except LineageLost as exc:  # a child context this step created earlier was lost meanwhile
             log_error(log, exc, f"run {message.run_id}: what follows {message.step_id!r} cannot find its state")
             self.lifecycle.rewind(message.run_id, message.epoch)
+        return []
 
     def _fail(self, message: StepMessage, node: Node, worker: str, error: str, cause: BaseException | None = None) -> None:
         hidden = getattr(cause, "hidden", None)

@@ -1,7 +1,8 @@
 """Step execution: one real node of the plan run against its context and committed once.
 
 An action step reads its context, runs the action on a read-only view and commits the changes it
-returned; a sub-routine's end merges the child context into its parent. Either is one
+returned; a sub-routine's end merges the child context into its parent; a wait step whose wait
+ended puts the signal's payload in its variable. Either is one
 compare-and-set (`TieredStore.try_commit`): a commit that loses to another writer applies the
 step's changes again to the newer state, so a step delivered twice applies once and no update is
 lost. A single plain step that follows rides in the commit (its `Successor` message).
@@ -21,12 +22,13 @@ from typing import Any
 
 from state.errors import RoutineError, StepFailed, TransactionFailed
 from state.keys import context_id
-from state.models import RunContext
+from state.models import DataSensitivity, RunContext
 from state.store import AlreadyApplied, Committed, TieredStore
 from state.tiers.data import CommitRequest, StepReport
 from tasks.actions import run_action
 from tasks.changes import ContextView, apply_changes
 from tasks.collect import collect_items
+from tasks.events import WaitTimedOut, count_end
 from tasks.messages import StepMessage, Successor
 from tasks.plan import FAILURE, Node, concrete
 
@@ -46,6 +48,7 @@ class StepCommit:
     context: RunContext
     applied: bool  # False: the step had been applied already (a duplicate delivery)
     dispatched: bool = False  # the commit carried what follows the step (its successor's message)
+    waiting: tuple[str, ...] = ()  # what follows waits for these events (nothing was sent for it)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class StepExecutor:
             return self._apply_action(message, node, attempt, successor)
         if node.kind == "collect":
             return self._collect(message, node, attempt, successor)
+        if node.kind == "wait":
+            return self._deliver(message, node, attempt, successor)
         return self._merge_child(message, node, attempt, successor)
 
     def is_applied(self, message: StepMessage, node: Node) -> bool:
@@ -194,6 +199,33 @@ class StepExecutor:
             collect_items(working, items, node.fan_out, merge, failure=FAILURE)  # type: ignore[arg-type]
 
         return self._commit(ctx_id, parent, step_id, mutate, attempt, successor)
+
+    def _deliver(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
+        """A wait that ended (L3 says how): the signal's payload put in the step's variable, with the
+        sensitivity declared for it; or, timed out, the run failed or the variable null."""
+        assert node.wait is not None
+        spec = node.wait
+        ctx_id, base = self._read(message, concrete(node.context, message.items))
+        step_id = message.step_id or concrete(node.step_id, message.items)
+        if base.has_applied(step_id):
+            return StepCommit(base, applied=False)
+        wait = self.store.waits.of_step(message.run_id, step_id)
+        if wait is None or wait.resolution is None:  # sent before its wait ended: it is sent again when it does
+            log.warning("run %s: step %s has not been signalled: nothing to do yet", message.run_id, step_id)
+            return StepCommit(base, applied=False)
+        if wait.resolution == "timeout" and spec.on_timeout == "fail":
+            count_end(message.routine, wait)
+            raise WaitTimedOut(f"no event {wait.event!r} came within {spec.timeout_s:g} s")
+        value = self.store.waits.payload(wait) if wait.resolution == "signal" else None
+        level = DataSensitivity.highest(node.sensitivity, DataSensitivity(wait.sensitivity), base.sensitivity_of(spec.into))
+
+        def mutate(working: RunContext) -> None:
+            working.set_variable(spec.into, value, sensitivity=level)
+
+        commit = self._commit(ctx_id, base, step_id, mutate, attempt, successor)
+        if commit.applied:
+            count_end(message.routine, wait)
+        return commit
 
     def _merge_child(self, message: StepMessage, node: Node, attempt: StepAttempt | None, successor: Successor | None) -> StepCommit:
         assert node.child_context is not None and node.merge is not None

@@ -21,7 +21,7 @@ from state.tiers.data import ConfigEntry, RunRow
 from tasks.lifecycle import RunLifecycle
 from tasks.plan import compile_plan
 from tasks.plans import PlanCache
-from tasks.routine import ForEachStep, ParallelStep, Routine, check_definition
+from tasks.routine import ForEachStep, ParallelStep, Routine, WaitStep, check_definition, iter_steps
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,10 @@ class RunSubmitter:
             check_name(name)
         specs = routine.initial_variables()
         values = {name: spec.value for name, spec in specs.items() if not spec.required}
+        # A variable a wait step fills is declared without a value: its signal gives it one.
+        signalled = {step.wait_for.into for step in iter_steps(routine.steps) if isinstance(step, WaitStep)}
         for name, spec in specs.items():
-            if spec.required and name not in (variables or {}):
+            if spec.required and name not in (variables or {}) and name not in signalled:
                 where = f"{source} (routine {routine.name!r})" if source else f"routine {routine.name!r}"
                 raise InvalidValue(
                     f"{where}: variables.{name}: declared {spec.sensitivity.value} without a value: give it at "

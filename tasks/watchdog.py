@@ -1,5 +1,6 @@
 """The watchdog for stalled work: a running run that shows no progress for the stall timeout is
-resumed from what the tiers hold (a rewind), whatever stopped it.
+resumed from what the tiers hold (a rewind), whatever stopped it. It also ends the waits whose
+deadline passed (`tasks.waiting`), and leaves alone a run that waits for an event: it rests.
 
 What it covers: a step taken by a node that died (its message waits in the Redis transport's
 unacked set until the visibility timeout), a broker that lost its messages, a Redis that came back
@@ -50,13 +51,15 @@ class Watchdog:
 
     def scan(self) -> list[str]:
         """Resume every running run that has not moved for its stall timeout; returns their ids."""
+        self.engine.fire_timeouts()
         now = self.clock()
         ledger = self.engine.store.ledger
         runs = ledger.running_runs()
         progress = ledger.progress_of([run.run_id for run in runs])
+        waiting = {wait.run_id for wait in self.engine.store.waits.open([run.run_id for run in runs])}
         resumed = []
         for run in runs:
-            if self._past_deadline(run, now):
+            if self._past_deadline(run, now) or run.run_id in waiting:
                 continue
             changed = run.updated_at.timestamp() if run.updated_at else now
             moved = max(progress.get(run.run_id) or 0.0, changed)

@@ -74,13 +74,13 @@ def _message(
 def step(
     self: Any, run_id: str, routine: str, routine_version: int, node: int, versions: dict[str, int], step_id: str = "",
     epoch: int = 1, items: list[int] | None = None, attempt: int = 1,
-) -> None:
+) -> str | None:
     message = _message(run_id, routine, routine_version, node, versions, step_id, epoch, items, attempt)
     request = self.request
     # The broker flags a message it delivers again (its worker died before acknowledging it).
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     try:
-        _engine(self).execute_step(
+        outcome = _engine(self).execute_step(
             message, task_id=request.id, worker=request.hostname or "?", retries=request.retries or 0,
             redelivered=redelivered, carried=state_from_header(getattr(request, STATE_HEADER, None)),
         )
@@ -89,6 +89,9 @@ def step(
         # revoked (what Celery calls a task that was called off), not a success.
         self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore() from None
+    if outcome is not None and outcome.waiting:  # the result Flower shows: the run rests, holding no message
+        return "waiting for " + ", ".join(f"event {event!r}" for event in outcome.waiting)
+    return None
 
 
 def _finalize_name(task: Any, args: tuple, kwargs: dict, options: dict) -> str:

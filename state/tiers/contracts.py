@@ -13,6 +13,7 @@ these, never on a concrete tier. The data they exchange is in `data`.
       L3Contexts    context snapshots, written only if newer
       L3Ledger      the runs: created with their root context, finished with their final
                     contexts and exports, rewound, pruned
+      L3Waits       steps waiting for outside events, and the signals sent to runs
       L3Configs     routine definitions (versioned by content) and configurations
       L3Keys        the encryption keys values are sealed under
 
@@ -34,8 +35,10 @@ from state.tiers.data import (
     ConfigEntry,
     ExportRecord,
     RunRow,
+    SignalReceipt,
     StepStart,
     StoredContext,
+    WaitRow,
 )
 
 
@@ -281,7 +284,8 @@ class L3Ledger(Protocol):
 
     def reopen_run(self, run_id: str) -> RunRow | None:
         """A failed or cancelled run is running again (resumed): its row as it is now, or None if it
-        was not failed or cancelled (nothing changed)."""
+        was not failed or cancelled (nothing changed). Its waits that no signal resolved are
+        forgotten (armed again, with a new deadline, when the run reaches them)."""
 
     def begin_rewind(self, run_id: str, from_epoch: int) -> int | None:
         """Raise a running run's epoch from ``from_epoch``; the new epoch, or None if the run is
@@ -289,9 +293,32 @@ class L3Ledger(Protocol):
 
     def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
         """Delete up to ``limit`` finished runs that finished more than ``older_than_s`` ago, with
-        their context snapshots and history, in one transaction; exports and blackboard entries stay. Returns run
+        their context snapshots, history, waits and signals, in one transaction; exports and blackboard entries stay. Returns run
         id -> the ids of its contexts that were deleted. A run being pruned by another caller is
         skipped, never waited for."""
+
+
+@runtime_checkable
+class L3Waits(Protocol):
+    def arm_wait(self, wait: WaitRow, timeout_s: float | None) -> WaitRow:
+        """Record that a step waits for an event (kept as first armed: arming again changes nothing,
+        the deadline counts from the first), consuming the signal kept for it if there is one; the
+        wait as it is now. InvalidValue if another step of the run waits for that event."""
+
+    def send_signal(self, run_id: str, event: str, payload: Any, sensitivity: str) -> SignalReceipt:
+        """Store a signal (``payload`` as it is to be stored: sealed when sensitive) and resolve the
+        open wait for it, if a step waits. NotFound for an unknown run, RunEnded for a finished one,
+        SignalRefused (nothing stored) if the run was sent the event already or stopped waiting for it."""
+
+    def wait_of(self, run_id: str, step_id: str) -> WaitRow | None:
+        """A step's wait, with the payload of the signal that resolved it."""
+
+    def open_waits(self, run_ids: list[str]) -> list[WaitRow]:
+        """The waits of these runs that are not resolved yet."""
+
+    def expire_waits(self, *, limit: int = 100) -> list[WaitRow]:
+        """Resolve as timed out up to ``limit`` open waits of running runs whose deadline passed (by
+        the database's clock), each once whoever else asks; the waits resolved."""
 
 
 @runtime_checkable
@@ -319,6 +346,6 @@ class L3Keys(Protocol):
 
 
 @runtime_checkable
-class L3Tier(L3Contexts, L3History, L3Ledger, L3Configs, L3Keys, Protocol):
+class L3Tier(L3Contexts, L3History, L3Ledger, L3Waits, L3Configs, L3Keys, Protocol):
     def ping(self) -> bool: ...
     def close(self) -> None: ...

@@ -182,3 +182,31 @@ class ExportRecord:
     scope: str
     value: Any
     sensitivity: str
+
+
+@dataclass(frozen=True)
+class WaitRow:
+    """A step waiting for an outside event (`wait_for`), as L3 holds it. ``resolution`` is None while
+    it waits, ``signal`` once a signal was matched to it (``payload``: the value as stored, sealed
+    when ``sensitivity`` is confidential or secret) or ``timeout`` once its deadline passed."""
+
+    run_id: str
+    step_id: str  # concrete (a fan-out item's has its index)
+    event: str
+    node: int
+    items: tuple[int, ...] = ()
+    deadline: float | None = None  # epoch seconds, by the database's clock
+    armed_at: float | None = None
+    resolution: str | None = None
+    payload: Any = None
+    sensitivity: str = "public"
+    early: bool = False  # its signal came before the step began to wait
+
+
+@dataclass(frozen=True)
+class SignalReceipt:
+    """A signal stored: the wait it resolved at once (None: kept until a step waits for it)."""
+
+    run_id: str
+    event: str
+    wait: WaitRow | None

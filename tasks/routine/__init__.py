@@ -9,6 +9,7 @@
 from tasks.routine.bounds import MAX_DEFINITION_BYTES, MAX_INTEGER_BITS, MAX_ROUTINE_FILE_BYTES, check_definition
 from tasks.routine.files import MAX_PATH_LENGTH, MAX_ROUTINE_FILES, load_routine, read_routine_file
 from tasks.routine.model import (
+    EVENT_NAME,
     STEP_ID,
     ActionStep,
     CollectSpec,
@@ -21,11 +22,14 @@ from tasks.routine.model import (
     Step,
     SubRoutineStep,
     VariableSpec,
+    WaitSpec,
+    WaitStep,
     iter_steps,
 )
 from tasks.routine.parse import parse_routine
 
 __all__ = [
+    "EVENT_NAME",
     "MAX_DEFINITION_BYTES",
     "MAX_INTEGER_BITS",
     "MAX_PATH_LENGTH",
@@ -43,6 +47,8 @@ __all__ = [
     "Step",
     "SubRoutineStep",
     "VariableSpec",
+    "WaitSpec",
+    "WaitStep",
     "check_definition",
     "iter_steps",
     "load_routine",

@@ -28,6 +28,10 @@ from tasks.expressions import Condition
 STEP_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
 TIMEOUT_LIMIT_S = 7 * 86400  # a step or routine time limit: up to a week
+WAIT_LIMIT_S = 365 * 86400  # a wait for an outside event: up to a year
+# An event's name: letters, digits and ``_ . : -``; in a routine, ``{name}`` places a variable's value.
+EVENT_NAME = r"^[A-Za-z0-9_.:\-]{1,200}$"
+EVENT_TEMPLATE = r"^(?:[A-Za-z0-9_.:\-]|\{[A-Za-z_][A-Za-z0-9_.\-]{0,99}\})+$"
 # The numbers of the loop, retry and time-limit fields are strict: `true` is not 1 (pydantic's lax
 # mode would take it as 1, and the string "5" as 5).
 
@@ -142,6 +146,30 @@ class ActionStep(_FailurePolicy):
         return self
 
 
+class WaitSpec(_Strict):
+    """Wait for an outside event (``runctx signal RUN EVENT``) and put its payload in ``into``: the
+    run holds no worker and no message meanwhile. ``{name}`` in ``event`` is replaced by the value of
+    variable ``name`` (``approve-{item}``: one event per item of a fan-out). After ``timeout_s`` the
+    step fails its run (``on_timeout: fail``) or goes on with ``into`` null (``continue``)."""
+
+    event: str
+    into: Name
+    timeout_s: float | None = Field(default=None, gt=0, le=WAIT_LIMIT_S, strict=True)
+    on_timeout: Literal["fail", "continue"] = "fail"
+
+    @field_validator("event")
+    @classmethod
+    def _event_name(cls, event: str) -> str:
+        if len(event) > 200 or not re.fullmatch(EVENT_TEMPLATE, event):
+            raise ValueError("an event is letters, digits, '_', '.', ':' and '-' (with {variable} placeholders), at most 200 characters")
+        return event
+
+
+class WaitStep(_Guarded):
+    id: str = Field(pattern=STEP_ID)
+    wait_for: WaitSpec
+
+
 class ParallelStep(_FailurePolicy):
     id: str = Field(pattern=STEP_ID)
     parallel: list[Annotated[list[Step], Field(min_length=1)]] = Field(min_length=1)
@@ -224,17 +252,21 @@ def _step_kind(raw: Any) -> str | None:
     return None
 
 
-_STEP_KEYS = {"action": "ActionStep", "parallel": "ParallelStep", "routine": "SubRoutineStep", "for_each": "ForEachStep"}
+_STEP_KEYS = {
+    "action": "ActionStep", "parallel": "ParallelStep", "routine": "SubRoutineStep", "for_each": "ForEachStep",
+    "wait_for": "WaitStep",
+}
 
 Step = Annotated[
     Annotated[ActionStep, Tag("ActionStep")]
     | Annotated[ParallelStep, Tag("ParallelStep")]
     | Annotated[SubRoutineStep, Tag("SubRoutineStep")]
-    | Annotated[ForEachStep, Tag("ForEachStep")],
+    | Annotated[ForEachStep, Tag("ForEachStep")]
+    | Annotated[WaitStep, Tag("WaitStep")],
     Discriminator(
         _step_kind,
         custom_error_type="step_kind",
-        custom_error_message="a step needs exactly one of 'action', 'parallel', 'routine' or 'for_each'",
+        custom_error_message="a step needs exactly one of 'action', 'parallel', 'routine', 'for_each' or 'wait_for'",
     ),
 ]
 

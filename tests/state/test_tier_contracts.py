@@ -26,7 +26,16 @@ import pytest
 from sqlalchemy import select
 
 from state import bus
-from state.errors import ContextCorruption, RefusedByDatabase, RunExists, VersionConflict
+from state.errors import (
+    ContextCorruption,
+    InvalidValue,
+    NotFound,
+    RefusedByDatabase,
+    RunEnded,
+    RunExists,
+    SignalRefused,
+    VersionConflict,
+)
 from state.models import RunContext, RunContextInit, StateCacheConfig
 from state.schema import blackboard_entries, exports
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
@@ -40,6 +49,7 @@ from state.tiers.data import (
     RunRow,
     StepReport,
     StepStart,
+    WaitRow,
 )
 from state.tiers.local import LocalCache
 from state.tiers.memory import MemoryL2, MemoryL3
@@ -1177,3 +1187,77 @@ def test_l1_a_damaged_followed_commit_is_a_miss(l1: LocalCache) -> None:
     assert l1.get_context("run-1", at_least=2) is None and l1.context_version("run-1") is None
 
 
+
+
+# ---- waits and signals ------------------------------------------------------------------------------
+
+
+def _waiting_run(l3: L3Tier, run_id: str = "run-1") -> None:
+    l3.create_run(run_row(run_id), context(run_id))
+
+
+def test_l3_a_signal_to_a_waiting_step_resolves_its_wait_once(l3: L3Tier) -> None:
+    _waiting_run(l3)
+    armed = l3.arm_wait(WaitRow("run-1", "each[2]/approve", "approve-c", 7, (2,)), timeout_s=3600)
+    assert (armed.resolution, armed.items, armed.node) == (None, (2,), 7)
+    assert armed.deadline is not None and 3500 < armed.deadline - time.time() < 3700
+    assert [w.step_id for w in l3.open_waits(["run-1", "run-2"])] == ["each[2]/approve"]
+    receipt = l3.send_signal("run-1", "approve-c", {"ok": True}, "public")
+    assert receipt.wait is not None and receipt.wait.resolution == "signal" and receipt.wait.payload == {"ok": True}
+    assert receipt.wait.early is False
+    assert l3.open_waits(["run-1"]) == []
+    again = l3.arm_wait(WaitRow("run-1", "each[2]/approve", "approve-c", 7, (2,)), timeout_s=3600)  # a rebuilt run
+    assert again.resolution == "signal" and again.payload == {"ok": True}
+    with pytest.raises(SignalRefused, match="consumed it"):
+        l3.send_signal("run-1", "approve-c", {"ok": False}, "public")
+    assert l3.wait_of("run-1", "each[2]/approve").payload == {"ok": True}  # type: ignore[union-attr]
+
+
+def test_l3_a_signal_before_the_wait_is_kept_and_consumed_by_the_wait(l3: L3Tier) -> None:
+    _waiting_run(l3)
+    kept = l3.send_signal("run-1", "go", [1, 2], "public")
+    assert kept.wait is None
+    with pytest.raises(SignalRefused, match="kept until a step waits for it"):
+        l3.send_signal("run-1", "go", [3], "public")
+    armed = l3.arm_wait(WaitRow("run-1", "wait", "go", 1), timeout_s=None)
+    assert (armed.resolution, armed.payload, armed.early, armed.deadline) == ("signal", [1, 2], True, None)
+    with pytest.raises(InvalidValue, match="waited for by step 'wait' already"):
+        l3.arm_wait(WaitRow("run-1", "other", "go", 2), timeout_s=None)
+
+
+def test_l3_deadlines_expire_once_and_a_signal_after_is_refused(l3: L3Tier) -> None:
+    _waiting_run(l3)
+    l3.arm_wait(WaitRow("run-1", "late", "late", 1), timeout_s=0.001)
+    l3.arm_wait(WaitRow("run-1", "later", "later", 2), timeout_s=3600)
+    time.sleep(0.01)  # the deadline is the database's clock: a millisecond after arming
+    assert [w.step_id for w in l3.expire_waits()] == ["late"]
+    assert l3.expire_waits() == []
+    assert l3.wait_of("run-1", "late").resolution == "timeout"  # type: ignore[union-attr]
+    with pytest.raises(SignalRefused, match="timed out"):
+        l3.send_signal("run-1", "late", 1, "public")
+    assert [w.step_id for w in l3.open_waits(["run-1"])] == ["later"]
+
+
+def test_l3_signals_for_unknown_or_ended_runs_store_nothing(l3: L3Tier) -> None:
+    with pytest.raises(NotFound):
+        l3.send_signal("no-run", "go", 1, "public")
+    _waiting_run(l3)
+    l3.arm_wait(WaitRow("run-1", "wait", "go", 1), timeout_s=0.001)
+    assert finish(l3, status="failed", error="boom")
+    time.sleep(0.01)
+    assert l3.expire_waits() == []  # an ended run's deadline does not fire
+    with pytest.raises(RunEnded, match="has ended \\(failed\\)"):
+        l3.send_signal("run-1", "go", 1, "public")
+    assert l3.reopen_run("run-1") is not None  # resumed: it waits afresh
+    assert l3.wait_of("run-1", "wait") is None
+    assert l3.send_signal("run-1", "go", 2, "public").wait is None
+
+
+def test_l3_prune_removes_waits_and_signals(l3: L3Tier) -> None:
+    _waiting_run(l3)
+    l3.arm_wait(WaitRow("run-1", "wait", "go", 1), timeout_s=None)
+    l3.send_signal("run-1", "go", 1, "public")
+    assert finish(l3)
+    time.sleep(0.01)
+    assert l3.prune_runs(0.001) == {"run-1": ["run-1"]}
+    assert l3.wait_of("run-1", "wait") is None

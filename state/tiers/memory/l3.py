@@ -21,6 +21,7 @@ from state.history import HistoryEntry, created_entry, resealed
 from state.keys import config_key, routine_key
 from state.models import RunContext
 from state.tiers.data import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
+from state.tiers.memory.waits import MemoryWaits
 
 
 def _now() -> dt.datetime:
@@ -51,7 +52,7 @@ def _check_width(operation: str, value: str | None, width: int) -> None:
         raise RefusedByDatabase(operation, "22001", f"value too long for type character varying({width})")
 
 
-class MemoryL3:
+class MemoryL3(MemoryWaits):
     """L3 in one process's memory: owns snapshots, routines, configurations, runs and exports.
 
     Promises what `PostgresTier` promises: one operation is all or nothing; context writes are a
@@ -76,6 +77,7 @@ class MemoryL3:
         self._marks = 0  # as a sequence hands them out
         self.writes = 0  # committed write operations, as `runctx` counts L3 writes
         self._lock = threading.RLock()
+        self._init_waits()
 
     # ---- contexts ------------------------------------------------------------------------------
 
@@ -248,6 +250,7 @@ class MemoryL3:
             if run is None or run.status not in ("failed", "cancelled"):
                 return None
             self._runs[run_id] = replace(run, status="running", error=None, finished_at=None, updated_at=_now())
+            self._reopen_waits(run_id)
             self.writes += 1
             return self._runs[run_id]
 
@@ -282,6 +285,7 @@ class MemoryL3:
                     del self._snapshots[context_id]
                 pruned[run.run_id] = contexts
             gone = set(pruned)
+            self._delete_waits(gone)
             self._history = {i: kept for i, kept in self._history.items() if json.loads(kept[1])["run_id"] not in gone}
             return pruned
 
@@ -351,6 +355,11 @@ class MemoryL3:
             for entry_id, (mark, raw) in list(self._history.items()):
                 if done < limit and any(marker in raw for marker in markers):
                     self._history[entry_id] = (mark, resealed(HistoryEntry.from_json(raw), self.codec).to_json())
+                    done += 1
+            for (run_id, event), signal in self._signals.items():
+                if done < limit and any(marker in signal["payload"] for marker in markers):
+                    value = self.codec.open_signal(run_id, event, signal["sensitivity"], json.loads(signal["payload"]))
+                    signal["payload"] = json.dumps(self.codec.signal_value(run_id, event, signal["sensitivity"], value))
                     done += 1
         return done
 

@@ -5,6 +5,7 @@ SQL to the tables.
     database.py   the engine, transactions as runctx's own role, retries, errors
     contexts.py   context snapshots          (L3Contexts)
     ledger.py     runs, exports, blackboard  (L3Ledger)
+    waits.py      waits and signals          (L3Waits)
     configs.py    routines, configurations   (L3Configs)
     keys.py       the keys in use            (L3Keys)
 

@@ -10,7 +10,7 @@ from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert
 
 from state.history import HistoryEntry, resealed
-from state.schema import blackboard_entries, context_snapshots, encryption_keys, exports, step_history
+from state.schema import blackboard_entries, context_snapshots, encryption_keys, exports, run_signals, step_history
 from state.tiers.postgres.contexts import PostgresContexts
 
 
@@ -18,7 +18,7 @@ class PostgresKeys(PostgresContexts):
     """The keys in use; a rotation seals rows again in batches, versions unchanged."""
 
     def reseal(self, old_key_ids: set[str], *, limit: int = 100) -> int:
-        """Seal again, under the newest key, up to ``limit`` contexts, history entries and exports that hold values
+        """Seal again, under the newest key, up to ``limit`` contexts, history entries, exports and signals that hold values
         sealed under ``old_key_ids``; each row in a transaction of its own batch. Returns how many
         were resealed (0: none is left). Versions do not change: only the envelopes do."""
         markers = [f"v1.{key_id}." for key_id in sorted(old_key_ids)]
@@ -60,6 +60,18 @@ class PostgresKeys(PostgresContexts):
                     keys = [target.c[name] == item[name] for name in [col.name for col in target.primary_key.columns]]
                     conn.execute(target.update().where(*keys).values(value=value))
                     done += 1
+            signals = run_signals
+            found = conn.execute(
+                select(signals.c.run_id, signals.c.event, signals.c.sensitivity, signals.c.payload)
+                .where(holding(signals.c.payload)).limit(limit).with_for_update(skip_locked=True)
+            ).all()
+            for run_id, event, sensitivity, payload in found:
+                value = self.codec.open_signal(run_id, event, sensitivity, payload)
+                conn.execute(
+                    signals.update().where(signals.c.run_id == run_id, signals.c.event == event)
+                    .values(payload=self.codec.signal_value(run_id, event, sensitivity, value))
+                )
+                done += 1
             return done
 
         return self.run("reseal", work)

@@ -14,14 +14,16 @@ from state.models import RunContext
 from state.schema import blackboard_entries, context_snapshots, exports, runs
 from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
 from state.tiers.postgres.contexts import PostgresContexts
+from state.tiers.postgres.waits import PostgresWaits
 
 
 class _AlreadyFinal(Exception):
     """Rolls back a finish that found the run finished already."""
 
 
-class PostgresLedger(PostgresContexts):
-    """The runs table, with the contexts and exports a run's creation and finish write with it."""
+class PostgresLedger(PostgresContexts, PostgresWaits):
+    """The runs table, with the contexts and exports a run's creation and finish write with it (and
+    the waits and signals a run's resume and prune change with it)."""
 
     def create_run(self, run: RunRow, root: RunContext) -> None:
         def work(conn: Connection) -> None:
@@ -146,12 +148,15 @@ class PostgresLedger(PostgresContexts):
 
     def reopen_run(self, run_id: str) -> RunRow | None:
         def work(conn: Connection) -> Any:
-            return conn.execute(
+            row = conn.execute(
                 runs.update()
                 .where(runs.c.run_id == run_id, runs.c.status.in_(("failed", "cancelled")))
                 .values(status="running", error=None, finished_at=None, updated_at=text("now()"))
                 .returning(*runs.c)
             ).mappings().first()
+            if row is not None:
+                self._reopen_waits(conn, run_id)
+            return row
 
         row = self.run(f"reopen run {run_id}", work)
         return None if row is None else self._run_of(row)
@@ -193,6 +198,7 @@ class PostgresLedger(PostgresContexts):
             for run_id, context_id in gone:
                 pruned[run_id].append(context_id)
             self._delete_history(conn, run_ids)
+            self._delete_waits(conn, run_ids)
             conn.execute(runs.delete().where(runs.c.run_id.in_(run_ids)))
             return pruned
 

@@ -29,7 +29,7 @@ from state.errors import (
 from state.migrate import upgrade
 from state.models import RunContext
 from state.settings import get_settings
-from state.tiers.data import FINAL_STATUSES, RunRow
+from state.tiers.data import FINAL_STATUSES, RunRow, SignalReceipt
 from tasks.routine import Routine, check_definition, load_routine, parse_routine
 from tasks.submission import Submission
 
@@ -243,6 +243,19 @@ class Client:
         given = {**(load_var_file(var_file) if var_file is not None else {}), **(variables or {})}
         return self.engine.fork(run_id, from_step, given)
 
+    def signal(
+        self, run_id: str, event: str, payload: Any = None, *, var_file: Path | str | None = None
+    ) -> SignalReceipt:
+        """Send ``event`` to a run: the step waiting for it puts ``payload`` (or ``var_file``'s mapping)
+        in its variable and the run goes on; a signal sent before the step waits is kept for it.
+        Refused (nothing stored): an unknown run or event (NotFound, InvalidValue), a run that ended
+        (RunEnded), an event sent already or whose wait timed out (SignalRefused)."""
+        if var_file is not None:
+            if payload is not None and not isinstance(payload, Mapping):
+                raise InvalidValue("payload: with a var_file, a mapping of names to values (or none)")
+            payload = {**load_var_file(var_file), **(payload or {})}
+        return self.engine.signal(run_id, event, payload)
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a running run (no further step starts; it ends ``cancelled``); False if it had ended."""
         return self.engine.cancel(run_id)
@@ -253,20 +266,28 @@ class Client:
         return {"runs": report.runs, "contexts": report.contexts}
 
     def runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Runs, newest first, as the ``runctx runs --json`` objects."""
+        """Runs, newest first, as the ``runctx runs --json`` objects; a running run that waits for an
+        event is ``waiting`` (with ``waiting_for``, its events)."""
+        rows = self.store.ledger.list_runs(status="running" if status == "waiting" else status, routine=routine, limit=limit)
+        waiting: dict[str, list[str]] = {}
+        for wait in self.store.waits.open([row.run_id for row in rows if row.status == "running"]):
+            waiting.setdefault(wait.run_id, []).append(wait.event)
+        if status is not None:
+            rows = [row for row in rows if (row.run_id in waiting) == (status == "waiting")]
         return [
             {
                 "run_id": row.run_id,
                 "routine": row.routine_name,
                 "version": row.routine_version,
-                "status": row.status,
+                "status": "waiting" if row.run_id in waiting else row.status,
+                "waiting_for": sorted(waiting.get(row.run_id, [])),
                 "created_at": row.created_at.isoformat() if row.created_at else None,
                 "finished_at": row.finished_at.isoformat() if row.finished_at else None,
                 "steps": row.meta.get("step_count", len(row.meta.get("steps", []))),
                 "error": row.error,
                 "forked_from": row.meta.get("forked_from"),
             }
-            for row in self.store.ledger.list_runs(status=status, routine=routine, limit=limit)
+            for row in rows
         ]
 
     def context(self, run_id: str) -> RunContext:

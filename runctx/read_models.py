@@ -4,6 +4,7 @@ the tree of its contexts with their versions in L2 and L3."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
@@ -15,7 +16,7 @@ from tasks.advance import resume_points
 from tasks.plan import ITEM, REAL_KINDS, Node, Plan, concrete, template_of
 from tasks.plans import PlanCache
 
-STEP_STATES = ("done", "running", "pending", "failed", "skipped", "cancelled")
+STEP_STATES = ("done", "running", "waiting", "pending", "failed", "skipped", "cancelled")
 
 
 def _run_and_plan(store: TieredStore, plans: PlanCache, run_id: str) -> tuple[RunRow, Plan]:
@@ -32,10 +33,12 @@ def step_states(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, 
     skipped or cancelled) with its worker, attempts, duration, reason (why it was skipped or
     failed), the attempts its retry policy made, and a failed user action's traceback; a fan-out's
     steps once per item that ran (``each[3]/work``); and the totals. "running": dispatched (the
-    run's frontier: every step before it is applied) and not finished yet; "cancelled": the run
-    ended before the step finished."""
+    run's frontier: every step before it is applied) and not finished yet; "waiting": a wait step
+    waiting for its event (the run's status is then "waiting" too, with ``waiting_for``: each
+    event, its step and deadline); "cancelled": the run ended before the step finished."""
     row, plan = _run_and_plan(store, plans, run_id)
     final = row.status in FINAL_STATUSES
+    waits = {} if final else {wait.step_id: wait for wait in store.waits.open([run_id])}
     records = row.meta.get("steps", []) if final else store.ledger.summary(run_id)["steps"]
     by_id: dict[str, dict[str, Any]] = {}
     retried: dict[str, list[dict[str, Any]]] = {}
@@ -52,14 +55,29 @@ def step_states(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, 
     for node in in_order(plan):
         ids = sorted(by_template.get(node.step_id, []), key=_natural) if ITEM in node.step_id else [node.step_id]
         for step_id in ids:
-            steps.append(
-                _step_state(step_id, by_id.get(step_id), retried.get(step_id, []), final, step_id in frontier, row.status == "succeeded")
-            )
+            step = _step_state(step_id, by_id.get(step_id), retried.get(step_id, []), final, step_id in frontier, row.status == "succeeded")
+            if step_id in waits:
+                step.update(state="waiting", event=waits[step_id].event)
+            steps.append(step)
+    listed = {step["id"] for step in steps}
+    for step_id, wait in waits.items():  # an item's wait its records do not name (Redis lost them)
+        if step_id not in listed:
+            steps.append({"id": step_id, "state": "waiting", "event": wait.event, "worker": None, "attempts": 0, "duration_s": None})
     totals = {state: sum(1 for step in steps if step["state"] == state) for state in STEP_STATES}
     return {
-        "run_id": run_id, "routine": row.routine_name, "version": row.routine_version, "status": row.status,
-        "error": row.error, "steps": steps, "totals": {**totals, "total": len(steps)},
+        "run_id": run_id, "routine": row.routine_name, "version": row.routine_version,
+        "status": "waiting" if waits else row.status, "error": row.error, "steps": steps,
+        "totals": {**totals, "total": len(steps)}, "waiting_for": waiting_for(waits.values()),
     }
+
+
+def waiting_for(waits: Any) -> list[dict[str, Any]]:
+    """What a run waits for: each event, the step waiting and its deadline (ISO 8601, UTC)."""
+    return [
+        {"event": wait.event, "step": wait.step_id,
+         "deadline": dt.datetime.fromtimestamp(wait.deadline, dt.UTC).isoformat() if wait.deadline else None}
+        for wait in sorted(waits, key=lambda wait: _natural(wait.step_id))
+    ]
 
 
 def _step_state(

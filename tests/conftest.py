@@ -170,3 +170,23 @@ def make_cluster(servers: Servers, template_database: str, tmp_path_factory: pyt
                         conn.default_channel.queue_delete(queue)
                     except Exception:
                         pass
+
+
+@pytest.fixture
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A redis-server of the test's own (no persistence): to wipe, kill or restart at will."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def cluster_on(make_cluster):
+    """Like make_cluster, on the Redis and broker URLs given (e.g. the test's own redis-server)."""
+
+    def make(redis_url: str, broker_url: str, **extra_env: str):
+        return make_cluster(redis_url=redis_url, broker_url=broker_url, **extra_env)
+
+    return make

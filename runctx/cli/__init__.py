@@ -3,7 +3,7 @@
     base.py        the Typer app, exit codes, one-line errors, the client a command uses
     running.py     run, submit, wait (and the progress display)
     inspecting.py  runs, status, context
-    operating.py   cancel, prune
+    operating.py   cancel, resume, fork, signal, prune
     checking.py    check, migrate
     worker.py      worker
     stack.py       stack up | down | status

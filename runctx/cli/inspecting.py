@@ -12,7 +12,7 @@ from runctx.cli.history import print_context_at
 from runctx.cli.running import states_until_end, totals_line
 from tasks.plan import template_of
 
-RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+RUN_STATUSES = ("running", "waiting", "succeeded", "failed", "cancelled")
 WATCH_POLL_S = 0.5
 
 
@@ -53,7 +53,7 @@ def status(
             last = None
             for states in states_until_end(client_, run_id, None, poll_s=WATCH_POLL_S):
                 line = totals_line(states)
-                if line != last and not as_json and states["status"] == "running":
+                if line != last and not as_json and states["status"] in ("running", "waiting"):
                     typer.echo(line)
                     last = line
         else:
@@ -62,6 +62,9 @@ def status(
         echo_json(states)
         return
     typer.echo(f"run {run_id}: {states['status']} ({states['routine']}@{states['version']})")
+    for wait in states.get("waiting_for", []):
+        until = f" until {wait['deadline']}" if wait["deadline"] else ""
+        typer.echo(f"waiting for event {wait['event']!r} (step {wait['step']}){until}")
     for line in step_lines(states["steps"], fold=not every):
         typer.echo(line)
     typer.echo(totals_line(states))
@@ -135,4 +138,6 @@ def _step_line(step: dict[str, Any]) -> str:
         line += f" retried {len(step['retries'])}x"
     if step.get("reason") and step["state"] != "done":
         line += f" ({one_line(step['reason'])[:160]})"
+    elif step.get("event"):
+        line += f" (event {step['event']!r})"
     return line.rstrip()

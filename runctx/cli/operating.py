@@ -1,4 +1,4 @@
-"""`runctx cancel`, `resume`, `fork` and `prune`: operations on runs."""
+"""`runctx cancel`, `resume`, `fork`, `signal` and `prune`: operations on runs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from runctx.cli.base import (
     app,
     client,
     echo_json,
+    fail,
     usage_error,
     variables_of,
 )
+from state.errors import SignalRefused
 
 
 @app.command()
@@ -89,6 +91,35 @@ def fork(
         echo_json({"run_id": new_id, "forked_from": run_id, "from_step": from_step})
     else:
         typer.echo(new_id)
+
+
+@app.command()
+def signal(
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run to send the event to."),
+    event: str = typer.Argument(..., metavar="EVENT", help="The event a wait_for step of the run waits for."),
+    var: list[str] = VAR_OPTION,
+    var_file: Path | None = VAR_FILE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Send an event to a run, with a payload.
+
+    The step waiting for EVENT puts the payload (the variables given, as one mapping) in its
+    variable, sealed if that variable is declared confidential or secret, and the run goes on. Sent
+    before the step waits, the event is kept until it does. Exit 3 if the run was sent EVENT
+    already (or stopped waiting for it); 1 for an unknown run or event, or a run that has ended."""
+    payload = variables_of(var, var_file) or None
+    with client() as client_:
+        try:
+            receipt = client_.signal(run_id, event, payload)
+        except SignalRefused as exc:
+            fail(str(exc), EXIT_NOTHING_TO_DO)
+    delivered = receipt.wait is not None
+    if as_json:
+        echo_json({"run_id": run_id, "event": event, "delivered": delivered, "step": receipt.wait.step_id if delivered else None})
+    elif delivered:
+        typer.echo(f"run {run_id}: {event!r} delivered to step {receipt.wait.step_id}")  # type: ignore[union-attr]
+    else:
+        typer.echo(f"run {run_id}: {event!r} kept until a step waits for it")
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

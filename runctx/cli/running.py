@@ -152,7 +152,7 @@ def states_until_end(client_: Any, run_id: str, deadline: float | None, poll_s: 
     while True:
         states = client_.step_states(run_id)
         yield states
-        if states["status"] != "running" or (deadline is not None and time.monotonic() >= deadline):
+        if states["status"] not in ("running", "waiting") or (deadline is not None and time.monotonic() >= deadline):
             return
         time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
@@ -160,7 +160,7 @@ def states_until_end(client_: Any, run_id: str, deadline: float | None, poll_s: 
 def totals_line(states: dict[str, Any]) -> str:
     totals = states["totals"]
     parts = [f"done {totals['done']}", f"running {totals['running']}", f"pending {totals['pending']}", f"failed {totals['failed']}"]
-    for state in ("skipped", "cancelled"):
+    for state in ("waiting", "skipped", "cancelled"):
         if totals.get(state):
             parts.append(f"{state} {totals[state]}")
     return " / ".join(parts) + f" (of {totals['total']})"

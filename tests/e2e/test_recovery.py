@@ -27,13 +27,12 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -49,82 +48,13 @@ from state.keys import RedisKeys
 from state.limits import canonical_json
 from state.schema import CHANGE_CHANNEL
 from tests.support.cluster import HERE, Cluster
-from tests.support.servers import Servers, free_port
+from tests.support.redis_server import RedisServer
+from tests.support.servers import Servers
 from tests.support.waiting import wait_for
 from workers.control import TRACE_PREFIX, probe
 
 STALL_S = 3  # RUNCTX_STALL_TIMEOUT_S of the fault tests' clusters
 DEADLINE_S = 120.0  # generous: other heavy tests may share this machine
-
-
-# ---- a Redis of one's own ---------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A throwaway redis-server without persistence: killed, it comes back empty."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir = work_dir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> RedisServer:
-        self.starts += 1
-        log = open(self.work_dir / f"redis-{self.starts}.log", "ab")
-        self.process = subprocess.Popen(
-            [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--dir", str(self.work_dir),
-            ],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        client = redis.Redis.from_url(self.url(), socket_timeout=1)
-        process = self.process
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited: see {self.work_dir}")
-            return _pings(client)
-
-        try:
-            wait_for(up, 20, f"redis-server on port {self.port}", interval_s=0.02)
-        finally:
-            client.close()
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def cluster_on(make_cluster) -> Callable[..., Cluster]:
-    """Like make_cluster, on the Redis and broker URLs given (the tests' own redis-server)."""
-
-    def make(redis_url: str, broker_url: str, **extra_env: str) -> Cluster:
-        return make_cluster(redis_url=redis_url, broker_url=broker_url, **extra_env)
-
-    return make
 
 
 def fault_env() -> dict[str, str]:

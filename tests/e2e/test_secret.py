@@ -237,9 +237,17 @@ def test_confidential_and_secret_values_are_nowhere_in_plain_text(make_cluster, 
         "exports": [{"variable": "derived", "destination": "blackboard", "scope": "team:leak"}],
     }
     bad = {"name": "leak-bad", "variables": variables, "steps": [{"id": "leak", "action": "ntk_actions:leak", "reads": ["token"]}]}
+    # A secret that comes by a signal (`runctx signal --var-file`) into a variable declared secret.
+    code = f"otp-{uuid.uuid4().hex}"
+    waits = {
+        "name": "leak-wait", "variables": {"approval": {"sensitivity": "secret"}},
+        "steps": [{"id": "approve", "wait_for": {"event": "approve", "into": "approval"}}, {"id": "then", "action": "set", "args": {"name": "done", "value": True}}],
+    }
     (tmp_path / "good.json").write_text(json.dumps(good))
     (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "wait.json").write_text(json.dumps(waits))
     (tmp_path / "vars.yaml").write_text(f"token: {secret}\nemail: {email}\n")
+    (tmp_path / "signal.yaml").write_text(f"code: {code}\nby: carol\n")
 
     cluster = make_cluster("redis", PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[2])]), RUNCTX_ACTION_MODULES="ntk_actions,tests")
     cluster.start_nodes("n1", "n2", concurrency=2, loglevel="DEBUG")
@@ -249,14 +257,22 @@ def test_confidential_and_secret_values_are_nowhere_in_plain_text(make_cluster, 
             cluster.runctx("run", str(tmp_path / name), "--json", "--timeout", "60", "--var-file", str(tmp_path / "vars.yaml"), timeout_s=90)
             for name in ("good.json", "bad.json")
         ]
+        waiting = cluster.submit(tmp_path / "wait.json")
+        wait_for(lambda: cluster.runctx("status", waiting, "--json").stdout.find('"waiting"') > 0, 60, "the run to wait")
+        outputs.append(cluster.runctx("signal", waiting, "approve", "--var-file", str(tmp_path / "signal.yaml")))
+        outputs.append(cluster.runctx("wait", waiting, "--json", "--timeout", "60", timeout_s=90))
+        outputs.append(cluster.runctx("history", waiting, "--json"))
         _wait_until_written_behind(cluster)  # the write-behind of the last changes, seen by MONITOR
     finally:
         commands = monitor.stop()
     cluster.stop()
 
-    good_result, bad_result = (json.loads(done.stdout.strip().splitlines()[-1]) for done in outputs)
+    good_result, bad_result = (json.loads(done.stdout.strip().splitlines()[-1]) for done in outputs[:2])
     assert good_result["status"] == "succeeded", outputs[0].stderr
     assert bad_result["status"] == "failed"
+    assert outputs[2].returncode == 0 and "delivered to step approve" in outputs[2].stdout, outputs[2].stderr
+    signalled = json.loads(outputs[3].stdout.strip().splitlines()[-1])
+    assert signalled["status"] == "succeeded" and signalled["variables"]["approval"] == "***", signalled
     assert bad_result["error"] == "step 'leak': action 'ntk_actions:leak' raised RuntimeError: <hidden: the step read secret values>"
     store = cluster.store()
     try:
@@ -264,6 +280,8 @@ def test_confidential_and_secret_values_are_nowhere_in_plain_text(make_cluster, 
         assert final.variables["derived"] == secret[::-1] + "!" and final.sensitivity_of("derived").value == "secret"
         assert final.variables["email_copy"] == email and final.sensitivity_of("email_copy").value == "confidential"
         assert final.variables["nosy_saw"] == "nothing" and final.variables["nosy_listed"] is False  # it saw nothing
+        approved = store.l3.get_context(signalled["run_id"])
+        assert approved.variables["approval"] == {"code": code, "by": "carol"} and approved.sensitivity_of("approval").value == "secret"
     finally:
         store.close()
 
@@ -274,7 +292,7 @@ def test_confidential_and_secret_values_are_nowhere_in_plain_text(make_cluster, 
     places += [("worker log", line.encode()) for line in cluster.logs().splitlines()]
     places += [("cli output", (done.stdout + done.stderr).encode()) for done in outputs]
     assert "DEBUG" in cluster.logs() and len(places) > 100
-    for value in (secret, email, secret[::-1] + "!"):
+    for value in (secret, email, secret[::-1] + "!", code):
         for needle in _needles(value):
             problems += [f"{where} holds {needle[:40]!r}" for where, text in places if needle in text]
     assert not problems, "\n".join(sorted(set(problems))[:40])

@@ -90,7 +90,7 @@ def step(
         self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore() from None
     if outcome is not None and outcome.waiting:  # the result Flower shows: the run rests, holding no message
-        return "waiting for " + ", ".join(f"event {event!r}" for event in outcome.waiting)
+        return ("waiting for event " if len(outcome.waiting) == 1 else "waiting for events ") + ", ".join(outcome.waiting)
     return None
 
 

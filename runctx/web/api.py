@@ -1,5 +1,5 @@
 """The inspector's JSON API under ``/api/``: the objects of the CLI's ``--json`` (runs, status,
-history, context, context --at, diff), a run's live events, and cancel. FastAPI describes it at
+history, context, context --at, diff), a run's live events, and cancel, resume, fork and signal. FastAPI describes it at
 ``/api/openapi.json``. Every value of a confidential or secret variable is masked, as in the CLI."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 from runctx.web.live import ALL_RUNS, LiveHub
-from state.errors import NotFound, RequestError, RunctxError
+from state.errors import NotFound, RequestError, RunctxError, RunEnded, SignalRefused
 
 if TYPE_CHECKING:
     from runctx.api import Client
@@ -20,10 +21,26 @@ RUNS_SHOWN = 100
 
 
 def error_response(exc: RunctxError) -> JSONResponse:
-    """A runctx error as the API answers it: one line, 404 for what does not exist, 400 for a bad
-    request, 503 for a server that is away."""
-    status = 404 if isinstance(exc, NotFound) else 400 if isinstance(exc, RequestError) else 503
+    """A runctx error as the API answers it: one line, 404 for what does not exist, 409 for what the
+    run's state refuses (an event sent before, a run that ended), 400 for another bad request or
+    bad input, 503 for a server that is away."""
+    if isinstance(exc, NotFound):
+        status = 404
+    elif isinstance(exc, (SignalRefused, RunEnded)):
+        status = 409
+    else:
+        status = 400 if isinstance(exc, (RequestError, ValueError)) else 503
     return JSONResponse({"error": " ".join(str(exc).split())[:500]}, status_code=status)
+
+
+class SignalBody(BaseModel):
+    event: str = Field(description="the event a wait_for step of the run waits for")
+    payload: Any = Field(None, description="what the step puts in its variable (sealed if that is confidential or secret)")
+
+
+class ForkBody(BaseModel):
+    from_step: str = Field(description="the step the new run starts with")
+    variables: dict[str, Any] = Field(default_factory=dict, description="set in the new run's root context first")
 
 
 def runs_key(status: str | None, routine: str | None) -> str:
@@ -36,7 +53,7 @@ def live_run(client: Client, run_id: str) -> dict[str, Any]:
     found = client.history(run_id, offset=0, limit=0)
     return {
         "run_id": run_id, "status": states["status"], "error": states["error"], "totals": states["totals"],
-        "history_total": found["total"],
+        "history_total": found["total"], "waiting_for": states["waiting_for"],
     }
 
 
@@ -97,6 +114,17 @@ def router(client: Client, hub: LiveHub, csrf: Any) -> APIRouter:
     def resume(run_id: str) -> Any:
         resumed = client.resume(run_id)
         return {"run_id": run_id, "resumed": resumed, "status": client.run_status(run_id)}
+
+    @api.post("/runs/{run_id}/signal", summary="Send an event to the run, with a payload (as `runctx signal`)")
+    def signal(run_id: str, body: SignalBody) -> Any:
+        receipt = client.signal(run_id, body.event, body.payload)
+        step = receipt.wait.step_id if receipt.wait is not None else None
+        return {"run_id": run_id, "event": body.event, "delivered": step is not None, "step": step}
+
+    @api.post("/runs/{run_id}/fork", summary="A new run from this one as it was just before a step (as `runctx fork`)")
+    def fork(run_id: str, body: ForkBody) -> Any:
+        new_id = client.fork(run_id, body.from_step, variables=body.variables)
+        return {"run_id": new_id, "forked_from": run_id, "from_step": body.from_step}
 
     @api.get("/runs/{run_id}/events", summary="Server-sent events: the run's status, totals and history size as they change")
     def run_events(run_id: str) -> StreamingResponse:

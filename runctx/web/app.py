@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -50,5 +51,12 @@ def create_app(client: Client, settings: WebSettings) -> FastAPI:
     @app.exception_handler(RunctxError)
     async def runctx_error(_: Request, exc: RunctxError) -> JSONResponse:
         return api.error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # One line naming the field, never the input (a signal's payload may be a secret).
+        problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "bad request"}
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        return JSONResponse({"error": f"{where}: {problem.get('msg', 'bad request')}"}, status_code=422)
 
     return app

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from runctx.api import Client
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
-STATUSES = ("running", "succeeded", "failed", "cancelled")
+STATUSES = ("running", "waiting", "succeeded", "failed", "cancelled")
 
 
 def router(client: Client, csrf: Any) -> APIRouter:

@@ -126,3 +126,32 @@ def test_flower_shows_every_step_by_name_the_failure_and_no_context_value(make_c
         assert not [label for label in labels if run_id in label], "a task label holds the run id"
         assert labels <= step_names | {finalize_name, "runctx: write-behind"}, labels - step_names
         assert MARKER not in metrics.decode() and SET_MARKER not in metrics.decode()
+
+
+@pytest.mark.slow
+def test_flower_shows_a_run_waiting_for_its_event(make_cluster, tmp_path: Path) -> None:
+    """The step before a wait ends SUCCESS with the result "waiting for event approve" (the run
+    holds no task meanwhile); the signal's step shows up under its own name once sent."""
+    (tmp_path / "waits.json").write_text(json.dumps({
+        "name": "flower-waits",
+        "steps": [
+            {"id": "ask", "action": "set", "args": {"name": "asked", "value": True}},
+            {"id": "approve", "wait_for": {"event": "approve", "into": "decision"}},
+        ],
+    }))
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", concurrency=2)
+    workers = {cluster.node_name("n1")}
+    with start_flower(cluster) as flower:
+        flower.wait_for_workers(workers)
+        run_id = cluster.submit(tmp_path / "waits.json")
+
+        def asked() -> dict | None:
+            return next((t for t in flower.tasks_of(workers).values() if t["name"] == "flower-waits: ask" and t["state"] == "SUCCESS"), None)
+
+        task = wait_for(asked, 60, "Flower to see the step before the wait end", 0.5)
+        assert task["result"] == "'waiting for event approve'", task["result"]
+        assert cluster.runctx("signal", run_id, "approve").returncode == 0
+        assert cluster.wait(run_id)["status"] == "succeeded"
+        wait_for(lambda: any(t["name"] == "flower-waits: approve" and t["state"] == "SUCCESS" for t in flower.tasks_of(workers).values()),
+                 60, "Flower to see the signalled step end", 0.5)

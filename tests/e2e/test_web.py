@@ -444,6 +444,57 @@ def test_resume_from_the_page_goes_on_with_a_failed_run(make_cluster, tmp_path: 
         assert not console_errors(driver)
 
 
+@pytest.mark.slow
+def test_signal_and_fork_from_the_page(make_cluster, tmp_path: Path) -> None:
+    """A run waiting for an event shows it, and the page's signal form (its payload a secret)
+    sends it; the step panel's fork button starts a new run from just before that step."""
+    secret = f"pin-{uuid.uuid4().hex}"
+    (tmp_path / "approval.json").write_text(json.dumps({
+        "name": "web-approval", "variables": {"counter": 0, "decision": {"sensitivity": "secret"}},
+        "steps": [
+            {"id": "first", "action": "increment", "args": {"name": "counter"}},
+            {"id": "approve", "wait_for": {"event": "approve", "into": "decision"}},
+            {"id": "last", "action": "increment", "args": {"name": "counter", "by": 10}},
+        ],
+    }))
+    cluster = make_cluster("redis")
+    cluster.start_nodes("n1", "n2", concurrency=2)
+    with inspector(cluster) as web, chromium(USER, PASSWORD) as driver:
+        run_id = cluster.submit(tmp_path / "approval.json")
+        driver.get(f"{web.base}/runs/{run_id}")
+        mark_page(driver)
+        wait_status(driver, "waiting", 60)
+        wait_for(lambda: driver.find_element(By.ID, "waiting").is_displayed() and (text_of(driver, "#waiting-events") or "").strip() == "approve",
+                 30, lambda: f"the page to name the event (shows {text_of(driver, '#waiting')!r})")
+        assert driver.find_element(By.ID, "signal-event").get_attribute("value") == "approve"
+        payload = driver.find_element(By.ID, "signal-payload")
+        payload.clear()
+        payload.send_keys(json.dumps({"pin": secret}))
+        driver.find_element(By.ID, "signal").click()
+        wait_for(lambda: text_of(driver, "#action-result") == "approve delivered to step approve", 30,
+                 lambda: f"the signal's answer (shows {text_of(driver, '#action-result')!r})")
+        wait_status(driver, "succeeded", 60)
+        assert not_reloaded(driver), "the page was reloaded"
+        assert driver.find_element(By.ID, "signal-payload").get_attribute("value") == "{}"  # not kept in the page
+        result = cluster.wait(run_id)
+        assert result["variables"]["counter"] == 11 and result["variables"]["decision"] == "***"
+
+        wait_for(lambda: click_row(driver, "#steps", 1, "last"), 30, "the last step in the history, clicked")
+        wait_for(lambda: text_of(driver, "#panel-step") == "last", 30, "the step panel")
+        driver.find_element(By.ID, "fork").click()
+        wait_for(lambda: (text_of(driver, "#action-result") or "").startswith("forked from last: run "), 30,
+                 lambda: f"the fork's answer (shows {text_of(driver, '#action-result')!r})")
+        forked_id = text_of(driver, "#action-result").rsplit(" ", 1)[-1]
+        forked = cluster.wait(forked_id)
+        assert forked["status"] == "succeeded" and forked["variables"]["counter"] == 11, forked  # 1 before `last`, + 10
+        assert cli_json(cluster, "runs")["runs"][0]["forked_from"] == run_id
+        assert secret not in driver.page_source and not console_errors(driver)
+        with web.client() as http:  # the API refuses a second signal for the event, saying why in one line
+            token = http.get("/api/csrf").json()["token"]
+            again = http.post(f"/api/runs/{run_id}/signal", json={"event": "approve", "payload": {"pin": secret}}, headers={"X-CSRF-Token": token})
+            assert again.status_code == 409 and "has ended" in again.json()["error"] and secret not in again.text
+
+
 # ---- 6. need-to-know ----------------------------------------------------------------------------------------
 
 

@@ -196,3 +196,33 @@ def test_a_rewound_run_finds_its_wait_as_l3_holds_it() -> None:
     assert row.status == "succeeded", row.error
     final = env.final(run_id)
     assert final.get("decision") == "after the loss" and final.get("counter") == 2
+
+
+def test_waits_and_signals_are_counted() -> None:
+    from prometheus_client import REGISTRY
+
+    def count(name: str, outcome: str) -> float:
+        return REGISTRY.get_sample_value(name, {"routine": "counted", "outcome": outcome}) or 0.0
+
+    before = {key: count(*key) for key in [("runctx_waits_total", o) for o in ("armed", "signalled", "timed_out")]
+              + [("runctx_signals_total", o) for o in ("early", "awaited")]}
+    env = LocalEnvironment()
+    routine = {
+        "name": "counted",
+        "steps": [
+            {"id": "zero", "action": "set", "args": {"name": "z", "value": 0}},  # queued: the run is not waiting yet
+            {"id": "one", "wait_for": {"event": "one", "into": "a"}},
+            {"id": "two", "wait_for": {"event": "two", "into": "b", "timeout_s": 60, "on_timeout": "continue"}},
+        ],
+    }
+    run_id = env.submit(routine)
+    env.engine.signal(run_id, "one", 1)  # before the run came to wait: early
+    env.settle(run_id)
+    _expire(env)
+    env.engine.fire_timeouts()
+    assert env.settle(run_id).status == "succeeded"
+    after = {key: count(*key) - value for key, value in before.items()}
+    assert after == {
+        ("runctx_waits_total", "armed"): 1, ("runctx_waits_total", "signalled"): 1, ("runctx_waits_total", "timed_out"): 1,
+        ("runctx_signals_total", "early"): 1, ("runctx_signals_total", "awaited"): 0,
+    }

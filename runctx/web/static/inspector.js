@@ -14,8 +14,9 @@ async function api(path, options = {}) {
   return body;
 }
 
-function post(path) {
-  return api(path, { method: "POST", headers: { "X-CSRF-Token": CSRF } });
+function post(path, body) {
+  const headers = { "X-CSRF-Token": CSRF, ...(body !== undefined && { "Content-Type": "application/json" }) };
+  return api(path, { method: "POST", headers, ...(body !== undefined && { body: JSON.stringify(body) }) });
 }
 
 function el(tag, text, className) {
@@ -81,6 +82,7 @@ function runPage() {
   run.status = document.getElementById("run-status").textContent;
   document.getElementById("cancel").addEventListener("click", () => runAction("cancel"));
   document.getElementById("resume").addEventListener("click", () => runAction("resume"));
+  document.getElementById("signal-form").addEventListener("submit", sendSignal);
   document.getElementById("prev").addEventListener("click", () => { run.page = Math.max(0, run.page - 1); drawSteps(); });
   document.getElementById("next").addEventListener("click", () => { run.page += 1; drawSteps(); });
   document.getElementById("lanes").addEventListener("change", drawTimeline);
@@ -127,8 +129,10 @@ function runUpdate(update) {
   const status = document.getElementById("run-status");
   status.textContent = update.status;
   status.className = `status status-${update.status}`;
-  document.getElementById("cancel").hidden = update.status !== "running";
+  document.getElementById("cancel").hidden = !["running", "waiting"].includes(update.status);
   document.getElementById("resume").hidden = !["failed", "cancelled"].includes(update.status);
+  document.getElementById("signal-form").hidden = !["running", "waiting"].includes(update.status);
+  showWaiting(update.waiting_for || []);
   for (const [name, count] of Object.entries(update.totals || {})) {
     const total = document.querySelector(`[data-total="${name}"] b`);
     if (total) total.textContent = count;
@@ -137,7 +141,7 @@ function runUpdate(update) {
   error.hidden = !update.error;
   error.textContent = update.error || "";
   if (update.history_total > run.entries.length) loadHistory();
-  if (update.status !== run.status && update.status !== "running") showContexts();
+  if (update.status !== run.status && !["running", "waiting"].includes(update.status)) showContexts();
   run.status = update.status;
 }
 
@@ -147,6 +151,53 @@ async function runAction(action) {
     const done = await post(`/api/runs/${encodeURIComponent(run.id)}/${action}`);
     const ok = action === "cancel" ? done.cancelled : done.resumed;
     result.textContent = ok ? `${action} requested` : `not ${action === "cancel" ? "cancelled" : "resumed"}: ${done.status}`;
+  } catch (error) {
+    result.textContent = error.message;
+  }
+}
+
+function showWaiting(waits) {
+  document.getElementById("waiting").hidden = !waits.length;
+  document.getElementById("waiting-events").replaceChildren(...waits.map((wait) => el("code", wait.event)));
+  document.getElementById("waiting-list").replaceChildren(...waits.map((wait) => {
+    const option = el("option");
+    option.value = wait.event;
+    return option;
+  }));
+  const event = document.getElementById("signal-event");
+  if (!event.value && waits.length) event.value = waits[0].event;
+}
+
+// A signal's payload may be a secret: it is sent, never shown back (the field is cleared once sent).
+async function sendSignal(submitted) {
+  submitted.preventDefault();
+  const result = document.getElementById("action-result");
+  const field = document.getElementById("signal-payload");
+  let payload;
+  try {
+    payload = field.value.trim() ? JSON.parse(field.value) : null;
+  } catch (error) {
+    result.textContent = "payload: not JSON";
+    return;
+  }
+  const event = document.getElementById("signal-event").value.trim();
+  try {
+    const done = await post(`/api/runs/${encodeURIComponent(run.id)}/signal`, { event, payload });
+    field.value = "{}";
+    result.textContent = done.delivered ? `${event} delivered to step ${done.step}` : `${event} kept until a step waits for it`;
+  } catch (error) {
+    result.textContent = error.message;
+  }
+}
+
+async function forkFrom(stepId) {
+  const result = document.getElementById("action-result");
+  try {
+    const done = await post(`/api/runs/${encodeURIComponent(run.id)}/fork`, { from_step: stepId });
+    const link = el("a", `forked from ${stepId}: run ${done.run_id}`);
+    link.href = `/runs/${encodeURIComponent(done.run_id)}`;
+    link.id = "forked";
+    result.replaceChildren(link);
   } catch (error) {
     result.textContent = error.message;
   }
@@ -209,7 +260,12 @@ async function showStep(stepId) {
   const travel = el("button", "context just after this step");
   travel.type = "button";
   travel.addEventListener("click", () => showContextAt(stepId));
-  panel.replaceChildren(el("h3", "attempts"), attempts, el("h3", "changed"), changes, travel);
+  const fork = el("button", "fork from this step");
+  fork.type = "button";
+  fork.id = "fork";
+  fork.title = "a new run from this one as it was just before this step";
+  fork.addEventListener("click", () => forkFrom(stepId));
+  panel.replaceChildren(el("h3", "attempts"), attempts, el("h3", "changed"), changes, travel, fork);
 }
 
 function headRow(...names) {

@@ -63,7 +63,9 @@ def step_states(store: TieredStore, plans: PlanCache, run_id: str) -> dict[str, 
     for step_id, wait in waits.items():  # an item's wait its records do not name (Redis lost them)
         if step_id not in listed:
             steps.append({"id": step_id, "state": "waiting", "event": wait.event, "worker": None, "attempts": 0, "duration_s": None})
-    totals = {state: sum(1 for step in steps if step["state"] == state) for state in STEP_STATES}
+    # "waiting" is counted for routines that can wait (the totals of others keep their shape).
+    counted = [state for state in STEP_STATES if state != "waiting" or any(node.kind == "wait" for node in plan.nodes)]
+    totals = {state: sum(1 for step in steps if step["state"] == state) for state in counted}
     return {
         "run_id": run_id, "routine": row.routine_name, "version": row.routine_version,
         "status": "waiting" if waits else row.status, "error": row.error, "steps": steps,

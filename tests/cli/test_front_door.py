@@ -29,7 +29,7 @@ def test_runs_lists_runs_newest_first_and_filters_them(make_cluster, tmp_path: P
     assert listed.returncode == 0, listed.stderr
     runs = json.loads(listed.stdout)["runs"]
     assert [run["run_id"] for run in runs] == [second["run_id"], first["run_id"]]  # newest first
-    assert set(runs[0]) == {"run_id", "routine", "version", "status", "created_at", "finished_at", "steps", "error", "forked_from"}
+    assert set(runs[0]) == {"run_id", "routine", "version", "status", "created_at", "finished_at", "steps", "error", "forked_from", "waiting_for"}
     assert (runs[0]["routine"], runs[0]["status"], runs[0]["steps"], runs[0]["error"]) == ("beta", "succeeded", 1, None)
 
     only_alpha = json.loads(cluster.runctx("runs", "--routine", "alpha", "--json").stdout)["runs"]

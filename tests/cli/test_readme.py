@@ -59,6 +59,7 @@ EXPECTED_OUTPUT = [
     "api_token = \"***\"",  # runctx context: the secret masked
     "succeeded {",  # the Python API's first print
     'kinds = ["large", "small", "small"]',  # runctx run examples/documents.yaml
+    'signatures = [{"by": "ann"}, {"by": "bob"}]',  # runctx wait of examples/approval.yaml, signalled
 ]
 
 MARKER = re.compile(r"^<!--\s*readme-(test|usage)\b(.*?)-->\s*$")

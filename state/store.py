@@ -49,7 +49,7 @@ from state.run_history import RunHistory
 from state.sealing import Keyring
 from state.settings import Settings
 from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier
-from state.tiers.data import CommitRequest, CommitStatus, CommittedState, RunRow
+from state.tiers.data import CommitRequest, CommitStatus, CommittedState, OutboxRoute, RunRow
 from state.tiers.local import LocalCache
 from state.waits import Waits
 from state.write_behind import WriteBehind
@@ -367,11 +367,11 @@ class TieredStore:
         """Whether a step's commit can push its successor's message (see `state.tiers.data.Outbox`)."""
         return self.l2.carries_outbox
 
-    def shares_server_with(self, client: Any) -> bool:
-        """Whether a commit can push onto queues of the Redis ``client`` talks to (the same server and
-        database as L2, and L2 carries an outbox): then a step's successor rides in its commit."""
-        same = getattr(self.l2, "shares_server_with", None)
-        return self.carries_outbox and same is not None and bool(same(client))
+    def outbox_route(self, client: Any) -> OutboxRoute | None:
+        """Whether a step's commit can push its successor onto queues of the Redis ``client`` talks to,
+        and in which database (`RedisConnection.outbox_route`); None: it cannot."""
+        where = getattr(self.l2, "outbox_route", None)
+        return where(client) if self.carries_outbox and where is not None else None
 
     def encode(self, ctx: RunContext) -> tuple[bytes, str]:
         """The payload and checksum a commit of ``ctx`` stores (made once, for a commit and a message)."""

@@ -5,10 +5,11 @@ What follows a committed step is then sent in the commit's one round trip, and e
 step commits: "committed, but the worker died before it sent the successor" cannot happen (it was
 covered before by the broker delivering the step again; it still is, for everything else).
 
-Only where the broker is a Redis that is the same server and database as L2 (asked of the
-servers, `RedisConnection.shares_server_with`), and the step task's route ends in a queue of the
-direct exchange, as runctx's `celeryconfig` routes it; anywhere else (RabbitMQ, another Redis, an
-L2 on a cluster) steps are sent by ``apply_async`` as before. The message is the one
+Only where the broker is a Redis on the same server as L2, in its database or another (asked of
+the servers, `RedisConnection.outbox_route`: the commit's script selects the broker's database
+to push), and the step task's route ends in a queue of the direct exchange, as runctx's
+`celeryconfig` routes it; anywhere else (RabbitMQ, another Redis, an L2 on a cluster) steps are
+sent by ``apply_async`` as before. The message is the one
 ``step.apply_async(kwargs=...)`` publishes: Celery's task message (``app.amqp.as_task_v2``, with
 the same shadow name, reprs, root and parent ids), serialized as kombu's producer does, in the
 envelope kombu's virtual channel makes (``prepare_message``, ``_inplace_augment_message``), on
@@ -57,8 +58,10 @@ class StepEnvelopes:
     a worker cannot tell from ``apply_async``'s, each with a new task id and delivery tag.
     """
 
-    def __init__(self, task: Task, connection: Connection, queue: Queue) -> None:
+    def __init__(self, task: Task, connection: Connection, queue: Queue, database: int | None = None) -> None:
+        """``database``: the broker's database on L2's server when it is not L2's."""
         self.task = task
+        self.database = database
         self.app = task.app
         self.connection = connection
         self.channel = connection.default_channel
@@ -86,11 +89,13 @@ class StepEnvelopes:
                 connection.release()
                 return None
             channel = connection.default_channel
-            if not store.shares_server_with(channel.client):
+            route = store.outbox_route(channel.client)
+            if route is None:
                 connection.release()
                 return None
-            envelopes = cls(task, connection, queue)
-            log.info("a step's commit sends its successor (outbox onto %s)", envelopes.queue_key)
+            envelopes = cls(task, connection, queue, route.database)
+            where = "L2's database" if route.database is None else f"database {route.database}"
+            log.info("a step's commit sends its successor (outbox onto %s, %s)", envelopes.queue_key, where)
             return envelopes
         except unreachable as exc:  # the broker is not reachable now: steps go by apply_async
             log.warning("steps are sent by apply_async: the broker could not be asked (%s: %s)", type(exc).__name__, exc)
@@ -167,7 +172,7 @@ class PreparedStep:
             parent_id=self.parent_id, kwargsrepr=kwargsrepr, correlation_id=self.task_id,
             delivery_tag=self.delivery_tag, state=None if state is None else state_header(state),
         )
-        return Outbox(envelopes.queue_key, text.encode())
+        return Outbox(envelopes.queue_key, text.encode(), envelopes.database)
 
 
 class _Template:

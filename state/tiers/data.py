@@ -47,6 +47,15 @@ class Outbox:
 
     queue: str  # the key of the broker's queue (a Redis list on the server that holds L2)
     message: bytes  # the message as the broker's transport stores it
+    database: int | None = None  # the broker's database on that server, when it is not L2's
+
+
+@dataclass(frozen=True)
+class OutboxRoute:
+    """Where a commit's outbox can reach a broker's queues: on L2's server, in L2's database (None)
+    or in another one (a commit's script selects it to push)."""
+
+    database: int | None = None
 
 
 @dataclass(frozen=True)

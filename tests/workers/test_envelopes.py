@@ -26,7 +26,8 @@ from kombu import Exchange, Queue
 from runctx.embedded import celery_broker_url
 from state.keys import RedisKeys
 from state.models import StateCacheConfig
-from state.tiers.data import CommittedState
+from state.models import RunContextInit
+from state.tiers.data import CommitRequest, CommitStatus, CommittedState, StepReport
 from state.tiers.redis import RedisTier
 from state.tiers.scripts import lua
 from state.store import TieredStore
@@ -143,13 +144,44 @@ def test_a_malformed_state_header_is_no_state(header: Any) -> None:
     assert state_from_header(header) is None
 
 
-def test_no_outbox_when_the_broker_is_another_redis_database(servers: Servers, key_prefix: str) -> None:
+def test_the_outbox_reaches_a_broker_in_another_database_of_the_same_server(servers: Servers, key_prefix: str) -> None:
+    """L2 on database N+1, the broker on N: a commit's script selects the broker's database to push
+    the successor, and L2's connection stays on its own (the next commit lands there)."""
     pool = redis.Redis.from_url(servers.redis_url).connection_pool
-    kwargs = {**pool.connection_kwargs, "db": (pool.connection_kwargs.get("db") or 0) + 1}
-    other_db = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+    home = pool.connection_kwargs.get("db") or 0
+    other_db = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **{**pool.connection_kwargs, "db": home + 1}))
+    broker = redis.Redis.from_url(servers.redis_url)
     tier = RedisTier(other_db, prefix=key_prefix, config=StateCacheConfig())
+    store = store_on(tier)
+    app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+    envelopes = StepEnvelopes.for_broker(app.tasks["runctx.step"], store)
+    assert envelopes is not None and envelopes.database == home
     try:
-        app = app_for(celery_broker_url(servers.redis_url), key_prefix)
+        ctx = store.create_context(RunContextInit(run_id="run-db", routine_id="greet", variables={"n": 0}))
+        for version in (1, 2):
+            working = ctx.working_copy()
+            working.set_variable("n", version)
+            working.mark_applied(f"s{version}")
+            working.version = version + 1
+            outbox = envelopes.successor(StepMessage("run-db", "greet", 1, version, {"": version + 1}, step_id=f"s{version + 1}"), "").outbox(version + 1, None)
+            report = StepReport("run-db", f"s{version}", "w", 0.01)
+            reply = tier.commit(CommitRequest(working, version, step_id=f"s{version}", report=report, outbox=outbox), now=1.0)
+            assert reply.status is CommitStatus.COMMITTED, reply
+            ctx = working
+        assert broker.llen(envelopes.queue_key) == 2  # both successors, on the broker's database
+        assert other_db.llen(envelopes.queue_key) == 0
+        assert tier.get_context("run-db").version == 3  # L2's entries stayed on L2's database
+        assert broker.exists(tier.keys.context("run-db")) == 0
+    finally:
+        envelopes.close()
+        broker.delete(envelopes.queue_key)
+        tier.close()
+
+
+def test_no_outbox_when_the_broker_is_another_redis_server(servers: Servers, key_prefix: str, own_redis) -> None:
+    tier = RedisTier.from_url(servers.redis_url, prefix=key_prefix, config=StateCacheConfig())
+    try:
+        app = app_for(own_redis.url(0), key_prefix)
         assert StepEnvelopes.for_broker(app.tasks["runctx.step"], store_on(tier)) is None
     finally:
         tier.close()
@@ -172,12 +204,17 @@ def test_no_outbox_with_a_rabbitmq_broker(key_prefix: str, l2: RedisTier) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broker", ["redis", "redis, RUNCTX_STEP_OUTBOX=false", "amqp"])
-def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cluster, tmp_path: Path, broker: str) -> None:
+@pytest.mark.parametrize("broker", ["redis", "redis, another database", "redis, RUNCTX_STEP_OUTBOX=false", "amqp"])
+def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(
+    make_cluster, servers: Servers, tmp_path: Path, broker: str
+) -> None:
     if broker == "amqp" and not os.environ.get("RUNCTX_TEST_AMQP_URL"):
         pytest.skip("needs RUNCTX_TEST_AMQP_URL")
     outbox_off = broker.endswith("=false")
-    cluster = make_cluster(broker.split(",")[0], **({"runctx_step_outbox": "false"} if outbox_off else {}))
+    where = redis.Redis.from_url(servers.redis_url).connection_pool.connection_kwargs
+    other_url = f"redis://{where['host']}:{where['port']}/{((where.get('db') or 0) + 9) % 16}"
+    other = {"broker_url": other_url} if broker.endswith("another database") else {}
+    cluster = make_cluster(broker.split(",")[0], **other, **({"runctx_step_outbox": "false"} if outbox_off else {}))
     cluster.start_nodes("n1", "n2", concurrency=1)
     routine = tmp_path / "seq.yaml"
     steps = "\n".join(f"  - {{id: s{i}, action: increment, args: {{name: counter}}}}" for i in range(40))
@@ -194,7 +231,7 @@ def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cl
     logs = cluster.logs()
     pushing = len(re.findall(r"a step's commit sends its successor \(outbox onto " + re.escape(cluster.prefix), logs))
     sending = logs.count("a step's successor is sent after its commit")
-    assert (pushing, sending) == ((2, 0) if broker == "redis" else (0, 2))
+    assert (pushing, sending) == ((2, 0) if broker.startswith("redis") and not outbox_off else (0, 2))
     if outbox_off:
         assert logs.count("RUNCTX_STEP_OUTBOX is off") == 2
     # Each step's one round trip is its commit; with the outbox, each step's message carries what
@@ -204,5 +241,5 @@ def test_a_sequence_runs_on_pushed_messages_when_the_broker_is_l2s_redis(make_cl
     context_key = RedisKeys(cluster.prefix).context(result["run_id"]).encode()
     by_script = Counter(c[1] for c in commands if c[0].upper() == b"EVALSHA" and context_key in keys_of(c))
     assert by_script[SHA["commit"]] == 40
-    if broker == "redis":
+    if not outbox_off and broker != "amqp":
         assert by_script[SHA["read"]] <= 2 + by_script[SHA["mark_flushed"]] + 1, by_script

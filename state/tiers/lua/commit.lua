@@ -15,7 +15,8 @@
 --       14 step record (JSON, with KEYS 5-7), 15 records TTL s, 16 the broadcast (a `state.bus`
 --       message, published as it is), 17 the message to push onto KEYS[8] ('' without it), 18 how many
 --       versions behind a stale writer is told the steps since its version, 19 the commit's history
---       entry ('' = none), 20 the watch channel ('' = do not publish), 21 what to publish on it
+--       entry ('' = none), 20 the watch channel ('' = do not publish), 21 what to publish on it,
+--       22 the database of the broker queue KEYS[9] when it is not L2's ('' = L2's), 23 L2's database
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one; then also the
 -- current payload, its checksum and, when at most ARGV[18] versions came since the one expected, the
 -- steps of those commits with their versions, so the writer can apply its changes again without a
@@ -87,7 +88,11 @@ if KEYS[6] then
 end
 if KEYS[9] then
   -- The transactional outbox: what follows the step is sent if, and only if, the step committed.
+  -- A broker in another database of this server: a script's SELECT is its own (since Redis 2.8.12 it
+  -- leaves the caller's connection where it was), and it selects L2's again for what follows.
+  if ARGV[22] ~= '' then redis.call('SELECT', ARGV[22]) end
   repaired('LPUSH', KEYS[9], ARGV[17])
+  if ARGV[22] ~= '' then redis.call('SELECT', ARGV[23]) end
 end
 if ARGV[20] ~= '' then
   redis.call('PUBLISH', ARGV[20], ARGV[21])

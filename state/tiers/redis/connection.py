@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import CommunicationFailure, ContextCorruption
 from state.keys import RedisKeys
+from state.tiers.data import OutboxRoute
 from state.models import StateCacheConfig
 from state.tiers.scripts import SCRIPTS, lua
 
@@ -100,20 +101,30 @@ class RedisConnection:
                 raise ContextCorruption(keys[0], "the key holds another type of value") from None
         raise CommunicationFailure("L2 (Redis)", RuntimeError("the commit script could not be loaded"))
 
-    def shares_server_with(self, client: redis.Redis) -> bool:
-        """Whether ``client`` (e.g. the broker's) talks to the same Redis server and database as this
-        tier, so that a commit's outbox lands in the broker's queue: asked of the servers (a key
-        written here is read there), not guessed from their URLs."""
+    def outbox_route(self, client: redis.Redis) -> OutboxRoute | None:
+        """Where a commit's outbox can push onto queues ``client`` (e.g. the broker's) reads: None if
+        it talks to another server (or L2 is a cluster), else L2's database or the other one it uses
+        (a commit's script selects it to push). Asked of the servers (a key written here is read
+        there in the same database, or both name the same server process), not guessed from URLs."""
         if self.cluster:
-            return False
+            return None
         key = self.keys.server_token(os.urandom(8).hex())
         try:
             self.client.set(key, "1", ex=30)
             same = bool(client.get(key))
             self.client.delete(key)
+            if same:
+                return OutboxRoute()
+            if client.info("server").get("run_id") != self.client.info("server").get("run_id"):
+                return None
         except redis.RedisError:
-            return False
-        return same
+            return None
+        return OutboxRoute(int(client.connection_pool.connection_kwargs.get("db") or 0))
+
+    @property
+    def database(self) -> int:
+        """The database number of L2 on its server."""
+        return int(self.client.connection_pool.connection_kwargs.get("db") or 0)
 
     def ping(self) -> bool:
         return bool(self._call(self.client.ping))

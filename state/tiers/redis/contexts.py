@@ -33,7 +33,7 @@ STALE_STEPS_TOLD = 64  # a commit up to this many versions behind is told the st
 COMMIT_ARGV = (
     "expected_version", "version", "payload", "checksum", "now", "debounce_s", "max_delay_s", "context_id",
     "channel", "expected_epoch", "epoch", "require_live", "step_id", "step_record", "records_ttl_s", "broadcast",
-    "message", "stale_steps_told", "history", "watch_channel", "watch",
+    "message", "stale_steps_told", "history", "watch_channel", "watch", "outbox_database", "home_database",
 )
 _STATUSES = {
     1: CommitStatus.COMMITTED, 0: CommitStatus.STALE, -1: CommitStatus.NO_ENTRY, -2: CommitStatus.OTHER_LINEAGE,
@@ -114,6 +114,7 @@ class RedisContexts(RedisConnection):
             "records_ttl_s": RECORD_TTL_S, "broadcast": "", "message": "", "stale_steps_told": STALE_STEPS_TOLD,
             "history": request.history or "", "watch_channel": self.keys.watch_channel if request.history else "",
             "watch": watch_message(ctx.run_id, ctx.context_id, ctx.version, step_id) if request.history else "",
+            "outbox_database": "", "home_database": "",
         }
         if channel:
             fields["broadcast"] = bus.encode(self._commit_event(ctx, step_id, payload, checksum, now))
@@ -127,6 +128,8 @@ class RedisContexts(RedisConnection):
             if request.outbox is not None:
                 keys.append(request.outbox.queue)
                 fields["message"] = request.outbox.message
+                if request.outbox.database is not None:
+                    fields["outbox_database"], fields["home_database"] = request.outbox.database, self.database
         return keys, [fields[name] for name in COMMIT_ARGV]
 
     def _commit_event(self, ctx: RunContext, step_id: str, payload: bytes, checksum: str, now: float) -> bus.ContextCommitted:

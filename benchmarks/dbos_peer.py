@@ -7,7 +7,9 @@ increments a counter and is checkpointed in PostgreSQL, as DBOS does for every s
 ``--branches`` workflows of ``--per-branch`` steps enqueued on a DBOS queue of that concurrency,
 and (with ``--items``) items per second of ``--items`` one-step workflows on a queue of
 ``--item-concurrency``, the fan-out over a list DBOS's documentation shows, once per polling
-interval of ``--poll-s`` (DBOS polls its queues; its default is 1 s).
+interval of ``--poll-s`` (DBOS polls its queues; its default is 1 s). With ``--data-values K
+--data-bytes N``: also the sequence with K strings of N bytes passed as the workflow's argument
+and kept in a variable, untouched by its steps (`large_context.py`).
 Run in its own process: DBOS is a process-wide singleton.
 """
 
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=0)
     parser.add_argument("--item-concurrency", type=int, default=20)
     parser.add_argument("--poll-s", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--data-values", type=int, default=0)
+    parser.add_argument("--data-bytes", type=int, default=0)
     args = parser.parse_args()
 
     DBOS(config=DBOSConfig(name="runctx-peer", system_database_url=args.database_url))
@@ -43,6 +47,14 @@ def main() -> None:
         for _ in range(steps):
             counter = increment(counter)
         return counter
+
+    @DBOS.workflow()
+    def sequence_with_data(steps: int, data: list[str]) -> int:
+        kept = data  # held by the workflow, as a runctx context holds it
+        counter = 0
+        for _ in range(steps):
+            counter = increment(counter)
+        return counter + 0 * len(kept)
 
     @DBOS.workflow()
     def item(counter: int) -> int:
@@ -65,6 +77,13 @@ def main() -> None:
         assert sum(handle.get_result() for handle in handles) == args.branches * args.per_branch
         fanout_rate = args.branches * args.per_branch / (time.perf_counter() - started)
 
+        data_rate = None
+        if args.data_values:
+            data = ["d" * args.data_bytes for _ in range(args.data_values)]
+            started = time.perf_counter()
+            assert sequence_with_data(args.steps, data) == args.steps
+            data_rate = args.steps / (time.perf_counter() - started)
+
         items_rates = {}
         for poll, item_queue in zip(args.poll_s, item_queues):
             if not args.items:
@@ -75,7 +94,10 @@ def main() -> None:
             items_rates[str(poll)] = args.items / (time.perf_counter() - started)
     finally:
         DBOS.destroy()
-    print(json.dumps({"sequence_steps_per_s": sequence_rate, "fanout_steps_per_s": fanout_rate, "items_per_s": items_rates}))
+    print(json.dumps({
+        "sequence_steps_per_s": sequence_rate, "fanout_steps_per_s": fanout_rate, "items_per_s": items_rates,
+        "sequence_with_data_steps_per_s": data_rate,
+    }))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from state.applied import AppliedSteps
-from state.errors import ContextCorruption
-from state.limits import canonical_json
+from state.detached import DETACH_BYTES, MARK, SCOPES, Detachment, Fields, digest, field_of, is_mark
+from state.errors import ContextCorruption, DetachedNotHeld
+from state.limits import canonical_json, json_size
 from state.models import DataSensitivity, RunContext
 from state.sealing import Keyring, binding, is_sealed
 
@@ -54,7 +55,7 @@ class Codec:
                 values = document[scope]
                 for name in values:
                     level = ctx.sensitivity_of(name)
-                    if level.masked:
+                    if level.masked and not is_mark(values[name]):
                         values[name] = self.keyring.seal(values[name], self._binding(document, scope, name, level.value))
         return document
 
@@ -81,8 +82,8 @@ class Codec:
             for name, value in values.items():
                 level = levels.get(name, "public")
                 masked = level in _MASKED
-                if not masked and not is_sealed(value):
-                    continue
+                if (not masked and not is_sealed(value)) or is_mark(value):
+                    continue  # (a detached value's field is opened where it is read)
                 if self.keyring is None:
                     if is_sealed(value):
                         raise ContextCorruption(key, f"{scope}.{name} is encrypted and no key is configured (RUNCTX_ENCRYPTION_KEYS)")
@@ -136,21 +137,76 @@ class Codec:
         associated = binding(run_id, f"signal:{event}", "signals", "payload", sensitivity)
         return self.keyring.open(value, associated, where=f"signal {event!r} of run {run_id}")
 
-    def dump_state(self, ctx: RunContext) -> bytes:
+    def dump_state(self, ctx: RunContext, *, whole: bool = False) -> bytes:
         """L2's payload: the context without its applied steps (L2 keeps those beside it, in a set
-        that each commit adds one to, so a commit's size does not grow with the run).
+        that each commit adds one to, so a commit's size does not grow with the run), and without
+        its large values (`state.detached`: marks in their place; `pending_fields` says which
+        fields to write: those the context's changes made, or, ``whole``, every one: a fill).
 
         Encoded by pydantic itself, leaving out what equals its default (fields in their order, not
         the canonical form L3 and the limits use: a payload is only ever compared by its checksum),
         unless values must be sealed. Small, because a step's message may carry it.
         """
+        marks = self._detach(ctx, whole)
+        if marks:
+            ctx = ctx.model_copy(update={scope: {**getattr(ctx, scope), **named} for scope, named in marks.items()})
         if self.keyring is not None and ctx.holds_sensitive:
             return self.dump_document(self.to_document(ctx, with_applied=False))
         return _STATE_SERIALIZER.to_json(ctx, exclude=_APPLIED, exclude_defaults=True)
 
-    def load_state(self, payload: bytes, applied: list[str], *, key: str = "?") -> RunContext:
+    def _detach(self, ctx: RunContext, whole: bool) -> dict[str, dict[str, Any]]:
+        """Each large value's mark, by scope; the context's detachments brought up to date (a value
+        that is the same object at the same sensitivity keeps its field, another gets a new one)."""
+        previous = {} if whole else (getattr(ctx, "_detached", None) or {})
+        current: dict[str, Detachment] = {}
+        marks: dict[str, dict[str, Any]] = {}
+        sizes = ctx._ensure_sizes()
+        for scope in SCOPES:
+            for name, value in getattr(ctx, scope).items():
+                field = field_of(scope, name)
+                level = ctx.sensitivity_of(name).value
+                known = previous.get(field)
+                if known is None or known.value is not value or known.level != level:
+                    size = sizes.get((scope, name)) if scope != "inherited" else _inherited_size(name, value)
+                    if size is None or (size <= DETACH_BYTES and not is_mark(value)):
+                        continue
+                    data = self._field_data(ctx, scope, name, level, value)
+                    known = Detachment(value, digest(data), size, level, data)
+                current[field] = known
+                marks.setdefault(scope, {})[name] = {MARK: known.digest, "size": known.size}
+        ctx._detached = current
+        # (What an earlier encoding of this same working copy dropped stays dropped.)
+        gone = (*(() if whole else getattr(ctx, "_dropped", ())), *previous)
+        ctx._dropped = tuple(field for field in dict.fromkeys(gone) if field not in current)
+        return marks
+
+    def _field_data(self, ctx: RunContext, scope: str, name: str, level: str, value: Any) -> bytes:
+        if self.keyring is not None and level in _MASKED:
+            value = self.keyring.seal(value, binding(ctx.run_id, ctx.context_id, scope, name, level))
+        return canonical_json(value).encode()
+
+    @staticmethod
+    def pending_fields(ctx: RunContext) -> Fields:
+        """The detached fields a store of ``ctx`` writes and drops, as its last `dump_state` found them."""
+        detached = getattr(ctx, "_detached", None) or {}
+        return Fields({field: one.data for field, one in detached.items() if one.data is not None}, getattr(ctx, "_dropped", ()))
+
+    @staticmethod
+    def stored(ctx: RunContext) -> None:
+        """The fields of ``ctx`` are stored: it keeps their digests, not their data."""
+        detached = getattr(ctx, "_detached", None)
+        if detached:
+            ctx._detached = {field: one.without_data() for field, one in detached.items()}
+        ctx._dropped = ()
+
+    def load_state(
+        self, payload: bytes, applied: list[str], *, key: str = "?", fields: dict[str, bytes] | None = None,
+        known: RunContext | None = None,
+    ) -> RunContext:
         """A context from L2's payload and its applied steps; sealed values opened, plain values
-        where sealed ones belong refused (as ``from_document``)."""
+        where sealed ones belong refused (as ``from_document``); each detached value taken from
+        ``known`` (a version before it, holding the same field) or read from ``fields`` (checked
+        against its digest). DetachedNotHeld if neither has one."""
         try:
             ctx = RunContext.model_validate_json(payload)
         except ValidationError as exc:
@@ -166,7 +222,51 @@ class Codec:
             if any(levels.get(name) in _MASKED or is_sealed(value) for name, value in values.items()):
                 opened = self._opened({"sensitivity_map": levels, "run_id": ctx.run_id, "context_id": ctx.context_id, scope: values}, key)
                 setattr(ctx, scope, opened[scope])
+        self._attach(ctx, levels, key, fields or {}, known)
         return ctx
+
+    def _attach(self, ctx: RunContext, levels: dict[str, str], key: str, fields: dict[str, bytes], known: RunContext | None) -> None:
+        """Put each detached value back in place of its mark (see `load_state`)."""
+        held = (getattr(known, "_detached", None) or {}) if known is not None and known.context_id == ctx.context_id else {}
+        detached: dict[str, Detachment] = {}
+        for scope in SCOPES:
+            values = getattr(ctx, scope)
+            for name, mark in values.items():
+                if not is_mark(mark):
+                    continue
+                field, wanted, level = field_of(scope, name), mark[MARK], levels.get(name, "public")
+                prior = held.get(field)
+                if prior is not None and prior.digest == wanted and prior.level == level:
+                    detached[field] = prior.without_data()
+                elif field in fields:
+                    data = fields[field]
+                    if digest(data) != wanted:
+                        raise ContextCorruption(key, f"field {field} does not match its digest")
+                    detached[field] = Detachment(self._open_field(ctx, scope, name, level, data, key), wanted, int(mark.get("size") or len(data)), level)
+                else:
+                    raise DetachedNotHeld(key, field)
+                values[name] = detached[field].value
+        if detached:
+            ctx._detached = detached
+            sizes = {(scope, name): json_size(name, value) for scope in ("variables", "intermediate")
+                     for name, value in getattr(ctx, scope).items() if field_of(scope, name) not in detached}
+            ctx._sizes = {**sizes, **{(scope, field[4:]): one.size for field, one in detached.items()
+                                      for scope, letter in SCOPES.items() if field.startswith(f"x:{letter}:") and scope != "inherited"}}
+
+    def _open_field(self, ctx: RunContext, scope: str, name: str, level: str, data: bytes, key: str) -> Any:
+        try:
+            value = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ContextCorruption(key, f"field of {scope}.{name} is not JSON") from None
+        if level in _MASKED or is_sealed(value):
+            if self.keyring is None:
+                if is_sealed(value):
+                    raise ContextCorruption(key, f"{scope}.{name} is encrypted and no key is configured (RUNCTX_ENCRYPTION_KEYS)")
+                return value
+            if not is_sealed(value):
+                raise ContextCorruption(key, f"{scope}.{name} is {level} but stored in plain: refused, never read")
+            return self.keyring.open(value, binding(ctx.run_id, ctx.context_id, scope, name, level), where=key)
+        return value
 
     def dump_document(self, document: Any) -> bytes:
         return canonical_json(document).encode()
@@ -176,6 +276,16 @@ class Codec:
             return json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ContextCorruption(key, f"not JSON ({exc})") from exc
+
+
+def _inherited_size(name: str, value: Any) -> int | None:
+    """A child's inherited copy's size, measured only where it may be large (a short string or a
+    number never is): an inherited value is copied once, when the child is made."""
+    if isinstance(value, str) and len(value) * 4 <= DETACH_BYTES:
+        return None
+    if not isinstance(value, (str, list, dict)):
+        return None
+    return json_size(name, value)
 
 
 DEFAULT_CODEC = Codec()

@@ -136,6 +136,17 @@ class ContextCorruption(InfrastructureError):
         super().__init__(f"corrupt entry {key}: {detail}")
 
 
+class DetachedNotHeld(ContextCorruption):
+    """A payload names a detached value (`state.detached`) that neither its fields nor the version
+    before it hold here: the context is read from L2 instead (not damage)."""
+
+    code = "DETACHED_NOT_HELD"
+    severity = Severity.WARNING
+
+    def __init__(self, key: str, field: str) -> None:
+        super().__init__(key, f"its detached value {field} is not held here")
+
+
 class LineageLost(InfrastructureError):
     """The version a step needs is in no tier any more (L2 lost or corrupt, or holding another lineage).
 

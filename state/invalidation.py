@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from state.change_events import ChangeEvent
-from state.errors import ContextCorruption, log_error
+from state.errors import DetachedNotHeld, ContextCorruption, log_error
 from state.models import RunContext
 from state.tiers.contracts import L1Tier, L2Tier
 from state.tiers.data import CommitRequest, CommitStatus, CommittedState
@@ -33,10 +33,12 @@ class Invalidation:
         self.l1.evict_context(context_id, up_to_version=version - 1)
         return False
 
-    def _decode_followed(self, context_id: str) -> Callable[[bytes, str], RunContext]:
-        def decode(payload: bytes, payload_checksum: str) -> RunContext:
+    def _decode_followed(self, context_id: str) -> Callable[[bytes, str, RunContext], RunContext]:
+        def decode(payload: bytes, payload_checksum: str, known: RunContext) -> RunContext:
             try:
-                return self.l2.decode_state(payload, payload_checksum, [], key=context_id)
+                return self.l2.decode_state(payload, payload_checksum, [], key=context_id, known=known)
+            except DetachedNotHeld:
+                raise  # (a read from L2 takes its place: nothing is wrong)
             except ContextCorruption as exc:
                 log_error(log, exc, "ignoring the state another process committed (a read from L2 takes its place)")
                 raise

@@ -97,7 +97,8 @@ class Maintenance:
             if not stored.dirty:
                 self.l2.evict_context(context_id, up_to_version=stored.version)
                 return 1
-            # The same version, sealed and authenticated anew.
+            # The same version, sealed and authenticated anew (its detached values too: none is reused).
+            stored.context._detached = {}
             request = CommitRequest(stored.context, stored.version, expected_epoch=stored.epoch)
             try:
                 if self.l2.commit(request, now=self.clock()).committed:

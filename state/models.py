@@ -86,7 +86,8 @@ class RunContext(ChildContexts, BaseModel):
     # the versions before follow to this one from its payload alone (`RunContext.continues`).
     # Unset means not computed yet.
     # ``_touched``: the names a working copy was told to change (its commit's history entry).
-    __slots__ = ("_sizes", "_last_steps", "_touched")
+    # ``_detached``, ``_dropped``: its large values kept beside its L2 payload (`state.detached`).
+    __slots__ = ("_sizes", "_last_steps", "_touched", "_detached", "_dropped")
 
     # ---- creation -------------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class RunContext(ChildContexts, BaseModel):
         copy_._sizes = None if sizes is None else dict(sizes)
         copy_._last_steps = getattr(self, "_last_steps", None)
         copy_._touched = {}
+        copy_._detached = getattr(self, "_detached", None)
+        copy_._dropped = ()
         return copy_
 
     def touched(self) -> list[str]:

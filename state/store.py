@@ -29,16 +29,8 @@ from typing import Any
 
 from state.codec import DEFAULT_CODEC, Codec
 from state.configs import ConfigCache
-from state.errors import (
-    ContextCorruption,
-    InvalidValue,
-    LineageLost,
-    NotFound,
-    RunFailed,
-    StaleEpoch,
-    VersionConflict,
-    log_error,
-)
+from state.errors import ContextCorruption, DetachedNotHeld, InvalidValue, LineageLost, NotFound, RunFailed, StaleEpoch
+from state.errors import VersionConflict, log_error
 from state.invalidation import Invalidation
 from state.ledger import RunLedger
 from state.maintenance import Maintenance
@@ -317,9 +309,10 @@ class TieredStore:
         if state.epoch != base.epoch or state.version - base.version != len(state.steps):
             return None
         try:
-            ctx = self.l2.decode_state(state.payload, state.checksum, [], key=state.context_id)
-        except ContextCorruption as exc:
-            log_error(log, exc, "reading it instead")
+            ctx = self.l2.decode_state(state.payload, state.checksum, [], key=state.context_id, known=base)
+        except ContextCorruption as exc:  # (DetachedNotHeld: it changed a large value base lacks)
+            if not isinstance(exc, DetachedNotHeld):
+                log_error(log, exc, "reading it instead")
             return None
         if ctx.version != state.version or ctx.epoch != state.epoch:
             return None

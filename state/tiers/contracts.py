@@ -48,7 +48,7 @@ class L1Tier(Protocol):
     def put_context(self, ctx: RunContext) -> None: ...
     def evict_context(self, context_id: str, up_to_version: int | None = None) -> bool: ...
     def context_version(self, context_id: str) -> int | None: ...
-    def follow(self, state: CommittedState, decode: Callable[[bytes, str], RunContext]) -> bool:
+    def follow(self, state: CommittedState, decode: Callable[[bytes, str, RunContext], RunContext]) -> bool:
         """Move the cached copy forward to another process's commit (decoded when read)."""
 
     def note_run_ended(self, run_id: str) -> None: ...
@@ -82,9 +82,13 @@ class L2Contexts(Protocol):
     def encode_state(self, ctx: RunContext) -> tuple[bytes, str]:
         """The payload a commit of ``ctx`` stores (applied steps aside) and its checksum."""
 
-    def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
-        """A context from a payload as this tier stores it (a `CommittedState` carries one); raises
-        ContextCorruption if it does not match its checksum or does not describe a context."""
+    def decode_state(
+        self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str, known: RunContext | None = None
+    ) -> RunContext:
+        """A context from a payload as this tier stores it (a `CommittedState` carries one), its
+        detached values taken from ``known`` (a version before it); raises ContextCorruption if it
+        does not match its checksum or does not describe a context, DetachedNotHeld if ``known``
+        lacks a detached value it names (the context is then read)."""
 
     @property
     def carries_outbox(self) -> bool:

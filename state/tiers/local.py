@@ -13,7 +13,8 @@ from state.tiers.data import CommittedState, ConfigEntry
 
 ENDED_RUNS_KEPT = 10_000  # failed runs a process remembers, so their queued steps do not start
 
-Decode = Callable[[bytes, str], RunContext]  # (payload, checksum) -> the context it holds, applied steps aside
+# (payload, checksum, the version before it) -> the context it holds, applied steps aside
+Decode = Callable[[bytes, str, RunContext], RunContext]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class _Followed:
 
     def materialize(self) -> RunContext | None:
         try:
-            ctx = self.decode(self.payload, self.checksum)
+            ctx = self.decode(self.payload, self.checksum, self.base)
         except Exception:  # a damaged payload: as good as none (the read goes to L2)
             return None
         if ctx.version != self.version or ctx.epoch != self.epoch:

@@ -1134,9 +1134,9 @@ def committed(version: int, steps: tuple[str, ...] | None = None, context_id: st
 def decoder(decoded: list[int] | None = None):
     from state.codec import DEFAULT_CODEC, checksum
 
-    def decode(payload: bytes, payload_checksum: str) -> RunContext:
+    def decode(payload: bytes, payload_checksum: str, known: RunContext) -> RunContext:
         assert checksum(payload) == payload_checksum
-        ctx = DEFAULT_CODEC.load_state(payload, [])
+        ctx = DEFAULT_CODEC.load_state(payload, [], known=known)
         if decoded is not None:
             decoded.append(ctx.version)
         return ctx
@@ -1261,3 +1261,66 @@ def test_l3_prune_removes_waits_and_signals(l3: L3Tier) -> None:
     time.sleep(0.01)
     assert l3.prune_runs(0.001) == {"run-1": ["run-1"]}
     assert l3.wait_of("run-1", "wait") is None
+
+
+# ---- large values kept beside the payload (state.detached) ------------------------------------------
+
+BIG = "x" * 40_000  # over DETACH_BYTES
+OTHER_BIG = "y" * 50_000
+
+
+def _stored_fields(l2: L2Tier, context_id: str) -> dict[str, bytes]:
+    if isinstance(l2, RedisTier):
+        raw = l2.client.hgetall(l2.keys.context(context_id))
+        return {field.decode(): data for field, data in raw.items() if field.startswith(b"x:")}
+    return dict(l2.raw_context(context_id).fields)
+
+
+def test_l2_a_commit_stores_only_the_large_values_it_changed(l2: L2Tier) -> None:
+    ctx = context("run-d", 1, n=1, doc=BIG, notes=OTHER_BIG)
+    assert l2.fill_context(ctx, live=True)
+    assert set(_stored_fields(l2, "run-d")) == {"x:v:doc", "x:v:notes"}
+    before = _stored_fields(l2, "run-d")
+
+    working = l2.get_context("run-d").context.working_copy()
+    working.set_variable("n", 2)
+    working.version = 2
+    l2.encode_state(working)
+    assert l2.codec.pending_fields(working).empty  # the large values did not change: nothing of them is sent
+    assert commit(l2, working, 1).status is CommitStatus.COMMITTED
+    assert _stored_fields(l2, "run-d") == before
+
+    changed = working.working_copy()
+    changed.set_variable("doc", OTHER_BIG + "!")
+    changed.delete_variable("notes")
+    changed.version = 3
+    l2.encode_state(changed)
+    pending = l2.codec.pending_fields(changed)
+    assert set(pending.write) == {"x:v:doc"} and pending.drop == ("x:v:notes",)
+    assert commit(l2, changed, 2).status is CommitStatus.COMMITTED
+    assert set(_stored_fields(l2, "run-d")) == {"x:v:doc"}
+    read = l2.get_context("run-d").context
+    assert (read.get("doc"), read.get("n"), "notes" in read.variables) == (OTHER_BIG + "!", 2, False)
+
+
+def test_l2_a_payload_names_its_large_values_and_a_reader_takes_them_from_the_version_before(l2: L2Tier) -> None:
+    from state.errors import DetachedNotHeld
+
+    first = context("run-e", 1, n=1, doc=BIG)
+    l2.fill_context(first, live=True)
+    base = l2.get_context("run-e").context
+    working = base.working_copy()
+    working.set_variable("n", 2)
+    working.version = 2
+    payload, checksum = l2.encode_state(working)
+    assert len(payload) < 2_000 and BIG not in payload.decode()  # what a message carries: the mark
+    followed = l2.decode_state(payload, checksum, [], key="run-e", known=base)
+    assert followed.get("doc") is base.get("doc") and followed.get("n") == 2  # the same object: nothing decoded
+    with pytest.raises(DetachedNotHeld):
+        l2.decode_state(payload, checksum, [], key="run-e")
+    if isinstance(l2, RedisTier):  # a field that does not match the digest its payload names is refused
+        l2.client.hset(l2.keys.context("run-e"), "x:v:doc", b'"forged"')
+    else:
+        l2.raw_context("run-e").fields["x:v:doc"] = b'"forged"'
+    with pytest.raises(ContextCorruption, match="does not match its digest"):
+        l2.get_context("run-e")

@@ -16,7 +16,9 @@
 --       message, published as it is), 17 the message to push onto KEYS[8] ('' without it), 18 how many
 --       versions behind a stale writer is told the steps since its version, 19 the commit's history
 --       entry ('' = none), 20 the watch channel ('' = do not publish), 21 what to publish on it,
---       22 the database of the broker queue KEYS[9] when it is not L2's ('' = L2's), 23 L2's database
+--       22 the database of the broker queue KEYS[9] when it is not L2's ('' = L2's), 23 L2's database,
+--       24 how many detached values to write (k), 25 .. 24+2k their fields and data, then the
+--       fields of detached values to drop (`state.detached`)
 -- Returns {status, version}: 1 committed; 0 stale write (version: the current one; then also the
 -- current payload, its checksum and, when at most ARGV[18] versions came since the one expected, the
 -- steps of those commits with their versions, so the writer can apply its changes again without a
@@ -69,6 +71,13 @@ if step ~= '' then
   applied = applied + 1
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'e', ARGV[11], 'c', ARGV[4], 'd', ARGV[3], 'o', origin, 'n', applied)
+local writes = tonumber(ARGV[24])
+for i = 25, 24 + 2 * writes, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+for i = 25 + 2 * writes, #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+end
 redis.call('PERSIST', KEYS[1])  -- a dirty entry never expires
 redis.call('PERSIST', KEYS[2])
 local now = tonumber(ARGV[5])

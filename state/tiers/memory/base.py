@@ -24,6 +24,7 @@ class Entry:
     applied_count: int = -1  # how many there are (-1: as many as the list holds), as the entry's n field
     # The newest applied steps with the version each one's commit made (as Redis scores them).
     scored: tuple[tuple[int, str], ...] = ()
+    fields: dict[str, bytes] = field(default_factory=dict)  # detached values (`state.detached`)
 
     def __post_init__(self) -> None:
         if self.applied_count < 0:

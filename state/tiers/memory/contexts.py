@@ -37,7 +37,7 @@ class MemoryContexts(MemoryState):
             raise ContextCorruption(key, "checksum does not match payload")
         if entry.applied_count != len(entry.applied):
             raise ContextCorruption(key, f"holds {entry.applied_count} applied steps, its set {len(entry.applied)}")
-        ctx = self.codec.load_state(entry.payload, list(entry.applied), key=key)
+        ctx = self.codec.load_state(entry.payload, list(entry.applied), key=key, fields=dict(entry.fields))
         if ctx.version != entry.version:
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {entry.version}")
         ctx.take_last_steps(entry.scored)
@@ -73,9 +73,13 @@ class MemoryContexts(MemoryState):
             scored = () if current is None else current.scored
             if step_id:
                 scored = (*scored[1 - LAST_STEPS_KEPT :], (ctx.version, step_id))
+            detached = self.codec.pending_fields(ctx)
+            fields = {} if current is None else {f: d for f, d in current.fields.items() if f not in detached.drop}
             self._contexts[ctx.context_id] = Entry(
-                ctx.version, payload_checksum, payload, None, ctx.epoch, live, applied, scored=scored
+                ctx.version, payload_checksum, payload, None, ctx.epoch, live, applied, scored=scored,
+                fields={**fields, **detached.write},
             )
+            self.codec.stored(ctx)
             if report is not None:
                 run = self._run(report.run_id)
                 run.steps[report.step_id] = json.dumps(report.record(now))
@@ -112,23 +116,28 @@ class MemoryContexts(MemoryState):
         payload = self.codec.dump_state(ctx)
         return payload, self.codec.checksum(payload)
 
-    def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
+    def decode_state(
+        self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str, known: RunContext | None = None
+    ) -> RunContext:
         if not self.codec.verify(payload, payload_checksum, where=key):
             raise ContextCorruption(key, "checksum does not match payload")
-        return self.codec.load_state(payload, applied, key=key)
+        return self.codec.load_state(payload, applied, key=key, known=known)
 
     def fill_contexts(self, contexts: list[RunContext], *, live: bool = False) -> int:
         return sum(self.fill_context(ctx, live=live) for ctx in contexts)
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
-        payload = self.codec.dump_state(ctx)
+        payload = self.codec.dump_state(ctx, whole=True)
+        fields = self.codec.pending_fields(ctx).write
+        self.codec.stored(ctx)
         with self._lock:
             current = self._live(self._contexts, ctx.context_id)
             if current is not None and (current.epoch, current.version) >= (ctx.epoch, ctx.version):
                 return False
             expires_at = None if live else self.clock() + self.config.l2_context_ttl_s
             self._contexts[ctx.context_id] = Entry(
-                ctx.version, self.codec.checksum(payload), payload, expires_at, ctx.epoch, live, list(ctx.applied_steps)
+                ctx.version, self.codec.checksum(payload), payload, expires_at, ctx.epoch, live, list(ctx.applied_steps),
+                fields=fields,
             )
             return True
 

@@ -61,7 +61,7 @@ class RedisContexts(RedisConnection):
     def get_context(self, context_id: str) -> StoredContext | None:
         key, applied_key, due_key, *_ = self._context_keys(context_id)
         try:
-            entry, applied, due, newest = self._call(
+            entry, applied, due, newest, detached = self._call(
                 lambda: self._scripts["read"](keys=[key, applied_key, due_key], args=[context_id, LAST_STEPS_KEPT])
             )
         except ResponseError as exc:
@@ -75,7 +75,8 @@ class RedisContexts(RedisConnection):
             raise ContextCorruption(key, "checksum does not match payload")
         if as_count(applied_count, 0) != len(applied):
             raise ContextCorruption(key, f"holds {as_count(applied_count, 0)} applied steps, its set {len(applied)}")
-        ctx = self.codec.load_state(payload, [step.decode() for step in applied], key=key)
+        fields = {field.decode(): data for field, data in zip(detached[::2], detached[1::2])}
+        ctx = self.codec.load_state(payload, [step.decode() for step in applied], key=key, fields=fields)
         if ctx.version != int(version):
             raise ContextCorruption(key, f"payload holds version {ctx.version}, entry says {int(version)}")
         ctx.take_last_steps([(int(float(score)), step.decode()) for step, score in zip(newest[::2], newest[1::2])])
@@ -87,6 +88,8 @@ class RedisContexts(RedisConnection):
         keys, args = self._commit_arguments(request, now)
         status, actual, *stale = self._commit_script(keys, args)
         result = _STATUSES.get(int(status))
+        if result is CommitStatus.COMMITTED:
+            self.codec.stored(request.context)
         if result is None:  # -3: damaged
             self.evict_context(request.context.context_id)
             raise LineageLost(request.context.context_id, "the L2 entry was damaged")
@@ -130,7 +133,8 @@ class RedisContexts(RedisConnection):
                 fields["message"] = request.outbox.message
                 if request.outbox.database is not None:
                     fields["outbox_database"], fields["home_database"] = request.outbox.database, self.database
-        return keys, [fields[name] for name in COMMIT_ARGV]
+        detached = self.codec.pending_fields(ctx)
+        return keys, [fields[name] for name in COMMIT_ARGV] + _field_arguments(detached.write) + list(detached.drop)
 
     def _commit_event(self, ctx: RunContext, step_id: str, payload: bytes, checksum: str, now: float) -> bus.ContextCommitted:
         """The broadcast of a commit: a step's commit of a small context carries its state (a broadcast
@@ -149,10 +153,12 @@ class RedisContexts(RedisConnection):
         payload = self.codec.dump_state(ctx)
         return payload, self.codec.checksum(payload)
 
-    def decode_state(self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str) -> RunContext:
+    def decode_state(
+        self, payload: bytes, payload_checksum: str, applied: list[str], *, key: str, known: RunContext | None = None
+    ) -> RunContext:
         if not self.codec.verify(payload, payload_checksum, where=key):
             raise ContextCorruption(key, "checksum does not match payload")
-        return self.codec.load_state(payload, applied, key=key)
+        return self.codec.load_state(payload, applied, key=key, known=known)
 
     def fill_context(self, ctx: RunContext, *, live: bool = False) -> bool:
         return bool(self._script("fill", *self._fill_arguments(ctx, live)))
@@ -171,10 +177,13 @@ class RedisContexts(RedisConnection):
         return filled
 
     def _fill_arguments(self, ctx: RunContext, live: bool) -> tuple[list[str], list[Any]]:
-        payload = self.codec.dump_state(ctx)
+        payload = self.codec.dump_state(ctx, whole=True)
+        fields = self.codec.pending_fields(ctx).write
+        self.codec.stored(ctx)
         ttl = 0 if live else self.config.l2_context_ttl_s
         key, applied_key = self._context_keys(ctx.context_id)[:2]
-        return [key, applied_key], [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f", *ctx.applied_steps]
+        head = [ctx.version, payload, self.codec.checksum(payload), ttl, ctx.epoch, "l" if live else "f"]
+        return [key, applied_key], [*head, *_field_arguments(fields), *ctx.applied_steps]
 
     def mark_flushed(
         self, context_id: str, version: int, *, now: float, epoch: int = 1, expire: bool = True, history_taken: str = ""
@@ -276,6 +285,11 @@ class RedisContexts(RedisConnection):
     def next_due(self) -> float | None:
         firsts = self._each_due_set(lambda pipe, key: pipe.zrange(key, 0, 0, withscores=True))
         return min((first[0][1] for first in firsts if isinstance(first, list) and first), default=None)
+
+
+def _field_arguments(fields: dict[str, bytes]) -> list[Any]:
+    """Detached values as a script takes them: their count, then field and data, field and data..."""
+    return [len(fields), *(part for pair in fields.items() for part in pair)]
 
 
 def _newer(

@@ -14,7 +14,7 @@ from state.metrics import METRIC_NAMES
 DASHBOARD = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "runctx.json").read_text())
 METRIC = re.compile(r"\brunctx_[a-z0-9_]+")
 # The labels runctx's metrics carry, histograms' le, and those Prometheus adds to each target.
-BOUNDED_LABELS = {"routine", "status", "tier", "result", "kind", "source", "le", "instance", "job"}
+BOUNDED_LABELS = {"routine", "status", "tier", "result", "kind", "source", "outcome", "le", "instance", "job"}
 
 
 def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

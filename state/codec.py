@@ -137,6 +137,30 @@ class Codec:
         associated = binding(run_id, f"signal:{event}", "signals", "payload", sensitivity)
         return self.keyring.open(value, associated, where=f"signal {event!r} of run {run_id}")
 
+    # ---- blobs: values stored once by reference (`state.blobs`) ------------------------------------
+
+    def blob_id(self, level: str, data: bytes) -> str:
+        """A value's address: a keyed hash of it and its sensitivity (with keys: it reveals nothing)."""
+        return "b" + self.checksum(level.encode() + b"\0" + data).replace(":", "-")
+
+    def blob_data(self, blob_id: str, level: str, value: Any, plain: bytes) -> bytes:
+        """A blob as stored: its canonical JSON (``plain``), sealed when it is confidential or secret."""
+        if self.keyring is None or level not in _MASKED:
+            return plain
+        return canonical_json(self.keyring.seal(value, binding("blob", blob_id, "blobs", "value", "sealed"))).encode()
+
+    def open_blob(self, blob_id: str, data: bytes) -> Any:
+        where = f"blob {blob_id[:24]}"
+        try:
+            value = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ContextCorruption(where, "not JSON") from None
+        if not is_sealed(value):
+            return value
+        if self.keyring is None:
+            raise ContextCorruption(where, "encrypted and no key is configured (RUNCTX_ENCRYPTION_KEYS)")
+        return self.keyring.open(value, binding("blob", blob_id, "blobs", "value", "sealed"), where=where)
+
     def dump_state(self, ctx: RunContext, *, whole: bool = False) -> bytes:
         """L2's payload: the context without its applied steps (L2 keeps those beside it, in a set
         that each commit adds one to, so a commit's size does not grow with the run), and without

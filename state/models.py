@@ -257,6 +257,11 @@ class RunContext(ChildContexts, BaseModel):
         for name, value in values.items():
             self.set_variable(name, value, written_at=(written_at or {}).get(name))
 
+    def hold_by_reference(self, scope: str, name: str, reference: dict[str, Any]) -> None:
+        """Put a stored value's reference (`state.blobs`) in its place: the same value, held by reference."""
+        self._store(scope)[name] = reference
+        self._ensure_sizes()[(scope, name)] = json_size(name, reference)
+
     def delete_variable(self, name: str) -> None:
         for scope in ("variables", "intermediate"):
             self._store(scope).pop(name, None)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Index,
     DateTime,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -155,4 +156,23 @@ run_signals = Table(
     Column("sensitivity", String(20), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("consumed_by", String(300)),
+)
+
+# Values stored once by reference (`state.blobs`, migration 0011): the claim checks contexts hold,
+# and which runs hold each (prune deletes a blob no kept run holds).
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("blob_id", String(100), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+blob_refs = Table(
+    "blob_refs",
+    metadata,
+    Column("run_id", String(100), primary_key=True),
+    Column("blob_id", String(100), primary_key=True),
+    Index("ix_blob_refs_blob", "blob_id"),
 )

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     write_behind_debounce_s: float = _like(StateCacheConfig, "write_behind_debounce_s", ge=0)
     write_behind_max_delay_s: float = _like(StateCacheConfig, "write_behind_max_delay_s", ge=0)
     history: bool = _like(StateCacheConfig, "history")
+    # A value larger than this is stored once (content-addressed, in L3) and its contexts hold a reference.
+    value_ref_bytes: int = _like(StateCacheConfig, "value_ref_bytes", ge=1)
 
     # Resource limits of a RunContext: ResourceLimits declares the defaults.
     max_variables: int = _like(ResourceLimits, "max_variables", ge=1)

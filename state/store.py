@@ -12,6 +12,7 @@ nothing outside `state/` touches a tier:
     store.ledger        runs and their records                   (`state.ledger`)
     store.history       runs' histories                          (`state.run_history`)
     store.waits         waits for outside events and signals     (`state.waits`)
+    store.blobs         large values stored once, by reference   (`state.blobs`)
     store.rewinds       rebuilding a run whose L2 state was lost (`state.rewind`)
     store.invalidation  other processes' commits and L3's change events (`state.invalidation`)
     store.maintenance   prune, key checks and rotation           (`state.maintenance`)
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from state.blobs import Blobs
 from state.codec import DEFAULT_CODEC, Codec
 from state.configs import ConfigCache
 from state.errors import ContextCorruption, DetachedNotHeld, InvalidValue, LineageLost, NotFound, RunFailed, StaleEpoch
@@ -97,6 +99,7 @@ class TieredStore:
         self.maintenance = Maintenance(l1, l2, l3, clock=clock)
         self.write_behind = WriteBehind(l1, l2, l3, clock=clock, history=self.history)
         self.waits = Waits(l3, codec)
+        self.blobs = Blobs(l3, codec, ref_bytes=config.value_ref_bytes)
 
     @classmethod
     def connect(
@@ -253,6 +256,7 @@ class TieredStore:
         if ctx.version != 0:
             raise InvalidValue(f"context {ctx.context_id} was already committed (version {ctx.version})")
         ctx.version = 1
+        self.blobs.claim_check(ctx)
         if run is None:
             self.l3.create_context(ctx)
         else:
@@ -268,6 +272,7 @@ class TieredStore:
         started again creates nothing twice). Returns how many were new in L3."""
         for ctx in contexts:
             ctx.version = 1
+            self.blobs.claim_check(ctx)
         created = self.l3.create_contexts(contexts)
         count_l3_write("context")
         self.l2.fill_contexts(contexts, live=True)
@@ -279,6 +284,7 @@ class TieredStore:
         Raises RunFailed when a step's run failed meanwhile, and LineageLost when a step's L2 entry
         is gone or damaged (the run is rewound)."""
         now = self.clock()
+        self.blobs.claim_check(request.context)
         request = self.history.attach(request, now)
         reply = self.l2.commit(request, now=now)
         ctx = request.context
@@ -368,6 +374,7 @@ class TieredStore:
 
     def encode(self, ctx: RunContext) -> tuple[bytes, str]:
         """The payload and checksum a commit of ``ctx`` stores (made once, for a commit and a message)."""
+        self.blobs.claim_check(ctx)
         return self.l2.encode_state(ctx)
 
     def evict_context(self, context_id: str, *, up_to_version: int | None = None) -> None:

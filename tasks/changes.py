@@ -8,7 +8,7 @@ meanwhile is resolved by the variable's declared strategy.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -48,12 +48,16 @@ class ContextView:
 
     Need-to-know: a secret variable the step did not declare in ``reads`` is absent (``get`` gives
     the default). The view remembers the most sensitive value it handed out (``highest_read``):
-    what the step writes takes on that sensitivity, and its error text is hidden.
+    what the step writes takes on that sensitivity, and its error text is hidden. A value held by
+    reference (`state.blobs`) is handed out as the value itself (``open_value`` opens it).
     """
 
-    def __init__(self, ctx: RunContext, reads: frozenset[str] | set[str] = frozenset()) -> None:
+    def __init__(
+        self, ctx: RunContext, reads: frozenset[str] | set[str] = frozenset(), *, open_value: Callable[[Any], Any] | None = None
+    ) -> None:
         self._ctx = ctx
         self._reads = reads
+        self._open = open_value
         self.highest_read = DataSensitivity.PUBLIC
 
     def _visible(self, name: str) -> bool:
@@ -71,7 +75,8 @@ class ContextView:
         if name not in self:
             return default
         self.highest_read = DataSensitivity.highest(self.highest_read, self._ctx.sensitivity_of(name))
-        return copy.deepcopy(self._ctx.get(name, default))
+        value = self._ctx.get(name, default)
+        return copy.deepcopy(value if self._open is None else self._open(value))
 
     def __contains__(self, name: str) -> bool:
         return (name in self._ctx.variables or name in self._ctx.intermediate) and self._visible(name)

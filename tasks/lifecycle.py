@@ -9,6 +9,8 @@ what comes next (`tasks.advance`) and dispatches it through a `Dispatcher`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from state.errors import (
     InfrastructureError,
@@ -136,7 +138,7 @@ class RunLifecycle:
         meta = {"steps": summary["steps"], "l3_writes": summary["l3_writes"] + 1}
         if summary.get("hidden_error"):
             meta["hidden_error"] = summary["hidden_error"]  # sealed
-        exports = export_records(contexts[0]) if message.status == "succeeded" else []
+        exports = export_records(contexts[0], self.store.blobs.open) if message.status == "succeeded" else []
         epoch = message.epoch if message.status == "succeeded" else None  # a failure ends any epoch
         status = message.status
         ledger = self.store.ledger
@@ -276,8 +278,9 @@ def _path_in_run(run_id: str, context_id_: str) -> str:
     return "" if context_id_ == run_id else context_id_[len(run_id) + 1 :]
 
 
-def export_records(root: RunContext) -> list[ExportRecord]:
-    """What a finished run exports: each declared variable the root context holds."""
+def export_records(root: RunContext, open_value: Callable[[Any], Any] = lambda value: value) -> list[ExportRecord]:
+    """What a finished run exports: each declared variable the root context holds (a value held by
+    reference, as itself: an export outlives its run)."""
     records = []
     for declaration in root.exports:
         if declaration.variable not in root.variables:
@@ -290,7 +293,7 @@ def export_records(root: RunContext) -> list[ExportRecord]:
                 variable=declaration.variable,
                 key=declaration.export_key,
                 scope=declaration.scope,
-                value=root.variables[declaration.variable],
+                value=open_value(root.variables[declaration.variable]),
                 sensitivity=root.sensitivity_of(declaration.variable).value,
             )
         )

@@ -85,7 +85,7 @@ class PlanMoves:
         """Evaluate a gate on what its step could read; if false, commit the skip and record the
         skipped steps (with the expression's value)."""
         assert node.condition is not None
-        view = ContextView(ctx, node.reads)
+        view = ContextView(ctx, node.reads, open_value=self.store.blobs.open)
         names = [name for name in node.condition.variables if name in view]
         try:
             if node.condition.evaluate({name: view.get(name) for name in names}):

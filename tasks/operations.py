@@ -80,6 +80,7 @@ class RunOperations:
             run_id=new_id, routine_name=origin.routine_name, routine_version=origin.routine_version, root_context_id=new_id,
             status="running", meta={"forked_from": run_id, "from_step": from_step},
         )
+        self.store.blobs.hold(new_id, contexts)  # the values it shares with its origin, by reference
         root = self.store.create_context(root, run=run)
         others = [ctx for ctx in contexts if ctx.context_id != new_id]
         if others:

@@ -123,7 +123,7 @@ class StepExecutor:
         if node.done_in(base.has_applied, message.items):
             return StepCommit(base, applied=False)
         assert node.action is not None and node.concurrency is not None
-        view = ContextView(base, node.reads)
+        view = ContextView(base, node.reads, open_value=self.store.blobs.open)
         changes = self._changes_of(node, view, base)
         concurrency = node.concurrency
         read = view.highest_read

@@ -14,6 +14,7 @@ these, never on a concrete tier. The data they exchange is in `data`.
       L3Ledger      the runs: created with their root context, finished with their final
                     contexts and exports, rewound, pruned
       L3Waits       steps waiting for outside events, and the signals sent to runs
+      L3Blobs       values stored once by reference, and the runs that hold each
       L3Configs     routine definitions (versioned by content) and configurations
       L3Keys        the encryption keys values are sealed under
 
@@ -23,7 +24,7 @@ runs one suite against both, so a twin cannot drift from the Lua and SQL it stan
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from state.history import HistoryEntry
@@ -297,7 +298,7 @@ class L3Ledger(Protocol):
 
     def prune_runs(self, older_than_s: float, *, limit: int = 500) -> dict[str, list[str]]:
         """Delete up to ``limit`` finished runs that finished more than ``older_than_s`` ago, with
-        their context snapshots, history, waits and signals, in one transaction; exports and blackboard entries stay. Returns run
+        their context snapshots, history, waits, signals and the blobs no kept run holds, in one transaction; exports and blackboard entries stay. Returns run
         id -> the ids of its contexts that were deleted. A run being pruned by another caller is
         skipped, never waited for."""
 
@@ -326,6 +327,20 @@ class L3Waits(Protocol):
 
 
 @runtime_checkable
+class L3Blobs(Protocol):
+    def put_blob(self, blob_id: str, data: bytes, run_id: str) -> bool:
+        """Store a blob (once: an id stored already keeps its data) held by ``run_id``; whether it was new."""
+
+    def get_blob(self, blob_id: str) -> bytes | None: ...
+
+    def hold_blobs(self, run_id: str, blob_ids: Iterable[str]) -> None:
+        """``run_id`` holds these blobs too (a fork's contexts hold its origin's)."""
+
+    def blob_usage(self) -> tuple[int, int]:
+        """How many blobs are stored, and their bytes."""
+
+
+@runtime_checkable
 class L3Configs(Protocol):
     def get_config(self, kind: str, name: str) -> ConfigEntry | None: ...
     def put_config(self, kind: str, name: str, data: Any, *, expected_version: int | None = None) -> int: ...
@@ -350,6 +365,6 @@ class L3Keys(Protocol):
 
 
 @runtime_checkable
-class L3Tier(L3Contexts, L3History, L3Ledger, L3Waits, L3Configs, L3Keys, Protocol):
+class L3Tier(L3Contexts, L3History, L3Ledger, L3Waits, L3Blobs, L3Configs, L3Keys, Protocol):
     def ping(self) -> bool: ...
     def close(self) -> None: ...

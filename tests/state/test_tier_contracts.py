@@ -1324,3 +1324,25 @@ def test_l2_a_payload_names_its_large_values_and_a_reader_takes_them_from_the_ve
         l2.raw_context("run-e").fields["x:v:doc"] = b'"forged"'
     with pytest.raises(ContextCorruption, match="does not match its digest"):
         l2.get_context("run-e")
+
+
+# ---- blobs: values stored once by reference ----------------------------------------------------------
+
+
+def test_l3_a_blob_is_stored_once_and_goes_with_the_last_run_that_holds_it(l3: L3Tier) -> None:
+    assert l3.put_blob("b-1", b'"value"', "run-1") is True
+    assert l3.put_blob("b-1", b'"value"', "run-2") is False  # the same address: stored once, held by both
+    assert l3.get_blob("b-1") == b'"value"' and l3.get_blob("b-none") is None
+    assert l3.blob_usage() == (1, 7)
+    for run_id in ("run-1", "run-2"):
+        l3.create_run(run_row(run_id), context(run_id))
+        assert finish(l3, run_id)
+    time.sleep(0.01)
+    l3.hold_blobs("run-3", ["b-1"])  # a run still kept (a fork of them) holds it too
+    assert set(l3.prune_runs(0.001)) == {"run-1", "run-2"}
+    assert l3.get_blob("b-1") == b'"value"'
+    l3.create_run(run_row("run-3"), context("run-3"))
+    assert finish(l3, "run-3")
+    time.sleep(0.01)
+    assert set(l3.prune_runs(0.001)) == {"run-3"}
+    assert l3.get_blob("b-1") is None and l3.blob_usage() == (0, 0)

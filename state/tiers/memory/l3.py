@@ -21,6 +21,7 @@ from state.history import HistoryEntry, created_entry, resealed
 from state.keys import config_key, routine_key
 from state.models import RunContext
 from state.tiers.data import FINAL_STATUSES, ConfigEntry, ExportRecord, RunRow
+from state.tiers.memory.blobs import MemoryBlobs
 from state.tiers.memory.waits import MemoryWaits
 
 
@@ -52,7 +53,7 @@ def _check_width(operation: str, value: str | None, width: int) -> None:
         raise RefusedByDatabase(operation, "22001", f"value too long for type character varying({width})")
 
 
-class MemoryL3(MemoryWaits):
+class MemoryL3(MemoryWaits, MemoryBlobs):
     """L3 in one process's memory: owns snapshots, routines, configurations, runs and exports.
 
     Promises what `PostgresTier` promises: one operation is all or nothing; context writes are a
@@ -78,6 +79,7 @@ class MemoryL3(MemoryWaits):
         self.writes = 0  # committed write operations, as `runctx` counts L3 writes
         self._lock = threading.RLock()
         self._init_waits()
+        self._init_blobs()
 
     # ---- contexts ------------------------------------------------------------------------------
 
@@ -286,6 +288,7 @@ class MemoryL3(MemoryWaits):
                 pruned[run.run_id] = contexts
             gone = set(pruned)
             self._delete_waits(gone)
+            self._release_blobs(gone)
             self._history = {i: kept for i, kept in self._history.items() if json.loads(kept[1])["run_id"] not in gone}
             return pruned
 
@@ -355,6 +358,11 @@ class MemoryL3(MemoryWaits):
             for entry_id, (mark, raw) in list(self._history.items()):
                 if done < limit and any(marker in raw for marker in markers):
                     self._history[entry_id] = (mark, resealed(HistoryEntry.from_json(raw), self.codec).to_json())
+                    done += 1
+            for blob_id, data in list(self._blobs.items()):
+                if done < limit and any(marker.encode() in data for marker in markers):
+                    value = self.codec.open_blob(blob_id, data)
+                    self._blobs[blob_id] = self.codec.blob_data(blob_id, "secret", value, b"")
                     done += 1
             for (run_id, event), signal in self._signals.items():
                 if done < limit and any(marker in signal["payload"] for marker in markers):

@@ -6,6 +6,7 @@ SQL to the tables.
     contexts.py   context snapshots          (L3Contexts)
     ledger.py     runs, exports, blackboard  (L3Ledger)
     waits.py      waits and signals          (L3Waits)
+    blobs.py      values stored by reference (L3Blobs)
     configs.py    routines, configurations   (L3Configs)
     keys.py       the keys in use            (L3Keys)
 

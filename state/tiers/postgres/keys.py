@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, Text, or_, select
+from sqlalchemy import Connection, Text, func, literal, or_, select
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert
 
 from state.history import HistoryEntry, resealed
-from state.schema import blackboard_entries, context_snapshots, encryption_keys, exports, run_signals, step_history
+from state.schema import blackboard_entries, blobs, context_snapshots, encryption_keys, exports, run_signals, step_history
 from state.tiers.postgres.contexts import PostgresContexts
 
 
@@ -71,6 +71,16 @@ class PostgresKeys(PostgresContexts):
                     signals.update().where(signals.c.run_id == run_id, signals.c.event == event)
                     .values(payload=self.codec.signal_value(run_id, event, sensitivity, value))
                 )
+                done += 1
+            sealed_blobs = conn.execute(
+                select(blobs.c.blob_id, blobs.c.data)
+                .where(or_(*(func.position(literal(marker.encode()).op("IN")(blobs.c.data)) > 0 for marker in markers)))
+                .limit(limit).with_for_update(skip_locked=True)
+            ).all()
+            for blob_id, data in sealed_blobs:
+                value = self.codec.open_blob(blob_id, bytes(data))
+                fresh = self.codec.blob_data(blob_id, "secret", value, b"")
+                conn.execute(blobs.update().where(blobs.c.blob_id == blob_id).values(data=fresh))
                 done += 1
             return done
 

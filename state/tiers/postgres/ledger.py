@@ -14,6 +14,7 @@ from state.models import RunContext
 from state.schema import blackboard_entries, context_snapshots, exports, runs
 from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
 from state.tiers.postgres.contexts import PostgresContexts
+from state.tiers.postgres.blobs import PostgresBlobs
 from state.tiers.postgres.waits import PostgresWaits
 
 
@@ -21,9 +22,9 @@ class _AlreadyFinal(Exception):
     """Rolls back a finish that found the run finished already."""
 
 
-class PostgresLedger(PostgresContexts, PostgresWaits):
+class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
     """The runs table, with the contexts and exports a run's creation and finish write with it (and
-    the waits and signals a run's resume and prune change with it)."""
+    the waits, signals and blob references a run's resume and prune change with it)."""
 
     def create_run(self, run: RunRow, root: RunContext) -> None:
         def work(conn: Connection) -> None:
@@ -199,6 +200,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits):
                 pruned[run_id].append(context_id)
             self._delete_history(conn, run_ids)
             self._delete_waits(conn, run_ids)
+            self._release_blobs(conn, run_ids)
             conn.execute(runs.delete().where(runs.c.run_id.in_(run_ids)))
             return pruned
 

@@ -1,0 +1,101 @@
+"""Large values by reference (claim checks): a value larger than ``value_ref_bytes`` is stored once,
+content-addressed, in L3's blob table, and the context holds ``{"$blob": <id>, "size": <bytes>}``
+in its place: every commit, message, L2 entry, snapshot, history entry, fork and child that holds
+the value holds those few bytes. A step reads the value itself (`tasks.changes.ContextView` opens
+the reference; this process keeps the values it opened, by id, in an LRU).
+
+The id is a keyed hash of the value and its sensitivity (the MAC key of `state.sealing`), so an
+address says nothing of its content; a confidential or secret value is sealed before it is stored.
+Each run records the blobs it holds; `prune` deletes a blob once no kept run holds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from cachetools import LRUCache
+
+from state.codec import Codec
+from state.errors import ContextCorruption
+from state.limits import canonical_json
+from state.models import RunContext
+from state.tiers.contracts import L3Blobs
+
+REF = "$blob"
+CACHE_BYTES = 256 << 20  # opened values a process keeps, by size
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get(REF), str) and value.keys() <= {REF, "size"}
+
+
+def refs_in(values: Iterable[Any]) -> set[str]:
+    """The blob ids these values hold: references, and references in a list (a fan-out's collect)."""
+    found = set()
+    for value in values:
+        if is_ref(value):
+            found.add(value[REF])
+        elif isinstance(value, list):
+            found |= {item[REF] for item in value if is_ref(item)}
+    return found
+
+
+class Blobs:
+    """Stores large values once and opens references. Owns its LRU of opened values; promises that
+    a value is stored once whoever stores it again, and opens byte for byte as it was set."""
+
+    def __init__(self, l3: L3Blobs, codec: Codec, *, ref_bytes: int, cache_bytes: int = CACHE_BYTES) -> None:
+        self.l3 = l3
+        self.codec = codec
+        self.ref_bytes = ref_bytes
+        self._opened: LRUCache[str, Any] = LRUCache(maxsize=cache_bytes, getsizeof=lambda entry: entry[1])
+
+    def claim_check(self, ctx: RunContext) -> None:
+        """Store each value of ``ctx`` over ``ref_bytes`` not stored yet, and hold it by reference."""
+        for (scope, name), size in list(ctx._ensure_sizes().items()):
+            if size <= self.ref_bytes:
+                continue
+            value = ctx._store(scope)[name]
+            if not is_ref(value):
+                ctx.hold_by_reference(scope, name, self.put(ctx.run_id, value, ctx.sensitivity_of(name).value, size))
+
+    def put(self, run_id: str, value: Any, level: str, size: int) -> dict[str, Any]:
+        """Store a value (once) held by ``run_id``; its reference."""
+        plain = canonical_json(value).encode()
+        blob_id = self.codec.blob_id(level, plain)
+        self.l3.put_blob(blob_id, self.codec.blob_data(blob_id, level, value, plain), run_id)
+        self._keep(blob_id, value, size)
+        return {REF: blob_id, "size": size}
+
+    def _keep(self, blob_id: str, value: Any, size: int) -> None:
+        if 0 < size <= self._opened.maxsize:
+            self._opened[blob_id] = (value, size)
+
+    def open(self, value: Any) -> Any:
+        """The value a reference stands for (anything else as it is; a list's references opened)."""
+        if isinstance(value, list) and any(is_ref(item) for item in value):
+            return [self.open(item) for item in value]
+        if not is_ref(value):
+            return value
+        blob_id = value[REF]
+        cached = self._opened.get(blob_id)
+        if cached is not None:
+            return cached[0]
+        data = self.l3.get_blob(blob_id)
+        if data is None:
+            raise ContextCorruption(f"blob {blob_id[:24]}", "a context holds a reference to a value that is not stored")
+        opened = self.codec.open_blob(blob_id, data)
+        self._keep(blob_id, opened, int(value.get("size") or len(data)))
+        return opened
+
+    def hold(self, run_id: str, contexts: Iterable[RunContext]) -> None:
+        """``run_id`` holds the blobs these contexts reference (a fork's, made from another run's)."""
+        held: set[str] = set()
+        for ctx in contexts:
+            held |= refs_in([*ctx.variables.values(), *ctx.intermediate.values(), *ctx.inherited.values()])
+        self.l3.hold_blobs(run_id, held)
+
+    def usage(self) -> tuple[int, int]:
+        """How many blobs are stored, and their bytes."""
+        return self.l3.blob_usage()

@@ -6,7 +6,8 @@ A sequence of ``--steps`` increments on a small context, and the same on a conte
 4 x 225 KB, and 8 x 1 MB (8 MB), of values no step touches. Each rate (steps per second, from submit
 to the run's end, median of ``--rounds``) is printed with its ratio to the small context's, and the
 bytes PostgreSQL wrote per step while the run went on (its WAL, `pg_current_wal_lsn`: contexts,
-history, runs and the write-behind alike). DBOS Transact does the same sequences with the same
+history, runs, blobs and the write-behind alike; every run has values of its own, so none is
+stored already). DBOS Transact does the same sequences with the same
 data passed to its workflow as an argument and kept in a variable (`dbos_peer.py`).
 
 Uses RUNCTX_REDIS_URL / RUNCTX_DATABASE_URL / RUNCTX_BROKER_URL when set, else the embedded stack.
@@ -102,7 +103,6 @@ def main() -> None:
     from state.settings import get_settings
 
     settings = get_settings()
-    data = {shape: untouched(*sizes) for shape, sizes in SHAPES.items()}
     with embedded_released():
         servers = resolve(settings)
         with LocalWorkers(args.nodes, servers, settings, concurrency=args.concurrency, **BENCH_WORKERS):
@@ -110,9 +110,9 @@ def main() -> None:
             libpq = libpq_url(client.runtime.database_url)
             bench(client, 20, {}, libpq)  # warm up every process
             measured: dict[str, list[tuple[float, float]]] = {shape: [] for shape in SHAPES}
-            for _ in range(args.rounds):  # the shapes in turn, round after round
+            for _ in range(args.rounds):  # the shapes in turn, round after round, each with values of its own
                 for shape in SHAPES:
-                    measured[shape].append(bench(client, args.steps, data[shape], libpq))
+                    measured[shape].append(bench(client, args.steps, untouched(*SHAPES[shape]), libpq))
         _remove_keys(servers.redis_url, settings.key_prefix)
         peers = {} if args.no_dbos else {shape: dbos(client.runtime.database_url, args.steps, *SHAPES[shape]) for shape in SHAPES}
 

@@ -1,4 +1,5 @@
-"""Large values by reference (claim checks): a value larger than ``value_ref_bytes`` is stored once,
+"""Large values by reference (claim checks): a value larger than its context's ``value_ref_bytes``
+(`ResourceLimits`, RUNCTX_VALUE_REF_BYTES) is stored once,
 content-addressed, in L3's blob table, and the context holds ``{"$blob": <id>, "size": <bytes>}``
 in its place: every commit, message, L2 entry, snapshot, history entry, fork and child that holds
 the value holds those few bytes. A step reads the value itself (`tasks.changes.ContextView` opens
@@ -45,16 +46,16 @@ class Blobs:
     """Stores large values once and opens references. Owns its LRU of opened values; promises that
     a value is stored once whoever stores it again, and opens byte for byte as it was set."""
 
-    def __init__(self, l3: L3Blobs, codec: Codec, *, ref_bytes: int, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, l3: L3Blobs, codec: Codec, *, cache_bytes: int = CACHE_BYTES) -> None:
         self.l3 = l3
         self.codec = codec
-        self.ref_bytes = ref_bytes
         self._opened: LRUCache[str, Any] = LRUCache(maxsize=cache_bytes, getsizeof=lambda entry: entry[1])
 
     def claim_check(self, ctx: RunContext) -> None:
-        """Store each value of ``ctx`` over ``ref_bytes`` not stored yet, and hold it by reference."""
+        """Store each value of ``ctx`` over its ``value_ref_bytes`` not stored yet, and hold it by reference."""
+        ref_bytes = ctx.limits.value_ref_bytes
         for (scope, name), size in list(ctx._ensure_sizes().items()):
-            if size <= self.ref_bytes:
+            if size <= ref_bytes:
                 continue
             value = ctx._store(scope)[name]
             if not is_ref(value):

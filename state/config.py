@@ -10,9 +10,10 @@ class ResourceLimits(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_variables: int = Field(default=10_000, ge=1)
-    # What one value may be: one over StateCacheConfig.value_ref_bytes is stored once, beside the
+    # What one value may be: one over value_ref_bytes is stored once, beside the
     # contexts, which hold a reference to it, so a large value costs a step nothing it leaves alone.
     max_value_bytes: int = Field(default=64 << 20, ge=1)
+    value_ref_bytes: int = Field(default=256 << 10, ge=1)  # a value larger is stored once and referenced
     max_context_bytes: int = Field(default=16 << 20, ge=1)
     max_child_depth: int = Field(default=16, ge=0)
 
@@ -37,6 +38,3 @@ class StateCacheConfig(BaseModel):
     l3_retry_attempts: int = Field(default=4, ge=1, description="tries of an L3 transaction on transient errors")
     l3_retry_base_delay_s: float = Field(default=0.05, ge=0, description="first backoff between those tries")
     history: bool = Field(default=True, description="keep each run's history: what every step changed (`state.history`)")
-    value_ref_bytes: int = Field(
-        default=256 << 10, ge=1, description="a value larger than this is stored once, content-addressed, and referenced (`state.blobs`)"
-    )

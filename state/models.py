@@ -49,6 +49,7 @@ class RunContextInit(BaseModel):
 
 
 LAST_STEPS_KEPT = 8  # commits a context remembers the steps of: how far behind a process may follow it
+REFERENCE_BYTES = 100  # what a reference to a value stored by itself takes, at most (`state.blobs`)
 
 
 class RunContext(ChildContexts, BaseModel):
@@ -330,7 +331,11 @@ class RunContext(ChildContexts, BaseModel):
         if added and len(names_before) + len(set(added)) > limits.max_variables:
             raise LimitExceeded(added[0], "max_variables", len(names_before) + len(set(added)), limits.max_variables)
         replaced = {name for (_, name) in new_sizes}
-        total = sum(size for (_, name), size in sizes.items() if name not in replaced) + sum(new_sizes.values())
+        # A value over value_ref_bytes is held by reference (`state.blobs`): the context holds that.
+        def held(size: int) -> int:
+            return min(size, REFERENCE_BYTES) if size > limits.value_ref_bytes else size
+
+        total = sum(held(size) for (_, name), size in sizes.items() if name not in replaced) + sum(map(held, new_sizes.values()))
         if total > limits.max_context_bytes:
             name = next(iter(new_sizes))[1]
             raise LimitExceeded(name, "max_context_bytes", total, limits.max_context_bytes)
@@ -338,6 +343,7 @@ class RunContext(ChildContexts, BaseModel):
 
 __all__ = [
     "LAST_STEPS_KEPT",
+    "REFERENCE_BYTES",
     "ConflictResolutionStrategy",
     "ContextVariable",
     "DataSensitivity",

@@ -67,13 +67,13 @@ class Settings(BaseSettings):
     write_behind_debounce_s: float = _like(StateCacheConfig, "write_behind_debounce_s", ge=0)
     write_behind_max_delay_s: float = _like(StateCacheConfig, "write_behind_max_delay_s", ge=0)
     history: bool = _like(StateCacheConfig, "history")
-    # A value larger than this is stored once (content-addressed, in L3) and its contexts hold a reference.
-    value_ref_bytes: int = _like(StateCacheConfig, "value_ref_bytes", ge=1)
 
     # Resource limits of a RunContext: ResourceLimits declares the defaults.
     max_variables: int = _like(ResourceLimits, "max_variables", ge=1)
     max_value_bytes: int = _like(ResourceLimits, "max_value_bytes", ge=1)
     max_context_bytes: int = _like(ResourceLimits, "max_context_bytes", ge=1)
+    # A value larger than this is stored once (content-addressed, in L3) and its contexts hold a reference.
+    value_ref_bytes: int = _like(ResourceLimits, "value_ref_bytes", ge=1)
     max_child_depth: int = _like(ResourceLimits, "max_child_depth", ge=0)
     max_items: int = Field(default=MAX_ITEMS, ge=0, description="a fan-out runs at most this many items")
 

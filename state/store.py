@@ -99,7 +99,7 @@ class TieredStore:
         self.maintenance = Maintenance(l1, l2, l3, clock=clock)
         self.write_behind = WriteBehind(l1, l2, l3, clock=clock, history=self.history)
         self.waits = Waits(l3, codec)
-        self.blobs = Blobs(l3, codec, ref_bytes=config.value_ref_bytes)
+        self.blobs = Blobs(l3, codec)
 
     @classmethod
     def connect(

@@ -7,7 +7,10 @@ the reference; this process keeps the values it opened, by id, in an LRU).
 
 The id is a keyed hash of the value and its sensitivity (the MAC key of `state.sealing`), so an
 address says nothing of its content; a confidential or secret value is sealed before it is stored.
-Each run records the blobs it holds; `prune` deletes a blob once no kept run holds it.
+Each run records the blobs it holds; `prune` deletes a blob once no kept run holds it. With an
+object store (RUNCTX_BLOB_URL=s3://...: `state.tiers.s3`) the data is kept there and L3 keeps the
+index: an object is uploaded before its index row, so a crash between leaves an object no row
+names, which `collect` deletes once it is older than ``GRACE_S``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from state.codec import Codec
 from state.errors import ContextCorruption
 from state.limits import canonical_json
 from state.models import RunContext
-from state.tiers.contracts import L3Blobs
+from state.tiers.contracts import L3Blobs, ObjectStore
 
 REF = "$blob"
 CACHE_BYTES = 256 << 20  # opened values a process keeps, by size
+GRACE_S = 3600.0  # an object no index row names is deleted once older than this (its upload may be under way)
 
 
 def is_ref(value: Any) -> bool:
@@ -46,9 +50,10 @@ class Blobs:
     """Stores large values once and opens references. Owns its LRU of opened values; promises that
     a value is stored once whoever stores it again, and opens byte for byte as it was set."""
 
-    def __init__(self, l3: L3Blobs, codec: Codec, *, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, l3: L3Blobs, codec: Codec, *, objects: ObjectStore | None = None, cache_bytes: int = CACHE_BYTES) -> None:
         self.l3 = l3
         self.codec = codec
+        self.objects = objects
         self._opened: LRUCache[str, Any] = LRUCache(maxsize=cache_bytes, getsizeof=lambda entry: entry[1])
 
     def claim_check(self, ctx: RunContext) -> None:
@@ -65,7 +70,12 @@ class Blobs:
         """Store a value (once) held by ``run_id``; its reference."""
         plain = canonical_json(value).encode()
         blob_id = self.codec.blob_id(level, plain)
-        self.l3.put_blob(blob_id, self.codec.blob_data(blob_id, level, value, plain), run_id)
+        data = self.codec.blob_data(blob_id, level, value, plain)
+        if self.objects is None:
+            self.l3.put_blob(blob_id, data, run_id)
+        else:
+            self.objects.put_object(blob_id, data)
+            self.l3.put_blob(blob_id, b"", run_id, size=len(data))
         self._keep(blob_id, value, size)
         return {REF: blob_id, "size": size}
 
@@ -83,7 +93,7 @@ class Blobs:
         cached = self._opened.get(blob_id)
         if cached is not None:
             return cached[0]
-        data = self.l3.get_blob(blob_id)
+        data = self.l3.get_blob(blob_id) if self.objects is None else self.objects.get_object(blob_id)
         if data is None:
             raise ContextCorruption(f"blob {blob_id[:24]}", "a context holds a reference to a value that is not stored")
         opened = self.codec.open_blob(blob_id, data)
@@ -100,3 +110,12 @@ class Blobs:
     def usage(self) -> tuple[int, int]:
         """How many blobs are stored, and their bytes."""
         return self.l3.blob_usage()
+
+    def collect(self, *, grace_s: float = GRACE_S) -> int:
+        """Delete the objects no index row names (prune deleted their rows); how many."""
+        if self.objects is None:
+            return 0
+        keys = self.objects.object_keys(older_than_s=grace_s)
+        orphans = sorted(set(keys) - self.l3.known_blobs(keys))
+        self.objects.delete_objects(orphans)
+        return len(orphans)

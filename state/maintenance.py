@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from state.blobs import Blobs
 from state.errors import ContextCorruption, LineageLost, SettingsError
 from state.sealing import Keyring
 from state.tiers.contracts import L1Tier, L2Tier, L3Tier
@@ -26,9 +27,10 @@ class Maintenance:
     """Owns nothing but its tiers. Promises: a prune or a rotation may stop anywhere and run again;
     neither touches a running run's state but to seal it again (versions unchanged)."""
 
-    def __init__(self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, clock: Callable[[], float]) -> None:
+    def __init__(self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, clock: Callable[[], float], blobs: Blobs | None = None) -> None:
         self.l1, self.l2, self.l3 = l1, l2, l3
         self.clock = clock
+        self.blobs = blobs
 
     # ---- retention ------------------------------------------------------------------------------
 
@@ -47,6 +49,8 @@ class Maintenance:
                 report.runs += 1
                 report.contexts += len(context_ids)
             if len(pruned) < batch:
+                if self.blobs is not None:  # (in L3, a blob went in the prune's transaction)
+                    self.blobs.collect()
                 return report
 
     # ---- encryption keys ------------------------------------------------------------------------

@@ -72,8 +72,10 @@ class Settings(BaseSettings):
     max_variables: int = _like(ResourceLimits, "max_variables", ge=1)
     max_value_bytes: int = _like(ResourceLimits, "max_value_bytes", ge=1)
     max_context_bytes: int = _like(ResourceLimits, "max_context_bytes", ge=1)
-    # A value larger than this is stored once (content-addressed, in L3) and its contexts hold a reference.
+    # A value larger than this is stored once (content-addressed) and its contexts hold a reference ...
     value_ref_bytes: int = _like(ResourceLimits, "value_ref_bytes", ge=1)
+    # ... in L3, or (s3://bucket/prefix) in an S3-compatible store, named by boto3's own settings.
+    blob_url: str = Field(default="", description="where large values are kept: empty (L3) or s3://bucket/prefix")
     max_child_depth: int = _like(ResourceLimits, "max_child_depth", ge=0)
     max_items: int = Field(default=MAX_ITEMS, ge=0, description="a fan-out runs at most this many items")
 

@@ -42,7 +42,7 @@ from state.rewind import Rewinds
 from state.run_history import RunHistory
 from state.sealing import Keyring
 from state.settings import Settings
-from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier
+from state.tiers.contracts import L1Tier, L2Bus, L2Tier, L3Tier, ObjectStore
 from state.tiers.data import CommitRequest, CommitStatus, CommittedState, OutboxRoute, RunRow
 from state.tiers.local import LocalCache
 from state.waits import Waits
@@ -84,8 +84,9 @@ class TieredStore:
 
     def __init__(
         self, l1: L1Tier, l2: L2Tier, l3: L3Tier, *, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, objects: ObjectStore | None = None,
     ) -> None:
+        """``objects``: where large values are kept, if not in L3 (`state.blobs`)."""
         self.l1, self.l2, self.l3 = l1, l2, l3
         self.config = config
         self.codec = codec  # the tiers' own: it seals values and authenticates payloads
@@ -96,33 +97,32 @@ class TieredStore:
         self.ledger = RunLedger(l1, l2, l3, codec=codec, clock=clock, history=self.history)
         self.rewinds = Rewinds(l1, l2, l3, clock=clock)
         self.invalidation = Invalidation(l1, l2, clock=clock)
-        self.maintenance = Maintenance(l1, l2, l3, clock=clock)
+        self.blobs = Blobs(l3, codec, objects=objects)
+        self.maintenance = Maintenance(l1, l2, l3, clock=clock, blobs=self.blobs)
         self.write_behind = WriteBehind(l1, l2, l3, clock=clock, history=self.history)
         self.waits = Waits(l3, codec)
-        self.blobs = Blobs(l3, codec)
 
     @classmethod
     def connect(
-        cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str, keyring: Keyring | None = None
+        cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str, keyring: Keyring | None = None,
+        blob_url: str = "",
     ) -> TieredStore:
-        """A store on a real Redis and PostgreSQL; with ``keyring``, sensitive values are sealed."""
+        """A store on a real Redis and PostgreSQL; with ``keyring``, sensitive values are sealed; with
+        ``blob_url`` (s3://bucket/prefix), large values are kept in that object store."""
         from state.tiers.postgres import PostgresTier
         from state.tiers.redis import RedisTier
+        from state.tiers.s3 import S3Objects
 
         codec = Codec(keyring)
-        return cls(
-            LocalCache(config),
-            RedisTier.from_url(redis_url, prefix=prefix, config=config, codec=codec),
-            PostgresTier.from_url(database_url, config=config, codec=codec),
-            config=config,
-            codec=codec,
-        )
+        l2, l3 = RedisTier.from_url(redis_url, prefix=prefix, config=config, codec=codec), PostgresTier.from_url(database_url, config=config, codec=codec)
+        return cls(LocalCache(config), l2, l3, config=config, codec=codec, objects=S3Objects(blob_url) if blob_url else None)
 
     @classmethod
     def from_settings(cls, settings: Settings, redis_url: str, database_url: str) -> TieredStore:
         """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries, keys)."""
         return cls.connect(
-            redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix, keyring=settings.keyring()
+            redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix, keyring=settings.keyring(),
+            blob_url=settings.blob_url,
         )
 
     @classmethod

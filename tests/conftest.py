@@ -190,3 +190,13 @@ def cluster_on(make_cluster):
         return make_cluster(redis_url=redis_url, broker_url=broker_url, **extra_env)
 
     return make
+
+
+@pytest.fixture
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """An S3 emulator of the test's own (moto's server mode), with a bucket."""
+    from tests.support.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()

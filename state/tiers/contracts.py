@@ -328,16 +328,35 @@ class L3Waits(Protocol):
 
 @runtime_checkable
 class L3Blobs(Protocol):
-    def put_blob(self, blob_id: str, data: bytes, run_id: str) -> bool:
-        """Store a blob (once: an id stored already keeps its data) held by ``run_id``; whether it was new."""
+    def put_blob(self, blob_id: str, data: bytes, run_id: str, *, size: int | None = None) -> bool:
+        """Store a blob (once: an id stored already keeps its data) held by ``run_id``; whether it was
+        new. ``size``: of its data where it is kept elsewhere (``data`` empty: an object store's index)."""
 
     def get_blob(self, blob_id: str) -> bytes | None: ...
 
     def hold_blobs(self, run_id: str, blob_ids: Iterable[str]) -> None:
         """``run_id`` holds these blobs too (a fork's contexts hold its origin's)."""
 
+    def known_blobs(self, blob_ids: Iterable[str]) -> set[str]:
+        """Which of these blobs are stored (the others: left by a prune, or by an upload never indexed)."""
+
     def blob_usage(self) -> tuple[int, int]:
         """How many blobs are stored, and their bytes."""
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Where blobs are kept when not in L3 (RUNCTX_BLOB_URL: an S3-compatible store); L3 indexes them."""
+
+    def put_object(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` (content-addressed: a key stored already is left as it is)."""
+
+    def get_object(self, key: str) -> bytes | None: ...
+
+    def delete_objects(self, keys: list[str]) -> None: ...
+
+    def object_keys(self, *, older_than_s: float) -> list[str]:
+        """The keys stored longer ago than ``older_than_s``."""
 
 
 @runtime_checkable

@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from state.change_events import libpq_url
+from state.models import StateCacheConfig
+from state.store import TieredStore
 from tests.support.cluster import HERE
 from tests.support.redis_monitor import RedisMonitor
 from tests.support.waiting import wait_for
@@ -32,7 +34,10 @@ def check(view, args):
 '''
 
 
-def test_a_50_mb_value_is_stored_once_and_read_on_another_node_and_by_a_child(make_cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept_in", ["L3", "S3"])
+def test_a_50_mb_value_is_stored_once_and_read_on_another_node_and_by_a_child(
+    make_cluster, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kept_in: str
+) -> None:
     (tmp_path / "big_actions.py").write_text(ACTIONS)
     path = tmp_path / "big.json"
     path.write_text(json.dumps({
@@ -46,8 +51,10 @@ def test_a_50_mb_value_is_stored_once_and_read_on_another_node_and_by_a_child(ma
             }},
         ],
     }))
+    s3 = request.getfixturevalue("s3_server") if kept_in == "S3" else None
+    store_env = {"RUNCTX_BLOB_URL": s3.url(), **s3.env} if s3 is not None else {}
     cluster = make_cluster(
-        "redis", PYTHONPATH=os.pathsep.join([str(tmp_path), str(HERE)]), RUNCTX_ACTION_MODULES="big_actions,tests",
+        "redis", PYTHONPATH=os.pathsep.join([str(tmp_path), str(HERE)]), RUNCTX_ACTION_MODULES="big_actions,tests", **store_env,
     )
     cluster.start_nodes("n1", concurrency=1)
     monitor = RedisMonitor(cluster.redis_url)
@@ -68,7 +75,12 @@ def test_a_50_mb_value_is_stored_once_and_read_on_another_node_and_by_a_child(ma
     steps = {step["id"]: step for step in result["steps"]}
     assert steps["make"]["worker"].startswith("n1") and steps["check"]["worker"].startswith("n2")
 
-    store = cluster.store()
+    for name, value in (s3.env if s3 is not None else {}).items():  # this process reads the store as the workers do
+        monkeypatch.setenv(name, value)
+    store = cluster.store() if s3 is None else TieredStore.connect(
+        cluster.redis_url, cluster.database_url, config=StateCacheConfig(), prefix=cluster.prefix, keyring=cluster.keyring(),
+        blob_url=s3.url(),
+    )
     try:
         child = store.read_l3(f"{run_id}/child")
         assert child.variables["child_read"] == variables["made"]  # the child read it too
@@ -77,6 +89,9 @@ def test_a_50_mb_value_is_stored_once_and_read_on_another_node_and_by_a_child(ma
     finally:
         store.close()
     assert count == 1 and SIZE <= stored < SIZE + 1000, (count, stored)  # stored once
+    if s3 is not None:
+        objects = s3.objects()
+        assert len(objects) == 1 and SIZE <= len(next(iter(objects.values()))) < SIZE + 1000
     longest = max((len(arg) for command in commands for arg in command), default=0)
     assert longest < 1_000_000, f"a Redis command carried {longest} bytes"  # never in full through Redis or the broker
     client = redis.Redis.from_url(cluster.redis_url)

@@ -14,12 +14,14 @@ class MemoryBlobs:
 
     def _init_blobs(self) -> None:
         self._blobs: dict[str, bytes] = {}
+        self._sizes: dict[str, int] = {}
         self._blob_refs: set[tuple[str, str]] = set()  # (run id, blob id)
 
-    def put_blob(self, blob_id: str, data: bytes, run_id: str) -> bool:
+    def put_blob(self, blob_id: str, data: bytes, run_id: str, *, size: int | None = None) -> bool:
         with self._lock:
             new = blob_id not in self._blobs
             self._blobs.setdefault(blob_id, bytes(data))
+            self._sizes.setdefault(blob_id, len(data) if size is None else size)
             self._blob_refs.add((run_id, blob_id))
             self.writes += 1
             return new
@@ -32,9 +34,13 @@ class MemoryBlobs:
         with self._lock:
             self._blob_refs |= {(run_id, blob_id) for blob_id in blob_ids}
 
+    def known_blobs(self, blob_ids: Iterable[str]) -> set[str]:
+        with self._lock:
+            return {blob_id for blob_id in blob_ids if blob_id in self._blobs}
+
     def blob_usage(self) -> tuple[int, int]:
         with self._lock:
-            return len(self._blobs), sum(len(data) for data in self._blobs.values())
+            return len(self._blobs), sum(self._sizes.values())
 
     def _release_blobs(self, run_ids: set[str]) -> None:
         released = {blob_id for run_id, blob_id in self._blob_refs if run_id in run_ids}
@@ -42,3 +48,4 @@ class MemoryBlobs:
         held = {blob_id for _, blob_id in self._blob_refs}
         for blob_id in released - held:
             self._blobs.pop(blob_id, None)
+            self._sizes.pop(blob_id, None)

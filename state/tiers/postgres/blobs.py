@@ -15,11 +15,10 @@ class PostgresBlobs(PostgresDatabase):
     """The blobs and blob_refs tables. Promises: a blob is stored once whoever stores it again; a
     blob no kept run holds goes with the last run that held it (`_release_blobs`, in prune)."""
 
-    def put_blob(self, blob_id: str, data: bytes, run_id: str) -> bool:
+    def put_blob(self, blob_id: str, data: bytes, run_id: str, *, size: int | None = None) -> bool:
         def work(conn: Connection) -> bool:
-            stored = conn.execute(
-                insert(blobs).values(blob_id=blob_id, data=data, size=len(data)).on_conflict_do_nothing().returning(blobs.c.blob_id)
-            ).first()
+            row = {"blob_id": blob_id, "data": data, "size": len(data) if size is None else size}
+            stored = conn.execute(insert(blobs).values(**row).on_conflict_do_nothing().returning(blobs.c.blob_id)).first()
             self._hold(conn, run_id, [blob_id])
             return stored is not None
 
@@ -33,6 +32,12 @@ class PostgresBlobs(PostgresDatabase):
         wanted = sorted(set(blob_ids))
         if wanted:
             self.run(f"hold blobs for run {run_id}", lambda conn: self._hold(conn, run_id, wanted))
+
+    def known_blobs(self, blob_ids: Iterable[str]) -> set[str]:
+        wanted = sorted(set(blob_ids))
+        if not wanted:
+            return set()
+        return set(self.read(lambda conn: conn.execute(select(blobs.c.blob_id).where(blobs.c.blob_id.in_(wanted))).scalars().all()))
 
     def blob_usage(self) -> tuple[int, int]:
         row = self.read(lambda conn: conn.execute(select(func.count(), func.coalesce(func.sum(blobs.c.size), 0))).first())

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,14 @@ class LongRun:
     routine: dict[str, Any]
     expected: dict[str, Any]
     ticks: list[str]  # the steps with an outside effect
+    by_reference: dict[str, str] = field(default_factory=dict)  # untouched values large enough to be stored by reference
+
+    def shows(self, variables: dict[str, Any]) -> bool:
+        """Whether a run's variables (as the API shows them) are the expected ones: a value stored by
+        reference shows as its reference, of the value's size."""
+        held = {name: variables.get(name) for name in self.by_reference}
+        sizes_right = all(isinstance(ref, dict) and ref.get("size") == len(value) + 2 for (name, value), ref in zip(self.by_reference.items(), held.values()))
+        return sizes_right and {k: v for k, v in variables.items() if k not in self.by_reference} == self.expected
 
     @property
     def step_ids(self) -> list[str]:
@@ -136,10 +144,12 @@ def long_run(
         log += [tick, app]
         ticks.append(tick)
     steps.append({"id": "total", "action": "copy", "args": {"from": "counter", "to": "total"}})
-    routine = {"name": "recovery", "variables": {"counter": 0, "log": []}, "steps": steps}
+    # Large values no step touches: one kept beside the L2 payload (over 16 KiB), one stored by reference (over 256 KiB).
+    notes, document = "n" * 40_000, "".join(f"{n:08d}" for n in range(40_000))
+    routine = {"name": "recovery", "variables": {"counter": 0, "log": [], "notes": notes, "document": document}, "steps": steps}
     path = directory / "recovery.json"
     path.write_text(json.dumps(routine))
-    return LongRun(path, routine, {"counter": counter, "log": log, "total": counter}, ticks)
+    return LongRun(path, routine, {"counter": counter, "log": log, "total": counter, "notes": notes}, ticks, {"document": document})
 
 
 # ---- watching and measuring ---------------------------------------------------------------------------
@@ -157,7 +167,12 @@ def assert_applied_once(cluster: Cluster, run_id: str, run: LongRun) -> dict[str
     assert set(applied) == set(run.step_ids), set(run.step_ids) ^ set(applied)
     assert set(applied.values()) == {1}, {step: n for step, n in applied.items() if n != 1}
     assert final.version == 1 + len(run.step_ids)
-    assert final.variables == run.expected
+    assert run.shows(final.variables)
+    store = cluster.store()
+    try:
+        assert all(store.blobs.open(final.variables[name]) == value for name, value in run.by_reference.items())
+    finally:
+        store.close()
     assert row is not None and row.status == "succeeded"
     return {"epoch": row.epoch, "version": final.version}
 
@@ -231,7 +246,7 @@ def test_l2_wiped_twice_mid_run_the_run_ends_exactly_once(effects: Effects, own_
         result = cluster.wait(run_id, timeout_s=DEADLINE_S)
         elapsed = time.time() - started
         assert result["status"] == "succeeded", result
-        assert result["variables"] == run.expected
+        assert run.shows(result["variables"]), result["variables"]
         final = assert_applied_once(cluster, run_id, run)
         figures = report("L2 wiped twice", cluster, run, effects, elapsed, wipes, final["epoch"])
         assert set(effects.counts()) == set(run.ticks)  # every tick ran (at least once)
@@ -304,7 +319,7 @@ def test_redis_killed_and_restarted_empty_the_run_resumes_by_itself(effects: Eff
         assert "Traceback" not in err, err
         result = json.loads(out.strip().splitlines()[-1])
         assert result["status"] == "succeeded", result
-        assert result["variables"] == run.expected
+        assert run.shows(result["variables"]), result["variables"]
         final = assert_applied_once(cluster, run_id, run)
         figures = report("Redis killed, restarted empty", cluster, run, effects, elapsed, [restarted], final["epoch"])
         alive = {short: process.poll() is None for short, process in cluster.nodes.items()}
@@ -442,7 +457,7 @@ def _corrupted_run(
         result = cluster.wait(run_id, timeout_s=DEADLINE_S)
         elapsed = time.time() - started
         assert result["status"] == "succeeded", result
-        assert result["variables"] == run.expected
+        assert run.shows(result["variables"]), result["variables"]
         final = assert_applied_once(cluster, run_id, run)
         figures = report(label, cluster, run, effects, elapsed, corruptions, final["epoch"])
         assert set(effects.counts()) == set(run.ticks)

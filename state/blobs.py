@@ -111,6 +111,20 @@ class Blobs:
         """How many blobs are stored, and their bytes."""
         return self.l3.blob_usage()
 
+    def reseal_objects(self, old_key_ids: set[str]) -> int:
+        """Seal again under the newest key the objects sealed under ``old_key_ids`` (L3's own blobs
+        are resealed by L3); how many."""
+        if self.objects is None or not old_key_ids:
+            return 0
+        markers = [f"v1.{key_id}.".encode() for key_id in old_key_ids]
+        done = 0
+        for key in self.objects.object_keys(older_than_s=-1.0):
+            data = self.objects.get_object(key)
+            if data is not None and any(marker in data for marker in markers):
+                self.objects.put_object(key, self.codec.blob_data(key, "secret", self.codec.open_blob(key, data), b""), replace=True)
+                done += 1
+        return done
+
     def collect(self, *, grace_s: float = GRACE_S) -> int:
         """Delete the objects no index row names (prune deleted their rows); how many."""
         if self.objects is None:

@@ -82,6 +82,8 @@ class Maintenance:
             counts["l3"] += done
             if progress:
                 progress("l3", counts["l3"])
+        if self.blobs is not None:  # blobs kept in an object store, indexed by L3
+            counts["l3"] += self.blobs.reseal_objects(old)
         for context_id in self.l2.context_ids():
             counts["l2"] += self._reseal_l2(context_id)
         for key in self.l2.config_keys():

@@ -348,8 +348,9 @@ class L3Blobs(Protocol):
 class ObjectStore(Protocol):
     """Where blobs are kept when not in L3 (RUNCTX_BLOB_URL: an S3-compatible store); L3 indexes them."""
 
-    def put_object(self, key: str, data: bytes) -> None:
-        """Store ``data`` under ``key`` (content-addressed: a key stored already is left as it is)."""
+    def put_object(self, key: str, data: bytes, *, replace: bool = False) -> None:
+        """Store ``data`` under ``key`` (content-addressed: a key stored already is left as it is,
+        unless ``replace``: the same value sealed anew)."""
 
     def get_object(self, key: str) -> bytes | None: ...
 

@@ -51,9 +51,9 @@ class S3Objects:
         except BotoCoreError as exc:
             raise CommunicationFailure(f"object store ({what})", exc) from None
 
-    def put_object(self, key: str, data: bytes) -> None:
+    def put_object(self, key: str, data: bytes, *, replace: bool = False) -> None:
         s3, name = self._s3(), self._key(key)
-        if self._call("head", lambda: s3.head_object(Bucket=self.bucket, Key=name)) is None:
+        if replace or self._call("head", lambda: s3.head_object(Bucket=self.bucket, Key=name)) is None:
             self._call("put", lambda: s3.put_object(Bucket=self.bucket, Key=name, Body=data))
 
     def get_object(self, key: str) -> bytes | None:

@@ -5,6 +5,7 @@ where it is stored, and prune takes a blob with the last run that holds it."""
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 
@@ -99,3 +100,31 @@ def test_prune_takes_a_blob_with_the_last_run_that_holds_it(store: TieredStore, 
 
 def RunContext_of(run_id: str, variables: dict) -> RunContextInit:
     return RunContextInit(run_id=run_id, routine_id="r", variables=variables)
+
+
+def test_a_key_rotation_seals_stored_blobs_again(store: TieredStore, request: pytest.FixtureRequest) -> None:
+    if not hasattr(store.l3, "engine"):
+        pytest.skip("the in-memory twin seals nothing")
+    root = store.create_context(
+        RunContextInit(run_id="run-k", routine_id="r", variables={"token": SECRET}, sensitivity_map={"token": DataSensitivity.SECRET})
+    )
+    reference = root.variables["token"]
+    old_id, old_key = store.codec.keyring.keys[0]
+    rotated = Keyring.parse(f"{Keyring.new_entry()},{old_id}:{base64.b64encode(old_key).decode()}")
+
+    def on_the_same_servers(keyring: Keyring) -> TieredStore:
+        return TieredStore.connect(
+            request.getfixturevalue("servers").redis_url, request.getfixturevalue("database_url"), config=StateCacheConfig(),
+            prefix=request.getfixturevalue("key_prefix"), keyring=keyring,
+            blob_url=request.getfixturevalue("s3_server").url() if store.blobs.objects is not None else "",
+        )
+
+    with_both = on_the_same_servers(rotated)
+    with_both.maintenance.rotate_keys(rotated)
+    with_both.close()
+    newest_only = on_the_same_servers(Keyring(rotated.keys[:1]))
+    try:
+        assert newest_only.blobs.open(reference) == SECRET
+    finally:
+        newest_only.close()
+    assert f"v1.{rotated.newest}.".encode() in _stored(store, request, reference[REF])

@@ -32,7 +32,16 @@ GRACE_S = 3600.0  # an object no index row names is deleted once older than this
 
 
 def is_ref(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get(REF), str) and value.keys() <= {REF, "size"}
+    """Whether a value is a reference: ``{"$blob": id, "size": n}`` (a list's also has its ``items``)."""
+    return isinstance(value, dict) and isinstance(value.get(REF), str) and value.keys() <= {REF, "size", "items"}
+
+
+def list_length(value: Any) -> int | None:
+    """How many items a list holds, held itself or by reference (None: not a list): what a fan-out
+    over it counts without opening it."""
+    if isinstance(value, list):
+        return len(value)
+    return value["items"] if is_ref(value) and isinstance(value.get("items"), int) else None
 
 
 def refs_in(values: Iterable[Any]) -> set[str]:
@@ -77,7 +86,7 @@ class Blobs:
             self.objects.put_object(blob_id, data)
             self.l3.put_blob(blob_id, b"", run_id, size=len(data))
         self._keep(blob_id, value, size)
-        return {REF: blob_id, "size": size}
+        return {REF: blob_id, "size": size, **({"items": len(value)} if isinstance(value, list) else {})}
 
     def _keep(self, blob_id: str, value: Any, size: int) -> None:
         if 0 < size <= self._opened.maxsize:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from state.blobs import list_length
 from state.models import RunContext
 from tasks.plan import REAL_KINDS, Node, Plan, concrete
 
@@ -232,8 +233,8 @@ def resume_points(plan: Plan, contexts: dict[str, RunContext]) -> Resume:
             walk(collect.next, items)
             return
         parent = contexts.get(concrete(node.context, items))
-        listed = parent.variables.get(node.fan_out.for_each) if parent is not None else None
-        if not started or not isinstance(listed, list):
+        total = list_length(parent.variables.get(node.fan_out.for_each)) if parent is not None else None
+        if not started or total is None:
             resume.points.append((node.index, items))  # not started yet: it starts when dispatched
             return
         ended: dict[int, bool] = {}
@@ -244,7 +245,6 @@ def resume_points(plan: Plan, contexts: dict[str, RunContext]) -> Resume:
                 ended[number] = True
             elif _item_done(plan, node, item, inner):
                 ended[number] = False
-        total = len(listed)
         resume.fan_outs.append(FanOutSeed(node.index, items, total, ended))
         if len(ended) == total:
             resume.points.append((node.collect, items))

@@ -131,7 +131,7 @@ class PlanMoves:
         name = node.fan_out.for_each
         if name not in parent.variables:
             raise StepFailed(f"fan-out {node.step_id.removesuffix(':start')!r}: for_each {name!r} is not a variable of the context")
-        listed = parent.variables[name]
+        listed = self.store.blobs.open(parent.variables[name])  # (a long list is held by reference)
         if not isinstance(listed, list):
             raise StepFailed(
                 f"fan-out {node.step_id.removesuffix(':start')!r}: for_each {name!r} holds a {type(listed).__name__}, not a list"

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from state.blobs import list_length
 from state.errors import RoutineError, StepFailed, TransactionFailed
 from state.keys import context_id
 from state.models import DataSensitivity, RunContext
@@ -189,8 +190,7 @@ class StepExecutor:
         if parent.has_applied(step_id):
             return StepCommit(parent, applied=False)
         assert node.fan_out is not None and node.items_context is not None
-        listed = parent.variables.get(node.fan_out.for_each)
-        count = len(listed) if isinstance(listed, list) else 0
+        count = list_length(parent.variables.get(node.fan_out.for_each)) or 0
         item_ids = [context_id(message.run_id, concrete(node.items_context, (*message.items, n))) for n in range(count)]
         items = self.store.read_many_for_step(item_ids, epoch=message.epoch)
         merge = node.fan_out.merge

@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import psycopg
 
 from execution import BENCH_WORKERS, _remove_keys
+from versus_dbos import run_peer
 
-HERE = Path(__file__).resolve().parent
 SHAPES = {"small": (0, 0), "4 x 225 KB": (4, 225_000), "8 x 1 MB (8 MB)": (8, 1_000_000)}
 
 
@@ -66,28 +62,10 @@ def bench(client, steps: int, variables: dict, libpq: str) -> tuple[float, float
 
 
 def dbos(database_url: str, steps: int, count: int, size: int) -> float:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(database_url).set(drivername="postgresql")
-    name = f"runctx_large_dbos_{uuid.uuid4().hex[:8]}"
-    admin = url.set(database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        done = subprocess.run(
-            [
-                sys.executable, str(HERE / "dbos_peer.py"), "--database-url", url.set(database=name).render_as_string(hide_password=False),
-                "--steps", str(steps), "--branches", "1", "--per-branch", "1", "--data-values", str(count), "--data-bytes", str(size),
-            ],
-            capture_output=True, text=True, timeout=1200,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the DBOS side failed (pip install -e '.[bench]'):\n{done.stderr[-3000:]}")
-        found = json.loads(done.stdout.strip().splitlines()[-1])
-        return found["sequence_with_data_steps_per_s"] or found["sequence_steps_per_s"]
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    found = run_peer(database_url, [
+        "--steps", str(steps), "--branches", "1", "--per-branch", "1", "--data-values", str(count), "--data-bytes", str(size),
+    ])
+    return found["sequence_with_data_steps_per_s"] or found["sequence_steps_per_s"]
 
 
 def main() -> None:

@@ -88,8 +88,8 @@ def step_costs(path: Path, steps: int, around: tuple[int, ...]) -> dict[int, flo
     return out
 
 
-def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
-    """Run the peer in its own process on a fresh database of the same server."""
+def run_peer(database_url: str, peer_args: list[str]) -> dict:
+    """Run the peer (`dbos_peer.py`) in its own process on a fresh database of the same server; its answer."""
     from sqlalchemy.engine import make_url
 
     url = make_url(database_url).set(drivername="postgresql")
@@ -99,12 +99,7 @@ def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         done = subprocess.run(
-            [
-                sys.executable, str(HERE / "dbos_peer.py"), "--database-url", url.set(database=name).render_as_string(hide_password=False),
-                "--steps", str(args.steps), "--branches", str(args.branches), "--per-branch", str(args.per_branch),
-                "--items", str(args.items), "--item-concurrency", str(args.item_concurrency),
-                "--poll-s", *(str(poll) for poll in DBOS_POLLS_S),
-            ],
+            [sys.executable, str(HERE / "dbos_peer.py"), "--database-url", url.set(database=name).render_as_string(hide_password=False), *peer_args],
             capture_output=True, text=True, timeout=1200,
         )
         if done.returncode != 0:
@@ -113,6 +108,14 @@ def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def dbos_rates(database_url: str, args: argparse.Namespace) -> dict[str, float]:
+    return run_peer(database_url, [
+        "--steps", str(args.steps), "--branches", str(args.branches), "--per-branch", str(args.per_branch),
+        "--items", str(args.items), "--item-concurrency", str(args.item_concurrency),
+        "--poll-s", *(str(poll) for poll in DBOS_POLLS_S),
+    ])
 
 
 def main() -> None:

@@ -65,10 +65,15 @@ class Blobs:
         self.objects = objects
         self._opened: LRUCache[str, Any] = LRUCache(maxsize=cache_bytes, getsizeof=lambda entry: entry[1])
 
-    def claim_check(self, ctx: RunContext) -> None:
-        """Store each value of ``ctx`` over its ``value_ref_bytes`` not stored yet, and hold it by reference."""
+    def claim_check(self, ctx: RunContext, names: Iterable[str] | None = None) -> None:
+        """Store each value of ``ctx`` over its ``value_ref_bytes`` not stored yet, and hold it by
+        reference; ``names``: only these (a commit's: what its working copy changed)."""
         ref_bytes = ctx.limits.value_ref_bytes
-        for (scope, name), size in list(ctx._ensure_sizes().items()):
+        sizes = ctx._ensure_sizes()
+        held = sizes.items() if names is None else [
+            (key, sizes[key]) for name in names for key in (("variables", name), ("intermediate", name)) if key in sizes
+        ]
+        for (scope, name), size in list(held):
             if size <= ref_bytes:
                 continue
             value = ctx._store(scope)[name]

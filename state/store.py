@@ -284,7 +284,7 @@ class TieredStore:
         Raises RunFailed when a step's run failed meanwhile, and LineageLost when a step's L2 entry
         is gone or damaged (the run is rewound)."""
         now = self.clock()
-        self.blobs.claim_check(request.context)
+        self.blobs.claim_check(request.context, request.context.touched())
         request = self.history.attach(request, now)
         reply = self.l2.commit(request, now=now)
         ctx = request.context
@@ -374,7 +374,7 @@ class TieredStore:
 
     def encode(self, ctx: RunContext) -> tuple[bytes, str]:
         """The payload and checksum a commit of ``ctx`` stores (made once, for a commit and a message)."""
-        self.blobs.claim_check(ctx)
+        self.blobs.claim_check(ctx, ctx.touched())
         return self.l2.encode_state(ctx)
 
     def evict_context(self, context_id: str, *, up_to_version: int | None = None) -> None:

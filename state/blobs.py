@@ -25,6 +25,7 @@ from state.errors import ContextCorruption
 from state.limits import canonical_json
 from state.models import RunContext
 from state.tiers.contracts import L3Blobs, ObjectStore
+from state.tiers.data import NewBlob
 
 REF = "$blob"
 CACHE_BYTES = 256 << 20  # opened values a process keeps, by size
@@ -67,31 +68,39 @@ class Blobs:
 
     def claim_check(self, ctx: RunContext, names: Iterable[str] | None = None) -> None:
         """Store each value of ``ctx`` over its ``value_ref_bytes`` not stored yet, and hold it by
-        reference; ``names``: only these (a commit's: what its working copy changed)."""
+        reference; ``names``: only these (a commit's: what its working copy changed). One L3
+        transaction for all of them."""
         ref_bytes = ctx.limits.value_ref_bytes
         sizes = ctx._ensure_sizes()
         held = sizes.items() if names is None else [
             (key, sizes[key]) for name in names for key in (("variables", name), ("intermediate", name)) if key in sizes
         ]
+        new: list[NewBlob] = []
         for (scope, name), size in list(held):
-            if size <= ref_bytes:
-                continue
             value = ctx._store(scope)[name]
-            if not is_ref(value):
-                ctx.hold_by_reference(scope, name, self.put(ctx.run_id, value, ctx.sensitivity_of(name).value, size))
+            if size > ref_bytes and not is_ref(value):
+                ref, blob = self._made(value, ctx.sensitivity_of(name).value, size)
+                ctx.hold_by_reference(scope, name, ref)
+                new.append(blob)
+        self._store(ctx.run_id, new)
 
-    def put(self, run_id: str, value: Any, level: str, size: int) -> dict[str, Any]:
-        """Store a value (once) held by ``run_id``; its reference."""
+    def _made(self, value: Any, level: str, size: int) -> tuple[dict[str, Any], NewBlob]:
+        """A value's reference and its blob as stored (kept in the LRU of opened values)."""
         plain = canonical_json(value).encode()
         blob_id = self.codec.blob_id(level, plain)
         data = self.codec.blob_data(blob_id, level, value, plain)
-        if self.objects is None:
-            self.l3.put_blob(blob_id, data, run_id)
-        else:
-            self.objects.put_object(blob_id, data)
-            self.l3.put_blob(blob_id, b"", run_id, size=len(data))
         self._keep(blob_id, value, size)
-        return {REF: blob_id, "size": size, **({"items": len(value)} if isinstance(value, list) else {})}
+        ref = {REF: blob_id, "size": size, **({"items": len(value)} if isinstance(value, list) else {})}
+        return ref, NewBlob(blob_id, data, len(data))
+
+    def _store(self, run_id: str, new: list[NewBlob]) -> None:
+        if not new:
+            return
+        if self.objects is not None:
+            for blob in new:
+                self.objects.put_object(blob.blob_id, blob.data)
+            new = [NewBlob(blob.blob_id, b"", blob.size) for blob in new]
+        self.l3.put_blobs(run_id, new)
 
     def _keep(self, blob_id: str, value: Any, size: int) -> None:
         if 0 < size <= self._opened.maxsize:

@@ -41,6 +41,7 @@ class Change:
     value: Any = None
     scope: str = "variables"
     sensitivity: str = "public"
+    held: str = ""  # as L3 stores it: the digest of a large value held beside the entry (value None)
 
     @property
     def masked(self) -> bool:
@@ -84,7 +85,8 @@ class HistoryEntry:
         # By hand, not `asdict`: every commit makes one, and asdict copies every value deeply.
         fields = {name: getattr(self, name) for name in _FIELDS}
         fields["changes"] = [
-            {"name": c.name, "op": c.op, "value": c.value, "scope": c.scope, "sensitivity": c.sensitivity} for c in self.changes
+            {"name": c.name, "op": c.op, "value": c.value, "scope": c.scope, "sensitivity": c.sensitivity, **({"held": c.held} if c.held else {})}
+            for c in self.changes
         ]
         return _ENCODER.encode(fields)
 

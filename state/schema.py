@@ -85,6 +85,16 @@ context_snapshots = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# A context's large plain values, once per run by digest (`state.tiers.postgres.held`, migration
+# 0012): snapshots name them, so a write-behind writes only the values that changed.
+context_values = Table(
+    "context_values",
+    metadata,
+    Column("run_id", String(100), primary_key=True),
+    Column("digest", String(64), primary_key=True),
+    Column("value", JSONB, nullable=False),
+)
+
 blackboard_entries = Table(
     "blackboard_entries",
     metadata,

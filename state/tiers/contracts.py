@@ -35,6 +35,7 @@ from state.tiers.data import (
     CommittedState,
     ConfigEntry,
     ExportRecord,
+    NewBlob,
     RunRow,
     SignalReceipt,
     StepStart,
@@ -328,9 +329,10 @@ class L3Waits(Protocol):
 
 @runtime_checkable
 class L3Blobs(Protocol):
-    def put_blob(self, blob_id: str, data: bytes, run_id: str, *, size: int | None = None) -> bool:
-        """Store a blob (once: an id stored already keeps its data) held by ``run_id``; whether it was
-        new. ``size``: of its data where it is kept elsewhere (``data`` empty: an object store's index)."""
+    def put_blobs(self, run_id: str, blobs: Sequence[NewBlob]) -> int:
+        """Store blobs (each once: an id stored already keeps its data) held by ``run_id``, in one
+        transaction; how many were new. A blob's ``size`` is its data's, or where it is kept
+        elsewhere (``data`` empty: an object store's index) the size of what is kept there."""
 
     def get_blob(self, blob_id: str) -> bytes | None: ...
 

@@ -219,3 +219,12 @@ class SignalReceipt:
     run_id: str
     event: str
     wait: WaitRow | None
+
+
+@dataclass(frozen=True)
+class NewBlob:
+    """A blob to store: its address, its data (empty where an object store keeps it) and its size."""
+
+    blob_id: str
+    data: bytes
+    size: int

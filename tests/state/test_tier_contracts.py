@@ -45,6 +45,7 @@ from state.tiers.data import (
     CommitStatus,
     ConfigEntry,
     ExportRecord,
+    NewBlob,
     Outbox,
     RunRow,
     StepReport,
@@ -1330,8 +1331,8 @@ def test_l2_a_payload_names_its_large_values_and_a_reader_takes_them_from_the_ve
 
 
 def test_l3_a_blob_is_stored_once_and_goes_with_the_last_run_that_holds_it(l3: L3Tier) -> None:
-    assert l3.put_blob("b-1", b'"value"', "run-1") is True
-    assert l3.put_blob("b-1", b'"value"', "run-2") is False  # the same address: stored once, held by both
+    assert l3.put_blobs("run-1", [NewBlob("b-1", b'"value"', 7)]) == 1
+    assert l3.put_blobs("run-2", [NewBlob("b-1", b'"value"', 7)]) == 0  # the same address: stored once, held by both
     assert l3.get_blob("b-1") == b'"value"' and l3.get_blob("b-none") is None
     assert l3.blob_usage() == (1, 7)
     for run_id in ("run-1", "run-2"):

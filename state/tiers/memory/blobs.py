@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+from state.tiers.data import NewBlob
 
 
 class MemoryBlobs:
@@ -17,12 +19,14 @@ class MemoryBlobs:
         self._sizes: dict[str, int] = {}
         self._blob_refs: set[tuple[str, str]] = set()  # (run id, blob id)
 
-    def put_blob(self, blob_id: str, data: bytes, run_id: str, *, size: int | None = None) -> bool:
+    def put_blobs(self, run_id: str, blobs: Sequence[NewBlob]) -> int:
         with self._lock:
-            new = blob_id not in self._blobs
-            self._blobs.setdefault(blob_id, bytes(data))
-            self._sizes.setdefault(blob_id, len(data) if size is None else size)
-            self._blob_refs.add((run_id, blob_id))
+            new = 0
+            for blob in blobs:
+                new += blob.blob_id not in self._blobs
+                self._blobs.setdefault(blob.blob_id, bytes(blob.data))
+                self._sizes.setdefault(blob.blob_id, blob.size)
+                self._blob_refs.add((run_id, blob.blob_id))
             self.writes += 1
             return new
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, exists, func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from state.schema import blob_refs, blobs
+from state.tiers.data import NewBlob
 from state.tiers.postgres.database import PostgresDatabase
 
 
@@ -15,14 +16,14 @@ class PostgresBlobs(PostgresDatabase):
     """The blobs and blob_refs tables. Promises: a blob is stored once whoever stores it again; a
     blob no kept run holds goes with the last run that held it (`_release_blobs`, in prune)."""
 
-    def put_blob(self, blob_id: str, data: bytes, run_id: str, *, size: int | None = None) -> bool:
-        def work(conn: Connection) -> bool:
-            row = {"blob_id": blob_id, "data": data, "size": len(data) if size is None else size}
-            stored = conn.execute(insert(blobs).values(**row).on_conflict_do_nothing().returning(blobs.c.blob_id)).first()
-            self._hold(conn, run_id, [blob_id])
-            return stored is not None
+    def put_blobs(self, run_id: str, new: Sequence[NewBlob]) -> int:
+        def work(conn: Connection) -> int:
+            rows = [{"blob_id": blob.blob_id, "data": blob.data, "size": blob.size} for blob in new]
+            stored = conn.execute(insert(blobs).values(rows).on_conflict_do_nothing().returning(blobs.c.blob_id)).all()
+            self._hold(conn, run_id, [blob.blob_id for blob in new])
+            return len(stored)
 
-        return self.run(f"store blob for run {run_id}", work)
+        return self.run(f"store {len(new)} blobs for run {run_id}", work) if new else 0
 
     def get_blob(self, blob_id: str) -> bytes | None:
         row = self.read(lambda conn: conn.execute(select(blobs.c.data).where(blobs.c.blob_id == blob_id)).first())

@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy import Connection, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 
-from state.errors import VersionConflict
+from state.errors import ContextCorruption, VersionConflict
 from state.models import RunContext
 from state.schema import context_snapshots
+from state.tiers.postgres import held
 from state.tiers.postgres.history import PostgresHistory
 
 _CREATE_MANY = text(
@@ -25,22 +26,35 @@ _CREATE_MANY = text(
 
 class PostgresContexts(PostgresHistory):
     """Context snapshots: a create refuses an existing id (and records the creation in the history);
-    a write is "only if newer", with the history entries that came with it."""
+    a write is "only if newer", with the history entries that came with it. A snapshot's large
+    plain values are held beside it once per run (`held`): a write sends those L3 lacks."""
 
     def get_context(self, context_id: str) -> RunContext | None:
         """The stored snapshot, at the row's version (a plain-SQL edit raises that, not the document's)."""
         table = context_snapshots
-        row = self.read(
-            lambda conn: conn.execute(
-                select(table.c.version, table.c.epoch, table.c.document).where(table.c.context_id == context_id)
-            ).first()
-        )
-        return None if row is None else self._context_of(row)
+        query = select(table.c.run_id, table.c.version, table.c.epoch, table.c.document).where(table.c.context_id == context_id)
+        found = self.read(lambda conn: self._contexts_of(conn, conn.execute(query).all()))
+        return found[0] if found else None
 
-    def _context_of(self, row: Any) -> RunContext:
-        ctx = self.codec.from_document(row.document, key=f"L3 context {row.document.get('context_id', '?')}")
+    def _contexts_of(self, conn: Connection, rows: Sequence[Any]) -> list[RunContext]:
+        """The rows' contexts, their held values read in one query."""
+        wanted = set().union(*(held.digests_in(row.document) for row in rows)) if rows else set()
+        values = held.fetch_values(conn, {row.run_id for row in rows}, wanted)
+        return [self._context_of(row, values) for row in rows]
+
+    def _context_of(self, row: Any, values: dict[str, Any]) -> RunContext:
+        where = f"L3 context {row.document.get('context_id', '?')}"
+        if not held.digests_in(row.document) <= values.keys():
+            raise ContextCorruption(where, "a large value its snapshot names is not held")
+        ctx = self.codec.from_document(held.joined(row.document, values), key=where)
         ctx.version, ctx.epoch = row.version, row.epoch
         return ctx
+
+    def _document(self, conn: Connection, ctx: RunContext) -> dict[str, Any]:
+        """The snapshot's document, its large values stored (those L3 lacks) inside the caller's transaction."""
+        document, values = held.split(self.codec.to_document(ctx))
+        held.store_values(conn, ctx.run_id, values)
+        return document
 
     def context_version(self, context_id: str) -> int | None:
         return self.read(
@@ -55,18 +69,18 @@ class PostgresContexts(PostgresHistory):
     def create_contexts(self, contexts: list[RunContext]) -> int:
         """Insert new contexts in one statement (columns as arrays, unnested by the server: one
         round trip, whatever the count), leaving those that exist already; how many were new."""
-        columns = {
-            "ids": [ctx.context_id for ctx in contexts],
-            "runs": [ctx.run_id for ctx in contexts],
-            "parents": [ctx.parent_id for ctx in contexts],
-            "versions": [ctx.version for ctx in contexts],
-            "epochs": [ctx.epoch for ctx in contexts],
-            "documents": [json.dumps(self.codec.to_document(ctx)) for ctx in contexts],
-        }
 
         def work(conn: Connection) -> int:
+            columns = {
+                "ids": [ctx.context_id for ctx in contexts],
+                "runs": [ctx.run_id for ctx in contexts],
+                "parents": [ctx.parent_id for ctx in contexts],
+                "versions": [ctx.version for ctx in contexts],
+                "epochs": [ctx.epoch for ctx in contexts],
+                "documents": [json.dumps(self._document(conn, ctx)) for ctx in contexts],
+            }
             created = set(conn.execute(_CREATE_MANY, columns).scalars())
-            self._insert_history(conn, self._created([ctx for ctx in contexts if ctx.context_id in created]))
+            self._insert_history(conn, self._created(conn, [ctx for ctx in contexts if ctx.context_id in created]))
             return len(created)
 
         return self.run(f"create {len(contexts)} contexts", work)
@@ -96,7 +110,7 @@ class PostgresContexts(PostgresHistory):
             "parent_id": ctx.parent_id,
             "version": ctx.version,
             "epoch": ctx.epoch,
-            "document": self.codec.to_document(ctx),
+            "document": self._document(conn, ctx),
         }
         table = context_snapshots
         if create:
@@ -104,7 +118,7 @@ class PostgresContexts(PostgresHistory):
             if conn.execute(statement).first() is None:
                 actual = conn.execute(select(table.c.version).where(table.c.context_id == ctx.context_id)).scalar()
                 raise VersionConflict("L3", f"context_snapshots/{ctx.context_id}", 0, actual)
-            self._insert_history(conn, self._created([ctx]))
+            self._insert_history(conn, self._created(conn, [ctx]))
             return True
         statement = insert(table).values(**values)
         statement = statement.on_conflict_do_update(
@@ -122,8 +136,8 @@ class PostgresContexts(PostgresHistory):
 
     def run_contexts(self, run_id: str) -> list[RunContext]:
         table = context_snapshots
-        query = select(table.c.version, table.c.epoch, table.c.document).where(table.c.run_id == run_id)
-        return [self._context_of(row) for row in self.read(lambda conn: conn.execute(query).all())]
+        query = select(table.c.run_id, table.c.version, table.c.epoch, table.c.document).where(table.c.run_id == run_id)
+        return self.read(lambda conn: self._contexts_of(conn, conn.execute(query).all()))
 
     def discard_context(self, context_id: str) -> None:
         self.run(

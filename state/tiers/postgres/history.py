@@ -4,15 +4,20 @@ however often it is written (a flush made again)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import Connection, func, select, text
 
-from state.history import HistoryEntry, created_entry
+from state.detached import digest
+from state.errors import ContextCorruption
+from state.history import Change, HistoryEntry, created_entry
 from state.models import RunContext
 from state.schema import step_history
+from state.tiers.postgres import held
 from state.tiers.postgres.database import PostgresDatabase
 
 # The entries as they come (JSON text): the columns are read out of them by the server, so that the
@@ -33,11 +38,45 @@ class PostgresHistory(PostgresDatabase):
         if entries:
             conn.execute(_INSERT, {"entries": list(entries)})
 
-    def _created(self, contexts: Sequence[RunContext]) -> list[str]:
+    def _created(self, conn: Connection, contexts: Sequence[RunContext]) -> list[str]:
+        """The contexts' creation entries, their large plain values held beside them (stored once
+        for the run with the snapshot's: `held`), inside the caller's transaction."""
         if not self.keep_history:
             return []
         now = time.time()
-        return [created_entry(ctx, codec=self.codec, now=now).to_json() for ctx in contexts]
+        entries = []
+        for ctx in contexts:
+            entry = created_entry(ctx, codec=self.codec, now=now)
+            values: dict[str, str] = {}
+            changes = tuple(self._held_change(change, values) for change in entry.changes)
+            held.store_values(conn, ctx.run_id, values)
+            entries.append(dataclasses.replace(entry, changes=changes).to_json())
+        return entries
+
+    @staticmethod
+    def _held_change(change: Change, values: dict[str, str]) -> Change:
+        encoded = None if change.op != "set" or change.masked else held.large_text(change.value)
+        if encoded is None:
+            return change
+        key = digest(encoded.encode())
+        values[key] = encoded
+        return dataclasses.replace(change, value=None, held=key)
+
+    def _opened_entries(self, conn: Connection, run_id: str, entries: list[HistoryEntry]) -> list[HistoryEntry]:
+        """The entries with the values they hold beside them read back."""
+        wanted = {change.held for entry in entries for change in entry.changes if change.held}
+        if not wanted:
+            return entries
+        values = held.fetch_values(conn, {run_id}, wanted)
+        missing = wanted - values.keys()
+        if missing:
+            raise ContextCorruption(f"history of run {run_id}", "a large value an entry names is not held")
+        return [
+            dataclasses.replace(entry, changes=tuple(
+                dataclasses.replace(change, value=values[change.held], held="") if change.held else change for change in entry.changes
+            )) if any(change.held for change in entry.changes) else entry
+            for entry in entries
+        ]
 
     def add_history(self, entries: Sequence[HistoryEntry]) -> None:
         raws = [entry.to_json() for entry in entries]
@@ -55,8 +94,12 @@ class PostgresHistory(PostgresDatabase):
             query = select(table.c.seq, table.c.entry).where(table.c.entry_id.in_(wanted)).order_by(table.c.seq)
         else:
             query = select(table.c.seq, table.c.entry).where(*since).order_by(table.c.seq)
-        rows = self.read(lambda conn: conn.execute(query).all())
-        entries = [HistoryEntry.from_json(row.entry if isinstance(row.entry, dict) else json.loads(row.entry)) for row in rows]
+        def work(conn: Connection) -> tuple[list[Any], list[HistoryEntry]]:
+            rows = conn.execute(query).all()
+            entries = [HistoryEntry.from_json(row.entry if isinstance(row.entry, dict) else json.loads(row.entry)) for row in rows]
+            return rows, self._opened_entries(conn, run_id, entries)
+
+        rows, entries = self.read(work)
         return entries, max([row.seq for row in rows] + ([mark] if known else [after]))
 
     def history_count(self, run_id: str) -> int:

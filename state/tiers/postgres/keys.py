@@ -33,14 +33,11 @@ class PostgresKeys(PostgresContexts):
             done = 0
             table = context_snapshots
             rows = conn.execute(
-                select(table.c.context_id, table.c.version, table.c.epoch, table.c.document)
+                select(table.c.context_id, table.c.run_id, table.c.version, table.c.epoch, table.c.document)
                 .where(holding(table.c.document)).limit(limit).with_for_update(skip_locked=True)
             ).all()
-            for row in rows:
-                ctx = self._context_of(row)
-                conn.execute(
-                    table.update().where(table.c.context_id == row.context_id).values(document=self.codec.to_document(ctx))
-                )
+            for row, ctx in zip(rows, self._contexts_of(conn, rows)):
+                conn.execute(table.update().where(table.c.context_id == row.context_id).values(document=self._document(conn, ctx)))
                 done += 1
             history = step_history
             found = conn.execute(

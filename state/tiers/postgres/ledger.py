@@ -14,6 +14,7 @@ from state.models import RunContext
 from state.schema import blackboard_entries, context_snapshots, exports, runs
 from state.tiers.data import FINAL_STATUSES, ExportRecord, RunRow
 from state.tiers.postgres.contexts import PostgresContexts
+from state.tiers.postgres import held
 from state.tiers.postgres.blobs import PostgresBlobs
 from state.tiers.postgres.waits import PostgresWaits
 
@@ -198,6 +199,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
             )
             for run_id, context_id in gone:
                 pruned[run_id].append(context_id)
+            held.delete_values(conn, run_ids)
             self._delete_history(conn, run_ids)
             self._delete_waits(conn, run_ids)
             self._release_blobs(conn, run_ids)

@@ -6,7 +6,8 @@ mark in its place, ``{"$detached": <digest of the field>, "size": <the value's s
 and a field is checked against its digest when it is read, so a field can no more be forged than
 the payload. A commit writes the fields of the values its step changed and leaves the others as
 they are; a process that holds the version before (in L1) takes the unchanged values from it, so a
-step's message can carry the small payload alone. L3 keeps whole documents.
+step's message can carry the small payload alone. L3 does the same beside its snapshots
+(`state.tiers.postgres.held`).
 
 What a context knows of its detached values (`Detachments`) rides along with it: for each field,
 the value object it was made from, its digest, its size as canonical JSON and, until it is stored,

@@ -7,7 +7,7 @@ it): the broker URL is computed, and a worker resolves its servers when it start
 
 from kombu import Exchange, Queue
 
-from runctx.embedded import broker_url_for
+from runctx.embedded import broker_transport_options, broker_url_for
 from state.settings import get_settings
 
 _settings = get_settings()
@@ -25,6 +25,8 @@ broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout_s,
     "unacked_restore_interval": 5,
     "unacked_restore_throttle": 1,
+    # Behind Sentinel (RUNCTX_REDIS_URL or RUNCTX_BROKER_URL sentinel://...): the master's name.
+    **broker_transport_options(_settings),
 }
 
 # JSON only: a message never carries code, and never a context value either (ids and versions).

@@ -141,7 +141,9 @@ def redis_persistence(redis_url: str) -> str:
     """How the Redis at ``redis_url`` keeps data across a restart: a key of PERSISTENCE_COST, or "unknown"."""
     import redis
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    from state.tiers.redis import connect
+
+    client = connect(redis_url, socket_timeout=5)
     try:
         config = client.config_get("appendonly") | client.config_get("appendfsync") | client.config_get("save")
     except redis.RedisError:  # managed services often refuse CONFIG

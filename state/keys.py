@@ -167,6 +167,15 @@ class RedisKeys:
     def lease(self, name: str) -> str:
         return f"{self.prefix}:lease:{name}"
 
+    def continuity(self) -> str:
+        """The heartbeat counter every process increments: a count that goes back says Redis did."""
+        return f"{self.prefix}:continuity"
+
+    def loss(self, run_id: str = "") -> str:
+        """When a process found that Redis lost or went back on what it held; with ``run_id``: that
+        the run was resumed for it."""
+        return f"{self.prefix}:lost-at" + (f":{run_id}" if run_id else "")
+
     def relayed_event(self, identity: str) -> str:
         return f"{self.prefix}:ev:{identity}"
 

@@ -160,5 +160,21 @@ class RunLedger:
     def touch_progress(self, run_ids: list[str], now: float) -> None:
         self.l2.touch_progress(run_ids, now)
 
+    def count_heartbeat(self) -> int:
+        """One more on the cluster's heartbeat counter in L2; the count (it goes back only if L2 did)."""
+        return self.l2.count_heartbeat()
+
+    def note_l2_loss(self, at: float, ttl_s: float) -> None:
+        self.l2.note_loss(at, ttl_s)
+
+    def l2_loss_noted(self) -> float | None:
+        """When a process found that L2 lost or went back on what it held (None: not lately)."""
+        return self.l2.loss_noted()
+
+    def claim_loss_resume(self, run_id: str, ttl_s: float) -> bool:
+        """Whether this process is the first to resume ``run_id`` for the noted loss (once per run
+        and note, whoever holds the watchdog's lease, whatever the clocks say)."""
+        return self.l2.claim_loss_resume(run_id, ttl_s)
+
     def progress_of(self, run_ids: list[str]) -> dict[str, float | None]:
         return self.l2.progress_of(run_ids)

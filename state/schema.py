@@ -68,8 +68,11 @@ runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True)),
-    Column("idempotency_key", String(200), unique=True),  # migration 0009
+    Column("idempotency_key", String(200)),  # migration 0009
     Column("request_digest", String(100)),
+    Column("deployment", String(200), nullable=False),  # migration 0013: whose run it is
+    UniqueConstraint("deployment", "idempotency_key", name="uq_runs_deployment_idempotency_key"),
+    Index("ix_runs_deployment_status", "deployment", "status"),
 )
 
 # The latest snapshot of every context, with the version it holds (optimistic locking).

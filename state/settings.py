@@ -28,6 +28,9 @@ def _like(model: type[BaseModel], name: str, **extra: Any) -> Any:
     return Field(default=field.default, description=field.description, **extra)
 
 
+DEFAULT_DEPLOYMENT = "runctx"  # the key prefix, and so the deployment, when none is set
+
+
 class Settings(BaseSettings):
     """Everything configurable; defaults work on a developer machine with nothing configured."""
 
@@ -39,7 +42,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to the Redis URL")
     data_dir: Path = Field(default_factory=_default_data_dir)
-    key_prefix: str = Field(default="runctx", description="Prefix of every Redis key and channel runctx uses")
+    key_prefix: str = Field(default=DEFAULT_DEPLOYMENT, description="Prefix of every Redis key and channel runctx uses")
+    # Deployments sharing one database (staging and production, two teams) each see only their own
+    # runs: the watchdog, `runctx runs`, prune and retention leave the others' alone.
+    deployment: str | None = Field(default=None, description="the deployment this process belongs to in L3; defaults to the key prefix")
     # Confidential and secret values at rest: "id:base64-key,..." newest first; unset: a key file
     # runctx makes in data_dir (fine on one machine; give every machine the same keys otherwise).
     encryption_keys: SecretStr | None = Field(default=None, description="keys sealing sensitive values, newest first")
@@ -136,6 +142,10 @@ class Settings(BaseSettings):
 
     def allowed_action_modules(self) -> tuple[str, ...]:
         return tuple(part.strip() for part in self.action_modules.split(",") if part.strip())
+
+    @property
+    def deployment_name(self) -> str:
+        return self.deployment or self.key_prefix
 
     def cache_config(self) -> StateCacheConfig:
         return StateCacheConfig(**{name: getattr(self, name) for name in StateCacheConfig.model_fields})

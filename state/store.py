@@ -31,8 +31,7 @@ from typing import Any
 from state.blobs import Blobs
 from state.codec import DEFAULT_CODEC, Codec
 from state.configs import ConfigCache
-from state.errors import ContextCorruption, DetachedNotHeld, InvalidValue, LineageLost, NotFound, RunFailed, StaleEpoch
-from state.errors import VersionConflict, log_error
+from state.errors import ContextCorruption, DetachedNotHeld, InvalidValue, LineageLost, NotFound, RunFailed, StaleEpoch, VersionConflict, log_error
 from state.invalidation import Invalidation
 from state.ledger import RunLedger
 from state.maintenance import Maintenance
@@ -105,16 +104,17 @@ class TieredStore:
     @classmethod
     def connect(
         cls, redis_url: str, database_url: str, *, config: StateCacheConfig, prefix: str, keyring: Keyring | None = None,
-        blob_url: str = "",
+        blob_url: str = "", deployment: str | None = None,
     ) -> TieredStore:
         """A store on a real Redis and PostgreSQL; with ``keyring``, sensitive values are sealed; with
-        ``blob_url`` (s3://bucket/prefix), large values are kept in that object store."""
+        ``blob_url`` (s3://bucket/prefix), large values are kept there; it sees ``deployment``'s runs."""
         from state.tiers.postgres import PostgresTier
         from state.tiers.redis import RedisTier
         from state.tiers.s3 import S3Objects
 
         codec = Codec(keyring)
-        l2, l3 = RedisTier.from_url(redis_url, prefix=prefix, config=config, codec=codec), PostgresTier.from_url(database_url, config=config, codec=codec)
+        l2 = RedisTier.from_url(redis_url, prefix=prefix, config=config, codec=codec)
+        l3 = PostgresTier.from_url(database_url, config=config, codec=codec, deployment=deployment or prefix)
         return cls(LocalCache(config), l2, l3, config=config, codec=codec, objects=S3Objects(blob_url) if blob_url else None)
 
     @classmethod
@@ -122,7 +122,7 @@ class TieredStore:
         """A store configured by the RUNCTX_* settings (sizes, TTLs, key prefix, retries, keys)."""
         return cls.connect(
             redis_url, database_url, config=settings.cache_config(), prefix=settings.key_prefix, keyring=settings.keyring(),
-            blob_url=settings.blob_url,
+            blob_url=settings.blob_url, deployment=settings.deployment_name,
         )
 
     @classmethod

@@ -122,5 +122,5 @@ class NodeChecks(bootsteps.Step):
         worker.runctx_servers = servers
         worker.runctx_metrics_dir = metrics.use_multiprocess_dir() if settings.metrics_port is not None else None
         conf = worker.app.conf
-        conf.broker_url = servers.broker_url
+        conf.broker_url = celery_broker_url(servers.broker_url)
         conf.broker_use_ssl = settings.broker_tls_options(servers.broker_url)

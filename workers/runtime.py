@@ -25,6 +25,7 @@ from state.store import TieredStore
 from state.tiers.redis import connect
 from tasks.engine import RunEngine
 from tasks.watchdog import Watchdog
+from workers.backlog import BrokerBacklog
 from workers.control import ControlChannel, process_identity
 from workers.dispatcher import STEP_TASK, CeleryDispatcher
 from workers.envelopes import StepEnvelopes
@@ -66,7 +67,8 @@ class ProcessRuntime:
         self.control.prepare = lambda routine, version: self._preparing.submit(self._prepare, routine, version)
         self.watch_interval_s = max(0.2, min(5.0, settings.stall_timeout_s / 4))
         self.watchdog = Watchdog(
-            self.engine, stall_timeout_s=settings.stall_timeout_s, confirm_after_s=1.5 * self.watch_interval_s
+            self.engine, stall_timeout_s=settings.stall_timeout_s, confirm_after_s=1.5 * self.watch_interval_s,
+            backlog=BrokerBacklog(app, [queue.name for queue in app.conf.task_queues or ()]),
         )
         self.retention_s = None if settings.retention_days is None else settings.retention_days * 86400
         self.listener: ChangeListener | None = None
@@ -117,6 +119,7 @@ class ProcessRuntime:
             metrics().change_listener_up.set(1 if self.listener is not None and self.listener.connected else 0)
             try:
                 self.store.ledger.touch_progress(sorted(set(self.engine.running.values())), time.time())
+                self.watchdog.check_continuity()
                 if self.store.hold_lease("watchdog", identity, self.watch_interval_s * 3):
                     self.watchdog.scan()
                 self._apply_retention(identity)

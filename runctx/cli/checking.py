@@ -8,6 +8,7 @@ import typer
 
 from runctx.cli.base import JSON_OPTION, app, echo_json, fail
 from runctx.embedded import embedded_released, resolve
+from state.sentinel import SentinelURL, is_sentinel
 from state.settings import get_settings
 
 
@@ -28,6 +29,7 @@ def check(as_json: bool = JSON_OPTION) -> None:
             steps = run_check(servers.redis_url, servers.database_url, settings)
             persistence = redis_persistence(servers.redis_url)
             processes = worker_status(servers.redis_url, settings.key_prefix)
+            sentinel = SentinelURL.parse(servers.redis_url).describe() if is_sentinel(servers.redis_url) else None
         except Exception as exc:  # a health check reports, it does not trace back
             fail(f"check failed: {type(exc).__name__}: {exc}")
     warnings = [warning for warning in [persistence_warning(persistence)] if warning]
@@ -48,6 +50,7 @@ def check(as_json: bool = JSON_OPTION) -> None:
             "servers": "embedded" if servers.embedded else "configured",
             "start_s": round(servers.start_s, 4),
             "redis_persistence": persistence,
+            "sentinel": sentinel,
             "worker_processes": len(processes),
             "listeners_alive": len(processes) - len(dead),
             "workers": [{"process": identity, **status} for identity, status in sorted(processes.items())],
@@ -59,6 +62,8 @@ def check(as_json: bool = JSON_OPTION) -> None:
     for step in steps:
         typer.echo(f"  {step.name:<11} {step.tier:<9} {step.seconds * 1000:9.3f} ms  {step.detail}")
     typer.echo(f"Redis persistence: {persistence}")
+    if sentinel is not None:
+        typer.echo(f"Redis behind Sentinel: master {sentinel['master']}, replicas {', '.join(sentinel['replicas']) or 'none'}")
     able = sum(1 for failed in problems.values() if not failed)
     typer.echo(
         f"worker processes: {len(processes)} answered, {len(processes) - len(dead)} with a live change listener, "
@@ -70,11 +75,10 @@ def check(as_json: bool = JSON_OPTION) -> None:
 
 
 def worker_status(redis_url: str, prefix: str) -> dict[str, dict[str, Any]]:
-    import redis
-
+    from state.tiers.redis import connect
     from workers.control import process_status
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = connect(redis_url, socket_timeout=5)
     try:
         return process_status(client, prefix, wait_s=3.0)
     finally:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from runctx.embedded.servers import (
         Servers,
+        broker_transport_options,
         broker_url_for,
         celery_broker_url,
         embedded_released,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 _DEFINED_IN = {
     "Servers": "servers",
+    "broker_transport_options": "servers",
     "broker_url_for": "servers",
     "celery_broker_url": "servers",
     "embedded_released": "servers",
@@ -68,6 +70,7 @@ __all__ = [
     "EmbeddedStack",
     "Servers",
     "admin_database_url",
+    "broker_transport_options",
     "broker_url_for",
     "celery_broker_url",
     "describe",

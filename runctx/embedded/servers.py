@@ -12,8 +12,10 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from runctx.embedded.layout import Layout
+from state.sentinel import SentinelURL, is_sentinel
 from state.settings import Settings, get_settings
 
 
@@ -35,10 +37,20 @@ class Servers:
 
 
 def celery_broker_url(redis_url: str) -> str:
-    """kombu spells a Redis Unix socket ``redis+socket://``; redis-py spells it ``unix://``."""
+    """kombu spells a Redis Unix socket ``redis+socket://``; redis-py spells it ``unix://``; and
+    Sentinels ``sentinel://h1:p1;sentinel://h2:p2`` (the master's name: `broker_transport_options`)."""
     if redis_url.startswith("unix://"):
         return "redis+socket://" + redis_url[len("unix://") :]
+    if is_sentinel(redis_url):
+        return SentinelURL.parse(redis_url).kombu_url()
     return redis_url
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's transport options the broker needs besides runctx's own: the master's name and the
+    Sentinels' credentials, for a broker behind Sentinel."""
+    url = settings.broker_url or settings.redis_url
+    return SentinelURL.parse(url).kombu_options() if is_sentinel(url) else {}
 
 
 def uses_embedded(settings: Settings) -> bool:
@@ -48,7 +60,7 @@ def uses_embedded(settings: Settings) -> bool:
 def broker_url_for(settings: Settings) -> str:
     """The Celery broker: the configured one, else the Redis (configured or embedded). Starts nothing."""
     if settings.broker_url:
-        return settings.broker_url
+        return celery_broker_url(settings.broker_url)
     redis_url = settings.redis_url or Layout(settings.data_dir.expanduser().resolve()).redis_url
     return celery_broker_url(redis_url)
 
@@ -78,7 +90,8 @@ def resolve(settings: Settings | None = None) -> Servers:
     return Servers(
         redis_url=redis_url,
         database_url=database_url,
-        broker_url=settings.broker_url or celery_broker_url(redis_url),
+        # (a Sentinel URL stays as runctx spells it, naming its master: kombu's is made where it is used)
+        broker_url=settings.broker_url or (redis_url if is_sentinel(redis_url) else celery_broker_url(redis_url)),
         embedded=embedded,
         start_s=time.perf_counter() - started,
     )

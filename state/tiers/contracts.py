@@ -8,7 +8,7 @@ these, never on a concrete tier. The data they exchange is in `data`.
       L2Configs     routine definitions and configurations, cached with a TTL
       L2RunRecords  reports about a run: attempts, step outcomes, the failed flag, progress, done
       L2Bus         the control bus every process listens to (its messages: `state.bus`)
-      L2Leases      named leases (one process of the cluster does a job)
+      L2Leases      named leases (one process of the cluster does a job), the heartbeat counter
     L3 (PostgreSQL, or the in-memory twin), the authoritative record, each operation one transaction:
       L3Contexts    context snapshots, written only if newer
       L3Ledger      the runs: created with their root context, finished with their final
@@ -201,8 +201,16 @@ class L2Bus(Protocol):
 
 @runtime_checkable
 class L2Leases(Protocol):
+    """Named leases (one process does a job), and the heartbeat counter that tells L2 went back."""
+
     def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew a named lease for ``holder``; whether the holder has it."""
+
+    def count_heartbeat(self) -> int: ...  # one more on the counter: the count goes back only if L2 did
+    def note_loss(self, at: float, ttl_s: float) -> None: ...  # for ttl_s; the first note stays
+    def loss_noted(self) -> float | None: ...
+    def claim_loss_resume(self, run_id: str, ttl_s: float) -> bool:
+        """Whether this caller is the first, within ``ttl_s``, to resume ``run_id`` for the noted loss."""
 
 
 @runtime_checkable

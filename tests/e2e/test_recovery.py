@@ -378,6 +378,48 @@ def test_every_node_consumes_again_after_redis_restarts_mid_step(effects: Effect
 # ---- 3. every Redis value of the run corrupted twice --------------------------------------------------------
 
 
+def _epoch(cluster: Cluster, run_id: str) -> int:
+    store = cluster.store()
+    try:
+        row = store.ledger.get_run(run_id)
+    finally:
+        store.close()
+    return row.epoch if row is not None else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["restarted empty", "restarted from an older snapshot"])
+def test_redis_that_went_back_is_noticed_in_seconds_with_the_default_stall_timeout(
+    effects: Effects, own_redis: RedisServer, cluster_on, tmp_path: Path, fault: str
+) -> None:
+    """With the default RUNCTX_STALL_TIMEOUT_S (60 s), a Redis that lost its data, or came back
+    from an older snapshot (a failover to a lagging replica), has its running run resumed within
+    10 s of answering again: the processes' heartbeat count went back."""
+    run = long_run(tmp_path, effects, groups=80)
+    env = {key: value for key, value in fault_env().items() if key != "RUNCTX_STALL_TIMEOUT_S"}
+    cluster = cluster_on(own_redis.url(0), own_redis.url(0), **env)
+    cluster.start_nodes("n1", "n2", concurrency=2)
+    run_id = cluster.submit(run.path)
+    l2 = redis.Redis.from_url(own_redis.url(0))
+    try:
+        wait_for(lambda: "g010t" in effects.counts(), DEADLINE_S, "tick g010t")
+        if fault == "restarted from an older snapshot":
+            l2.save()  # the snapshot the restart comes back to ...
+            wait_for(lambda: "g030t" in effects.counts(), DEADLINE_S, "tick g030t")  # ... twenty groups old
+        else:
+            wait_for(lambda: "g020t" in effects.counts(), DEADLINE_S, "tick g020t")
+    finally:
+        l2.close()
+    killed, restarted = _restart_empty(own_redis, down_s=1.0)  # (an older dump.rdb, if saved, is loaded)
+    resumed_at = wait_for(lambda: time.time() if _epoch(cluster, run_id) >= 2 else None, DEADLINE_S, "the run to be resumed", interval_s=0.25)
+    result = cluster.wait(run_id, timeout_s=DEADLINE_S)
+    assert result["status"] == "succeeded", result
+    final = assert_applied_once(cluster, run_id, run)
+    print(f"[Redis {fault}, default stall timeout] resumed {resumed_at - restarted:.1f} s after Redis answered again (epoch {final['epoch']})")
+    assert resumed_at - restarted < 10.0
+    assert set(effects.counts()) == set(run.ticks)
+
+
 def corrupt_run_keys(client: redis.Redis, prefix: str, run_id: str, *, other_type: bool) -> Counter:
     """Overwrite every key whose name holds the run id: garbage of the same type, or of another type."""
     corrupted: Counter = Counter()

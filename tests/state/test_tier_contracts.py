@@ -330,6 +330,15 @@ def test_l2_claim_due_claims_each_due_id_once_per_lease(l2: L2Tier) -> None:
     assert l2.pending_flushes() == 3  # a claim is a lease, not a removal
 
 
+def test_l2_heartbeat_count_goes_up_and_the_first_note_of_a_loss_stays(l2: L2Tier) -> None:
+    first = l2.count_heartbeat()
+    assert [l2.count_heartbeat() for _ in range(3)] == [first + 1, first + 2, first + 3]
+    assert l2.loss_noted() is None
+    l2.note_loss(T0, ttl_s=60)
+    l2.note_loss(T0 + 5, ttl_s=60)  # another process noticing the same loss later
+    assert l2.loss_noted() == T0
+
+
 def test_l2_claim_due_takes_at_most_the_limit_and_the_rest_next_time(l2: L2Tier) -> None:
     # Due sets are sharded (Redis Cluster): the limit holds across shards, order only within one.
     ids = [f"run-{n}" for n in range(12)]

@@ -22,7 +22,9 @@ import redis
 
 from state.models import StateCacheConfig
 from state.sealing import KEY_FILE, Keyring
+from state.sentinel import is_sentinel
 from state.store import TieredStore
+from state.tiers.redis import connect
 from tests.support.waiting import wait_for
 
 HERE = Path(__file__).resolve().parents[2]  # the repository root
@@ -106,7 +108,7 @@ class Cluster:
 
     def control_subscribers(self) -> int:
         """Processes subscribed to the control channel (on a Redis Cluster: summed over its nodes)."""
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect(self.redis_url) if is_sentinel(self.redis_url) else redis.Redis.from_url(self.redis_url)
         try:
             if not client.info("cluster").get("cluster_enabled"):
                 return client.pubsub_numsub(f"{self.prefix}:control")[0][1]
@@ -175,7 +177,10 @@ class Cluster:
 
     def wait(self, run_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
         done = self.runctx("wait", run_id, "--json", "--timeout", str(timeout_s), timeout_s=timeout_s + 30)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        try:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            raise AssertionError(f"runctx wait printed no JSON (exit {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
 
     def store(self) -> TieredStore:
         """A store as the cluster's processes have it (the same keys open its sealed values)."""

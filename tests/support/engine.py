@@ -109,6 +109,7 @@ class Stepwise(LocalEnvironment):
         self.store.l2._contexts.clear()
         self.store.l2._due.clear()
         self.store.l2._first.clear()
+        self.store.l2._heartbeats = 0
         self.store.l1.clear()
 
     # looking

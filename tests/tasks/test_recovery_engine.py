@@ -418,6 +418,66 @@ def test_the_watchdog_leaves_a_run_alone_while_its_steps_touch_progress(h: Stepw
     assert h.row(run_id).status == "succeeded" and h.final(run_id).variables == counted(4)
 
 
+def test_a_redis_that_came_back_empty_is_noticed_at_the_next_heartbeat_not_after_the_stall_timeout(
+    h: Stepwise, clock: FakeClock
+) -> None:
+    run_id = h.submit(counting(6))
+    h.deliver(2)
+    leader = Watchdog(h.engine, stall_timeout_s=STALL_S, clock=clock)
+    other = Watchdog(h.engine, stall_timeout_s=STALL_S, clock=clock)  # another process's
+    assert not leader.check_continuity() and not other.check_continuity()
+    clock.advance(1)
+    assert not leader.check_continuity() and leader.scan() == []  # a heartbeat on: nothing went back
+
+    h.flush(run_id)
+    h.dispatcher.queue.clear()  # the broker's messages went with Redis
+    h.lose_l2()
+    clock.advance(1)
+    assert leader.check_continuity()  # its count went back
+    assert leader.scan() == [run_id]  # at once: not a stall timeout later
+    assert other.check_continuity() and other.scan() == []  # the same loss acts once per run
+    h.drain()
+    assert h.row(run_id).status == "succeeded"
+    assert h.final(run_id).variables == counted(6) and h.final(run_id).applied_steps == step_ids(6)
+
+
+def test_a_run_submitted_after_redis_went_back_is_not_resumed_for_it(h: Stepwise, clock: FakeClock) -> None:
+    watchdog = Watchdog(h.engine, stall_timeout_s=STALL_S, clock=clock)
+    watchdog.check_continuity()
+    h.lose_l2()
+    clock.advance(1)
+    assert watchdog.check_continuity()
+    clock.advance(1)
+    run_id = h.submit(counting(3))  # queued after the loss: it only waits for its worker
+    assert watchdog.scan() == []
+    h.drain()
+    assert h.row(run_id).status == "succeeded" and h.engine.rewinds == 0
+
+
+def test_a_run_whose_message_waits_in_the_queue_is_not_resumed_however_long_it_waits(h: Stepwise, clock: FakeClock) -> None:
+    run_id = h.submit(counting(4))
+    h.deliver(1)  # s01's message waits behind a long queue
+    watchdog = Watchdog(h.engine, stall_timeout_s=STALL_S, clock=clock, backlog=lambda: len(h.dispatcher.queue))
+    for _ in range(10):
+        clock.advance(STALL_S)
+        assert watchdog.scan() == []
+    assert h.row(run_id).epoch == 1 and h.engine.rewinds == 0
+    h.dispatcher.queue.clear()  # the broker lost it: the queues are empty and the run has not moved
+    assert watchdog.scan() == [run_id]
+    h.drain()
+    assert h.row(run_id).status == "succeeded" and h.final(run_id).variables == counted(4)
+
+
+def test_a_broker_that_cannot_say_what_it_holds_makes_no_resume(h: Stepwise, clock: FakeClock) -> None:
+    def unreachable() -> int:
+        raise ConnectionError("broker down")
+
+    run_id = h.submit(counting(2))
+    watchdog = Watchdog(h.engine, stall_timeout_s=STALL_S, clock=clock, backlog=unreachable)
+    clock.advance(STALL_S * 4)
+    assert watchdog.scan() == [] and h.row(run_id).epoch == 1
+
+
 def test_a_stall_is_confirmed_one_heartbeat_later_so_lost_progress_records_come_back_first(
     h: Stepwise, clock: FakeClock
 ) -> None:

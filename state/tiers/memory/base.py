@@ -61,6 +61,9 @@ class MemoryState:
         self._first: dict[str, float] = {}
         self._runs: dict[str, RunRecord] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self._heartbeats = 0  # the heartbeat counter (a Redis that comes back empty starts again at 0)
+        self._loss: tuple[float, float] | None = None  # (when L2 was found to have gone back, until when noted)
+        self._loss_claims: dict[str, float] = {}  # run id -> until when its resume for the loss is claimed
         self._queues: dict[str, list[bytes]] = {}  # outbox messages pushed by commits, newest first (as LPUSH)
         self._history: dict[str, list[str]] = {}  # each context's history entries waiting for L3
         self._lock = threading.RLock()

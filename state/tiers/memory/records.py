@@ -155,6 +155,27 @@ class MemoryRunRecords(MemoryState):
         with self._lock:
             return {run_id: self._runs[run_id].progress if run_id in self._runs else None for run_id in run_ids}
 
+    def count_heartbeat(self) -> int:
+        with self._lock:
+            self._heartbeats += 1
+            return self._heartbeats
+
+    def note_loss(self, at: float, ttl_s: float) -> None:
+        with self._lock:
+            if self._loss is None or self._loss[1] <= self.clock():
+                self._loss = (at, self.clock() + ttl_s)
+
+    def claim_loss_resume(self, run_id: str, ttl_s: float) -> bool:
+        with self._lock:
+            if self._loss_claims.get(run_id, 0.0) > self.clock():
+                return False
+            self._loss_claims[run_id] = self.clock() + ttl_s
+            return True
+
+    def loss_noted(self) -> float | None:
+        with self._lock:
+            return None if self._loss is None or self._loss[1] <= self.clock() else self._loss[0]
+
     def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         with self._lock:
             current = self._leases.get(name)

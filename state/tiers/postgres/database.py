@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import CommunicationFailure, RefusedByDatabase, TransactionFailed
 from state.models import StateCacheConfig
+from state.settings import DEFAULT_DEPLOYMENT
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class PostgresDatabase:
     backoff, and that what still fails leaves as TransactionFailed, CommunicationFailure or (for
     good) RefusedByDatabase, never with the values it was about to write."""
 
-    def __init__(self, engine: Engine, *, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC) -> None:
+    def __init__(self, engine: Engine, *, config: StateCacheConfig, codec: Codec = DEFAULT_CODEC, deployment: str = DEFAULT_DEPLOYMENT) -> None:
+        """``deployment``: whose runs this process sees (deployments may share a database)."""
         self.engine = engine
+        self.deployment = deployment
         self._as_writer: bool | None = None  # whether transactions run as WRITER_ROLE (found out once)
         self.codec = codec
         self.retry_attempts = config.l3_retry_attempts

@@ -27,6 +27,11 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
     """The runs table, with the contexts and exports a run's creation and finish write with it (and
     the waits, signals and blob references a run's resume and prune change with it)."""
 
+    @property
+    def _own(self) -> Any:
+        """The runs of this deployment (deployments may share a database)."""
+        return runs.c.deployment == self.deployment
+
     def create_run(self, run: RunRow, root: RunContext) -> None:
         def work(conn: Connection) -> None:
             self._save_context(conn, root, create=True)
@@ -39,13 +44,14 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
                 meta=run.meta,
                 idempotency_key=run.idempotency_key,
                 request_digest=run.request_digest,
+                deployment=self.deployment,
             )
             if run.idempotency_key is None:
                 conn.execute(statement)
                 return
             # Two submits with one key at once: the second waits for the first to commit, then
             # inserts nothing and is told which run holds the key (its root context is rolled back).
-            if conn.execute(statement.on_conflict_do_nothing(index_elements=[runs.c.idempotency_key]).returning(runs.c.run_id)).first() is None:
+            if conn.execute(statement.on_conflict_do_nothing(index_elements=[runs.c.deployment, runs.c.idempotency_key]).returning(runs.c.run_id)).first() is None:
                 holder = self._run_by_key(conn, run.idempotency_key)
                 raise RunExists(run.idempotency_key, holder.run_id if holder else "?", holder.request_digest if holder else None)
 
@@ -55,7 +61,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
         return self.read(lambda conn: self._run_by_key(conn, key))
 
     def _run_by_key(self, conn: Connection, key: str) -> RunRow | None:
-        row = conn.execute(select(runs).where(runs.c.idempotency_key == key)).mappings().first()
+        row = conn.execute(select(runs).where(self._own, runs.c.idempotency_key == key)).mappings().first()
         return None if row is None else self._run_of(row)
 
     def finish_run(
@@ -128,7 +134,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
             conn.execute(statement.on_conflict_do_nothing())
 
     def get_run(self, run_id: str) -> RunRow | None:
-        row = self.read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first())
+        row = self.read(lambda conn: conn.execute(select(runs).where(self._own, runs.c.run_id == run_id)).mappings().first())
         return None if row is None else self._run_of(row)
 
     def list_runs(self, *, status: str | None = None, routine: str | None = None, limit: int = 50) -> list[RunRow]:
@@ -136,7 +142,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
         brief = (runs.c.meta.op("-")("steps")).op("||")(
             func.jsonb_build_object("step_count", func.coalesce(func.jsonb_array_length(runs.c.meta["steps"]), 0))
         ).label("meta")
-        query = select(*[column for column in runs.c if column.name != "meta"], brief)
+        query = select(*[column for column in runs.c if column.name != "meta"], brief).where(self._own)
         if status is not None:
             query = query.where(runs.c.status == status)
         if routine is not None:
@@ -145,7 +151,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
         return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
 
     def running_runs(self, limit: int = 1000) -> list[RunRow]:
-        query = select(runs).where(runs.c.status.notin_(FINAL_STATUSES)).order_by(runs.c.updated_at).limit(limit)
+        query = select(runs).where(self._own, runs.c.status.notin_(FINAL_STATUSES)).order_by(runs.c.updated_at).limit(limit)
         return [self._run_of(row) for row in self.read(lambda conn: conn.execute(query).mappings().all())]
 
     def reopen_run(self, run_id: str) -> RunRow | None:
@@ -179,6 +185,7 @@ class PostgresLedger(PostgresContexts, PostgresWaits, PostgresBlobs):
         doomed = (
             select(runs.c.run_id)
             .where(
+                self._own,
                 runs.c.status.in_(FINAL_STATUSES),
                 runs.c.finished_at < text("now() - make_interval(secs => :age)").bindparams(age=older_than_s),
             )

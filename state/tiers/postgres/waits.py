@@ -92,7 +92,8 @@ class PostgresWaits(PostgresDatabase):
             select(run_waits.c.run_id, run_waits.c.step_id)
             .join(runs, runs.c.run_id == run_waits.c.run_id)
             .where(
-                run_waits.c.resolution.is_(None), run_waits.c.deadline <= text("now()"), runs.c.status.notin_(FINAL_STATUSES)
+                run_waits.c.resolution.is_(None), run_waits.c.deadline <= text("now()"), runs.c.status.notin_(FINAL_STATUSES),
+                runs.c.deployment == self.deployment,
             )
             .limit(limit)
             .with_for_update(of=run_waits, skip_locked=True)

@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from state.codec import DEFAULT_CODEC, Codec
 from state.errors import CommunicationFailure, ContextCorruption
 from state.keys import RedisKeys
+from state.sentinel import SentinelURL, is_sentinel
 from state.tiers.data import OutboxRoute
 from state.models import StateCacheConfig
 from state.tiers.scripts import SCRIPTS, lua
@@ -86,12 +87,14 @@ class RedisConnection:
             conn = self._committing.connection = self.client.connection_pool.get_connection()
         for attempt in range(3):
             try:
+                if attempt:  # connect() itself: behind Sentinel, it asks where the master is now
+                    conn.connect()
                 conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 return conn.read_response()
             except NoScriptError:  # the server's script cache was flushed (a restart): load it again
                 script.sha = self._call(lambda: self.client.script_load(script.script))
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                conn.disconnect()  # the next send connects it again
+                conn.disconnect()
                 if attempt:
                     raise CommunicationFailure("L2 (Redis)", exc) from exc
             except ResponseError as exc:
@@ -146,10 +149,13 @@ def _forget_connections() -> None:
 os.register_at_fork(after_in_child=_forget_connections)
 
 
-def connect(url: str) -> redis.Redis | RedisCluster:
-    """A client for the Redis at ``url``; a cluster client when that server is a node of a cluster."""
+def connect(url: str, *, socket_timeout: float = 10) -> redis.Redis | RedisCluster:
+    """A client for the Redis at ``url``; a cluster client when that server is a node of a cluster;
+    for a ``sentinel://`` URL, a client of the master its Sentinels name, following it (`state.sentinel`)."""
     # Named connections: CLIENT LIST shows which process holds which (runctx-<pid>).
-    options: dict[str, Any] = {"socket_timeout": 10, "client_name": f"runctx-{os.getpid()}"}
+    options: dict[str, Any] = {"socket_timeout": socket_timeout, "client_name": f"runctx-{os.getpid()}"}
+    if is_sentinel(url):
+        return SentinelURL.parse(url).master_client(health_check_interval=30, **options)
     client = redis.Redis.from_url(url, health_check_interval=30, **options)
     try:
         enabled = client.info("cluster").get("cluster_enabled")

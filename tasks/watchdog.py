@@ -6,9 +6,10 @@ What it covers: a step taken by a node that died (its message waits in the Redis
 unacked set until the visibility timeout), a broker that lost its messages, a Redis that came back
 empty, a finalize that never ran. What it leaves alone: a run whose next message only waits in a
 long queue. While messages wait in the broker's queues (``backlog``, a passive declare of each),
-a run that shows no progress is taken for queued, not stalled, and is resumed once the queues are
-empty and it still has not moved: a busy cluster is not a broken one, and a lost message is found
-when the backlog has drained (at once when the broker lost everything). Progress is a step finishing, or a running step's process saying
+a run that shows no progress is taken for queued, not stalled, and is resumed once the queues have
+been empty for a stall timeout and it still has not moved (a message taken just as the queue
+emptied has its step's heartbeat within that): a busy cluster is not a broken one, and a lost
+message is found a stall timeout after the backlog has drained. Progress is a step finishing, or a running step's process saying
 it is alive (`ProcessRuntime` touches the run's progress while it runs a step), so a long step is
 not mistaken for a stall. Runs come from L3 (`runs`), which survives anything that happens to Redis.
 
@@ -63,6 +64,7 @@ class Watchdog:
         self._strikes: dict[str, tuple[int, float]] = {}  # run id -> (resumes in a row, when the last was)
         self._last_count: int | None = None  # the heartbeat count this process saw last
         self._deferred = 0  # how many runs the last scan took for queued, not stalled
+        self._busy_at = 0.0  # when the broker's queues last held messages (as far as a scan asked)
 
     def check_continuity(self) -> bool:
         """Count this process's heartbeat; whether the count says that Redis lost or went back on
@@ -109,7 +111,9 @@ class Watchdog:
                 continue
             if queued is None:
                 queued = self._queued()
-            if queued:
+                if queued:
+                    self._busy_at = now
+            if queued or now - self._busy_at < self.stall_timeout_s:  # (a message just taken: its step's heartbeat is coming)
                 deferred.append(run.run_id)
                 continue
             self._noticed.pop(run.run_id, None)
@@ -118,7 +122,10 @@ class Watchdog:
                 resumed.append(run.run_id)
                 self._strikes[run.run_id] = (strikes + 1, self.clock())
         if deferred and len(deferred) != self._deferred:
-            log.info("%d run(s) show no progress for the stall timeout while %d message(s) wait in the broker: a backlog, not a stall", len(deferred), queued)
+            log.info(
+                "%d run(s) show no progress for the stall timeout while %d message(s) wait in the broker (or did within it): "
+                "a backlog, not a stall", len(deferred), queued,
+            )
         self._deferred = len(deferred)
         running = {run.run_id for run in runs}
         self._noticed = {run_id: at for run_id, at in self._noticed.items() if run_id in running}

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 FLUSH_POLL_S = 0.1  # how often each process looks for write-behinds whose debounce window has passed
 FLUSH_LEASE_S = 5.0  # a claimed flush whose task never ran comes due again after this
 RETENTION_SWEEP_S = 3600.0  # how often finished runs past RUNCTX_RETENTION_DAYS are pruned
+# How often each process counts a heartbeat in Redis: a rollback of Redis to a state older than this
+# is noticed at once; a shorter one is left to the stall timeout.
+CONTINUITY_TICK_S = 1.0
 
 
 class ProcessRuntime:
@@ -113,18 +116,32 @@ class ProcessRuntime:
             self.listener.stop()
 
     def _watch(self) -> None:
-        """Say that the steps this process runs are alive; scan for stalled runs while leader."""
+        """Count a heartbeat in Redis every second (a count that goes back says Redis did); every
+        watch interval, say that the steps this process runs are alive and, while leader, scan for
+        stalled runs (at once, too, when this process found that Redis went back)."""
         identity = process_identity()
-        while not self._stop.wait(self.watch_interval_s):
-            metrics().change_listener_up.set(1 if self.listener is not None and self.listener.connected else 0)
+        tick_s = min(CONTINUITY_TICK_S, self.watch_interval_s)
+        next_watch = time.monotonic()
+        while True:
             try:
-                self.store.ledger.touch_progress(sorted(set(self.engine.running.values())), time.time())
-                self.watchdog.check_continuity()
-                if self.store.hold_lease("watchdog", identity, self.watch_interval_s * 3):
-                    self.watchdog.scan()
-                self._apply_retention(identity)
-            except Exception:
-                log.exception("watchdog round failed; trying again")
+                went_back = self.watchdog.check_continuity()
+            except Exception:  # Redis does not answer: the next tick tries again
+                went_back = False
+            if went_back or time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + self.watch_interval_s
+                self._watch_round(identity)
+            if self._stop.wait(tick_s):
+                return
+
+    def _watch_round(self, identity: str) -> None:
+        metrics().change_listener_up.set(1 if self.listener is not None and self.listener.connected else 0)
+        try:
+            self.store.ledger.touch_progress(sorted(set(self.engine.running.values())), time.time())
+            if self.store.hold_lease("watchdog", identity, self.watch_interval_s * 3):
+                self.watchdog.scan()
+            self._apply_retention(identity)
+        except Exception:
+            log.exception("watchdog round failed; trying again")
 
     def _apply_retention(self, identity: str) -> None:
         """RUNCTX_RETENTION_DAYS without Celery beat: one process of the whole cluster prunes, about

@@ -462,7 +462,9 @@ def test_a_run_whose_message_waits_in_the_queue_is_not_resumed_however_long_it_w
         clock.advance(STALL_S)
         assert watchdog.scan() == []
     assert h.row(run_id).epoch == 1 and h.engine.rewinds == 0
-    h.dispatcher.queue.clear()  # the broker lost it: the queues are empty and the run has not moved
+    h.dispatcher.queue.clear()  # the broker lost it: the queues are empty and the run has not moved ...
+    assert watchdog.scan() == []  # ... but a message taken just now would have its heartbeat soon
+    clock.advance(STALL_S)
     assert watchdog.scan() == [run_id]
     h.drain()
     assert h.row(run_id).status == "succeeded" and h.final(run_id).variables == counted(4)

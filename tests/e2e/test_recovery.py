@@ -216,7 +216,7 @@ def report(name: str, cluster: Cluster, run: LongRun, effects: Effects, elapsed_
         "ticks_re_executed": sum(n - 1 for n in counts.values() if n > 1),
         "step_tasks_run": step_task_runs(cluster),
         "stale_refused": len(log_lines(cluster, " refused: ")),
-        "watchdog_resumes": len(log_lines(cluster, "made no progress for")),
+        "watchdog_resumes": len(log_lines(cluster, "resuming it from what the tiers hold")),  # a stall or Redis gone back
     }
     print(f"\n[{name}] " + ", ".join(f"{key}={value}" for key, value in figures.items()))
     return figures
